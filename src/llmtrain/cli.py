@@ -1,0 +1,84 @@
+"""The `llmtrain` command: one module per verb, each with `add_arguments` and `run`."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Protocol
+
+from llmtrain.errors import EXIT_STOPPED, LlmtrainError, StopRequested
+
+# verb -> (module, one-line help). Modules are imported only when their verb runs, so
+# `llmtrain --help` and `llmtrain validate` stay fast on a login node.
+VERBS: dict[str, tuple[str, str]] = {
+    "validate": ("llmtrain.validate", "check a run config, its paths and data (CPU, no weights)"),
+    "prepare": ("llmtrain.prepare", "tokenize the dataset once and save it for finetune"),
+    "finetune": ("llmtrain.finetune", "train: full, chosen layers, LoRA or QLoRA"),
+    "generate": ("llmtrain.generate", "generate answers for prompts from a dataset or file"),
+    "merge": ("llmtrain.merge", "merge a LoRA adapter into its base model"),
+    "env": ("llmtrain.env", "print the provenance manifest of this environment"),
+    "estimate": ("llmtrain.estimate", "predict memory per GPU and compute for a run config"),
+    "doctor": ("llmtrain.doctor", "preflight an allocation: GPUs, NCCL bandwidth, caches"),
+    "vocab": ("llmtrain.vocab", "train, extend, initialise and compare tokenizers"),
+    "lep": ("llmtrain.lep", "carry adapted embeddings to an instruct model (LEP)"),
+}
+
+
+class Verb(Protocol):
+    EXAMPLE: str
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None: ...
+
+    def run(self, args: argparse.Namespace) -> int: ...
+
+
+def _load(verb: str) -> Verb:
+    module: Verb = importlib.import_module(VERBS[verb][0])  # type: ignore[assignment]
+    return module
+
+
+def build_parser(verb: str | None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="llmtrain", description="Reproducible LLM fine-tuning on clusters."
+    )
+    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+    for name, (_, help_text) in VERBS.items():
+        if name != verb:
+            sub.add_parser(name, help=help_text)
+            continue
+        module = _load(name)
+        p = sub.add_parser(
+            name,
+            help=help_text,
+            description=help_text,
+            epilog=f"example:\n  {module.EXAMPLE}",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        module.add_arguments(p)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verb = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(verb if verb in VERBS else None)
+    args = parser.parse_args(argv)
+    if args.verb is None:
+        parser.print_help()
+        return 0
+    logging.basicConfig(level=logging.INFO, format="[llmtrain] %(message)s", stream=sys.stderr)
+    try:
+        return _load(args.verb).run(args)
+    except LlmtrainError as err:
+        print(f"llmtrain {args.verb}: error: {err.message()}", file=sys.stderr)
+        return err.exit_code
+    except StopRequested as stop:
+        print(f"llmtrain {args.verb}: stopped early ({stop}); resubmit to resume", file=sys.stderr)
+        return EXIT_STOPPED
+
+
+if __name__ == "__main__":
+    sys.exit(main())
