@@ -1,0 +1,151 @@
+# llmtrain: build, convert and smoke-test the image; lock, lint, test and bench the repository.
+# Every target prints the commands it runs (`make -n TARGET` prints them without running).
+# Variables below can be set on the command line: make image IMAGE=llmtrain:v1 MAX_JOBS=8
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+.DEFAULT_GOAL := help
+
+# --- image ------------------------------------------------------------------------------------
+IMAGE            ?= llmtrain:latest
+BASE_IMAGE       ?= nvcr.io/nvidia/pytorch:24.04-py3
+BUILD_FLASH_ATTN ?= 1
+MAX_JOBS         ?= 4
+DS_BUILD_OPS     ?= 0
+# Extra flags for the engine's build and run, e.g. BUILD_FLAGS='--isolation chroot' for buildah.
+BUILD_FLAGS      ?=
+RUN_FLAGS        ?=
+VERSION          := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+GIT_SHA          ?= $(shell git rev-parse HEAD 2>/dev/null || echo unknown)$(if \
+                    $(shell git status --porcelain --untracked-files=no 2>/dev/null),-dirty)
+
+# docker only when its daemon answers (a docker client alone cannot build), else podman, else
+# buildah. Set CONTAINER_ENGINE to choose.
+ifeq ($(origin CONTAINER_ENGINE),undefined)
+CONTAINER_ENGINE := $(shell if docker info >/dev/null 2>&1; then echo docker; \
+    elif command -v podman >/dev/null 2>&1; then echo podman; \
+    elif command -v buildah >/dev/null 2>&1; then echo buildah; fi)
+endif
+ENGINE = $(or $(CONTAINER_ENGINE),$(error no container engine: install docker, podman or \
+    buildah, or set CONTAINER_ENGINE))
+BUILD_docker  = docker build
+BUILD_podman  = podman build
+BUILD_buildah = buildah bud
+# The base's registry digest when it is present locally (pin it in BASE_IMAGE with @sha256:...).
+DIGEST_docker  = docker image inspect --format '{{index .RepoDigests 0}}'
+DIGEST_podman  = podman image inspect --format '{{.Digest}}'
+DIGEST_buildah = buildah inspect --type image --format '{{.FromImageDigest}}'
+BASE_DIGEST ?= $(shell $(DIGEST_$(CONTAINER_ENGINE)) '$(BASE_IMAGE)' 2>/dev/null)
+EXISTS_docker  = docker image inspect
+EXISTS_podman  = podman image exists
+EXISTS_buildah = buildah inspect --type image
+IMAGE_EXISTS = $(if $(CONTAINER_ENGINE),$(shell $(EXISTS_$(CONTAINER_ENGINE)) '$(IMAGE)' \
+    >/dev/null 2>&1 && echo yes))
+
+# --- outputs: absolute paths (Pyxis reads a relative .sqsh path as a registry image) -----------
+OUT_DIR   ?= $(CURDIR)/out
+SIF       ?= $(OUT_DIR)/llmtrain.sif
+SQSH      ?= $(OUT_DIR)/llmtrain.sqsh
+ARCHIVE   ?= $(OUT_DIR)/llmtrain.docker.tar
+SMOKE_DIR ?= $(CURDIR)/runs/smoke
+# zstd reads fast from Lustre/GPFS and packs tighter than enroot's default lzo; 1 MiB blocks
+# mean fewer small reads on a shared file system.
+SQSH_OPTIONS ?= -comp zstd -Xcompression-level 3 -b 1M
+# docker passes the GPUs when the host has them; smoke itself runs on CPU either way.
+GPU_FLAGS ?= $(if $(shell command -v nvidia-smi),--gpus all)
+
+# --- virtual environment and lock ------------------------------------------------------------
+PYTHON        ?= python3
+VENV          ?= .venv
+TORCH_VERSION ?= 2.13.0
+# Left to the base image (NGC's torch and its CUDA stack): never in the lock.
+NO_EMIT := torch triton sympy mpmath networkx setuptools nvidia-cublas nvidia-cuda-cccl \
+    nvidia-cuda-cupti nvidia-cuda-nvrtc nvidia-cuda-runtime nvidia-cudnn-cu13 nvidia-cufft \
+    nvidia-cufile nvidia-curand nvidia-cusolver nvidia-cusparse nvidia-cusparselt-cu13 \
+    nvidia-nccl-cu13 nvidia-nvjitlink nvidia-nvshmem-cu13 nvidia-nvtx cuda-bindings \
+    cuda-pathfinder cuda-toolkit
+SHELL_FILES = $(shell find . \( -path ./.venv -o -path ./.git -o -path ./runs -o -path ./out \) \
+    -prune -o -type f \( -name '*.sh' -o -name '*.sbatch' -o -name '*.pbs' \) -print | sort)
+
+.PHONY: help image sif sqsh smoke venv test lock lint bench
+
+help: ## this list
+	@echo "usage: make TARGET [VAR=value ...]   (engine: $(or $(CONTAINER_ENGINE),none found))"
+	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-7s %s\n", $$1, $$2}'
+	@echo "variables: IMAGE=$(IMAGE) BASE_IMAGE=$(BASE_IMAGE) OUT_DIR=$(OUT_DIR)"
+	@echo "           BUILD_FLASH_ATTN=$(BUILD_FLASH_ATTN) MAX_JOBS=$(MAX_JOBS)" \
+	    "DS_BUILD_OPS=$(DS_BUILD_OPS) CONTAINER_ENGINE=$(CONTAINER_ENGINE)"
+
+image: ## build IMAGE from Dockerfile on BASE_IMAGE (docker, else podman, else buildah)
+	$(BUILD_$(ENGINE)) --file Dockerfile --tag '$(IMAGE)' \
+	    --build-arg 'BASE_IMAGE=$(BASE_IMAGE)' --build-arg 'BASE_DIGEST=$(BASE_DIGEST)' \
+	    --build-arg 'GIT_SHA=$(GIT_SHA)' --build-arg 'LLMTRAIN_VERSION=$(VERSION)' \
+	    --build-arg 'BUILD_FLASH_ATTN=$(BUILD_FLASH_ATTN)' --build-arg 'MAX_JOBS=$(MAX_JOBS)' \
+	    --build-arg 'DS_BUILD_OPS=$(DS_BUILD_OPS)' $(BUILD_FLAGS) .
+
+APPTAINER_ARGS = --build-arg 'GIT_SHA=$(GIT_SHA)' --build-arg 'VERSION=$(VERSION)' \
+    --build-arg 'BASE_IMAGE=$(BASE_IMAGE)'
+sif: ## convert IMAGE to SIF (apptainer; from the docker daemon, else a docker-archive)
+	mkdir -p '$(OUT_DIR)'
+ifeq ($(ENGINE),docker)
+	apptainer build --force --build-arg BOOTSTRAP=docker-daemon --build-arg 'IMAGE=$(IMAGE)' \
+	    $(APPTAINER_ARGS) '$(SIF)' apptainer.def
+else
+	rm -f '$(ARCHIVE)'
+	$(ENGINE) push '$(IMAGE)' 'docker-archive:$(ARCHIVE):$(IMAGE)'
+	apptainer build --force --build-arg BOOTSTRAP=docker-archive --build-arg 'IMAGE=$(ARCHIVE)' \
+	    $(APPTAINER_ARGS) '$(SIF)' apptainer.def
+	rm -f '$(ARCHIVE)'
+endif
+
+sqsh: ## convert IMAGE to an Enroot/Pyxis squashfs (enroot import, zstd)
+ifeq ($(ENGINE),buildah)
+	$(error enroot imports from docker or podman only; buildah shares podman's storage, so \
+	    install podman and run make sqsh CONTAINER_ENGINE=podman)
+endif
+	mkdir -p '$(OUT_DIR)'
+	rm -f '$(SQSH)'
+	ENROOT_SQUASH_OPTIONS='$(SQSH_OPTIONS)' enroot import \
+	    --output '$(SQSH)' '$(if $(filter docker,$(ENGINE)),dockerd,podman)://$(IMAGE)'
+
+smoke: ## tiny LoRA fine-tune: in IMAGE when it exists, else in the virtual environment
+ifeq ($(IMAGE_EXISTS),yes)
+	mkdir -p '$(SMOKE_DIR)'
+ifeq ($(ENGINE),buildah)
+	ctr="$$(buildah from '$(IMAGE)')" && rc=0 \
+	&& buildah run $(RUN_FLAGS) --user '$(shell id -u):$(shell id -g)' \
+	    --volume '$(SMOKE_DIR):/smoke' --env SMOKE_DIR=/smoke "$$ctr" -- \
+	    /opt/llmtrain/entrypoint/entrypoint.sh smoke || rc=$$?; buildah rm "$$ctr"; exit "$$rc"
+else
+	$(ENGINE) run --rm --ipc=host --ulimit memlock=-1 $(GPU_FLAGS) $(RUN_FLAGS) \
+	    --user '$(shell id -u):$(shell id -g)' --volume '$(SMOKE_DIR):/smoke' \
+	    --env SMOKE_DIR=/smoke '$(IMAGE)' smoke
+endif
+else
+	$(VENV)/bin/llmtrain finetune configs/lora.yaml 'output.dir=$(SMOKE_DIR)'
+endif
+
+venv: ## .venv from the lock (installs torch==TORCH_VERSION only when none is importable)
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -c 'import torch' 2>/dev/null \
+	    || $(VENV)/bin/pip install 'torch==$(TORCH_VERSION)'
+	$(VENV)/bin/python -c 'import setuptools, wheel' 2>/dev/null \
+	    || $(VENV)/bin/pip install setuptools wheel
+	DS_BUILD_OPS=0 $(VENV)/bin/pip install --no-deps --require-hashes --no-build-isolation \
+	    -r requirements/lock.txt
+	$(VENV)/bin/pip install --no-deps --no-build-isolation -e .
+
+test: ## all tests (cluster and container tests need root and the tools; CI runs them)
+	$(VENV)/bin/pytest
+
+lock: ## regenerate requirements/lock.txt (hashed; torch and its CUDA stack left to the base)
+	uv pip compile pyproject.toml --extra dev -c requirements/constraints.in --universal \
+	    --python-version 3.10 $(addprefix --no-emit-package ,$(NO_EMIT)) --generate-hashes \
+	    -o requirements/lock.txt
+
+lint: ## shellcheck every shell file, ruff, mypy
+	shellcheck $(SHELL_FILES)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy src
+
+bench: ## benchmarks (python -m bench)
+	$(VENV)/bin/python -m bench
