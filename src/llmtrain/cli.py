@@ -70,6 +70,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 0
     logging.basicConfig(level=logging.INFO, format="[llmtrain] %(message)s", stream=sys.stderr)
+    if not sys.stderr.isatty():
+        import datasets
+
+        datasets.disable_progress_bars()
     try:
         return _load(args.verb).run(args)
     except LlmtrainError as err:

@@ -36,8 +36,9 @@ class ConfigError(LlmtrainError):
         super().__init__(problem, fix)
 
     def message(self) -> str:
-        lines = [super().message()]
-        lines += [f"  - {p}" for p in self.problems]
+        lines = [self.problem, *(f"  - {p}" for p in self.problems)]
+        if self.fix:
+            lines.append(f"  fix: {self.fix}")
         return "\n".join(lines)
 
 

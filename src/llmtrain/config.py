@@ -1,0 +1,269 @@
+"""The run config: one YAML file behind one typed schema, with dotted command-line overrides.
+
+Unknown keys are errors, and every problem is reported at once with the key to change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from llmtrain.errors import ConfigError
+
+EMBEDDED_PREFIX = "embedded:"
+
+
+def resolve_path(value: str) -> str:
+    """`embedded:NAME` points into the package's shipped assets; anything else is returned as is."""
+    if value.startswith(EMBEDDED_PREFIX):
+        return str(resources.files("llmtrain") / "embedded" / value[len(EMBEDDED_PREFIX) :])
+    return value
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(Section):
+    path: str = Field(description="local directory, hub id, or embedded:NAME")
+    revision: str | None = None
+    tokenizer: str | None = Field(None, description="tokenizer path if not the model's")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"
+    trust_remote_code: bool = False
+
+    def resolved_path(self) -> str:
+        return resolve_path(self.path)
+
+    def resolved_tokenizer(self) -> str:
+        return resolve_path(self.tokenizer or self.path)
+
+
+class DataSection(Section):
+    path: str = Field(description="file, save_to_disk directory, hub dataset, or embedded:NAME")
+    format: Literal["auto", "json", "jsonl", "csv", "parquet", "text", "squad", "disk", "hub"] = (
+        "auto"
+    )
+    name: str | None = Field(None, description="hub dataset configuration name")
+    split: str = "train"
+    shape: Literal["instruction", "text"] = "instruction"
+    prompt_template: str | None = None
+    response_template: str | None = None
+    text_field: str = "text"
+    max_length: int = Field(512, ge=8)
+    overflow: Literal["truncate", "drop"] = "truncate"
+    packing: Literal["none", "blocks", "padding_free"] = "none"
+    limit: int | None = Field(None, ge=1, description="use only the first N rows")
+    eval_fraction: float = Field(0.0, ge=0.0, lt=0.5)
+    prepared_dir: str | None = Field(None, description="default: <output.dir>/prepared")
+
+    def resolved_path(self) -> str:
+        return resolve_path(self.path)
+
+    @model_validator(mode="after")
+    def _shape_fields(self) -> DataSection:
+        if self.shape == "instruction" and not (self.prompt_template and self.response_template):
+            raise ValueError(
+                "instruction data needs data.prompt_template and data.response_template "
+                "(for example 'Question: {question}\\nAnswer: ' and '{answer}'); "
+                "for plain text set data.shape=text"
+            )
+        if self.packing == "blocks" and self.shape != "text":
+            raise ValueError("data.packing=blocks is for data.shape=text; use padding_free")
+        if self.packing == "padding_free" and self.shape != "instruction":
+            raise ValueError("data.packing=padding_free is for data.shape=instruction")
+        return self
+
+
+class MethodSection(Section):
+    name: Literal["full", "layers", "lora", "qlora"] = "lora"
+    layers: list[str] = Field(
+        default_factory=list,
+        description="for name=layers: 'last:N', 'embeddings', 'lm_head' or parameter-name globs",
+    )
+
+    @model_validator(mode="after")
+    def _layers_given(self) -> MethodSection:
+        if self.name == "layers" and not self.layers:
+            raise ValueError(
+                "method.name=layers needs method.layers, e.g. ['last:2', 'lm_head'] "
+                "or parameter-name globs like 'model.layers.11.*'"
+            )
+        if self.name != "layers" and self.layers:
+            raise ValueError("method.layers is only used with method.name=layers")
+        return self
+
+
+class LoraSection(Section):
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    bias: Literal["none", "all", "lora_only"] = "none"
+    target_modules: Literal["auto"] | list[str] = "auto"
+    modules_to_save: list[str] = Field(default_factory=list)
+
+
+class TrainingSection(Section):
+    """Fields map one to one onto transformers.TrainingArguments; `args` passes the rest."""
+
+    per_device_train_batch_size: int = Field(4, ge=1)
+    per_device_eval_batch_size: int = Field(8, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    learning_rate: float = Field(2e-4, gt=0)
+    num_train_epochs: float = Field(1.0, gt=0)
+    max_steps: int = -1
+    lr_scheduler_type: str = "cosine"
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    adam_beta1: float = Field(0.9, ge=0, lt=1)
+    adam_beta2: float = Field(0.999, ge=0, lt=1)
+    adam_epsilon: float = Field(1e-8, gt=0)
+    max_grad_norm: float = Field(1.0, ge=0)
+    optim: str = "auto"
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    gradient_checkpointing: bool = False
+    logging_steps: int = Field(10, ge=1)
+    save_steps: int = Field(200, ge=1)
+    eval_steps: int | None = Field(None, ge=1)
+    seed: int = 42
+    dataloader_num_workers: int = Field(2, ge=0)
+    report_to: list[Literal["tensorboard", "wandb", "mlflow", "none"]] = Field(
+        default_factory=lambda: ["tensorboard"]
+    )
+    args: dict[str, Any] = Field(
+        default_factory=dict, description="other TrainingArguments fields, checked by name"
+    )
+
+    @field_validator("args")
+    @classmethod
+    def _known_args(cls, value: dict[str, Any]) -> dict[str, Any]:
+        from transformers import TrainingArguments
+
+        known = {f.name for f in dataclasses.fields(TrainingArguments)}
+        owned = set(cls.model_fields) | {"output_dir", "bf16", "fp16", "save_total_limit"}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ValueError(f"not TrainingArguments fields: {', '.join(unknown)}")
+        clash = sorted(set(value) & owned)
+        if clash:
+            raise ValueError(f"set these in their own keys, not training.args: {', '.join(clash)}")
+        return value
+
+
+class GenerationSection(Section):
+    max_new_tokens: int = Field(64, ge=1)
+    do_sample: bool = False
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    batch_size: int = Field(8, ge=1)
+    samples: int = Field(0, ge=0, description="after finetune, answer this many eval prompts")
+    device_map: Literal["auto"] | None = None
+
+
+class OutputSection(Section):
+    dir: str = "runs/llmtrain"
+    merge: bool = Field(False, description="after a LoRA run also write the merged model")
+    keep_checkpoints: int = Field(2, ge=2, description="newest N complete checkpoints kept")
+    resume: str = Field("auto", description="auto | never | path to a checkpoint")
+
+
+class DistributedSection(Section):
+    strategy: Literal["auto", "ddp", "fsdp", "zero2", "zero3", "zero3_offload"] = "auto"
+    timeout_minutes: float = Field(10.0, gt=0, description="collective timeout before failing")
+    allow_topology_change: bool = Field(
+        False, description="resume even if world size, batch or data changed"
+    )
+
+
+class RunConfig(Section):
+    model: ModelSection
+    data: DataSection
+    method: MethodSection = Field(default_factory=MethodSection)
+    lora: LoraSection = Field(default_factory=LoraSection)
+    training: TrainingSection = Field(default_factory=TrainingSection)
+    generation: GenerationSection = Field(default_factory=GenerationSection)
+    output: OutputSection = Field(default_factory=OutputSection)
+    distributed: DistributedSection = Field(default_factory=DistributedSection)
+
+    def prepared_dir(self) -> Path:
+        return Path(self.data.prepared_dir or Path(self.output.dir) / "prepared")
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    key, sep, raw = item.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(
+            f"override {item!r} is not of the form dotted.key=value",
+            "write overrides like training.learning_rate=1e-4 or output.dir=runs/x",
+        )
+    return key.split("."), yaml.safe_load(raw) if raw else ""
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for item in overrides:
+        keys, value = parse_override(item)
+        node = raw
+        for k in keys[:-1]:
+            child = node.setdefault(k, {})
+            if not isinstance(child, dict):
+                raise ConfigError(
+                    f"override {item!r}: {k!r} is a value, not a section",
+                    "check the key path against the config",
+                )
+            node = child
+        node[keys[-1]] = value
+    return raw
+
+
+def _format_errors(err: ValidationError) -> list[str]:
+    problems = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key; remove it or check its spelling against configs/*.yaml"
+        elif e["type"] == "missing":
+            msg = "required; add it"
+        problems.append(f"{key}: {msg}")
+    return problems
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(
+            f"config file {str(p)!r} does not exist",
+            "pass the path of a run config, for example configs/lora.yaml",
+        )
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {str(p)!r} is not valid YAML: {exc}", "fix the syntax")
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {str(p)!r} must hold a mapping", "see configs/lora.yaml")
+    return raw
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    raw = apply_overrides(read_yaml(path), overrides or [])
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as err:
+        problems = _format_errors(err)
+        raise ConfigError(
+            f"config {str(path)!r} has {len(problems)} problem(s):",
+            "change the keys named above (dotted overrides work too: key.sub=value)",
+            problems=problems,
+        ) from None
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

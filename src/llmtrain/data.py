@@ -1,0 +1,293 @@
+"""Reading datasets into rows, and turning rows into token ids with the loss on responses only."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import datasets
+
+from llmtrain.config import DataSection
+from llmtrain.errors import ConfigError, DataError
+from llmtrain.templates import TemplateError, fields, render
+
+IGNORE_INDEX = -100
+_SUFFIX_FORMATS = {
+    ".jsonl": "jsonl",
+    ".json": "json",
+    ".csv": "csv",
+    ".parquet": "parquet",
+    ".txt": "text",
+    ".text": "text",
+}
+
+
+def detect_format(cfg: DataSection) -> str:
+    if cfg.format != "auto":
+        return cfg.format
+    path = Path(cfg.resolved_path())
+    if path.is_dir():
+        return "disk"
+    if path.suffix in _SUFFIX_FORMATS:
+        return _SUFFIX_FORMATS[path.suffix]
+    if path.exists():
+        raise ConfigError(
+            f"data.path {cfg.path!r}: cannot tell the format from the suffix {path.suffix!r}",
+            "set data.format to one of json, jsonl, csv, parquet, text, squad, disk",
+        )
+    return "hub"
+
+
+def check_exists(cfg: DataSection, fmt: str) -> None:
+    path = Path(cfg.resolved_path())
+    if fmt != "hub" and not path.exists():
+        raise ConfigError(
+            f"data.path {cfg.path!r} does not exist",
+            "point data.path at a JSON/JSONL/CSV/Parquet/text file, a save_to_disk directory, "
+            "or a hub dataset name (with data.format=hub)",
+        )
+
+
+def _read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(
+                    f"{path}: line {lineno} is not valid JSON ({exc.msg} at column {exc.colno})",
+                    "fix or remove that line; each line must be one JSON object",
+                ) from None
+            if not isinstance(row, dict):
+                raise DataError(
+                    f"{path}: line {lineno} is a JSON {type(row).__name__}, not an object",
+                    'each line must be an object like {"question": ..., "answer": ...}',
+                )
+            yield row
+
+
+def squad_records(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """Flatten SQuAD-format JSON (also JSQuAD's layout) into one record per question."""
+    records = []
+    for article in doc.get("data", []):
+        for paragraph in article.get("paragraphs", []):
+            for qa in paragraph.get("qas", []):
+                answers = qa.get("answers", [])
+                records.append(
+                    {
+                        "id": qa.get("id"),
+                        "title": article.get("title", ""),
+                        "context": paragraph.get("context", ""),
+                        "question": qa.get("question", ""),
+                        "answers": {
+                            "text": [a.get("text", "") for a in answers],
+                            "answer_start": [a.get("answer_start", -1) for a in answers],
+                        },
+                        "is_impossible": qa.get("is_impossible", not answers),
+                    }
+                )
+    return records
+
+
+def _read_json(path: Path, fmt: str) -> list[dict[str, Any]]:
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise DataError(
+            f"{path}: not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})",
+            "fix the file; for one object per line name it .jsonl",
+        ) from None
+    if isinstance(doc, dict) and isinstance(doc.get("data"), list) and fmt in ("json", "squad"):
+        return squad_records(doc)
+    if isinstance(doc, list) and all(isinstance(r, dict) for r in doc):
+        return doc
+    raise DataError(
+        f"{path}: JSON must be a list of objects or SQuAD-format {{'data': [...]}}",
+        "reshape the file, or use JSONL with one object per line",
+    )
+
+
+def load_rows(cfg: DataSection) -> datasets.Dataset:
+    """The configured split as a datasets.Dataset, before tokenization."""
+    fmt = detect_format(cfg)
+    check_exists(cfg, fmt)
+    path = Path(cfg.resolved_path())
+    if fmt == "jsonl":
+        ds = datasets.Dataset.from_list(list(_read_jsonl(path)))
+    elif fmt in ("json", "squad"):
+        ds = datasets.Dataset.from_list(_read_json(path, fmt))
+    elif fmt in ("csv", "parquet"):
+        ds = datasets.load_dataset(fmt, data_files=str(path), split="train")
+    elif fmt == "text":
+        ds = datasets.load_dataset(
+            "text", data_files=str(path), split="train", sample_by="paragraph"
+        )
+    elif fmt == "disk":
+        loaded = datasets.load_from_disk(str(path))
+        if isinstance(loaded, datasets.DatasetDict):
+            if cfg.split not in loaded:
+                raise ConfigError(
+                    f"data.split {cfg.split!r} is not in {cfg.path!r} (has: {', '.join(loaded)})",
+                    "set data.split to one of those",
+                )
+            loaded = loaded[cfg.split]
+        ds = loaded
+    else:
+        try:
+            ds = datasets.load_dataset(cfg.path, cfg.name, split=cfg.split)
+        except (FileNotFoundError, ConnectionError, ValueError) as exc:
+            raise ConfigError(
+                f"hub dataset {cfg.path!r} could not be loaded: {exc}",
+                "check the name, or cache it under HF_HOME while online, or use a local file",
+            ) from None
+    if cfg.limit is not None:
+        ds = ds.select(range(min(cfg.limit, len(ds))))
+    if len(ds) == 0:
+        raise DataError(f"data.path {cfg.path!r} holds no rows", "point it at a non-empty dataset")
+    return ds
+
+
+def check_templates(cfg: DataSection, ds: datasets.Dataset) -> None:
+    """Every field the templates use exists in the data, and the first rows render."""
+    if cfg.shape == "text":
+        if cfg.text_field not in ds.column_names:
+            raise ConfigError(
+                f"data.text_field {cfg.text_field!r} is not a column "
+                f"(columns: {', '.join(ds.column_names)})",
+                "set data.text_field to the column that holds the text",
+            )
+        return
+    assert cfg.prompt_template is not None and cfg.response_template is not None
+    for key, template in (
+        ("data.prompt_template", cfg.prompt_template),
+        ("data.response_template", cfg.response_template),
+    ):
+        try:
+            missing = [f for f in fields(template) if f not in ds.column_names]
+        except TemplateError as exc:
+            raise ConfigError(f"{key}: {exc}", "use {field} or {field[key]} placeholders") from None
+        if missing:
+            raise ConfigError(
+                f"{key} uses {', '.join('{' + m + '}' for m in missing)}, which the data lacks "
+                f"(columns: {', '.join(ds.column_names)})",
+                f"change {key} to use those columns",
+            )
+        for i in range(min(3, len(ds))):
+            try:
+                render(template, ds[i])
+            except TemplateError as exc:
+                raise DataError(f"row {i}: {key}: {exc}", f"fix {key} or the data") from None
+
+
+@dataclass
+class TokenizeStats:
+    rows: int = 0
+    kept: int = 0
+    truncated: int = 0
+    dropped_too_long: int = 0
+    dropped_prompt_too_long: int = 0
+    dropped_empty: int = 0
+    tokens: int = 0
+    loss_tokens: int = 0
+    extra: dict[str, int] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        return (
+            f"{self.kept}/{self.rows} rows kept ({self.truncated} truncated, "
+            f"{self.dropped_too_long} dropped as too long, {self.dropped_prompt_too_long} dropped "
+            f"because the prompt fills max_length, {self.dropped_empty} empty); "
+            f"{self.tokens} tokens, {self.loss_tokens} with loss"
+        )
+
+
+def _instruction_example(
+    prompt_ids: list[int], response_ids: list[int], cfg: DataSection, stats: TokenizeStats
+) -> dict[str, list[int]] | None:
+    if len(prompt_ids) >= cfg.max_length:
+        stats.dropped_prompt_too_long += 1
+        return None
+    ids = prompt_ids + response_ids
+    if len(ids) > cfg.max_length:
+        if cfg.overflow == "drop":
+            stats.dropped_too_long += 1
+            return None
+        stats.truncated += 1
+        ids = ids[: cfg.max_length]
+    labels = [IGNORE_INDEX] * len(prompt_ids) + ids[len(prompt_ids) :]
+    return {"input_ids": ids, "labels": labels}
+
+
+def tokenize(
+    ds: datasets.Dataset, tokenizer: Any, cfg: DataSection
+) -> tuple[datasets.Dataset, TokenizeStats]:
+    """Rows -> {input_ids, labels}; prompt tokens are labelled -100 and EOS ends each example."""
+    stats = TokenizeStats(rows=len(ds))
+    eos = tokenizer.eos_token_id
+    out: dict[str, list[list[int]]] = {"input_ids": [], "labels": []}
+    chunk = 1000
+    for start in range(0, len(ds), chunk):
+        rows = ds[start : start + chunk]
+        n = len(next(iter(rows.values())))
+        batch = [{k: rows[k][i] for k in rows} for i in range(n)]
+        if cfg.shape == "instruction":
+            assert cfg.prompt_template is not None and cfg.response_template is not None
+            try:
+                prompts = [render(cfg.prompt_template, r) for r in batch]
+                responses = [render(cfg.response_template, r) for r in batch]
+            except TemplateError as exc:
+                raise DataError(f"rows {start}..{start + n - 1}: {exc}", "fix the data") from None
+            p_ids = tokenizer(prompts, add_special_tokens=True).input_ids
+            r_ids = tokenizer(responses, add_special_tokens=False).input_ids
+            for p, r in zip(p_ids, r_ids):
+                if not r:
+                    stats.dropped_empty += 1
+                    continue
+                ex = _instruction_example(p, [*r, eos], cfg, stats)
+                if ex is not None:
+                    out["input_ids"].append(ex["input_ids"])
+                    out["labels"].append(ex["labels"])
+        else:
+            texts = [str(r[cfg.text_field] or "") for r in batch]
+            for ids in tokenizer(texts, add_special_tokens=True).input_ids:
+                if len(ids) <= 1:
+                    stats.dropped_empty += 1
+                    continue
+                ids = [*ids, eos]
+                if cfg.packing == "none" and len(ids) > cfg.max_length:
+                    if cfg.overflow == "drop":
+                        stats.dropped_too_long += 1
+                        continue
+                    stats.truncated += 1
+                    ids = ids[: cfg.max_length]
+                out["input_ids"].append(ids)
+                out["labels"].append(list(ids))
+    if cfg.packing == "blocks":
+        out = _pack_blocks(out["input_ids"], cfg.max_length, stats)
+    stats.kept = len(out["input_ids"])
+    stats.tokens = sum(len(x) for x in out["input_ids"])
+    stats.loss_tokens = sum(sum(1 for t in x if t != IGNORE_INDEX) for x in out["labels"])
+    if stats.kept == 0:
+        hint = (
+            "raise data.max_length above the prompt length or shorten data.prompt_template"
+            if stats.dropped_prompt_too_long
+            else "check the data and data.max_length / data.overflow"
+        )
+        raise DataError(f"no usable rows: {stats.summary()}", hint)
+    return datasets.Dataset.from_dict(out), stats
+
+
+def _pack_blocks(
+    docs: list[list[int]], block: int, stats: TokenizeStats
+) -> dict[str, list[list[int]]]:
+    """Concatenate documents (each already ends with EOS) and cut fixed-size blocks."""
+    flat = [t for doc in docs for t in doc]
+    n = len(flat) // block
+    stats.extra["packed_from_documents"] = len(docs)
+    stats.extra["tail_tokens_dropped"] = len(flat) - n * block
+    blocks = [flat[i * block : (i + 1) * block] for i in range(n)]
+    return {"input_ids": blocks, "labels": [list(b) for b in blocks]}

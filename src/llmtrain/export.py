@@ -1,0 +1,78 @@
+"""Loading trained results for inference and merging adapters, from directories on disk."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llmtrain.config import ModelSection
+from llmtrain.errors import ConfigError
+from llmtrain.models import load_model, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+def is_adapter_dir(path: Path) -> bool:
+    return (path / "adapter_config.json").is_file()
+
+
+def load_for_inference(
+    base: ModelSection,
+    adapter: Path | None,
+    *,
+    dtype: torch.dtype | None = None,
+    device_map: str | None = None,
+) -> tuple[Any, Any]:
+    """(model, tokenizer): a full model directory, or a base model plus a LoRA adapter."""
+    extra: dict[str, Any] = {"device_map": device_map} if device_map else {}
+    if adapter is None:
+        model = load_model(base, dtype=dtype, extra=extra)
+        tokenizer = load_tokenizer(base)
+    else:
+        from peft import PeftModel
+
+        if not is_adapter_dir(adapter):
+            raise ConfigError(
+                f"{adapter} is not a LoRA adapter directory (no adapter_config.json)",
+                "pass the final/adapter directory of a LoRA run, or omit --adapter for a full model",
+            )
+        model = PeftModel.from_pretrained(load_model(base, dtype=dtype, extra=extra), str(adapter))
+        tok_source = adapter if (adapter / "tokenizer_config.json").is_file() else None
+        tokenizer = load_tokenizer(
+            base.model_copy(update={"tokenizer": str(tok_source)}) if tok_source else base
+        )
+    if not device_map:
+        model.to("cuda" if torch.cuda.is_available() else "cpu")
+    model.eval()
+    return model, tokenizer
+
+
+def merge(base: ModelSection, adapter: Path, out: Path, dtype: torch.dtype | None = None) -> Path:
+    """Base plus adapter as one safetensors model directory with the tokenizer, written to a
+    temporary name and renamed, so a crash never leaves a half merge under `out`."""
+    from peft import PeftModel
+
+    if not is_adapter_dir(adapter):
+        raise ConfigError(
+            f"{adapter} is not a LoRA adapter directory (no adapter_config.json)",
+            "pass the final/adapter directory of a LoRA run",
+        )
+    model = PeftModel.from_pretrained(load_model(base, dtype=dtype), str(adapter))
+    merged = model.merge_and_unload()
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    merged.save_pretrained(tmp, safe_serialization=True)
+    tok_source = adapter if (adapter / "tokenizer_config.json").is_file() else None
+    tokenizer = load_tokenizer(
+        base.model_copy(update={"tokenizer": str(tok_source)}) if tok_source else base
+    )
+    tokenizer.save_pretrained(tmp)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    log.info("merged model written to %s", out)
+    return out

@@ -1,0 +1,57 @@
+"""GPU presets for the estimator: memory the driver reports and dense peak 16-bit TFLOP/s.
+
+Memory is what `nvidia-smi` / `rocm-smi` report as the device total (a little below the
+marketing figure); peak throughput is the dense (no sparsity) bf16 tensor-core figure from
+the vendor's data sheet. V100 has no bf16: its entry is the fp16 tensor-core peak.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from llmtrain.errors import ConfigError
+
+MIB = 1024**2
+
+
+@dataclass(frozen=True)
+class Gpu:
+    name: str
+    memory_bytes: int
+    peak_tflops: float  # dense bf16 (fp16 on V100), per device as torch sees it
+
+    @property
+    def memory_gib(self) -> float:
+        return self.memory_bytes / 1024**3
+
+
+PRESETS: dict[str, Gpu] = {
+    "v100-32gb": Gpu("V100 32 GB", 32510 * MIB, 125.0),
+    "a100-40gb": Gpu("A100 40 GB", 40536 * MIB, 312.0),
+    "a100-80gb": Gpu("A100 80 GB", 81920 * MIB, 312.0),
+    # One MI250X is two GCDs; torch and the scheduler see each GCD as a GPU (LUMI-G).
+    "mi250x-gcd": Gpu("MI250X GCD 64 GB", 65520 * MIB, 191.5),
+    "h100-80gb": Gpu("H100 80 GB", 81559 * MIB, 989.0),
+    "h200-141gb": Gpu("H200 141 GB", 143771 * MIB, 989.0),
+}
+
+ALIASES = {
+    "v100": "v100-32gb",
+    "a100": "a100-80gb",
+    "a100-40": "a100-40gb",
+    "a100-80": "a100-80gb",
+    "mi250x": "mi250x-gcd",
+    "h100": "h100-80gb",
+    "h200": "h200-141gb",
+}
+
+
+def get_gpu(name: str) -> Gpu:
+    key = name.lower()
+    key = ALIASES.get(key, key)
+    if key not in PRESETS:
+        raise ConfigError(
+            f"unknown GPU preset {name!r}",
+            fix=f"use one of: {', '.join(sorted(PRESETS) + sorted(ALIASES))}",
+        )
+    return PRESETS[key]

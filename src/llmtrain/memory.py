@@ -1,0 +1,468 @@
+"""Memory per GPU for a Llama-style decoder, from config.json and the run's shape alone.
+
+Every term is counted the way the stack really allocates it (transformers 4.37.2, peft 0.9.0,
+torch AdamW, DeepSpeed 0.14 ZeRO, FSDP through accelerate 0.26); the comments say where a number
+comes from. `allocated` is what `torch.cuda.max_memory_allocated` measures; `total` adds what
+the caching allocator does not see (CUDA context, NCCL buffers) and a fragmentation margin.
+
+Activation bytes per token per decoder block were read off the tensors autograd saves in
+LlamaDecoderLayer with SDPA (tests/unit/test_memory.py measures them again on CPU):
+  RMSNorm      fp32 copy of its input (4h) + bf16 normalised input, kept for the weight's grad
+               (2h, trainable weight only) + its output, kept by the next Linear (2h)
+  attention    q, k, v as SDPA saves them (k and v after repeat_kv, so GQA saves no memory
+               here) and SDPA's output, which o_proj keeps as its input (4 x 2h), plus SDPA's
+               fp32 log-sum-exp (4 x heads)
+  MLP          gate output, SiLU output, up output, their product (4 x 2i)
+Eager attention adds the fp32-softmaxed (b, heads, s, s) matrix and its dropout copy.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Literal
+
+from llmtrain.errors import ConfigError
+
+GIB = 1024**3
+Method = Literal["inference", "full", "layers", "lora", "qlora"]
+Strategy = Literal["ddp", "fsdp", "zero2", "zero3", "zero3_offload"]
+METHODS: tuple[Method, ...] = ("inference", "full", "layers", "lora", "qlora")
+STRATEGIES: tuple[Strategy, ...] = ("ddp", "fsdp", "zero2", "zero3", "zero3_offload")
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+CUDA_CONTEXT = int(0.75 * GIB)  # CUDA 12 with lazy module loading: 0.5-1 GiB per process
+NCCL_BUFFERS = int(0.5 * GIB)  # channels x peers x NCCL_BUFFSIZE (4 MiB), only when world > 1
+FRAGMENTATION = 0.10  # caching-allocator slack on top of the allocated peak, stated not measured
+# NF4 with double quantisation: 4 bits + 8-bit absmax per 64 values + fp32 per 256 absmaxes.
+NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
+_DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The sizes of a Llama-style decoder (Llama, Mistral, Qwen2, ...) from its config.json."""
+
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    vocab: int
+    tied_embeddings: bool = False
+    qkv_bias: bool = False
+    torch_dtype: str = "float32"
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * self.head_dim
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> ModelShape:
+        keys = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads")
+        missing = [k for k in (*keys, "vocab_size") if k not in config]
+        if missing:
+            raise ConfigError(
+                f"config.json of model type {config.get('model_type')!r} lacks {missing}",
+                "the estimator covers Llama-style decoders (llama, mistral, qwen2, gemma)",
+            )
+        return cls(
+            layers=config["num_hidden_layers"],
+            hidden=config["hidden_size"],
+            intermediate=config["intermediate_size"],
+            heads=config["num_attention_heads"],
+            kv_heads=config.get("num_key_value_heads") or config["num_attention_heads"],
+            vocab=config["vocab_size"],
+            # LlamaConfig defaults to untied; PretrainedConfig's own default (True) does not apply.
+            tied_embeddings=bool(config.get("tie_word_embeddings", False)),
+            qkv_bias=bool(config.get("attention_bias") or config.get("model_type") == "qwen2"),
+            torch_dtype=str(config.get("torch_dtype") or "float32"),
+        )
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> ModelShape:
+        file = Path(path) / "config.json"
+        if not file.is_file():
+            raise ConfigError(
+                f"no config.json in {str(path)!r}",
+                "point model.path at a model directory (the estimator reads only config.json)",
+            )
+        return cls.from_config(json.loads(file.read_text()))
+
+    def linear_dims(self) -> dict[str, tuple[int, int]]:
+        """(in, out) features of each linear layer in one block."""
+        h, kv, i = self.hidden, self.kv_dim, self.intermediate
+        return {
+            "q_proj": (h, h),
+            "k_proj": (h, kv),
+            "v_proj": (h, kv),
+            "o_proj": (h, h),
+            "gate_proj": (h, i),
+            "up_proj": (h, i),
+            "down_proj": (i, h),
+        }
+
+    @property
+    def block_linear_params(self) -> int:
+        bias = self.hidden + 2 * self.kv_dim if self.qkv_bias else 0
+        return sum(a * b for a, b in self.linear_dims().values()) + bias
+
+    @property
+    def block_params(self) -> int:
+        return self.block_linear_params + 2 * self.hidden  # two RMSNorm weights
+
+    @property
+    def embedding_params(self) -> int:
+        return self.vocab * self.hidden
+
+    @property
+    def head_params(self) -> int:
+        """Final norm plus lm_head (nothing extra when lm_head is tied to the embeddings)."""
+        return self.hidden + (0 if self.tied_embeddings else self.vocab * self.hidden)
+
+    @property
+    def params(self) -> int:
+        return self.embedding_params + self.layers * self.block_params + self.head_params
+
+    @property
+    def largest_layer_params(self) -> int:
+        """Largest single module's own parameters, as DeepSpeed's ZeRO-3 estimator takes it."""
+        return max(self.embedding_params, *(a * b for a, b in self.linear_dims().values()))
+
+
+@dataclass(frozen=True)
+class RunShape:
+    """What the run does with the model; defaults are a plain single-GPU LoRA run."""
+
+    method: Method = "lora"
+    strategy: Strategy = "ddp"
+    micro_batch: int = 1
+    seq_len: int = 512
+    gpus_per_node: int = 1
+    nodes: int = 1
+    gradient_checkpointing: bool = False
+    gradient_accumulation: int = 1
+    dtype_bytes: int = 2  # weights and activations: bf16/fp16 = 2, fp32 = 4
+    lora_r: int = 16
+    lora_targets: tuple[str, ...] = LINEARS
+    lora_dropout: float = 0.05
+    # method=layers: which decoder blocks train, and whether embeddings / lm_head train
+    trainable_blocks: tuple[int, ...] = ()
+    train_embeddings: bool = False
+    train_lm_head: bool = False
+    attention: Literal["sdpa", "flash_attention_2", "eager"] = "sdpa"
+    padded: bool = True  # batches carry padding, so SDPA gets a materialised (b,1,s,s) mask
+    # DeepSpeed buffers; None = what the HF integration's "auto" resolves to (hidden^2 elements)
+    ds_bucket_elements: int | None = None
+
+    @property
+    def world(self) -> int:
+        return self.gpus_per_node * self.nodes
+
+    @property
+    def tokens(self) -> int:
+        return self.micro_batch * self.seq_len
+
+
+@dataclass(frozen=True)
+class Breakdown:
+    """Bytes per GPU. The first seven terms are allocator-visible; see `allocated`."""
+
+    weights: int
+    gradients: int
+    optimizer: int
+    activations: int  # kept for backward (with checkpointing: each block's input)
+    recompute: int  # checkpointing: one block's activations, rebuilt after the logits are freed
+    logits: int
+    buffers: int  # DDP gradient buckets, FSDP/ZeRO-3 gathered layers, ZeRO buckets
+    step_temp: int  # optimizer-step temporaries (foreach AdamW's sqrt(exp_avg_sq))
+    cuda_context: int
+    nccl: int
+    # Gradients exist during forward only when held over from earlier micro-batches or
+    # preallocated (ZeRO); otherwise they fill in during backward as activations are freed.
+    grads_held: bool = False
+    host_per_node: int = 0  # CPU memory for offloaded states (ZeRO-3 offload)
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def allocated(self) -> int:
+        """Peak of the allocator: the start of backward (activations, logits buffers) or the
+        optimizer step (gradients and step temporaries), whichever is higher."""
+        backward = self.activations + max(self.logits, self.recompute)
+        backward += self.gradients if self.grads_held else 0
+        step = self.gradients + self.step_temp
+        return self.weights + self.optimizer + self.buffers + max(backward, step)
+
+    @property
+    def fragmentation(self) -> int:
+        return int(FRAGMENTATION * self.allocated)
+
+    @property
+    def total(self) -> int:
+        return self.allocated + self.fragmentation + self.cuda_context + self.nccl
+
+    def rows(self) -> list[tuple[str, int]]:
+        skip = ("grads_held", "host_per_node", "notes")
+        names = [f.name for f in fields(self) if f.name not in skip]
+        rows = [(n, int(getattr(self, n))) for n in names]
+        rows.insert(7, ("fragmentation", self.fragmentation))
+        return [*rows, ("allocated peak", self.allocated), ("total", self.total)]
+
+
+@dataclass(frozen=True)
+class ModelStates:
+    weights: int
+    gradients: int
+    optimizer: int
+    gathered: int = 0  # ZeRO-3 / FSDP: full copies of the layers being computed
+
+
+def trainable_params(shape: ModelShape, run: RunShape) -> int:
+    if run.method == "inference":
+        return 0
+    if run.method == "full":
+        return shape.params
+    if run.method == "layers":
+        n = len(run.trainable_blocks) * shape.block_params
+        n += shape.embedding_params if run.train_embeddings else 0
+        return n + (shape.head_params if run.train_lm_head else 0)
+    dims = shape.linear_dims()
+    per_block = sum(run.lora_r * (dims[t][0] + dims[t][1]) for t in run.lora_targets if t in dims)
+    return shape.layers * per_block
+
+
+def _base_weight_bytes(shape: ModelShape, run: RunShape) -> int:
+    """The model's own weights (LoRA adapters apart) in their stored form."""
+    if run.method != "qlora":
+        return shape.params * run.dtype_bytes
+    # Block linears are NF4; prepare_model_for_kbit_training casts everything else to fp32.
+    quantised = shape.layers * shape.block_linear_params
+    return int(quantised * NF4_BYTES) + (shape.params - quantised) * 4
+
+
+def model_states(shape: ModelShape, run: RunShape) -> ModelStates:
+    """Weights, gradients and optimizer states per GPU."""
+    n, nt, g = shape.params, trainable_params(shape, run), run.world
+    adapters = run.method in ("lora", "qlora")
+    if run.method == "qlora" or run.strategy == "ddp" or run.method == "inference":
+        # peft 0.9 makes adapters in the base weight's dtype (fp32 beside a 4-bit weight);
+        # torch AdamW keeps exp_avg and exp_avg_sq in the parameter's dtype.
+        a = 4 if run.method == "qlora" else run.dtype_bytes
+        weights = _base_weight_bytes(shape, run) + (nt * a if adapters else 0)
+        return ModelStates(weights, nt * a, 2 * nt * a)
+    if adapters:
+        n += nt
+    if run.strategy == "fsdp":
+        return _fsdp_states(shape, run, n, nt)
+    # DeepSpeed keeps 16-bit weights and grads plus fp32 master weights, fp32 grads and fp32
+    # Adam moments: 2 + (2 + 4) + (4 + 8) bytes per trainable parameter, as its estimators do.
+    if run.strategy == "zero2":
+        return ModelStates(2 * n, 6 * nt // g, 12 * nt // g)
+    largest = 4 * shape.largest_layer_params
+    if run.strategy == "zero3":
+        return ModelStates(2 * n // g, 6 * nt // g, 12 * nt // g, largest)
+    # zero3_offload: parameters and optimizer on the CPU; the GPU holds the gathered layer.
+    return ModelStates(0, 0, 0, largest)
+
+
+def _fsdp_states(shape: ModelShape, run: RunShape, n: int, nt: int) -> ModelStates:
+    """FULL_SHARD with the decoder block as unit: shards plus gathered units.
+
+    The root unit (embeddings, final norm, lm_head) stays gathered from forward to the end of
+    backward (FSDP does not reshard the root after forward); one block is gathered and the next
+    prefetched. With use_orig_params a flat parameter holding any trainable tensor gets a grad
+    for all of it, so LoRA pays gradients for the whole (sharded) model.
+    """
+    g, w = run.world, run.dtype_bytes
+    grads = n * w // g if run.method in ("lora", "layers") else nt * w // g
+    root = shape.embedding_params + shape.head_params
+    gathered = (root + 2 * shape.block_params) * w
+    return ModelStates(n * w // g, grads, 2 * nt * w // g, gathered)
+
+
+def activation_bytes(shape: ModelShape, run: RunShape, *, checkpointing: bool) -> int:
+    """Bytes autograd keeps for backward over all blocks and the final norm (logits apart);
+    with checkpointing, each block's input (the recomputed block is `recompute_bytes`)."""
+    if run.method == "inference":
+        return 0
+    t, h = run.tokens, shape.hidden
+    blocks = [_block_bytes(shape, run, k) for k in range(shape.layers)]
+    # Padded batches give SDPA and eager a (b, 1, s, s) mask in the model dtype, shared by blocks.
+    dense_mask = run.padded and run.attention != "flash_attention_2"
+    mask = 2 * run.micro_batch * run.seq_len**2 if dense_mask else 0
+    head_trains = run.method == "full" or (run.method == "layers" and run.train_lm_head)
+    stream = 4 if run.method == "qlora" else run.dtype_bytes
+    # final norm: fp32 copy, plus normalised input and output when lm_head trains
+    head = (4 + (2 * stream if head_trains else 0)) * h * t
+    if checkpointing:
+        return shape.layers * stream * h * t + mask + head
+    return sum(blocks) + mask + head
+
+
+def recompute_bytes(shape: ModelShape, run: RunShape) -> int:
+    """Checkpointing: backward rebuilds one block at a time, the largest at most."""
+    if run.method == "inference" or not run.gradient_checkpointing:
+        return 0
+    return max(_block_bytes(shape, run, k) for k in range(shape.layers))
+
+
+def _attn_bytes(shape: ModelShape, run: RunShape, a: int) -> int:
+    """Per token: what the attention kernel keeps (q, k, v, output, fp32 log-sum-exp)."""
+    h, kv = shape.hidden, shape.kv_dim
+    if run.attention == "flash_attention_2":
+        # flash-attn takes GQA's k, v unrepeated; 4.37.2 casts fp32 inputs to bf16 first.
+        return 2 * (2 * h + 2 * kv) + 4 * shape.heads
+    # SDPA and eager see k, v after repeat_kv: full width.
+    attn = 4 * a * h + 4 * shape.heads
+    if run.attention == "eager":
+        attn += 2 * 4 * shape.heads * run.seq_len  # fp32 softmax output and its dropout copy
+    return attn
+
+
+def _block_bytes(shape: ModelShape, run: RunShape, index: int) -> int:
+    t, h, i, a = run.tokens, shape.hidden, shape.intermediate, run.dtype_bytes
+    if run.method == "layers" and (not run.trainable_blocks or index < min(run.trainable_blocks)):
+        return 0  # below the lowest trainable block no gradient flows: nothing is saved
+    if run.method == "qlora":
+        return _qlora_block_bytes(shape, run)
+    trains = run.method == "full" or (run.method == "layers" and index in run.trainable_blocks)
+    lora = set(run.lora_targets) if run.method == "lora" else set()
+    # RMSNorm: fp32 input copy; normalised input for the weight grad; output for the Linears.
+    norm_attn = 4 * h + (a * h if trains else 0)
+    norm_attn += a * h if trains or lora & {"q_proj", "k_proj", "v_proj"} else 0
+    norm_mlp = 4 * h + (a * h if trains else 0)
+    norm_mlp += a * h if trains or lora & {"gate_proj", "up_proj"} else 0
+    mlp = 3 * a * i + (a * i if trains or "down_proj" in lora else 0)
+    per_token = norm_attn + norm_mlp + _attn_bytes(shape, run, a) + mlp
+    return (per_token + _lora_extra(shape, run, lora, a)) * t
+
+
+def _lora_extra(shape: ModelShape, run: RunShape, targets: set[str], a: int) -> int:
+    """Per token: lora_A outputs, and with dropout each target's dropped input and bool mask."""
+    dims = shape.linear_dims()
+    extra = sum(a * run.lora_r for t in targets if t in dims)
+    if run.lora_dropout > 0:
+        extra += sum((a + 1) * dims[t][0] for t in targets if t in dims)
+    return extra
+
+
+def _qlora_block_bytes(shape: ModelShape, run: RunShape) -> int:
+    """prepare_model_for_kbit_training makes embeddings and norms fp32, so the residual stream
+    and every block activation are fp32; each Linear4bit also keeps its own bf16 copy of its
+    input (bitsandbytes MatMul4Bit saves the cast input in ctx.tensors)."""
+    t, h, i = run.tokens, shape.hidden, shape.intermediate
+    lora = set(run.lora_targets)
+    norms = 2 * 4 * h + (4 * h if lora & {"q_proj", "k_proj", "v_proj"} else 0)
+    norms += 4 * h if lora & {"gate_proj", "up_proj"} else 0
+    mlp = 3 * 4 * i + (4 * i if "down_proj" in lora else 0)
+    casts = 2 * (5 * h + i)  # q, k, v, gate, up take h; o_proj's copy h; down_proj's i
+    per_token = norms + _attn_bytes(shape, run, 4) + mlp + casts
+    return (per_token + _lora_extra(shape, run, lora, 4)) * t
+
+
+def logits_bytes(shape: ModelShape, run: RunShape) -> int:
+    """LlamaForCausalLM upcasts logits to fp32, copies the shifted slice, and cross entropy
+    keeps its fp32 log-softmax: three fp32 (tokens x vocab) tensors live at the loss (the bf16
+    logits are freed by then, and backward's gradient buffers replace them one for one)."""
+    if run.method == "inference":
+        # generate() prefill: bf16 and fp32 logits for every prompt position.
+        return (run.dtype_bytes + 4) * run.tokens * shape.vocab
+    return 3 * 4 * run.tokens * shape.vocab
+
+
+def kv_cache_bytes(shape: ModelShape, run: RunShape) -> int:
+    return 2 * shape.layers * shape.kv_dim * run.dtype_bytes * run.tokens
+
+
+def _buffers(shape: ModelShape, run: RunShape, states: ModelStates) -> int:
+    if run.strategy == "ddp":
+        # DDP buckets hold a second copy of every gradient (gradient_as_bucket_view=False);
+        # accelerate wraps in DDP only when there is more than one process.
+        return states.gradients if run.world > 1 else 0
+    if run.strategy == "fsdp":
+        return states.gathered
+    bucket = run.ds_bucket_elements or shape.hidden**2
+    # overlap_comm double-buffers the 16-bit reduce bucket; ZeRO-3 adds the prefetch bucket.
+    ds = 2 * 2 * bucket + (2 * bucket if run.strategy.startswith("zero3") else 0)
+    return states.gathered + ds
+
+
+def _host_bytes(shape: ModelShape, run: RunShape) -> int:
+    """ZeRO-3 offload keeps fp32 master, moments and gradients on the CPU (DeepSpeed's own
+    estimate for zero_init, with its 1.5 buffer factor)."""
+    if run.strategy != "zero3_offload":
+        return 0
+    return int(trainable_params(shape, run) * 18 / run.nodes * 1.5)
+
+
+def estimate(shape: ModelShape, run: RunShape) -> Breakdown:
+    nccl = NCCL_BUFFERS if run.world > 1 else 0
+    states = model_states(shape, run)
+    if run.method == "inference":
+        # KV cache for micro_batch x seq_len tokens; one block's gate, up and product at a time.
+        return Breakdown(
+            weights=states.weights,
+            gradients=0,
+            optimizer=0,
+            activations=kv_cache_bytes(shape, run),
+            logits=logits_bytes(shape, run),
+            buffers=3 * run.dtype_bytes * shape.intermediate * run.tokens,
+            step_temp=0,
+            cuda_context=CUDA_CONTEXT,
+            nccl=nccl,
+            notes=("inference: activations = KV cache, buffers = one block's MLP",),
+        )
+    zero = run.strategy.startswith("zero") and run.method != "qlora"
+    # foreach AdamW's sqrt(exp_avg_sq) is one more gradient-sized list; DeepSpeed's Adam
+    # updates its fp32 partitions in place.
+    step_temp = 0 if zero else states.optimizer // 2
+    notes = {
+        "fsdp": "fsdp: root unit (embeddings, lm_head) and two blocks gathered",
+        "zero3": "zero3: the largest layer gathered (4 bytes/param, DeepSpeed's figure)",
+        "zero3_offload": "zero3_offload: 16-bit weights and fp32 states on the CPU",
+    }
+    return Breakdown(
+        weights=states.weights,
+        gradients=states.gradients,
+        optimizer=states.optimizer,
+        activations=activation_bytes(shape, run, checkpointing=run.gradient_checkpointing),
+        recompute=recompute_bytes(shape, run),
+        logits=logits_bytes(shape, run),
+        buffers=_buffers(shape, run, states),
+        step_temp=step_temp,
+        cuda_context=CUDA_CONTEXT,
+        nccl=nccl,
+        grads_held=zero or run.gradient_accumulation > 1,
+        host_per_node=_host_bytes(shape, run),
+        notes=(notes[run.strategy],) if run.strategy in notes else (),
+    )
+
+
+def fits(shape: ModelShape, run: RunShape, memory_bytes: int) -> bool:
+    return estimate(shape, run).total <= memory_bytes
+
+
+def largest_micro_batch(shape: ModelShape, run: RunShape, memory_bytes: int) -> int:
+    """Largest micro-batch that fits (0 if even 1 does not); memory grows with the batch."""
+
+    def ok(b: int) -> bool:
+        return fits(shape, replace(run, micro_batch=b), memory_bytes)
+
+    if not ok(1):
+        return 0
+    lo, hi = 1, 2
+    while hi <= 1 << 16 and ok(hi):
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if ok(mid) else (lo, mid)
+    return lo
+
+
+def gib(n: float) -> str:
+    return f"{n / GIB:.2f}"
