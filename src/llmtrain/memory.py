@@ -210,7 +210,7 @@ class Breakdown:
         skip = ("grads_held", "host_per_node", "notes")
         names = [f.name for f in fields(self) if f.name not in skip]
         rows = [(n, int(getattr(self, n))) for n in names]
-        rows.insert(7, ("fragmentation", self.fragmentation))
+        rows.insert(names.index("step_temp") + 1, ("fragmentation", self.fragmentation))
         return [*rows, ("allocated peak", self.allocated), ("total", self.total)]
 
 
