@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 from typing import Protocol
 
-from llmtrain.errors import EXIT_STOPPED, LlmtrainError, StopRequested
+from llmtrain.errors import EXIT_STOPPED, EXIT_USAGE, LlmtrainError, StopRequested
 
 # verb -> (module, one-line help). Modules are imported only when their verb runs, so
 # `llmtrain --help` and `llmtrain validate` stay fast on a login node.
@@ -54,7 +54,7 @@ def build_parser(verb: str | None) -> argparse.ArgumentParser:
             name,
             help=help_text,
             description=help_text,
-            epilog=f"example:\n  {module.EXAMPLE}",
+            epilog=f"example:\n  {module.EXAMPLE}\n",
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         module.add_arguments(p)
@@ -65,7 +65,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     verb = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(verb if verb in VERBS else None)
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:
+        # argparse exits 2 on bad usage; the contract says 64 (never requeue).
+        return EXIT_USAGE if exit_.code == 2 else int(exit_.code or 0)
     if args.verb is None:
         parser.print_help()
         return 0
