@@ -1,0 +1,140 @@
+#!/usr/bin/env bash
+# Once per node, inside the container (or the venv): work out this node's rank, its process
+# count and the interface that reaches the head, then exec torchrun (static rendezvous) or
+# accelerate launch running `llmtrain finetune`. Started by entrypoint/job.sh through srun or
+# mpirun; inside the image it is /opt/llmtrain/entrypoint/launch.sh.
+#
+# usage: launch.sh CONFIG [key=value ...]
+#
+# Reads (job.sh sets them): MASTER_ADDR, MASTER_PORT, NNODES; optional: NPROC_PER_NODE,
+# LAUNCHER (torchrun | accelerate), ACCELERATE_CONFIG, TRAIN_SCRIPT, NODE_RANK (when no
+# scheduler variable gives the rank), NCCL_SOCKET_IFNAME / GLOO_SOCKET_IFNAME (kept if set).
+set -euo pipefail
+
+EX_USAGE=64
+
+say() { printf 'launch.sh: %s\n' "$*" >&2; }
+die() { say "error on $(hostname): $*"; exit "$EX_USAGE"; }
+
+# The rank comes from the task's own environment: expanded in the batch shell it would be 0
+# on every node. One task per node, so a task rank is a node rank.
+node_rank() {
+  local name
+  for name in SLURM_NODEID OMPI_COMM_WORLD_RANK PMI_RANK PBS_VNODENUM NODE_RANK; do
+    if [[ -n ${!name:-} ]]; then
+      [[ ${!name} =~ ^[0-9]+$ ]] || die "$name=${!name} is not a node rank"
+      printf '%s\n' "${!name}"
+      return
+    fi
+  done
+  ((NNODES == 1)) || die "no node rank: none of SLURM_NODEID, OMPI_COMM_WORLD_RANK, PMI_RANK, PBS_VNODENUM, NODE_RANK is set; start one task per node with srun or mpirun"
+  echo 0
+}
+
+gpu_count() {
+  if [[ -n ${CUDA_VISIBLE_DEVICES:-} && ${CUDA_VISIBLE_DEVICES} != NoDevFiles ]]; then
+    local ids
+    IFS=, read -r -a ids <<<"$CUDA_VISIBLE_DEVICES"
+    echo "${#ids[@]}"
+  elif command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
+    nvidia-smi -L | grep -c '^GPU'
+  else
+    echo 0
+  fi
+}
+
+# This node's interface toward ADDR. On the head node the route to its own address is
+# "local ... dev lo", useless to the peers, so the interface holding ADDR is taken instead.
+iface_to() {
+  local addr="$1" dev
+  dev="$(ip -o route get "$addr" 2>/dev/null | sed -n 's/.* dev \([^ ]*\).*/\1/p')"
+  if [[ $dev == lo ]]; then
+    dev="$(ip -o -4 addr show | awk -v a="$addr" 'index($4, a "/") == 1 {print $2; exit}')"
+  fi
+  printf '%s\n' "$dev"
+}
+
+# Tells the exit code of the first failed worker to the caller: torchrun and accelerate
+# themselves exit 1 for any failure, which would hide 64/65/75 from job.sh's contract.
+# shellcheck disable=SC2016  # Python source, not shell
+KEEP_EXIT_CODE='
+import subprocess, sys
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+launcher, sys.argv = sys.argv[1], sys.argv[1:]
+if launcher == "torchrun":
+    from torch.distributed.run import main
+else:
+    from accelerate.commands.launch import main
+try:
+    main()
+except ChildFailedError as err:
+    code = err.get_first_failure()[1].exitcode
+    sys.exit(code if code > 0 else 128 - code)
+except subprocess.CalledProcessError as err:
+    sys.exit(err.returncode)
+'
+
+main() {
+  (($# >= 1)) || { echo "usage: launch.sh CONFIG [key=value ...]" >&2; exit "$EX_USAGE"; }
+  local name
+  for name in MASTER_ADDR MASTER_PORT NNODES; do
+    [[ -n ${!name:-} ]] || die "$name is not set: start this through entrypoint/job.sh (sbatch or qsub)"
+  done
+  local rank gpus nproc iface addr
+  rank="$(node_rank)"
+  ((rank < NNODES)) || die "node rank $rank is not below NNODES=$NNODES"
+  gpus="$(gpu_count)"
+  if [[ -n ${NPROC_PER_NODE:-} ]]; then
+    nproc="$NPROC_PER_NODE"
+  elif ((gpus > 0)); then
+    nproc="$gpus"
+  else
+    nproc="$(nproc)"  # CPU processes with gloo
+  fi
+  [[ $nproc =~ ^[1-9][0-9]*$ ]] || die "NPROC_PER_NODE=$nproc is not a positive number"
+
+  iface="$(iface_to "$MASTER_ADDR")"
+  [[ -n $iface ]] || die "no route from $(hostname) to the head address $MASTER_ADDR"
+  addr="$(ip -o -4 addr show dev "$iface" | awk '{sub("/.*", "", $4); print $4; exit}')"
+  # Catch the classic hang early: rank 0 must be the head, and no other node may be.
+  if ((rank == 0)) && [[ $addr != "$MASTER_ADDR" ]]; then
+    die "node rank 0 but this node ($addr) is not the head $MASTER_ADDR: was the rank expanded in the batch shell?"
+  fi
+  if ((rank != 0)) && [[ $addr == "$MASTER_ADDR" ]]; then
+    die "node rank $rank runs on the head $MASTER_ADDR: two nodes would claim the head"
+  fi
+  : "${NCCL_SOCKET_IFNAME:=$iface}" "${GLOO_SOCKET_IFNAME:=$iface}"
+  : "${HF_HUB_OFFLINE:=1}" "${TRANSFORMERS_OFFLINE:=1}" "${HF_DATASETS_OFFLINE:=1}"
+  : "${TORCH_NCCL_ASYNC_ERROR_HANDLING:=1}"
+  export NCCL_SOCKET_IFNAME GLOO_SOCKET_IFNAME HF_HUB_OFFLINE TRANSFORMERS_OFFLINE \
+    HF_DATASETS_OFFLINE TORCH_NCCL_ASYNC_ERROR_HANDLING
+
+  local launcher="${LAUNCHER:-torchrun}"
+  echo "launch: node_rank=$rank nnodes=$NNODES host=$(hostname) addr=$addr iface=$NCCL_SOCKET_IFNAME nproc=$nproc gpus=$gpus head=$MASTER_ADDR:$MASTER_PORT launcher=$launcher"
+
+  local program=(-m llmtrain finetune)
+  [[ -z ${TRAIN_SCRIPT:-} ]] || program=("$TRAIN_SCRIPT")
+  local cmd
+  case "$launcher" in
+    torchrun)
+      cmd=(torchrun --nnodes="$NNODES" --node-rank="$rank" --nproc-per-node="$nproc"
+        --master-addr="$MASTER_ADDR" --master-port="$MASTER_PORT")
+      ;;
+    accelerate)
+      cmd=(accelerate --num_machines="$NNODES" --machine_rank="$rank"
+        --main_process_ip="$MASTER_ADDR" --main_process_port="$MASTER_PORT"
+        --num_processes="$((NNODES * nproc))")
+      if [[ -n ${ACCELERATE_CONFIG:-} ]]; then
+        cmd+=(--config_file="$ACCELERATE_CONFIG")
+      elif ((NNODES * nproc > 1)); then
+        cmd+=(--multi_gpu)
+      fi
+      # Keep DeepSpeed on torch's launcher: its pdsh runner ssh-es outside the container.
+      ((NNODES == 1)) || cmd+=(--deepspeed_multinode_launcher=standard)
+      ;;
+    *) die "LAUNCHER=$launcher is unknown: use torchrun or accelerate" ;;
+  esac
+  exec python -c "$KEEP_EXIT_CODE" "${cmd[@]}" "${program[@]}" "$@"
+}
+
+main "$@"
