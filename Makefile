@@ -29,7 +29,7 @@ ENGINE = $(or $(CONTAINER_ENGINE),$(error no container engine: install docker, p
     buildah, or set CONTAINER_ENGINE))
 BUILD_docker  = docker build
 BUILD_podman  = podman build
-BUILD_buildah = buildah bud
+BUILD_buildah = buildah bud --layers
 # The base's registry digest when it is present locally (pin it in BASE_IMAGE with @sha256:...).
 DIGEST_docker  = docker image inspect --format '{{index .RepoDigests 0}}'
 DIGEST_podman  = podman image inspect --format '{{.Digest}}'
@@ -47,6 +47,8 @@ SIF       ?= $(OUT_DIR)/llmtrain.sif
 SQSH      ?= $(OUT_DIR)/llmtrain.sqsh
 ARCHIVE   ?= $(OUT_DIR)/llmtrain.docker.tar
 SMOKE_DIR ?= $(CURDIR)/runs/smoke
+# Smoke in the image as the calling user: the image must work under any UID, as under Pyxis.
+SMOKE_USER ?= $(shell id -u):$(shell id -g)
 # zstd reads fast from Lustre/GPFS and packs tighter than enroot's default lzo; 1 MiB blocks
 # mean fewer small reads on a shared file system.
 SQSH_OPTIONS ?= -comp zstd -Xcompression-level 3 -b 1M
@@ -83,7 +85,7 @@ image: ## build IMAGE from Dockerfile on BASE_IMAGE (docker, else podman, else b
 	    --build-arg 'DS_BUILD_OPS=$(DS_BUILD_OPS)' $(BUILD_FLAGS) .
 
 APPTAINER_ARGS = --build-arg 'GIT_SHA=$(GIT_SHA)' --build-arg 'VERSION=$(VERSION)' \
-    --build-arg 'BASE_IMAGE=$(BASE_IMAGE)'
+    --build-arg 'BASE_IMAGE=$(BASE_IMAGE)' --build-arg 'BASE_DIGEST=$(or $(BASE_DIGEST),unknown)'
 sif: ## convert IMAGE to SIF (apptainer; from the docker daemon, else a docker-archive)
 	mkdir -p '$(OUT_DIR)'
 ifeq ($(ENGINE),docker)
@@ -112,12 +114,12 @@ ifeq ($(IMAGE_EXISTS),yes)
 	mkdir -p '$(SMOKE_DIR)'
 ifeq ($(ENGINE),buildah)
 	ctr="$$(buildah from '$(IMAGE)')" && rc=0 \
-	&& buildah run $(RUN_FLAGS) --user '$(shell id -u):$(shell id -g)' \
+	&& buildah run $(RUN_FLAGS) --user '$(SMOKE_USER)' \
 	    --volume '$(SMOKE_DIR):/smoke' --env SMOKE_DIR=/smoke "$$ctr" -- \
-	    /opt/llmtrain/entrypoint/entrypoint.sh smoke || rc=$$?; buildah rm "$$ctr"; exit "$$rc"
+	    /opt/llmtrain/entrypoint/entrypoint.sh smoke || rc=$$?; buildah rm "$$ctr" >/dev/null; exit "$$rc"
 else
 	$(ENGINE) run --rm --ipc=host --ulimit memlock=-1 $(GPU_FLAGS) $(RUN_FLAGS) \
-	    --user '$(shell id -u):$(shell id -g)' --volume '$(SMOKE_DIR):/smoke' \
+	    --user '$(SMOKE_USER)' --volume '$(SMOKE_DIR):/smoke' \
 	    --env SMOKE_DIR=/smoke '$(IMAGE)' smoke
 endif
 else

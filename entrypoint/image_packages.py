@@ -152,16 +152,15 @@ def pip_check(args: argparse.Namespace) -> int:
 
 def manifest(args: argparse.Namespace) -> int:
     now = installed()
+    # Flat, because `llmtrain env` nests the whole file under its "image" key.
     data = {
-        "image": {
-            "llmtrain_version": now.get("llmtrain", ""),
-            "git_sha": args.git_sha,
-            "base_image": args.base_image,
-            "base_digest": args.base_digest,
-            "python": ".".join(map(str, sys.version_info[:3])),
-            "flash_attn_built": args.flash_attn == "1",
-            "deepspeed_ops_prebuilt": args.deepspeed_ops == "1",
-        },
+        "llmtrain_version": now.get("llmtrain", ""),
+        "git_sha": args.git_sha,
+        "base_image": args.base_image,
+        "base_digest": args.base_digest,
+        "python": ".".join(map(str, sys.version_info[:3])),
+        "flash_attn_built": args.flash_attn == "1",
+        "deepspeed_ops_prebuilt": args.deepspeed_ops == "1",
         "packages": dict(sorted(now.items())),
         "base_packages": read_pins(args.base_packages),
     }
