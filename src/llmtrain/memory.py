@@ -32,6 +32,7 @@ METHODS: tuple[Method, ...] = ("inference", "full", "layers", "lora", "qlora")
 STRATEGIES: tuple[Strategy, ...] = ("ddp", "fsdp", "zero2", "zero3", "zero3_offload")
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
+DROPOUT_MASK_BYTES = 1  # CUDA native_dropout keeps a bool mask (the CPU kernel a float one)
 CUDA_CONTEXT = int(0.75 * GIB)  # CUDA 12 with lazy module loading: 0.5-1 GiB per process
 NCCL_BUFFERS = int(0.5 * GIB)  # channels x peers x NCCL_BUFFSIZE (4 MiB), only when world > 1
 FRAGMENTATION = 0.10  # caching-allocator slack on top of the allocated peak, stated not measured
@@ -147,7 +148,11 @@ class RunShape:
     nodes: int = 1
     gradient_checkpointing: bool = False
     gradient_accumulation: int = 1
-    dtype_bytes: int = 2  # weights and activations: bf16/fp16 = 2, fp32 = 4
+    dtype_bytes: int = 2  # compute (activations): 2 under bf16/fp16, 4 for fp32 training
+    # Stored base weights. finetune trains full/layers weights in fp32 under 16-bit autocast
+    # and keeps frozen (LoRA) weights 16-bit with fp32 adapters; None = same as dtype_bytes.
+    weight_bytes: int | None = None
+    mixed_precision: bool = True  # Trainer's bf16/fp16 flag: torch autocast over the forward
     lora_r: int = 16
     lora_targets: tuple[str, ...] = LINEARS
     lora_dropout: float = 0.05
@@ -159,6 +164,18 @@ class RunShape:
     padded: bool = True  # batches carry padding, so SDPA gets a materialised (b,1,s,s) mask
     # DeepSpeed buffers; None = what the HF integration's "auto" resolves to (hidden^2 elements)
     ds_bucket_elements: int | None = None
+
+    @property
+    def wbytes(self) -> int:
+        return self.weight_bytes or self.dtype_bytes
+
+    @property
+    def autocast(self) -> bool:
+        """Trainer's 16-bit autocast over fp32 weights or adapters; DeepSpeed casts the model
+        to 16 bits itself, so it never autocasts."""
+        fp32_trained = self.wbytes == 4 or self.method in ("lora", "qlora")
+        deepspeed = self.strategy.startswith("zero") and self.method != "qlora"
+        return self.mixed_precision and fp32_trained and not deepspeed
 
     @property
     def world(self) -> int:
@@ -239,7 +256,7 @@ def trainable_params(shape: ModelShape, run: RunShape) -> int:
 def _base_weight_bytes(shape: ModelShape, run: RunShape) -> int:
     """The model's own weights (LoRA adapters apart) in their stored form."""
     if run.method != "qlora":
-        return shape.params * run.dtype_bytes
+        return shape.params * run.wbytes
     # Block linears are NF4; prepare_model_for_kbit_training casts everything else to fp32.
     quantised = shape.layers * shape.block_linear_params
     return int(quantised * NF4_BYTES) + (shape.params - quantised) * 4
@@ -250,9 +267,9 @@ def model_states(shape: ModelShape, run: RunShape) -> ModelStates:
     n, nt, g = shape.params, trainable_params(shape, run), run.world
     adapters = run.method in ("lora", "qlora")
     if run.method == "qlora" or run.strategy == "ddp" or run.method == "inference":
-        # peft 0.9 makes adapters in the base weight's dtype (fp32 beside a 4-bit weight);
+        # finetune upcasts adapters to fp32 (16-bit ones without autocast, e.g. on CPU);
         # torch AdamW keeps exp_avg and exp_avg_sq in the parameter's dtype.
-        a = 4 if run.method == "qlora" else run.dtype_bytes
+        a = 4 if adapters and run.autocast else run.wbytes
         weights = _base_weight_bytes(shape, run) + (nt * a if adapters else 0)
         return ModelStates(weights, nt * a, 2 * nt * a)
     if adapters:
@@ -278,10 +295,11 @@ def _fsdp_states(shape: ModelShape, run: RunShape, n: int, nt: int) -> ModelStat
     prefetched. With use_orig_params a flat parameter holding any trainable tensor gets a grad
     for all of it, so LoRA pays gradients for the whole (sharded) model.
     """
-    g, w = run.world, run.dtype_bytes
+    g, w, a = run.world, run.wbytes, run.dtype_bytes
     grads = n * w // g if run.method in ("lora", "layers") else nt * w // g
     root = shape.embedding_params + shape.head_params
-    gathered = (root + 2 * shape.block_params) * w
+    # accelerate's FSDP mixed precision gathers 16-bit copies (and keeps a 16-bit shard).
+    gathered = (root + 2 * shape.block_params) * a + (n * a // g if a < w else 0)
     return ModelStates(n * w // g, grads, 2 * nt * w // g, gathered)
 
 
@@ -295,13 +313,14 @@ def activation_bytes(shape: ModelShape, run: RunShape, *, checkpointing: bool) -
     # Padded batches give SDPA and eager a (b, 1, s, s) mask in the model dtype, shared by blocks.
     dense_mask = run.padded and run.attention != "flash_attention_2"
     mask = 2 * run.micro_batch * run.seq_len**2 if dense_mask else 0
+    stream = _stream_bytes(run)
     head_trains = run.method == "full" or (run.method == "layers" and run.train_lm_head)
-    stream = 4 if run.method == "qlora" else run.dtype_bytes
-    # final norm: fp32 copy, plus normalised input and output when lm_head trains
-    head = (4 + (2 * stream if head_trains else 0)) * h * t
+    # final norm: fp32 copy; with lm_head training also its normalised input and lm_head's input
+    head = (4 + (stream + (2 if run.autocast else stream) if head_trains else 0)) * h * t
+    const = _autocast_weight_copies(shape, run)
     if checkpointing:
-        return shape.layers * stream * h * t + mask + head
-    return sum(blocks) + mask + head
+        return shape.layers * stream * h * t + mask + head + const
+    return sum(blocks) + mask + head + const
 
 
 def recompute_bytes(shape: ModelShape, run: RunShape) -> int:
@@ -311,26 +330,52 @@ def recompute_bytes(shape: ModelShape, run: RunShape) -> int:
     return max(_block_bytes(shape, run, k) for k in range(shape.layers))
 
 
-def _attn_bytes(shape: ModelShape, run: RunShape, a: int) -> int:
-    """Per token: what the attention kernel keeps (q, k, v, output, fp32 log-sum-exp)."""
-    h, kv = shape.hidden, shape.kv_dim
+def _stream_bytes(run: RunShape) -> int:
+    """dtype of the residual stream: the embeddings' (fp32 in QLoRA after
+    prepare_model_for_kbit_training, fp32 for full/layers weights under autocast)."""
+    if run.method == "qlora":
+        return 4
+    return run.wbytes if run.autocast and run.method in ("full", "layers") else run.dtype_bytes
+
+
+def _autocast_weight_copies(shape: ModelShape, run: RunShape) -> int:
+    """Autocast's 16-bit copies of fp32 linear weights live from forward through backward:
+    cached for trained weights, saved by each matmul for frozen ones where gradient flows."""
+    if not run.autocast or run.method not in ("full", "layers"):
+        return 0
+    lowest = 0 if run.method == "full" else min(run.trainable_blocks, default=shape.layers)
+    linears = (shape.layers - lowest) * shape.block_linear_params
+    return 2 * (linears + shape.embedding_params)  # + lm_head (same size as the embeddings)
+
+
+def _attn_bytes(shape: ModelShape, run: RunShape) -> int:
+    """Per token: what the attention kernel keeps (q, k, v, output, fp32 log-sum-exp), always
+    16-bit under autocast (QLoRA's fp32 q, k, v are cast first)."""
+    h, kv, a = shape.hidden, shape.kv_dim, run.dtype_bytes
     if run.attention == "flash_attention_2":
-        # flash-attn takes GQA's k, v unrepeated; 4.37.2 casts fp32 inputs to bf16 first.
-        return 2 * (2 * h + 2 * kv) + 4 * shape.heads
-    # SDPA and eager see k, v after repeat_kv: full width.
-    attn = 4 * a * h + 4 * shape.heads
+        return a * (2 * h + 2 * kv) + 4 * shape.heads  # flash-attn takes k, v unrepeated
+    attn = 4 * a * h + 4 * shape.heads  # SDPA and eager see k, v after repeat_kv
     if run.attention == "eager":
         attn += 2 * 4 * shape.heads * run.seq_len  # fp32 softmax output and its dropout copy
     return attn
 
 
 def _block_bytes(shape: ModelShape, run: RunShape, index: int) -> int:
-    t, h, i, a = run.tokens, shape.hidden, shape.intermediate, run.dtype_bytes
     if run.method == "layers" and (not run.trainable_blocks or index < min(run.trainable_blocks)):
         return 0  # below the lowest trainable block no gradient flows: nothing is saved
-    if run.method == "qlora":
-        return _qlora_block_bytes(shape, run)
     trains = run.method == "full" or (run.method == "layers" and index in run.trainable_blocks)
+    if run.method == "qlora":
+        per_token = _qlora_block(shape, run)
+    elif run.autocast:
+        per_token = _autocast_block(shape, run, trains)
+    else:
+        per_token = _plain_block(shape, run, trains)
+    return per_token * run.tokens
+
+
+def _plain_block(shape: ModelShape, run: RunShape, trains: bool) -> int:
+    """One dtype throughout (CPU fp32, pure bf16, DeepSpeed's 16-bit module)."""
+    h, i, a = shape.hidden, shape.intermediate, run.dtype_bytes
     lora = set(run.lora_targets) if run.method == "lora" else set()
     # RMSNorm: fp32 input copy; normalised input for the weight grad; output for the Linears.
     norm_attn = 4 * h + (a * h if trains else 0)
@@ -338,31 +383,51 @@ def _block_bytes(shape: ModelShape, run: RunShape, index: int) -> int:
     norm_mlp = 4 * h + (a * h if trains else 0)
     norm_mlp += a * h if trains or lora & {"gate_proj", "up_proj"} else 0
     mlp = 3 * a * i + (a * i if trains or "down_proj" in lora else 0)
-    per_token = norm_attn + norm_mlp + _attn_bytes(shape, run, a) + mlp
-    return (per_token + _lora_extra(shape, run, lora, a)) * t
+    extra = 0
+    for t in lora:  # lora_A's output; with dropout the dropped input and its bool mask
+        fan_in = shape.linear_dims()[t][0]
+        extra += a * run.lora_r + ((a + DROPOUT_MASK_BYTES) * fan_in if run.lora_dropout > 0 else 0)
+    return norm_attn + norm_mlp + _attn_bytes(shape, run) + mlp + extra
 
 
-def _lora_extra(shape: ModelShape, run: RunShape, targets: set[str], a: int) -> int:
-    """Per token: lora_A outputs, and with dropout each target's dropped input and bool mask."""
-    dims = shape.linear_dims()
-    extra = sum(a * run.lora_r for t in targets if t in dims)
-    if run.lora_dropout > 0:
-        extra += sum((a + 1) * dims[t][0] for t in targets if t in dims)
-    return extra
+def _autocast_block(shape: ModelShape, run: RunShape, trains: bool) -> int:
+    """16-bit autocast: each Linear keeps its own 16-bit cast of an fp32 input."""
+    h, i, a, s = shape.hidden, shape.intermediate, run.dtype_bytes, _stream_bytes(run)
+    if run.method == "lora":
+        # 16-bit stream; peft casts x to the fp32 adapter and autocast back to 16 bits for
+        # lora_A, which keeps that copy; base Linears keep nothing (frozen weight).
+        norms = 2 * 4 * h
+        mlp = 3 * a * i
+        return norms + _attn_bytes(shape, run) + mlp + _lora_targets_bytes(shape, run)
+    # fp32 stream: RMSNorm keeps its fp32 input and (trained weight) its normalised input;
+    # q, k, v (and gate, up) each keep their own 16-bit cast of its output.
+    norms = 2 * 4 * h + (2 * s * h if trains else 0)
+    casts = a * h * (3 + 2) if trains else 0
+    mlp = 3 * a * i + (a * i if trains else 0)  # down_proj keeps the 16-bit product
+    return norms + casts + _attn_bytes(shape, run) + mlp
 
 
-def _qlora_block_bytes(shape: ModelShape, run: RunShape) -> int:
+def _lora_targets_bytes(shape: ModelShape, run: RunShape) -> int:
+    """Per token, under autocast: lora_A's 16-bit input copy, the dropout mask, lora_A's output."""
+    dims, a = shape.linear_dims(), run.dtype_bytes
+    total = 0
+    for t in run.lora_targets:
+        if t in dims:
+            fan_in = dims[t][0]
+            mask = DROPOUT_MASK_BYTES * fan_in if run.lora_dropout > 0 else 0
+            total += a * fan_in + mask + a * run.lora_r
+    return total
+
+
+def _qlora_block(shape: ModelShape, run: RunShape) -> int:
     """prepare_model_for_kbit_training makes embeddings and norms fp32, so the residual stream
-    and every block activation are fp32; each Linear4bit also keeps its own bf16 copy of its
-    input (bitsandbytes MatMul4Bit saves the cast input in ctx.tensors)."""
-    t, h, i = run.tokens, shape.hidden, shape.intermediate
-    lora = set(run.lora_targets)
-    norms = 2 * 4 * h + (4 * h if lora & {"q_proj", "k_proj", "v_proj"} else 0)
-    norms += 4 * h if lora & {"gate_proj", "up_proj"} else 0
-    mlp = 3 * 4 * i + (4 * i if "down_proj" in lora else 0)
-    casts = 2 * (5 * h + i)  # q, k, v, gate, up take h; o_proj's copy h; down_proj's i
-    per_token = norms + _attn_bytes(shape, run, 4) + mlp + casts
-    return (per_token + _lora_extra(shape, run, lora, 4)) * t
+    is fp32: Linear4bit casts its input to 16 bits and keeps it (bitsandbytes MatMul4Bit's
+    ctx.tensors) and returns fp32; the MLP's gate, SiLU and up outputs stay fp32."""
+    h, i, a = shape.hidden, shape.intermediate, run.dtype_bytes
+    norms = 2 * 4 * h
+    casts = a * (5 * h + i)  # q, k, v, gate, up cast the fp32 norm output; down the product
+    mlp = 3 * 4 * i
+    return norms + casts + _attn_bytes(shape, run) + mlp + _lora_targets_bytes(shape, run)
 
 
 def logits_bytes(shape: ModelShape, run: RunShape) -> int:
@@ -410,6 +475,7 @@ def estimate(shape: ModelShape, run: RunShape) -> Breakdown:
             gradients=0,
             optimizer=0,
             activations=kv_cache_bytes(shape, run),
+            recompute=0,
             logits=logits_bytes(shape, run),
             buffers=3 * run.dtype_bytes * shape.intermediate * run.tokens,
             step_temp=0,
