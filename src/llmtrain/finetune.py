@@ -199,7 +199,8 @@ def _sample_prompts(cfg: RunConfig) -> tuple[list[str], list[str]]:
     )
 
 
-def train(cfg: RunConfig, world: World) -> Path:
+def train(cfg: RunConfig, world: World) -> Trainer:
+    """Train, save the final result; returns the Trainer (its model is the trained one)."""
     out = Path(cfg.output.dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = load_tokenizer(cfg.model)
@@ -273,7 +274,8 @@ def train(cfg: RunConfig, world: World) -> Path:
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     if stop.reason is not None:
         raise StopRequested(f"{stop.reason}; checkpoint at step {trainer.state.global_step}")
-    return save_final(cfg, world, trainer, tokenizer, out)
+    save_final(cfg, world, trainer, tokenizer, out)
+    return trainer
 
 
 def save_final(cfg: RunConfig, world: World, trainer: Trainer, tokenizer: Any, out: Path) -> Path:

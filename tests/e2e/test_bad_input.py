@@ -1,0 +1,100 @@
+"""Bad input: a clear one-paragraph message naming the problem and the fix, exit 64 (config or
+usage) or 65 (data), and never a traceback."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import REPO, run_cli
+
+LORA = yaml.safe_load((REPO / "configs" / "lora.yaml").read_text())
+
+
+def config(tmp_path: Path, **sections: dict) -> str:
+    raw = json.loads(json.dumps(LORA))
+    for name, values in sections.items():
+        raw.setdefault(name, {}).update(values)
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return str(path)
+
+
+def data_file(tmp_path: Path, text: str, name: str = "d.jsonl") -> str:
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+CASES = {
+    "unknown key": (lambda t: ["validate", config(t, training={"learnin_rate": 1})],
+                    64, "training.learnin_rate: unknown key"),
+    "wrong type": (lambda t: ["validate", config(t, lora={"r": "sixteen"})],
+                   64, "lora.r: Input should be a valid integer"),
+    "config file absent": (lambda t: ["validate", str(t / "nope.yaml")], 64, "does not exist"),
+    "invalid yaml": (lambda t: ["validate", data_file(t, "model: [unclosed\n", "c.yaml")],
+                     64, "not valid YAML"),
+    "malformed override": (lambda t: ["validate", config(t), "training.learning_rate"],
+                           64, "dotted.key=value"),
+    "missing model path": (lambda t: ["validate", config(t, model={"path": str(t / "no-model")})],
+                           64, "is not a directory"),
+    "missing data file": (lambda t: ["validate", config(t, data={"path": str(t / "x.jsonl")})],
+                          64, "does not exist"),
+    "empty dataset": (lambda t: ["validate", config(t, data={"path": data_file(t, "\n")})],
+                      65, "holds no rows"),
+    "invalid json line": (
+        lambda t: ["validate", config(t, data={"path": data_file(
+            t, '{"question": "a", "answer": "b"}\n{"question": oops}\n')})],
+        65, "line 2 is not valid JSON"),
+    "json line not an object": (
+        lambda t: ["validate", config(t, data={"path": data_file(t, "[1, 2]\n")})],
+        65, "line 1 is a JSON list"),
+    "template field absent": (
+        lambda t: ["validate", config(t, data={"prompt_template": "Q: {query}\nA:"})],
+        64, "uses {query}, which the data lacks"),
+    "max_length shorter than prompt": (
+        lambda t: ["validate", config(t, data={"max_length": 8})], 65, "raise data.max_length"),
+    "qlora on cpu": (lambda t: ["validate", config(t, method={"name": "qlora"})],
+                     64, "needs a CUDA GPU"),
+    "qlora with fsdp": (
+        lambda t: ["validate", "--assume-gpu",
+                   config(t, method={"name": "qlora"}, distributed={"strategy": "fsdp"})],
+        64, "not possible with peft 0.9.0"),
+    "bf16 on cpu": (lambda t: ["finetune", config(t, training={"precision": "bf16"})],
+                    64, "needs a CUDA GPU"),
+    "unknown training arg": (
+        lambda t: ["validate", config(t, training={"args": {"not_an_arg": 1}})],
+        64, "not TrainingArguments fields: not_an_arg"),
+    "layers match nothing": (
+        lambda t: ["finetune", config(t, output={"dir": str(t / "o")}),
+                   "method.name=layers", "method.layers=[decoder.*]"],
+        64, "matches no parameter"),
+    "lora target not in model": (
+        lambda t: ["finetune", config(t, output={"dir": str(t / "o")}),
+                   "lora.target_modules=[c_attn]"],
+        64, "are not linear layers"),
+    "resume from a non-checkpoint": (
+        lambda t: ["finetune", config(t, output={"dir": str(t / "o"), "resume": str(t)})],
+        64, "is not a complete llmtrain checkpoint"),
+    "unknown verb option": (lambda t: ["finetune", "--epochs", "3"], 64, "usage:"),
+    "merge of a non-adapter": (
+        lambda t: ["merge", "--base", "embedded:tiny-llama", "--adapter", str(t),
+                   "--out", str(t / "m")], 64, "not a LoRA adapter directory"),
+    "generate prompts file absent": (
+        lambda t: ["generate", config(t), "--prompts", str(t / "p.jsonl"), "--out",
+                   str(t / "o.jsonl")], 64, "does not exist"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_bad_input_exits_with_contract_code_and_clear_message(name: str, tmp_path: Path) -> None:
+    make_args, code, phrase = CASES[name]
+    result = run_cli(*make_args(tmp_path), cwd=tmp_path)
+    assert result.returncode == code, result.stderr
+    assert phrase in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+    if code != 64 or "usage:" not in phrase:
+        assert "fix:" in result.stderr

@@ -1,0 +1,41 @@
+"""Tiny random models built from real architectures' configs; nothing is downloaded."""
+
+from __future__ import annotations
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    FalconConfig,
+    GPT2Config,
+    GPTNeoXConfig,
+    LlamaConfig,
+    MistralConfig,
+    PretrainedConfig,
+    PreTrainedModel,
+    Qwen2Config,
+)
+
+COMMON = {"vocab_size": 128, "hidden_size": 32, "num_attention_heads": 4, "num_hidden_layers": 3}
+
+
+def tiny_config(arch: str) -> PretrainedConfig:
+    if arch == "llama":
+        return LlamaConfig(**COMMON, intermediate_size=64, num_key_value_heads=2)
+    if arch == "mistral":
+        return MistralConfig(**COMMON, intermediate_size=64, num_key_value_heads=2)
+    if arch == "qwen2":
+        return Qwen2Config(**COMMON, intermediate_size=64, num_key_value_heads=2)
+    if arch == "gpt_neox":
+        return GPTNeoXConfig(**COMMON, intermediate_size=64)
+    if arch == "falcon":
+        return FalconConfig(vocab_size=128, hidden_size=32, num_attention_heads=4,
+                            num_hidden_layers=3, new_decoder_architecture=True, num_kv_heads=2)
+    if arch == "gpt2":
+        return GPT2Config(vocab_size=128, n_embd=32, n_head=4, n_layer=3, n_positions=64)
+    raise ValueError(arch)
+
+
+def tiny_model(arch: str, seed: int = 0) -> PreTrainedModel:
+    torch.manual_seed(seed)
+    model: PreTrainedModel = AutoModelForCausalLM.from_config(tiny_config(arch))
+    return model

@@ -1,0 +1,76 @@
+import pytest
+from torch import nn
+
+from llmtrain.config import LoraSection, MethodSection
+from llmtrain.errors import ConfigError
+from llmtrain.methods import LORA_TARGETS, count_parameters, select_parameters, wrap
+from tests.tiny_models import tiny_model
+
+ARCHS = ["llama", "mistral", "qwen2", "gpt_neox", "falcon", "gpt2"]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_lora_auto_targets_the_attention_and_mlp_linears(arch: str) -> None:
+    model = wrap(tiny_model(arch), MethodSection(name="lora"), LoraSection(r=4),
+                 gradient_checkpointing=False)
+    wrapped = {
+        name.rsplit(".", 1)[-1]
+        for name, module in model.named_modules()
+        if hasattr(module, "lora_A") and len(module.lora_A)
+    }
+    assert wrapped == set(LORA_TARGETS[arch])
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+
+
+def test_unknown_architecture_lists_its_linear_layers() -> None:
+    model = tiny_model("llama")
+    model.config.model_type = "mystery"
+    with pytest.raises(ConfigError) as info:
+        wrap(model, MethodSection(name="lora"), LoraSection(), gradient_checkpointing=False)
+    text = info.value.message()
+    assert "mystery" in text and "q_proj" in text and "down_proj" in text
+
+
+def test_explicit_targets_must_exist() -> None:
+    with pytest.raises(ConfigError, match="not linear layers"):
+        wrap(tiny_model("llama"), MethodSection(name="lora"),
+             LoraSection(target_modules=["qkv"]), gradient_checkpointing=False)
+
+
+def test_layers_last_n_blocks_and_head_count() -> None:
+    model = tiny_model("llama")
+    per_block = sum(p.numel() for p in model.model.layers[0].parameters())
+    head = model.lm_head.weight.numel()
+    wrapped = wrap(model, MethodSection(name="layers", layers=["last:2", "lm_head"]),
+                   LoraSection(), gradient_checkpointing=False)
+    trainable, total = count_parameters(wrapped)
+    assert trainable == 2 * per_block + head
+    assert not any(p.requires_grad for p in model.model.layers[0].parameters())
+    assert all(p.requires_grad for p in model.model.layers[2].parameters())
+    assert total == sum(p.numel() for p in model.parameters())
+
+
+def test_layers_embeddings_and_globs() -> None:
+    model = tiny_model("gpt_neox")
+    chosen = select_parameters(model, ["embeddings", "gpt_neox.layers.0.mlp.*"])
+    assert "gpt_neox.embed_in.weight" in chosen
+    assert all(n == "gpt_neox.embed_in.weight" or n.startswith("gpt_neox.layers.0.mlp.")
+               for n in chosen)
+    assert len(chosen) == 5  # embedding + 2 weights + 2 biases
+
+
+@pytest.mark.parametrize("pattern", ["last:9", "last:0", "nothing.matches.*"])
+def test_bad_layer_selection_is_a_config_error(pattern: str) -> None:
+    with pytest.raises(ConfigError):
+        select_parameters(tiny_model("llama"), [pattern])
+
+
+def test_full_trains_everything() -> None:
+    model = tiny_model("qwen2")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    wrapped = wrap(model, MethodSection(name="full"), LoraSection(), gradient_checkpointing=False)
+    trainable, total = count_parameters(wrapped)
+    assert trainable == total
+    assert isinstance(wrapped, nn.Module)

@@ -1,0 +1,26 @@
+import pytest
+
+from llmtrain.templates import TemplateError, fields, render
+
+
+def test_flat_and_nested_fields() -> None:
+    row = {"question": "Who?", "answers": {"text": ["Ada", "Bob"]}, "meta": {"op": "plus"}}
+    assert render("Q: {question} A: {answers[text][0]} ({meta[op]})", row) == "Q: Who? A: Ada (plus)"
+    assert fields("{question} {answers[text][0]}") == ["question", "answers"]
+
+
+def test_missing_field_names_the_field_and_the_row_fields() -> None:
+    with pytest.raises(TemplateError) as info:
+        render("{question} {context}", {"question": "q", "answer": "a"})
+    assert "'context'" in str(info.value) and "question, answer" in str(info.value)
+
+
+@pytest.mark.parametrize("template", ["{}", "{0}", "{x.__class__}", "{unclosed"])
+def test_positional_attribute_and_malformed_templates_are_refused(template: str) -> None:
+    with pytest.raises(TemplateError):
+        render(template, {"x": 1})
+
+
+def test_bad_nested_index_is_a_template_error() -> None:
+    with pytest.raises(TemplateError):
+        render("{a[text][3]}", {"a": {"text": ["only one"]}})
