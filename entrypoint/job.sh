@@ -307,7 +307,7 @@ main() {
 
   local rc=0
   if [[ -z ${TRAIN_SCRIPT:-} ]]; then
-    on_head python -m llmtrain validate "$CONFIG_PATH" "${TRAIN_ARGS[@]}" "output.dir=$RUN_DIR" || rc=$?
+    on_head python -m llmtrain.cli validate "$CONFIG_PATH" "${TRAIN_ARGS[@]}" "output.dir=$RUN_DIR" || rc=$?
     ((rc == 0)) || finish "$rc"
   fi
 

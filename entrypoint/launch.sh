@@ -112,7 +112,7 @@ main() {
   local launcher="${LAUNCHER:-torchrun}"
   echo "launch: node_rank=$rank nnodes=$NNODES host=$(hostname) addr=$addr iface=$NCCL_SOCKET_IFNAME nproc=$nproc gpus=$gpus head=$MASTER_ADDR:$MASTER_PORT launcher=$launcher"
 
-  local program=(-m llmtrain finetune)
+  local program=(-m llmtrain.cli finetune)
   [[ -z ${TRAIN_SCRIPT:-} ]] || program=("$TRAIN_SCRIPT")
   local cmd
   case "$launcher" in

@@ -34,7 +34,9 @@ def main() -> int:
     expected = world * (world - 1) / 2
     print(
         f"allreduce: rank={rank} world={world} host={socket.gethostname()} "
-        f"sum={total.item():g} expected={expected:g} restart={os.environ.get('SLURM_RESTART_COUNT', '0')}",
+        f"sum={total.item():g} expected={expected:g} "
+        f"restart={os.environ.get('SLURM_RESTART_COUNT', '0')} "
+        f"deadline={os.environ.get('LLMTRAIN_DEADLINE', '')}",
         flush=True,
     )
     if total.item() != expected:
