@@ -100,6 +100,16 @@ def _check_same_vocab(base: Tok, instruct: Tok, base_dir: Path, instruct_dir: Pa
         )
 
 
+def _with_instruct_rows(
+    new: torch.Tensor, instruct: torch.Tensor, rows: int, own: dict[int, int]
+) -> torch.Tensor:
+    """`new` grown to `rows`, with the instruct model's rows for its own tokens (out id -> id)."""
+    full = torch.cat([new, new.new_zeros(rows - new.shape[0], new.shape[1])])
+    for out_id, inst_id in own.items():
+        full[out_id] = instruct[inst_id].to(full.dtype)
+    return full
+
+
 def propagate_to_instruct(
     base_dir: Path, adapted_dir: Path, instruct_dir: Path, mode: Mode, out: Path
 ) -> VocabMap:
@@ -150,14 +160,10 @@ def propagate_to_instruct(
         for i, t in out_tok.added_tokens_decoder.items()
         if t.content in inst_ids
     }
-    matrices = [(new_in, inst_in)] + ([] if new_head is None else [(new_head, inst_head)])
-    grown = []
-    for new, inst in matrices:
-        full = torch.cat([new, new.new_zeros(rows - new.shape[0], new.shape[1])])
-        for out_id, inst_id in own.items():
-            full[out_id] = inst[inst_id].to(full.dtype)
-        grown.append(full)
-    set_embeddings(instruct, rows, grown[0], grown[1] if len(grown) > 1 else None)
+    new_in = _with_instruct_rows(new_in, inst_in, rows, own)
+    if new_head is not None and inst_head is not None:
+        new_head = _with_instruct_rows(new_head, inst_head, rows, own)
+    set_embeddings(instruct, rows, new_in, new_head)
     update_special_ids(instruct, inst_tok, out_tok)
     out.mkdir(parents=True, exist_ok=True)
     instruct.save_pretrained(str(out))

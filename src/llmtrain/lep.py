@@ -38,6 +38,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    vmap = propagate_to_instruct(args.base, args.adapted, args.instruct, args.mode, args.out)
-    log.info("wrote %s (%d rows)", args.out, vmap.new_rows)
+    propagate_to_instruct(args.base, args.adapted, args.instruct, args.mode, args.out)
+    log.info("wrote %s", args.out)
     return 0

@@ -35,7 +35,7 @@ LLAMA3_SPLIT = (
 )
 LLAMA2_SPECIALS = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>"}
 LLAMA3_SPECIALS = {"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>"}
-_EMPTY_BPE = {
+_EMPTY_BPE: dict[str, Any] = {
     "type": "BPE",
     "dropout": None,
     "unk_token": None,
@@ -103,7 +103,7 @@ def adopt_conventions(tok: PreTrainedTokenizerFast, like: PreTrainedTokenizerFas
         return
     extra = [t for _, t in sorted(like.added_tokens_decoder.items()) if t.content not in tok.vocab]
     tok.add_tokens(extra)  # AddedToken objects keep their `special` flag
-    tok.add_special_tokens(like.special_tokens_map_extended)  # type: ignore[arg-type]
+    tok.add_special_tokens(like.special_tokens_map_extended)
     tok.chat_template = like.chat_template
     tok.model_max_length = like.model_max_length
 
