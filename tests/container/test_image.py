@@ -186,6 +186,7 @@ def test_a_lock_that_would_change_torch_fails_the_build(
     built_image: Built, build_flags: str, tmp_path: Path
 ) -> None:
     context = tmp_path / "context"
+    context.mkdir()
     for item in (
         "Dockerfile",
         ".dockerignore",
