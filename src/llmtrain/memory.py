@@ -276,13 +276,15 @@ def model_states(shape: ModelShape, run: RunShape) -> ModelStates:
         n += nt
     if run.strategy == "fsdp":
         return _fsdp_states(shape, run, n, nt)
-    # DeepSpeed keeps 16-bit weights and grads plus fp32 master weights, fp32 grads and fp32
-    # Adam moments: 2 + (2 + 4) + (4 + 8) bytes per trainable parameter, as its estimators do.
+    # DeepSpeed keeps 16-bit weights plus fp32 master weights, fp32 grads and fp32 Adam
+    # moments, as its estimators count them: ZeRO-2 adds partitioned 16-bit grads,
+    # 2 + (2 + 4) + (4 + 8) bytes per parameter; ZeRO-3 reduce-scatters straight into the
+    # fp32 partition, 2 + 4 + (4 + 8), and gathers the layer being computed.
     if run.strategy == "zero2":
         return ModelStates(2 * n, 6 * nt // g, 12 * nt // g)
     largest = 4 * shape.largest_layer_params
     if run.strategy == "zero3":
-        return ModelStates(2 * n // g, 6 * nt // g, 12 * nt // g, largest)
+        return ModelStates(2 * n // g, 4 * nt // g, 12 * nt // g, largest)
     # zero3_offload: parameters and optimizer on the CPU; the GPU holds the gathered layer.
     return ModelStates(0, 0, 0, largest)
 
@@ -317,17 +319,17 @@ def activation_bytes(shape: ModelShape, run: RunShape, *, checkpointing: bool) -
     head_trains = run.method == "full" or (run.method == "layers" and run.train_lm_head)
     # final norm: fp32 copy; with lm_head training also its normalised input and lm_head's input
     head = (4 + (stream + (2 if run.autocast else stream) if head_trains else 0)) * h * t
-    const = _autocast_weight_copies(shape, run)
     if checkpointing:
-        return shape.layers * stream * h * t + mask + head + const
-    return sum(blocks) + mask + head + const
+        return shape.layers * stream * h * t + mask + head + _autocast_weight_copies(shape, run, 0)
+    return sum(blocks) + mask + head + _autocast_weight_copies(shape, run, shape.layers)
 
 
 def recompute_bytes(shape: ModelShape, run: RunShape) -> int:
     """Checkpointing: backward rebuilds one block at a time, the largest at most."""
     if run.method == "inference" or not run.gradient_checkpointing:
         return 0
-    return max(_block_bytes(shape, run, k) for k in range(shape.layers))
+    block = max(_block_bytes(shape, run, k) for k in range(shape.layers))
+    return block + _autocast_weight_copies(shape, run, 1) - _autocast_weight_copies(shape, run, 0)
 
 
 def _stream_bytes(run: RunShape) -> int:
@@ -338,14 +340,15 @@ def _stream_bytes(run: RunShape) -> int:
     return run.wbytes if run.autocast and run.method in ("full", "layers") else run.dtype_bytes
 
 
-def _autocast_weight_copies(shape: ModelShape, run: RunShape) -> int:
-    """Autocast's 16-bit copies of fp32 linear weights live from forward through backward:
-    cached for trained weights, saved by each matmul for frozen ones where gradient flows."""
+def _autocast_weight_copies(shape: ModelShape, run: RunShape, blocks: int) -> int:
+    """Autocast's 16-bit copies of fp32 linear weights that backward needs: lm_head's and those
+    of `blocks` blocks (all without checkpointing, the recomputed one with it); cached for
+    trained weights, saved by each matmul for frozen ones where gradient flows."""
     if not run.autocast or run.method not in ("full", "layers"):
         return 0
-    lowest = 0 if run.method == "full" else min(run.trainable_blocks, default=shape.layers)
-    linears = (shape.layers - lowest) * shape.block_linear_params
-    return 2 * (linears + shape.embedding_params)  # + lm_head (same size as the embeddings)
+    if run.method == "layers":
+        blocks = min(blocks, shape.layers - min(run.trainable_blocks, default=shape.layers))
+    return 2 * (blocks * shape.block_linear_params + shape.embedding_params)
 
 
 def _attn_bytes(shape: ModelShape, run: RunShape) -> int:

@@ -1,0 +1,235 @@
+"""The memory model: DeepSpeed's own estimators, the guides' rules of thumb, and peaks measured
+on CPU by a tracker of every tensor storage a real training step allocates."""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.weak import WeakIdKeyDictionary
+
+from llmtrain.gpus import get_gpu
+from llmtrain.memory import (
+    ModelShape,
+    RunShape,
+    estimate,
+    fits,
+    largest_micro_batch,
+    trainable_params,
+)
+
+LLAMA2_7B = {
+    "model_type": "llama", "num_hidden_layers": 32, "hidden_size": 4096,
+    "intermediate_size": 11008, "num_attention_heads": 32, "num_key_value_heads": 32,
+    "vocab_size": 32000, "tie_word_embeddings": False, "torch_dtype": "float16",
+}
+MISTRAL_7B = {
+    "model_type": "mistral", "num_hidden_layers": 32, "hidden_size": 4096,
+    "intermediate_size": 14336, "num_attention_heads": 32, "num_key_value_heads": 8,
+    "vocab_size": 32000,
+}
+TINY = {
+    "model_type": "llama", "num_hidden_layers": 4, "hidden_size": 256,
+    "intermediate_size": 688, "num_attention_heads": 8, "num_key_value_heads": 4,
+    "vocab_size": 8000,
+}
+
+
+def test_parameter_counts_of_published_models() -> None:
+    assert ModelShape.from_config(LLAMA2_7B).params == 6_738_415_616
+    assert ModelShape.from_config(MISTRAL_7B).params == 7_241_732_096
+
+
+def test_parameter_count_and_largest_layer_match_the_built_model() -> None:
+    from deepspeed.runtime.zero.stage_1_and_2 import model_to_params
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in TINY.items() if k != "model_type"}))
+    shape = ModelShape.from_config(TINY)
+    assert shape.params == model_to_params(model)
+    largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
+    assert shape.largest_layer_params == largest
+
+
+@pytest.mark.parametrize(("gpus", "nodes"), [(1, 1), (2, 1), (8, 1), (8, 4)])
+def test_zero_model_states_agree_with_deepspeed(gpus: int, nodes: int) -> None:
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    shape = ModelShape.from_config(LLAMA2_7B)
+    n, largest = shape.params, shape.largest_layer_params
+    run = RunShape(method="full", gpus_per_node=gpus, nodes=nodes, weight_bytes=4)
+
+    _, ds2 = estimate_zero2_model_states_mem_needs(n, gpus, nodes, cpu_offload=False)
+    z2 = estimate(shape, RunShape(**{**run.__dict__, "strategy": "zero2"}))
+    assert z2.weights + z2.gradients + z2.optimizer == pytest.approx(ds2, abs=8)
+
+    _, ds3, ds_largest = estimate_zero3_model_states_mem_needs(
+        n, largest, gpus, nodes, cpu_offload=False
+    )
+    z3_run = RunShape(**{**run.__dict__, "strategy": "zero3"})
+    z3 = estimate(shape, z3_run)
+    gathered = 4 * largest
+    assert ds_largest == gathered
+    assert z3.weights + z3.gradients + z3.optimizer + gathered == pytest.approx(ds3, abs=8)
+    assert z3.buffers >= gathered
+
+    cpu3, gpu3, _ = estimate_zero3_model_states_mem_needs(n, largest, gpus, nodes)
+    off = estimate(shape, RunShape(**{**run.__dict__, "strategy": "zero3_offload"}))
+    assert off.weights + off.gradients + off.optimizer + gathered == gpu3
+    assert off.host_per_node == pytest.approx(cpu3, rel=1e-9)
+
+
+def _with(run: RunShape, **changes: Any) -> RunShape:
+    return RunShape(**{**run.__dict__, **changes})
+
+
+def test_rules_of_thumb_are_lower_bounds() -> None:
+    """2 bytes/param + 20% for inference; 4-6x the model's size for fine-tuning (a 1.37B fp32
+    model about 32 GB, a 30B fp16 model about 360 GB)."""
+    seven = ModelShape.from_config(LLAMA2_7B)
+    infer = estimate(seven, RunShape(method="inference", seq_len=2048))
+    assert infer.total >= 1.2 * 2 * seven.params
+
+    small = ModelShape(layers=24, hidden=2048, intermediate=5504, heads=16, kv_heads=16,
+                       vocab=32000)
+    fp32 = RunShape(method="full", seq_len=1024, dtype_bytes=4, mixed_precision=False)
+    assert estimate(small, fp32).total >= 4 * 4 * small.params
+    big = ModelShape(layers=60, hidden=6656, intermediate=17920, heads=52, kv_heads=52,
+                     vocab=32000)
+    fp16 = RunShape(method="full", seq_len=1024, mixed_precision=False)
+    assert estimate(big, fp16).total >= 4 * 2 * big.params
+    # finetune's own recipe (fp32 master weights under autocast) is at the 6x end or above
+    assert estimate(big, _with(fp16, weight_bytes=4, mixed_precision=True)).total >= 360e9
+
+
+def test_checkpointing_lora_and_sharding_reduce_memory() -> None:
+    shape = ModelShape.from_config(LLAMA2_7B)
+    full = RunShape(method="full", micro_batch=4, seq_len=2048, weight_bytes=4)
+    ckpt = _with(full, gradient_checkpointing=True)
+    assert estimate(shape, ckpt).activations < estimate(shape, full).activations / 5
+    lora, whole = estimate(shape, _with(full, method="lora", weight_bytes=2)), estimate(shape, full)
+    assert lora.weights + lora.optimizer < (whole.weights + whole.optimizer) / 5
+    assert lora.total < whole.total
+    z3 = _with(full, strategy="zero3", gpus_per_node=8)
+    assert estimate(shape, z3).total < estimate(shape, _with(z3, strategy="zero2")).total
+    assert trainable_params(shape, _with(full, method="lora", lora_r=8)) == 32 * 8 * (
+        4 * (4096 + 4096) + 3 * (4096 + 11008)
+    )
+
+
+def test_fit_and_largest_micro_batch() -> None:
+    shape = ModelShape.from_config(LLAMA2_7B)
+    h200, v100 = get_gpu("h200"), get_gpu("v100")
+    lora = RunShape(method="lora", seq_len=2048)
+    full = RunShape(method="full", seq_len=2048, weight_bytes=4)
+    assert fits(shape, lora, h200.memory_bytes)
+    assert not fits(shape, full, v100.memory_bytes)
+    assert largest_micro_batch(shape, full, v100.memory_bytes) == 0
+    best = largest_micro_batch(shape, lora, h200.memory_bytes)
+    assert best >= 1
+    assert fits(shape, _with(lora, micro_batch=best), h200.memory_bytes)
+    assert not fits(shape, _with(lora, micro_batch=best + 1), h200.memory_bytes)
+
+
+class PeakTracker(TorchDispatchMode):
+    """Live bytes of every tensor storage an op creates under it, and their peak: what
+    torch.cuda.max_memory_allocated reports, on any device (torch's MemTracker does the same
+    but cannot hook frozen parameters)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self.live = 0
+        self.peak = 0
+
+    def track(self, t: torch.Tensor) -> None:
+        st = t.untyped_storage()
+        if st in self.seen or st.nbytes() == 0:
+            return
+        n = st.nbytes()
+        self.seen[st] = weakref.finalize(st, self._free, n)
+        self.live += n
+        self.peak = max(self.peak, self.live)
+
+    def _free(self, n: int) -> None:
+        self.live -= n
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self.track(t)
+        return out
+
+
+def _measured_peak(run: RunShape) -> int:
+    """Two optimizer steps of the run's recipe, as finetune sets it up, on CPU."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(**{k: v for k, v in TINY.items() if k != "model_type"},
+                      attn_implementation="sdpa")
+    model = LlamaForCausalLM(cfg).to(torch.float32 if run.wbytes == 4 else torch.bfloat16)
+    if run.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    if run.method == "lora":
+        model.enable_input_require_grads()
+        model = get_peft_model(model, LoraConfig(
+            r=run.lora_r, target_modules=list(run.lora_targets), lora_dropout=run.lora_dropout))
+        if run.autocast:
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.data = p.data.float()
+    model.train()
+    trained = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trained, lr=1e-4, foreach=True)
+    ids = torch.randint(0, TINY["vocab_size"], (run.micro_batch, run.seq_len))
+    mask = torch.ones_like(ids)
+    mask[0, -7:] = 0  # padding: SDPA gets the dense mask, as in a padded batch
+    tracker = PeakTracker()
+    for p in model.parameters():
+        tracker.track(p)
+    with tracker:
+        for _ in range(2):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=run.autocast):
+                loss = model(input_ids=ids, attention_mask=mask, labels=ids).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(trained, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    return tracker.peak
+
+
+# pure bf16 (DeepSpeed's 16-bit module) and finetune's autocast recipes: fp32 weights for full,
+# bf16 base + fp32 adapters for LoRA. Dropout is 0 under autocast: the CPU dropout kernel keeps
+# a float mask where CUDA's keeps a bool one.
+MEASURED = [
+    RunShape(method="full", mixed_precision=False),
+    RunShape(method="full", mixed_precision=False, gradient_checkpointing=True),
+    RunShape(method="lora", mixed_precision=False, lora_dropout=0.0),
+    RunShape(method="full", weight_bytes=4),
+    RunShape(method="full", weight_bytes=4, gradient_checkpointing=True),
+    RunShape(method="lora", lora_dropout=0.0),
+    RunShape(method="lora", lora_dropout=0.0, gradient_checkpointing=True),
+]
+
+
+@pytest.mark.slow
+def _case(r: RunShape) -> str:
+    return f"{r.method}-{'autocast' if r.autocast else 'bf16'}" + (
+        "-ckpt" if r.gradient_checkpointing else ""
+    )
+
+
+@pytest.mark.parametrize("run", MEASURED, ids=_case)
+def test_predicted_peak_matches_a_measured_cpu_step(run: RunShape) -> None:
+    run = _with(run, micro_batch=4, seq_len=256, lora_r=8)
+    predicted = estimate(ModelShape.from_config(TINY), run).allocated
+    measured = _measured_peak(run)
+    assert predicted == pytest.approx(measured, rel=0.05)
