@@ -1,0 +1,111 @@
+"""End to end on CPU through the real CLI: every method on the embedded tiny Llama."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import run_cli
+
+pytestmark = pytest.mark.slow
+
+
+def losses(out: Path) -> list[float]:
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    return [r["loss"] for r in map(json.loads, lines) if "loss" in r]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    base = tmp_path_factory.mktemp("runs")
+    outs = {}
+    for method, extra in {
+        "lora": ["training.num_train_epochs=6", "generation.samples=6"],
+        "full": ["training.num_train_epochs=4"],
+        "layers": ["training.num_train_epochs=4"],
+    }.items():
+        out = base / method
+        result = run_cli("finetune", f"configs/{method}.yaml", f"output.dir={out}",
+                         "training.logging_steps=2", "training.save_steps=10", *extra)
+        assert result.returncode == 0, result.stderr[-3000:]
+        outs[method] = out
+    return outs
+
+
+@pytest.mark.parametrize("method", ["lora", "full", "layers"])
+def test_loss_falls_by_half_and_artifacts_exist(runs: dict[str, Path], method: str) -> None:
+    out = runs[method]
+    values = losses(out)
+    assert len(values) >= 3
+    assert values[-1] < 0.5 * values[0], values
+    for name in ("config.yaml", "manifest.json", "metrics.jsonl", "prepared/prepared.json"):
+        assert (out / name).is_file(), name
+    assert list((out / "tensorboard").rglob("events.out.tfevents.*"))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["world_size"] == 1 and manifest["seed"] == 42
+    assert manifest["packages"]["transformers"] == "4.37.2"
+    final = out / "final" / ("adapter" if method == "lora" else "model")
+    weights = "adapter_model.safetensors" if method == "lora" else "model.safetensors"
+    assert (final / weights).is_file() and (final / "tokenizer_config.json").is_file()
+    complete = sorted(out.glob("checkpoint-*/llmtrain-complete.json"))
+    assert complete and (out / "latest").read_text().strip() == complete[-1].parent.name
+
+
+def test_generations_file_format(runs: dict[str, Path]) -> None:
+    records = [json.loads(x) for x in (runs["lora"] / "generations.jsonl").read_text().splitlines()]
+    assert len(records) == 6
+    for r in records:
+        assert r["prompt"].startswith("Question: What is ") and r["prompt"].endswith("Answer:")
+        assert isinstance(r["output"], str) and r["output"]
+        assert r["params"] == {"max_new_tokens": 4, "do_sample": False}
+        assert r["reference"].strip().isdigit()
+
+
+PROBE = """
+import json, sys, torch
+from pathlib import Path
+from llmtrain.config import ModelSection
+from llmtrain.export import load_for_inference
+kind, path = sys.argv[1], Path(sys.argv[2])
+base = ModelSection(path="embedded:tiny-llama", dtype="float32")
+if kind == "adapter":
+    model, tok = load_for_inference(base, path)
+else:
+    model, tok = load_for_inference(base.model_copy(update={"path": str(path)}), None)
+batch = tok(["Question: What is 3 plus 4?\\nAnswer:", "Question: What is 9 minus 2?\\nAnswer:"],
+            return_tensors="pt", padding=True)
+with torch.no_grad():
+    print(json.dumps(model(**batch).logits.tolist()))
+"""
+
+
+def probe_logits(kind: str, path: Path) -> list:
+    result = subprocess.run([sys.executable, "-c", PROBE, kind, str(path)],
+                            capture_output=True, text=True, check=True)
+    return json.loads(result.stdout)
+
+
+def test_merged_model_logits_equal_adapter_logits(runs: dict[str, Path]) -> None:
+    import torch
+
+    adapter = torch.tensor(probe_logits("adapter", runs["lora"] / "final" / "adapter"))
+    merged = torch.tensor(probe_logits("model", runs["lora"] / "final" / "merged"))
+    assert torch.allclose(adapter, merged, atol=1e-4), (adapter - merged).abs().max()
+    base = torch.tensor(probe_logits("model", Path("src/llmtrain/embedded/tiny-llama")))
+    assert (adapter - base).abs().max() > 1e-2  # the adapter changed the model
+
+
+def test_generate_verb_with_adapter_and_prompts_file(runs: dict[str, Path], tmp_path: Path) -> None:
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "Question: What is 1 plus 1?\\nAnswer:"}\n')
+    out = tmp_path / "answers.jsonl"
+    result = run_cli("generate", "configs/lora.yaml", "--adapter",
+                     str(runs["lora"] / "final" / "adapter"), "--prompts", str(prompts),
+                     "--out", str(out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    (record,) = [json.loads(x) for x in out.read_text().splitlines()]
+    assert record["prompt"].endswith("Answer:") and "output" in record
