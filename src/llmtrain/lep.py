@@ -11,7 +11,7 @@ from llmtrain.embedding_map import MODES, propagate_to_instruct
 log = logging.getLogger(__name__)
 
 EXAMPLE = (
-    "llmtrain lep --base /models/Mistral-7B --adapted runs/mistral-ru-emb/final "
+    "llmtrain lep --base /models/Mistral-7B --adapted runs/mistral-ru-emb/final/model "
     "--instruct /models/Mistral-7B-Instruct --mode conversion --out mistral-ru-instruct"
 )
 

@@ -10,7 +10,7 @@ from transformers import PreTrainedTokenizerFast
 
 from llmtrain.tokenizer_build import train_byte_level, train_sentencepiece
 
-from .tiny import EN, lines, save, tiny_llama, train_steps
+from .tiny import EN, lines, save, tiny_model, train_steps
 
 
 @pytest.fixture(scope="session")
@@ -35,7 +35,7 @@ def base_dir(
     def make(tok: PreTrainedTokenizerFast, tied: bool) -> Path:
         key = (tok.name_or_path, tied)
         if key not in made:
-            model = tiny_llama(tok, tied=tied, seed=1)
+            model = tiny_model(tok, tied=tied, seed=1)
             train_steps(model, tok, lines(EN), steps=10, seed=1)
             made[key] = save(model, tok, tmp_path_factory.mktemp("base"))
         return made[key]

@@ -115,6 +115,7 @@ def test_adapt_then_propagate(
     # The new vocabulary, plus the instruct model's own tokens, map and template.
     ru = lines(RU)[0]
     assert tok(ru).input_ids == adapted_tok(ru).input_ids
+    assert not set(tok.convert_ids_to_tokens(tok(ru).input_ids)) <= set(old_tok.get_vocab())
     assert {"<|im_start|>", "<|im_end|>"} <= set(tok.additional_special_tokens)
     assert tok.chat_template == inst_tok.chat_template
     assert tok.eos_token == inst_tok.eos_token and model.config.eos_token_id == tok.eos_token_id

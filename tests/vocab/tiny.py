@@ -1,8 +1,8 @@
 """Tiny tokenizers and models for the vocabulary tests, built from shipped text.
 
 The tokenizers are trained on tests/assets/vocab/en.txt in the two styles of the bases we adapt
-(LLaMA-2/Mistral SentencePiece, LLaMA-3 byte-level BPE); the models use LLaMA's architecture
-(LlamaConfig) scaled down. Nothing is downloaded.
+(LLaMA-2/Mistral SentencePiece, LLaMA-3 byte-level BPE); the models are Mistral's and LLaMA's
+architectures (MistralConfig, LlamaConfig) scaled down. Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -12,10 +12,16 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    MistralConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
 
 from llmtrain.embedding_init import build_vocab_map, initialise, load_model
-from llmtrain.tokenizer_build import load_tokenizer
+from llmtrain.tokenizer_build import load_tokenizer, tokenizer_kind
 
 ASSETS = Path(__file__).parents[1] / "assets" / "vocab"
 EN = ASSETS / "en.txt"
@@ -30,9 +36,11 @@ def lines(path: Path) -> list[str]:
     return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def tiny_llama(tok: PreTrainedTokenizerFast, *, tied: bool, seed: int) -> LlamaForCausalLM:
+def tiny_model(tok: PreTrainedTokenizerFast, *, tied: bool, seed: int) -> PreTrainedModel:
+    """Mistral's architecture for SentencePiece tokenizers, LLaMA's for byte-level ones."""
     torch.manual_seed(seed)
-    config = LlamaConfig(
+    config_class = MistralConfig if tokenizer_kind(tok) == "sentencepiece" else LlamaConfig
+    config = config_class(
         vocab_size=len(tok),
         hidden_size=32,
         intermediate_size=64,
@@ -44,7 +52,8 @@ def tiny_llama(tok: PreTrainedTokenizerFast, *, tied: bool, seed: int) -> LlamaF
         eos_token_id=tok.eos_token_id,
         tie_word_embeddings=tied,
     )
-    return LlamaForCausalLM(config)
+    model: PreTrainedModel = AutoModelForCausalLM.from_config(config)
+    return model
 
 
 def train_steps(
