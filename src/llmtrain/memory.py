@@ -153,6 +153,7 @@ class RunShape:
     # and keeps frozen (LoRA) weights 16-bit with fp32 adapters; None = same as dtype_bytes.
     weight_bytes: int | None = None
     mixed_precision: bool = True  # Trainer's bf16/fp16 flag: torch autocast over the forward
+    fused_adam: bool = True  # finetune's default optimizer on CUDA; foreach AdamW otherwise
     lora_r: int = 16
     lora_targets: tuple[str, ...] = LINEARS
     lora_dropout: float = 0.05
@@ -487,9 +488,9 @@ def estimate(shape: ModelShape, run: RunShape) -> Breakdown:
             notes=("inference: activations = KV cache, buffers = one block's MLP",),
         )
     zero = run.strategy.startswith("zero") and run.method != "qlora"
-    # foreach AdamW's sqrt(exp_avg_sq) is one more gradient-sized list; DeepSpeed's Adam
-    # updates its fp32 partitions in place.
-    step_temp = 0 if zero else states.optimizer // 2
+    # foreach AdamW's sqrt(exp_avg_sq) is one more gradient-sized list; fused AdamW and
+    # DeepSpeed's Adam update in place.
+    step_temp = 0 if zero or run.fused_adam else states.optimizer // 2
     notes = {
         "fsdp": "fsdp: root unit (embeddings, lm_head) and two blocks gathered",
         "zero3": "zero3: the largest layer gathered (4 bytes/param, DeepSpeed's figure)",

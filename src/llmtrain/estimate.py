@@ -1,0 +1,235 @@
+"""`llmtrain estimate CONFIG`: memory per GPU and compute for a run, from config.json alone."""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import importlib.util
+import json
+import re
+from dataclasses import asdict, replace
+from typing import Any
+
+from llmtrain.compute import DEFAULT_MFU, estimate_compute
+from llmtrain.config import RunConfig, load_config
+from llmtrain.gpus import PRESETS, Gpu, get_gpu
+from llmtrain.memory import (
+    FRAGMENTATION,
+    LINEARS,
+    METHODS,
+    STRATEGIES,
+    ModelShape,
+    RunShape,
+    estimate,
+    gib,
+    largest_micro_batch,
+)
+
+EXAMPLE = "llmtrain estimate configs/lora.yaml --gpus-per-node 4 --nodes 2 --gpu h100 --json"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="run config (YAML)")
+    parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+    parser.add_argument("--nodes", type=int, default=1)
+    parser.add_argument("--gpus-per-node", type=int, default=1)
+    parser.add_argument("--gpu", default="h100", help=f"preset: {', '.join(PRESETS)}")
+    parser.add_argument("--attention", choices=["sdpa", "flash_attention_2", "eager"],
+                        help="default: the config's, auto = flash_attention_2 if it imports")
+    parser.add_argument("--tokens", type=float, help="training tokens (default: from max_steps)")
+    parser.add_argument("--mfu", type=float, default=DEFAULT_MFU, help="model FLOPs utilisation")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def model_shape(cfg: RunConfig) -> ModelShape:
+    from llmtrain.models import load_model_config  # transformers: only when a config is read
+
+    return ModelShape.from_config(load_model_config(cfg.model).to_dict())
+
+
+def _attention(cfg: RunConfig) -> str:
+    choice = cfg.model.attn_implementation
+    if choice != "auto":
+        return choice
+    return "flash_attention_2" if importlib.util.find_spec("flash_attn") else "sdpa"
+
+
+def _layers(patterns: list[str], shape: ModelShape) -> dict[str, Any]:
+    """method.layers as methods.select_parameters reads it, for a Llama-style naming."""
+    blocks: set[int] = set()
+    for p in patterns:
+        if p.startswith("last:") and p[5:].isdigit():
+            blocks |= set(range(shape.layers - int(p[5:]), shape.layers))
+        for k in range(shape.layers):
+            if fnmatch.fnmatch(f"model.layers.{k}.self_attn.q_proj.weight", p):
+                blocks.add(k)
+    return {
+        "trainable_blocks": tuple(sorted(blocks)),
+        "train_embeddings": "embeddings" in patterns
+        or any(re.search("embed_tokens", p) for p in patterns),
+        "train_lm_head": "lm_head" in patterns or any(p.startswith("lm_head") for p in patterns),
+    }
+
+
+def weight_bytes(cfg: RunConfig, method: str) -> int:
+    """finetune.weights_dtype: trained weights fp32 under autocast, frozen ones 16-bit."""
+    if cfg.model.dtype != "auto":
+        return 4 if cfg.model.dtype == "float32" else 2
+    fp32 = cfg.training.precision == "fp32"
+    return 4 if fp32 or method in ("full", "layers") else 2
+
+
+def run_shape(
+    cfg: RunConfig,
+    shape: ModelShape,
+    *,
+    nodes: int = 1,
+    gpus_per_node: int = 1,
+    attention: str | None = None,
+) -> RunShape:
+    """The run as finetune will set it up on a bf16-capable GPU (see finetune.weights_dtype)."""
+    method, t = cfg.method.name, cfg.training
+    fp32 = t.precision == "fp32"
+    targets = LINEARS if cfg.lora.target_modules == "auto" else tuple(cfg.lora.target_modules)
+    strategy = cfg.distributed.strategy
+    extra = _layers(cfg.method.layers, shape) if method == "layers" else {}
+    return RunShape(
+        method=method,
+        strategy="ddp" if strategy == "auto" else strategy,
+        micro_batch=t.per_device_train_batch_size,
+        seq_len=cfg.data.max_length,
+        gpus_per_node=gpus_per_node,
+        nodes=nodes,
+        gradient_checkpointing=t.gradient_checkpointing,
+        gradient_accumulation=t.gradient_accumulation_steps,
+        dtype_bytes=4 if fp32 else 2,
+        weight_bytes=weight_bytes(cfg, method),
+        mixed_precision=not fp32,
+        fused_adam=t.optim in ("auto", "adamw_torch_fused"),
+        lora_r=cfg.lora.r,
+        lora_targets=targets,
+        lora_dropout=cfg.lora.dropout,
+        attention=attention or _attention(cfg),  # type: ignore[arg-type]
+        padded=cfg.data.packing == "none",
+        **extra,
+    )
+
+
+def summary(cfg: RunConfig, gpu: str = "h100", nodes: int = 1, gpus_per_node: int = 1) -> list[str]:
+    """The short form `validate` prints."""
+    shape = model_shape(cfg)
+    run = run_shape(cfg, shape, nodes=nodes, gpus_per_node=gpus_per_node)
+    b = estimate(shape, run)
+    device = get_gpu(gpu)
+    verdict = "fits" if b.total <= device.memory_bytes else "DOES NOT FIT"
+    return [
+        f"memory per GPU ({run.method}, {run.strategy}, micro-batch {run.micro_batch} x "
+        f"{run.seq_len} tokens): {gib(b.total)} GiB, {verdict} on {device.name} "
+        f"({device.memory_gib:.0f} GiB)",
+        f"  weights {gib(b.weights)}, grads {gib(b.gradients)}, optimizer {gib(b.optimizer)}, "
+        f"activations {gib(b.activations + b.recompute)}, logits {gib(b.logits)} GiB",
+    ]
+
+
+def fits(cfg: RunConfig, gpu: Gpu | str, nodes: int = 1, gpus_per_node: int = 1) -> bool:
+    device = get_gpu(gpu) if isinstance(gpu, str) else gpu
+    shape = model_shape(cfg)
+    run = run_shape(cfg, shape, nodes=nodes, gpus_per_node=gpus_per_node)
+    return estimate(shape, run).total <= device.memory_bytes
+
+
+def _tokens(cfg: RunConfig, run: RunShape, given: float | None) -> float | None:
+    if given:
+        return given
+    t = cfg.training
+    if t.max_steps > 0:
+        return float(t.max_steps * run.micro_batch * t.gradient_accumulation_steps * run.world
+                     * run.seq_len)
+    return None
+
+
+def report(cfg: RunConfig, args: argparse.Namespace) -> dict[str, Any]:
+    shape = model_shape(cfg)
+    run = run_shape(cfg, shape, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
+                    attention=args.attention)
+    device = get_gpu(args.gpu)
+
+    def row(r: RunShape) -> dict[str, Any]:
+        b = estimate(shape, r)
+        return {
+            "method": r.method, "strategy": r.strategy,
+            "gradient_checkpointing": r.gradient_checkpointing,
+            "breakdown_bytes": dict(b.rows()), "host_per_node_bytes": b.host_per_node,
+            "notes": list(b.notes),
+            "fits": {name: b.total <= g.memory_bytes for name, g in PRESETS.items()},
+            "largest_micro_batch": largest_micro_batch(shape, r, device.memory_bytes),
+        }
+
+    methods = [m for m in METHODS if m != "layers" or run.method == "layers"]
+    grid = [
+        row(replace(run, method=m, strategy=s, gradient_checkpointing=c,
+                    weight_bytes=weight_bytes(cfg, "lora" if m == "inference" else m)))
+        for m in methods for s in STRATEGIES for c in (False, True)
+        if not (m == "qlora" and s in ("fsdp", "zero3", "zero3_offload"))
+        and not (m == "inference" and (s != "ddp" or c))
+    ]
+    tokens = _tokens(cfg, run, args.tokens)
+    compute = None
+    if tokens:
+        c = estimate_compute(shape, run, tokens, device.peak_tflops, args.mfu)
+        compute = {"tokens": tokens, "flops": c.flops, "hours": c.seconds / 3600,
+                   "gpu_hours": c.gpu_hours, "pf_days": c.pf_days, "mfu": c.mfu,
+                   "gpu": device.name, "gpus": c.gpus}
+    return {
+        "model": {**asdict(shape), "params": shape.params},
+        "run": {**asdict(run), "world": run.world},
+        "gpu": {"name": device.name, "memory_bytes": device.memory_bytes},
+        "fragmentation_margin": FRAGMENTATION,
+        "this_run": row(run),
+        "grid": grid,
+        "compute": compute,
+    }
+
+
+def _print_table(rep: dict[str, Any]) -> None:
+    m, r, this = rep["model"], rep["run"], rep["this_run"]
+    print(f"model: {m['params'] / 1e9:.2f}B parameters, {m['layers']} layers, hidden {m['hidden']},"
+          f" vocab {m['vocab']}")
+    print(f"run: {r['method']}, {r['strategy']}, {r['nodes']} node(s) x"
+          f" {r['gpus_per_node']} GPU(s), micro-batch {r['micro_batch']} x {r['seq_len']} tokens,"
+          f" attention {r['attention']},"
+          f" checkpointing {'on' if r['gradient_checkpointing'] else 'off'}")
+    print(f"\nmemory per GPU (GiB; fragmentation margin {rep['fragmentation_margin']:.0%}):")
+    for name, value in this["breakdown_bytes"].items():
+        print(f"  {name:<16}{gib(value):>10}")
+    for note in this["notes"]:
+        print(f"  note: {note}")
+    if this["host_per_node_bytes"]:
+        print(f"  host memory per node: {gib(this['host_per_node_bytes'])} GiB")
+    print(f"\nlargest micro-batch on {rep['gpu']['name']}: {this['largest_micro_batch']}")
+    names = list(PRESETS)
+    print("\nall methods and strategies (total GiB per GPU; + fits, - does not):")
+    print(f"  {'method':<10}{'strategy':<15}{'ckpt':<6}{'total':>9}  " + " ".join(
+        f"{PRESETS[n].name.split(' ')[0] + ' ' + n.split('-')[-1]:>13}" for n in names))
+    for row in rep["grid"]:
+        marks = " ".join(f"{'+' if row['fits'][n] else '-':>13}" for n in names)
+        print(f"  {row['method']:<10}{row['strategy']:<15}"
+              f"{'on' if row['gradient_checkpointing'] else 'off':<6}"
+              f"{gib(row['breakdown_bytes']['total']):>9}  {marks}")
+    c = rep["compute"]
+    if c:
+        print(f"\ncompute: {c['tokens']:.3g} tokens, {c['flops']:.3g} FLOPs = {c['pf_days']:.3g}"
+              f" PF-days; at MFU {c['mfu']:.0%} on {c['gpus']} x {c['gpu']}: {c['hours']:.2f} h,"
+              f" {c['gpu_hours']:.1f} GPU-hours")
+    else:
+        print("\ncompute: pass --tokens (or set training.max_steps) for time and GPU-hours")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    rep = report(cfg, args)
+    if args.json:
+        print(json.dumps(rep, indent=2))
+    else:
+        _print_table(rep)
+    return 0
