@@ -119,7 +119,7 @@ def worker(config_path: str, result_path: str) -> None:
         peaks.append(torch.cuda.max_memory_allocated())  # covers the previous optimizer step
         return loss
 
-    Trainer.training_step = training_step  # type: ignore[method-assign]
+    Trainer.training_step = training_step
     shape = model_shape(cfg)
     attention = pick_attention(cfg.model, load_model_config(cfg.model))
     run = run_shape(cfg, shape, gpus_per_node=world.world_size, attention=attention)
