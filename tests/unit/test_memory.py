@@ -220,13 +220,13 @@ MEASURED = [
 ]
 
 
-@pytest.mark.slow
 def _case(r: RunShape) -> str:
     return f"{r.method}-{'autocast' if r.autocast else 'bf16'}" + (
         "-ckpt" if r.gradient_checkpointing else ""
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("run", MEASURED, ids=_case)
 def test_predicted_peak_matches_a_measured_cpu_step(run: RunShape) -> None:
     run = _with(run, micro_batch=4, seq_len=256, lora_r=8, fused_adam=False)
