@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from llmtrain import checkpoints, manifest, prepared, strategies
 from llmtrain.callbacks import (
@@ -28,6 +28,7 @@ from llmtrain.export import load_for_inference, merge
 from llmtrain.generation import generate, write_jsonl
 from llmtrain.methods import quantization_config, wrap
 from llmtrain.models import load_model, load_tokenizer
+from llmtrain.sampling import EpochSeededSampler
 from llmtrain.strategies import World
 from llmtrain.templates import render
 
@@ -71,6 +72,9 @@ class LlmtrainTrainer(Trainer):
         loss = super().training_step(model, inputs)
         self.recorder.pending += float(loss)  # already divided by gradient_accumulation_steps
         return loss
+
+    def _get_train_sampler(self) -> EpochSeededSampler:
+        return EpochSeededSampler(len(self.train_dataset), self.args.seed)
 
     def optimizer_step_done(self) -> None:
         self.recorder.steps.append(self.recorder.pending)
@@ -216,6 +220,7 @@ def train(cfg: RunConfig, world: World) -> Trainer:
     resume = checkpoints.resume_point(out, cfg.output.resume)
     if resume is not None:
         checkpoints.check_topology(resume, facts, cfg.distributed.allow_topology_change)
+        checkpoints.trust_own_checkpoints()
         log.info("resuming from %s", resume)
     if world.is_main:
         checkpoints.discard_incomplete_after(out, resume)
@@ -230,6 +235,8 @@ def train(cfg: RunConfig, world: World) -> Trainer:
             ),
         )
 
+    # Before the model is built: LoRA's initial weights come from this seed.
+    set_seed(cfg.training.seed)
     flags = precision_flags(cfg)
     dtype = weights_dtype(cfg, flags)
     extra: dict[str, Any] = {}

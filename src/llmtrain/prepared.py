@@ -67,18 +67,30 @@ def prepare(cfg: RunConfig, tokenizer: Any, fp: str | None = None) -> dict[str, 
     tokenized, stats = tokenize(rows, tokenizer, cfg.data)
     log.info("data: %s", stats.summary())
     splits = {"train": tokenized}
+    eval_rows = None
     if cfg.data.eval_fraction > 0:
+        if len(tokenized) < 2 or int(len(tokenized) * cfg.data.eval_fraction) < 1:
+            raise DataError(
+                f"data.eval_fraction={cfg.data.eval_fraction} of {len(tokenized)} usable rows "
+                "leaves no evaluation row",
+                "set data.eval_fraction=0, or give more rows (plain text splits into rows "
+                "at blank lines)",
+            )
         parts = tokenized.train_test_split(test_size=cfg.data.eval_fraction, seed=cfg.training.seed)
         splits = {"train": parts["train"], "eval": parts["test"]}
-        raw = rows.train_test_split(test_size=cfg.data.eval_fraction, seed=cfg.training.seed)
+        if cfg.data.shape == "instruction" and len(rows) == len(tokenized):
+            # Same size and seed -> the same permutation: these are the eval rows, untokenized,
+            # so finetune and generate can render prompts for samples.
+            eval_rows = rows.train_test_split(
+                test_size=cfg.data.eval_fraction, seed=cfg.training.seed
+            )["test"]
     tmp = target.with_name(f".{target.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     for name, split in splits.items():
         split.save_to_disk(str(tmp / name))
-    if cfg.data.eval_fraction > 0 and cfg.data.shape == "instruction":
-        # The untokenized eval rows let finetune and generate render prompts for samples.
-        raw["test"].save_to_disk(str(tmp / "eval_rows"))
+    if eval_rows is not None:
+        eval_rows.save_to_disk(str(tmp / "eval_rows"))
     info = {"fingerprint": fp, "stats": asdict(stats), "splits": sorted(splits)}
     (tmp / INFO).write_text(json.dumps(info, indent=2) + "\n")
     old = target.with_name(f".{target.name}.old")
