@@ -31,7 +31,7 @@ def need(tools: tuple[str, ...], why: str, root: bool = False) -> None:
 
 
 def sh(*cmd: str | Path, **kwargs: object) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(c) for c in cmd], text=True, check=True, **kwargs)  # type: ignore[call-overload,no-any-return]
+    return subprocess.run([str(c) for c in cmd], text=True, check=True, **kwargs)  # type: ignore[call-overload]
 
 
 def make_var(name: str, *args: str) -> str:

@@ -205,6 +205,7 @@ def test_a_lock_that_would_change_torch_fails_the_build(
             "buildah",
             "bud",
             "--layers",
+            "--force-rm",
             *build_flags.split(),
             "--build-arg",
             f"BASE_IMAGE={built_image.base}",
