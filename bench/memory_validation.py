@@ -100,10 +100,10 @@ def worker(config_path: str, result_path: str) -> None:
     from transformers import Trainer
 
     from llmtrain.config import load_config
-    from llmtrain.estimate import model_shape, run_shape
     from llmtrain.finetune import train
     from llmtrain.memory import estimate
     from llmtrain.models import load_model_config, pick_attention
+    from llmtrain.sizing import model_shape, run_shape
     from llmtrain.strategies import World
 
     cfg = load_config(config_path)

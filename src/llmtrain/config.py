@@ -244,7 +244,9 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     try:
         raw = yaml.safe_load(p.read_text())
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {str(p)!r} is not valid YAML: {exc}", "fix the syntax")
+        raise ConfigError(
+            f"config file {str(p)!r} is not valid YAML: {exc}", "fix the syntax"
+        ) from None
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):

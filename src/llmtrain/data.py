@@ -243,7 +243,7 @@ def tokenize(
                 raise DataError(f"rows {start}..{start + n - 1}: {exc}", "fix the data") from None
             p_ids = tokenizer(prompts, add_special_tokens=True).input_ids
             r_ids = tokenizer(responses, add_special_tokens=False).input_ids
-            for p, r in zip(p_ids, r_ids):
+            for p, r in zip(p_ids, r_ids, strict=True):
                 if not r:
                     stats.dropped_empty += 1
                     continue

@@ -52,7 +52,7 @@ class NeedsGpuError(ConfigError):
     """A verb or method that needs CUDA was asked for on a machine without it (exit 64)."""
 
 
-class StopRequested(Exception):  # noqa: N818 - a signal, not an error
+class StopRequested(Exception):
     """Training stopped on purpose after saving a checkpoint (exit 75)."""
 
     exit_code = EXIT_STOPPED

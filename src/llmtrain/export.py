@@ -38,7 +38,8 @@ def load_for_inference(
         if not is_adapter_dir(adapter):
             raise ConfigError(
                 f"{adapter} is not a LoRA adapter directory (no adapter_config.json)",
-                "pass the final/adapter directory of a LoRA run, or omit --adapter for a full model",
+                "pass the final/adapter directory of a LoRA run, or omit --adapter for a full "
+                "model",
             )
         model = PeftModel.from_pretrained(load_model(base, dtype=dtype, extra=extra), str(adapter))
         tok_source = adapter if (adapter / "tokenizer_config.json").is_file() else None

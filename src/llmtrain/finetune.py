@@ -314,7 +314,7 @@ def save_final(cfg: RunConfig, world: World, trainer: Trainer, tokenizer: Any, o
             )
         outputs = generate(model, tok, prompts, cfg.generation)
         write_jsonl(out / "generations.jsonl", prompts, outputs, cfg.generation, refs)
-        for p, o, r in list(zip(prompts, outputs, refs))[:5]:
+        for p, o, r in list(zip(prompts, outputs, refs, strict=True))[:5]:
             print(f"{p!r} -> {o.strip()!r} (reference {r.strip()!r})", file=sys.stderr)
     return final
 

@@ -69,7 +69,9 @@ def run(args: argparse.Namespace) -> int:
     if args.model and args.adapter:
         raise ConfigError("--model and --adapter exclude each other",
                           "give a merged model with --model, or an adapter for model.path")
-    base = cfg.model.model_copy(update={"path": args.model, "tokenizer": None}) if args.model else cfg.model
+    base = cfg.model
+    if args.model:
+        base = base.model_copy(update={"path": args.model, "tokenizer": None})
     gen: GenerationSection = cfg.generation
     model, tokenizer = load_for_inference(base, args.adapter, device_map=gen.device_map)
     outputs = generate(model, tokenizer, prompts, gen)

@@ -50,7 +50,7 @@ def write_jsonl(
     params = generation_params(gen)
     refs = list(references) if references is not None else [None] * len(prompts)
     with path.open("w") as f:
-        for prompt, output, ref in zip(prompts, outputs, refs):
+        for prompt, output, ref in zip(prompts, outputs, refs, strict=True):
             record = {"prompt": prompt, "output": output, "params": params}
             if ref is not None:
                 record["reference"] = ref

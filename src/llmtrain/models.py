@@ -91,7 +91,8 @@ def pick_attention(cfg: ModelSection, config: PretrainedConfig) -> str:
             raise ConfigError(
                 "model.attn_implementation=flash_attention_2 needs the flash_attn package and a "
                 "CUDA GPU, and this environment has no flash_attn or no GPU",
-                "run inside the llmtrain image on a GPU node, or use model.attn_implementation=auto",
+                "run inside the llmtrain image on a GPU node, or use "
+                "model.attn_implementation=auto",
             )
         return cfg.attn_implementation
     if supports["flash_attention_2"] and flash_attn_available():

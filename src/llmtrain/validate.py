@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+from llmtrain import sizing
 from llmtrain.checks import run_checks
 from llmtrain.config import load_config
+from llmtrain.gpus import PRESETS
 
 EXAMPLE = "llmtrain validate configs/lora.yaml data.path=data/train.jsonl"
 
@@ -18,21 +20,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--assume-gpu", action="store_true",
         help="check GPU-only settings (qlora, bf16) as if on a GPU node",
     )
-
-
-def _estimate_lines(cfg: object) -> tuple[list[str], list[str]]:
-    """The memory estimate's short form, when the estimator is installed and can read the model."""
-    try:
-        from llmtrain import estimate
-    except ImportError:
-        return [], []
-    return estimate.summary(cfg), estimate.warnings(cfg)
+    parser.add_argument("--gpu", default="h100", help=f"GPU preset for the memory check: "
+                        f"{', '.join(PRESETS)}")
+    parser.add_argument("--nodes", type=int, default=1)
+    parser.add_argument("--gpus-per-node", type=int, default=1)
 
 
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     report = run_checks(cfg, assume_gpu=args.assume_gpu)
-    lines, warnings = _estimate_lines(cfg)
+    lines = sizing.summary(cfg, args.gpu, args.nodes, args.gpus_per_node)
+    warnings = [] if sizing.fits(cfg, args.gpu, args.nodes, args.gpus_per_node) else [
+        f"the run is estimated not to fit a {args.gpu} GPU: see `llmtrain estimate "
+        f"{args.config}` for strategies and micro-batches that do"
+    ]
     for line in report.lines + lines:
         print(line)
     for warning in report.warnings + warnings:

@@ -64,7 +64,7 @@ def test_dotted_overrides_parse_yaml_values(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("item", ["nokey", "=3", "a..b=1"])
 def test_malformed_override_is_a_config_error(item: str) -> None:
-    with pytest.raises(ConfigError, match="dotted.key=value"):
+    with pytest.raises(ConfigError, match=r"dotted\.key=value"):
         apply_overrides({}, [item])
 
 
@@ -84,10 +84,10 @@ def test_training_args_passthrough_checked_against_training_arguments(tmp_path: 
 
 
 def test_layers_method_needs_layer_names(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="method.layers"):
+    with pytest.raises(ConfigError, match=r"method\.layers"):
         load_config(write(tmp_path, {**BASE, "method": {"name": "layers"}}))
 
 
 def test_retention_keeps_at_least_two(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="output.keep_checkpoints"):
+    with pytest.raises(ConfigError, match=r"output\.keep_checkpoints"):
         load_config(write(tmp_path, {**BASE, "output": {"keep_checkpoints": 1}}))

@@ -3,11 +3,10 @@ from pathlib import Path
 
 import pytest
 
-from llmtrain.config import DataSection, resolve_path
+from llmtrain.config import DataSection, ModelSection, resolve_path
 from llmtrain.data import IGNORE_INDEX, load_rows, squad_records, tokenize
 from llmtrain.errors import ConfigError, DataError
 from llmtrain.models import load_tokenizer
-from llmtrain.config import ModelSection
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +49,7 @@ def test_overflow_truncate_and_drop_are_counted(tmp_path: Path, tok) -> None:
 
 def test_prompt_longer_than_max_length_leaves_no_rows(tmp_path: Path, tok) -> None:
     cfg = section(jsonl(tmp_path, [{"q": "many words " * 30, "a": "1"}]), max_length=16)
-    with pytest.raises(DataError, match="raise data.max_length"):
+    with pytest.raises(DataError, match=r"raise data\.max_length"):
         tokenize(load_rows(cfg), tok, cfg)
 
 

@@ -5,7 +5,8 @@ from llmtrain.templates import TemplateError, fields, render
 
 def test_flat_and_nested_fields() -> None:
     row = {"question": "Who?", "answers": {"text": ["Ada", "Bob"]}, "meta": {"op": "plus"}}
-    assert render("Q: {question} A: {answers[text][0]} ({meta[op]})", row) == "Q: Who? A: Ada (plus)"
+    text = render("Q: {question} A: {answers[text][0]} ({meta[op]})", row)
+    assert text == "Q: Who? A: Ada (plus)"
     assert fields("{question} {answers[text][0]}") == ["question", "answers"]
 
 
