@@ -241,6 +241,19 @@ on_every_node() {
   fi
 }
 
+# The exit code of the node that failed first, from launch.sh's records (none when every
+# node was killed, e.g. at the time limit).
+first_failure() {
+  local _time name code
+  while read -r _time name; do
+    code="$(cat "$RUN_DIR/.exit-codes/$name")"
+    if [[ $code != 0 ]]; then
+      printf '%s\n' "$code"
+      return
+    fi
+  done < <(find "$RUN_DIR/.exit-codes" -type f -printf '%T@ %f\n' 2>/dev/null | sort -n)
+}
+
 # shellcheck disable=SC2317  # invoked by the USR1 trap
 on_wall_time_warning() {
   say "wall-time warning: asking training to checkpoint and stop ($LLMTRAIN_STOP_FILE)"
@@ -302,7 +315,7 @@ main() {
   mkdir -p "$RUN_DIR" "$HF_HOME"
   task_environment
   runtime_wrapper
-  rm -f "$LLMTRAIN_STOP_FILE"  # left by the run this one resumes
+  rm -rf "$LLMTRAIN_STOP_FILE" "$RUN_DIR/.exit-codes"  # left by the run this one resumes
   say "job $JOB_ID: $NNODES node(s), head $HEAD_NODE ($HEAD_ADDR:$MASTER_PORT), runtime $RUNTIME, launcher $LAUNCHER, run dir $RUN_DIR"
 
   local rc=0
@@ -322,6 +335,14 @@ main() {
     ((INTERRUPTED && rc > 128)) || break
     INTERRUPTED=0
   done
+  if ((rc != 0)); then
+    local first
+    first="$(first_failure)"
+    if [[ -n $first && $first != "$rc" ]]; then
+      say "step exit $rc; the first node to fail exited $first"
+      rc="$first"
+    fi
+  fi
   finish "$rc"
 }
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Once per node, inside the container (or the venv): work out this node's rank, its process
-# count and the interface that reaches the head, then exec torchrun (static rendezvous) or
+# count and the interface that reaches the head, then run torchrun (static rendezvous) or
 # accelerate launch running `llmtrain finetune`. Started by entrypoint/job.sh through srun or
 # mpirun; inside the image it is /opt/llmtrain/entrypoint/launch.sh.
 #
@@ -134,7 +134,15 @@ main() {
       ;;
     *) die "LAUNCHER=$launcher is unknown: use torchrun or accelerate" ;;
   esac
-  exec python -c "$KEEP_EXIT_CODE" "${cmd[@]}" "${program[@]}" "$@"
+  local rc=0
+  python -c "$KEEP_EXIT_CODE" "${cmd[@]}" "${program[@]}" "$@" || rc=$?
+  # For job.sh: after --kill-on-bad-exit, srun reports the highest code, the SIGTERM of
+  # the nodes it killed (143), not the cause. Nodes that ended on their own say it here.
+  if [[ -n ${RUN_DIR:-} ]]; then
+    mkdir -p "$RUN_DIR/.exit-codes"
+    echo "$rc" >"$RUN_DIR/.exit-codes/node$rank"
+  fi
+  exit "$rc"
 }
 
 main "$@"

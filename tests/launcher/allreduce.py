@@ -3,7 +3,7 @@
 Run by entrypoint/launch.sh as TRAIN_SCRIPT, with the launcher's arguments: CONFIG followed by
 key=value overrides. Understood keys: output.dir (rank 0 appends one line to result.txt there),
 hold=SECONDS (first attempt only: wait that long for LLMTRAIN_STOP_FILE, exit 75 when it
-appears), exit=CODE (exit with CODE after the all-reduce).
+appears, rank 0 last), exit=CODE (exit with CODE after the all-reduce).
 """
 
 from __future__ import annotations
@@ -52,6 +52,10 @@ def main() -> int:
     dist.destroy_process_group()
     if stopped.item():
         print(f"allreduce: rank={rank} saw {stop_file}; stopping for a requeue", flush=True)
+        if rank == 0 and world > 1:
+            # Let the other nodes exit first, so srun --kill-on-bad-exit kills this one (exit
+            # 143): the launchers must still report the 75 that came first.
+            time.sleep(10)
         return EXIT_STOPPED
     if rank == 0 and "output.dir" in opts:
         out = Path(opts["output.dir"])

@@ -38,7 +38,9 @@ def job_env(run_dir: Path, **extra: str) -> dict[str, str]:
 
 
 def check_one_world(output: str, nodes: int, nproc: int, restart: int = 0) -> None:
-    """Every node started once with its own rank and found eno1; every rank saw one world."""
+    """Every node started once with its own rank and found eno1; every rank saw one world.
+    With --open-mode=append a requeued job's log holds every attempt: check the last one."""
+    output = output[output.rfind("job.sh: job ") :]
     launches = LAUNCH_LINE.findall(output)
     assert sorted(int(r) for r, *_ in launches) == list(range(nodes)), output
     for rank, nnodes, host, _addr, iface, procs in launches:
@@ -129,6 +131,8 @@ def test_wall_time_warning_stops_and_requeues(cluster: Cluster, tmp_path: Path) 
     assert (job["JobState"], job["ExitCode"], job["Restarts"]) == ("COMPLETED", "0:0", "1"), output
     assert "wall-time warning" in output and "exit 75: stopped on purpose; requeueing" in output
     assert output.count("saw ") == cluster.nodes  # every rank saw the STOP file
+    # Rank 0 lingers, so srun kills it and itself reports 143: the first failure counts.
+    assert "step exit 143; the first node to fail exited 75" in output
     check_one_world(output, cluster.nodes, nproc=1, restart=1)
     assert not (run / "STOP").exists()
     assert (run / "result.txt").read_text().count("\n") == 1
