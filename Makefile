@@ -123,6 +123,7 @@ else
 	    --env SMOKE_DIR=/smoke '$(IMAGE)' smoke
 endif
 else
+	$(MAKE) --no-print-directory venv
 	$(VENV)/bin/llmtrain finetune configs/lora.yaml 'output.dir=$(SMOKE_DIR)'
 endif
 
@@ -136,7 +137,7 @@ venv: ## .venv from the lock (installs torch==TORCH_VERSION only when none is im
 	    -r requirements/lock.txt
 	$(VENV)/bin/pip install --no-deps --no-build-isolation -e .
 
-test: ## all tests (cluster and container tests need root and the tools; CI runs them)
+test: venv ## all tests (cluster and container tests need root and the tools; CI runs them)
 	$(VENV)/bin/pytest
 
 lock: ## regenerate requirements/lock.txt (hashed; torch and its CUDA stack left to the base)

@@ -55,11 +55,13 @@ class MetricsCallback(TrainerCallback):
         logs: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
-        if not state.is_world_process_zero or not logs:
+        if not logs:
             return
-        record = {"step": state.global_step, "epoch": state.epoch, **logs}
-        if "loss" in logs:
-            record.update(self.extra())
+        # Every rank takes part: `extra` may run a collective (the exact loss's mean).
+        extra = self.extra() if "loss" in logs else {}
+        if not state.is_world_process_zero:
+            return
+        record = {"step": state.global_step, "epoch": state.epoch, **logs, **extra}
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
 
