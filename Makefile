@@ -68,7 +68,7 @@ NO_EMIT := torch triton sympy mpmath networkx setuptools nvidia-cublas nvidia-cu
 SHELL_FILES = $(shell find . \( -path ./.venv -o -path ./.git -o -path ./runs -o -path ./out \) \
     -prune -o -type f \( -name '*.sh' -o -name '*.sbatch' -o -name '*.pbs' \) -print | sort)
 
-.PHONY: help image sif sqsh smoke venv test lock lint bench
+.PHONY: help image sif sqsh smoke venv test lock lint bench embedded
 
 help: ## this list
 	@echo "usage: make TARGET [VAR=value ...]   (engine: $(or $(CONTAINER_ENGINE),none found))"
@@ -152,3 +152,6 @@ lint: ## shellcheck every shell file, ruff, mypy
 
 bench: ## benchmarks (python -m bench)
 	$(VENV)/bin/python -m bench
+
+embedded: ## rebuild the embedded tiny Llama, tokenizer and task (src/llmtrain/embedded)
+	$(VENV)/bin/python tools/build_embedded.py

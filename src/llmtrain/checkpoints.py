@@ -146,7 +146,8 @@ def trust_own_checkpoints() -> None:
 
     if hasattr(torch.serialization, "add_safe_globals"):
         torch.serialization.add_safe_globals(
-            [np.core.multiarray._reconstruct, np.ndarray, np.dtype, _codecs.encode,
+            [np.core.multiarray._reconstruct,  # type: ignore[attr-defined]
+             np.ndarray, np.dtype, _codecs.encode,
              *(type(np.dtype(t)) for t in ("uint32", "int64", "float64"))]
         )
 

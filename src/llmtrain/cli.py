@@ -36,7 +36,7 @@ class Verb(Protocol):
 
 
 def _load(verb: str) -> Verb:
-    module: Verb = importlib.import_module(VERBS[verb][0])  # type: ignore[assignment]
+    module: Verb = importlib.import_module(VERBS[verb][0])
     return module
 
 

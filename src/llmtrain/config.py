@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from llmtrain.errors import ConfigError
 
 EMBEDDED_PREFIX = "embedded:"
+Reporter = Literal["tensorboard", "wandb", "mlflow", "none"]
 
 
 def resolve_path(value: str) -> str:
@@ -133,9 +134,7 @@ class TrainingSection(Section):
     eval_steps: int | None = Field(None, ge=1)
     seed: int = 42
     dataloader_num_workers: int = Field(2, ge=0)
-    report_to: list[Literal["tensorboard", "wandb", "mlflow", "none"]] = Field(
-        default_factory=lambda: ["tensorboard"]
-    )
+    report_to: list[Reporter] = Field(default_factory=lambda: list[Reporter](["tensorboard"]))
     args: dict[str, Any] = Field(
         default_factory=dict, description="other TrainingArguments fields, checked by name"
     )
