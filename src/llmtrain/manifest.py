@@ -104,9 +104,11 @@ def build(**run: Any) -> dict[str, Any]:
     import torch
 
     cuda = torch.cuda.is_available()
+    image = image_manifest()
     manifest: dict[str, Any] = {
         "llmtrain": llmtrain.__version__,
-        "git_sha": _git_sha(),
+        # Inside the image there is no .git: the sha recorded at build time stands in.
+        "git_sha": _git_sha() or (image or {}).get("git_sha"),
         "host": socket.gethostname(),
         "python": platform.python_version(),
         "platform": platform.platform(),
@@ -116,7 +118,7 @@ def build(**run: Any) -> dict[str, Any]:
         if cuda
         else [],
         "env": masked_env(),
-        "image": image_manifest(),
+        "image": image,
     }
     manifest.update(run)
     return manifest
