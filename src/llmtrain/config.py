@@ -129,6 +129,12 @@ class TrainingSection(Section):
     optim: str = "auto"
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     gradient_checkpointing: bool = False
+    chunked_loss: bool = Field(
+        True, description="loss over the vocabulary in token chunks, no full fp32 logits"
+    )
+    compile: bool = Field(
+        False, description="torch.compile the norms, SwiGLU and RoPE of each block (CUDA)"
+    )
     logging_steps: int = Field(10, ge=1)
     save_steps: int = Field(200, ge=1)
     eval_steps: int | None = Field(None, ge=1)

@@ -6,13 +6,14 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
-from llmtrain import checkpoints, manifest, prepared, strategies
+from llmtrain import checkpoints, fused_loss, fused_ops, manifest, packing, prepared, strategies
 from llmtrain.callbacks import (
     CommitCheckpointCallback,
     MetricsCallback,
@@ -203,7 +204,22 @@ def _sample_prompts(cfg: RunConfig) -> tuple[list[str], list[str]]:
     )
 
 
-def train(cfg: RunConfig, world: World) -> Trainer:
+def apply_speed_levers(cfg: RunConfig, world: World, model: Any) -> None:
+    """Padding-free attention, compiled block pieces, chunked loss; before the model is wrapped."""
+    compiled = cfg.training.compile
+    if cfg.data.packing == "padding_free" or (compiled and packing.supports(model)):
+        packing.patch_attention(model, compiled_rope=compiled)
+    if compiled:
+        fused_ops.compile_blocks(model)
+    if cfg.training.chunked_loss:
+        strategy = strategies.resolve(cfg, world)
+        if strategy in ("fsdp", "zero3", "zero3_offload"):
+            log.info("chunked loss: off under %s, whose lm_head weight is sharded", strategy)
+        else:
+            fused_loss.patch_causal_lm_loss(model)
+
+
+def train(cfg: RunConfig, world: World, extra_callbacks: Sequence[TrainerCallback] = ()) -> Trainer:
     """Train, save the final result; returns the Trainer (its model is the trained one)."""
     out = Path(cfg.output.dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -247,6 +263,7 @@ def train(cfg: RunConfig, world: World) -> Trainer:
         extra["device_map"] = {"": world.local_rank}
     model = load_model(cfg.model, dtype=dtype, extra=extra)
     block_class = _block_class(model)
+    apply_speed_levers(cfg, world, model)
     model = wrap(
         model, cfg.method, cfg.lora, gradient_checkpointing=cfg.training.gradient_checkpointing
     )
@@ -268,12 +285,15 @@ def train(cfg: RunConfig, world: World) -> Trainer:
         args=args,
         train_dataset=splits["train"],
         eval_dataset=splits.get("eval"),
-        data_collator=PadCollator(tokenizer.pad_token_id),
+        data_collator=packing.PackingCollator()
+        if cfg.data.packing == "padding_free"
+        else PadCollator(tokenizer.pad_token_id),
         callbacks=[
             StepBoundary(trainer_ref),
             MetricsCallback(out, recorder.drain),
             stop,
             CommitCheckpointCallback(out, cfg.output.keep_checkpoints, facts),
+            *extra_callbacks,
         ],
         recorder=recorder,
     )

@@ -1,0 +1,93 @@
+"""The memory-bound pieces of Llama-style blocks, optionally fused by torch.compile.
+
+transformers 4.37.2 runs RMSNorm (with an fp32 upcast), SwiGLU and rotary embeddings as chains
+of small kernels, each reading and writing whole activations: on a GPU a large share of a step.
+The eager functions below do the same arithmetic as transformers; `compiled(name)` returns the
+same function through torch.compile (one graph per function, shared by every layer, not one per
+module), and `compile_blocks` swaps them into a model's norms and MLPs. Compilation needs a
+working torch.compile (Triton on CUDA) and is opt-in: training.compile.
+"""
+
+from __future__ import annotations
+
+import logging
+import types
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+
+log = logging.getLogger(__name__)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """LlamaRMSNorm: normalise in fp32, cast back, then scale."""
+    x32 = x.float()
+    normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * normed.to(x.dtype)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def rope(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary embeddings with cos/sin already gathered at each token's position."""
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+_EAGER: dict[str, Callable[..., Any]] = {"rms_norm": rms_norm, "swiglu": swiglu, "rope": rope}
+_COMPILED: dict[str, Callable[..., Any]] = {}
+
+
+def compiled(name: str) -> Callable[..., Any]:
+    """The compiled function, made on first use; shapes may vary (variable-length batches)."""
+    if name not in _COMPILED:
+        _COMPILED[name] = torch.compile(_EAGER[name], dynamic=None)
+    return _COMPILED[name]
+
+
+def _norm_forward(self: Any, hidden_states: torch.Tensor) -> torch.Tensor:
+    out: torch.Tensor = compiled("rms_norm")(hidden_states, self.weight, self.variance_epsilon)
+    return out
+
+
+def _mlp_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
+    out: torch.Tensor = self.down_proj(compiled("swiglu")(self.gate_proj(x), self.up_proj(x)))
+    return out
+
+
+def _is_rms_norm(m: nn.Module) -> bool:
+    return type(m).__name__.endswith("RMSNorm") and hasattr(m, "variance_epsilon")
+
+
+def _is_swiglu_mlp(m: nn.Module, config: Any) -> bool:
+    return (
+        all(hasattr(m, a) for a in ("gate_proj", "up_proj", "down_proj"))
+        and getattr(config, "hidden_act", None) == "silu"
+        and getattr(config, "pretraining_tp", 1) == 1
+    )
+
+
+def compile_blocks(model: PreTrainedModel) -> int:
+    """Route every RMSNorm and SwiGLU MLP through the compiled functions; returns the count."""
+    count = 0
+    for m in model.modules():
+        if _is_rms_norm(m):
+            m.forward = types.MethodType(_norm_forward, m)
+            count += 1
+        elif _is_swiglu_mlp(m, model.config):
+            m.forward = types.MethodType(_mlp_forward, m)
+            count += 1
+    log.info("torch.compile: %d norms and MLPs use compiled kernels", count)
+    return count

@@ -1,0 +1,231 @@
+"""Padding-free packing on the embedded tiny Llama (CPU): per-sample losses equal packed and
+unpacked, positions restart, and no sample attends to another."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from llmtrain import fused_ops, packing
+from llmtrain.collate import PadCollator
+from llmtrain.config import resolve_path
+from llmtrain.data import IGNORE_INDEX
+from llmtrain.errors import ConfigError
+from tests.tiny_models import tiny_config
+
+LENGTHS = [(5, 7), (11, 2), (3, 14), (9, 9)]  # (prompt, response) tokens per sample
+
+
+def samples(vocab: int, seed: int = 0) -> list[dict[str, list[int]]]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for p, r in LENGTHS:
+        ids = torch.randint(3, vocab, (p + r,), generator=g).tolist()
+        out.append({"input_ids": ids, "labels": [IGNORE_INDEX] * p + ids[p:]})
+    return out
+
+
+def tiny_llama(attn: str = "sdpa") -> PreTrainedModel:
+    model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(
+        resolve_path("embedded:tiny-llama"), attn_implementation=attn, torch_dtype=torch.float32
+    )
+    return model.eval()
+
+
+def tiny_mistral() -> PreTrainedModel:
+    torch.manual_seed(0)
+    config = tiny_config("mistral")
+    config._attn_implementation = "sdpa"
+    model: PreTrainedModel = AutoModelForCausalLM.from_config(config)
+    return model.eval()
+
+
+def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Mean next-token loss of one sample: logits [n, V], labels [n]."""
+    return F.cross_entropy(logits[:-1], labels[1:], ignore_index=IGNORE_INDEX).item()
+
+
+def unpacked_losses(model: PreTrainedModel, batch: list[dict[str, list[int]]]) -> list[float]:
+    out = []
+    with torch.no_grad():
+        for s in batch:
+            logits = model(input_ids=torch.tensor([s["input_ids"]], device=model.device)).logits[0]
+            out.append(
+                per_sample_loss(logits.float(), torch.tensor(s["labels"], device=model.device))
+            )
+    return out
+
+
+def packed_logits(model: PreTrainedModel, batch: list[dict[str, list[int]]]) -> torch.Tensor:
+    row = packing.PackingCollator()(batch)
+    with torch.no_grad():
+        logits: torch.Tensor = model(
+            input_ids=row["input_ids"], position_ids=row["position_ids"]
+        ).logits[0]
+    return logits
+
+
+def split(t: torch.Tensor, batch: list[dict[str, list[int]]]) -> tuple[torch.Tensor, ...]:
+    return t.split([len(s["input_ids"]) for s in batch])
+
+
+def test_collator_restarts_positions_without_padding() -> None:
+    batch = samples(512)
+    row = packing.PackingCollator()(batch)
+    total = sum(p + r for p, r in LENGTHS)
+    assert row["input_ids"].shape == row["labels"].shape == row["position_ids"].shape == (1, total)
+    assert "attention_mask" not in row
+    for s, ids, pos, lab in zip(
+        batch,
+        *(split(row[k][0], batch) for k in ("input_ids", "position_ids", "labels")),
+        strict=True,
+    ):
+        assert ids.tolist() == s["input_ids"]
+        assert pos.tolist() == list(range(len(s["input_ids"])))
+        # The first token's label would be predicted from the previous sample: dropped.
+        assert lab[0].item() == IGNORE_INDEX
+        assert lab[1:].tolist() == s["labels"][1:]
+    segs = packing.find_segments(row["position_ids"], 1, total)
+    assert segs.lengths == [p + r for p, r in LENGTHS]
+    assert segs.cu_seqlens.tolist() == [0, 12, 25, 42, 60]
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_mistral], ids=["llama", "mistral"])
+def test_per_sample_losses_equal_packed_and_unpacked(make) -> None:  # type: ignore[no-untyped-def]
+    model = make()
+    batch = samples(model.config.vocab_size)
+    reference = unpacked_losses(model, batch)
+    assert packing.patch_attention(model) == "sdpa_per_sample"
+    logits = packed_logits(model, batch)
+    packed = [
+        per_sample_loss(lg, torch.tensor(s["labels"]))
+        for lg, s in zip(split(logits, batch), batch, strict=True)
+    ]
+    assert packed == pytest.approx(reference, abs=1e-5)
+    assert len(set(round(x, 3) for x in reference)) == len(reference)  # the samples differ
+
+
+def test_batch_loss_equals_padded_batch_loss() -> None:
+    """What the Trainer optimises: HF's loss of the packed row = its loss of the padded batch."""
+    model = tiny_llama()
+    batch = samples(model.config.vocab_size)
+    with torch.no_grad():
+        padded = model(**PadCollator(pad_token_id=0)(batch)).loss.item()
+        packing.patch_attention(model)
+        packed = model(**packing.PackingCollator()(batch)).loss.item()
+    assert packed == pytest.approx(padded, abs=1e-5)
+
+
+def test_no_attention_across_samples() -> None:
+    model = tiny_llama()
+    batch = samples(model.config.vocab_size)
+    changed = [dict(s) for s in batch]
+    changed[1] = {**batch[1], "input_ids": [(t + 1) % 512 for t in batch[1]["input_ids"]]}
+
+    def effect(m: PreTrainedModel) -> list[float]:
+        a, b = split(packed_logits(m, batch), batch), split(packed_logits(m, changed), batch)
+        return [(x - y).abs().max().item() for x, y in zip(a, b, strict=True)]
+
+    # Unpatched, the row is one causal sequence: sample 1 leaks into samples 2 and 3.
+    leaky = effect(model)
+    assert leaky[0] == 0 and leaky[2] > 1e-3 and leaky[3] > 1e-3
+    packing.patch_attention(model)
+    isolated = effect(model)
+    assert isolated[1] > 1e-3
+    assert isolated[0] == isolated[2] == isolated[3] == 0.0
+
+
+def test_padded_batches_keep_the_original_attention() -> None:
+    """Evaluation with PadCollator batches after patching: unchanged outputs."""
+    model = tiny_llama()
+    batch = PadCollator(pad_token_id=0)(samples(model.config.vocab_size))
+    with torch.no_grad():
+        before = model(**batch).logits
+        packing.patch_attention(model)
+        after = model(**batch).logits
+    torch.testing.assert_close(after, before, rtol=0, atol=0)
+
+
+def test_compiled_rope_hook_and_kernel_are_logged(caplog: pytest.LogCaptureFixture) -> None:
+    model = tiny_llama()
+    with caplog.at_level(logging.INFO, logger="llmtrain.packing"):
+        kernel = packing.patch_attention(model)
+    assert f"kernel {kernel} on 4 attention modules" in caplog.text
+    attn = model.model.layers[0].self_attn
+    assert attn._llmtrain_rope is fused_ops.rope
+
+
+def test_refuses_eager_attention_and_unknown_architectures() -> None:
+    with pytest.raises(ConfigError, match="attn_implementation"):
+        packing.patch_attention(tiny_llama(attn="eager"))
+    model = AutoModelForCausalLM.from_config(tiny_config("gpt2"))
+    with pytest.raises(ConfigError, match="supports llama, mistral"):
+        packing.patch_attention(model)
+
+
+def test_sdpa_per_sample_kernel_matches_dense_block_mask() -> None:
+    """The CPU kernel against an explicit block-diagonal causal mask, with grouped KV heads."""
+    torch.manual_seed(0)
+    lengths = [4, 9, 3]
+    total = sum(lengths)
+    q, k, v = (torch.randn(total, h, 8) for h in (4, 2, 2))
+    pos = torch.cat([torch.arange(n) for n in lengths])[None]
+    out = packing._sdpa_per_sample(q, k, v, packing.find_segments(pos, 1, total), 0.0)
+    sample = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    idx = torch.arange(total)
+    allowed = (sample[:, None] == sample[None, :]) & (idx[:, None] >= idx[None, :])
+    dense = F.scaled_dot_product_attention(
+        q.transpose(0, 1),
+        k.repeat_interleave(2, 1).transpose(0, 1),
+        v.repeat_interleave(2, 1).transpose(0, 1),
+        attn_mask=allowed,
+    ).transpose(0, 1)
+    torch.testing.assert_close(out, dense)
+
+
+def test_fused_ops_match_transformers() -> None:
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
+
+    torch.manual_seed(0)
+    norm = LlamaRMSNorm(16, eps=1e-6)
+    norm.weight.data.normal_()
+    x = torch.randn(3, 5, 16, dtype=torch.bfloat16)
+    torch.testing.assert_close(fused_ops.rms_norm(x, norm.weight, 1e-6), norm(x), rtol=0, atol=0)
+    q, k = torch.randn(2, 4, 6, 8), torch.randn(2, 2, 6, 8)  # [batch, heads, seq, dim]
+    cos, sin = torch.randn(6, 8), torch.randn(6, 8)
+    pos = torch.arange(6)[None].expand(2, 6)
+    ref_q, ref_k = apply_rotary_pos_emb(q, k, cos, sin, pos)
+    flat = pos.reshape(-1)
+    got_q, got_k = fused_ops.rope(
+        q.transpose(1, 2).reshape(12, 4, 8),
+        k.transpose(1, 2).reshape(12, 2, 8),
+        cos[flat][:, None],
+        sin[flat][:, None],
+    )
+    torch.testing.assert_close(got_q, ref_q.transpose(1, 2).reshape(12, 4, 8), rtol=0, atol=0)
+    torch.testing.assert_close(got_k, ref_k.transpose(1, 2).reshape(12, 2, 8), rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_kernel_and_compiled_ops_keep_per_sample_losses() -> None:
+    """On a GPU: the varlen kernel chosen there and the compiled norms/MLP/RoPE, bf16."""
+    reference_model = tiny_llama().cuda().to(torch.bfloat16)
+    batch = samples(reference_model.config.vocab_size)
+    reference = unpacked_losses(reference_model, batch)
+    model = tiny_llama().cuda().to(torch.bfloat16)
+    kernel = packing.patch_attention(model, compiled_rope=True)
+    fused_ops.compile_blocks(model)
+    assert kernel in ("flash_attn", "torch_varlen")
+    row = {k: v.cuda() for k, v in packing.PackingCollator()(batch).items()}
+    with torch.no_grad():
+        logits = model(input_ids=row["input_ids"], position_ids=row["position_ids"]).logits[0]
+    packed = [
+        per_sample_loss(lg.float(), torch.tensor(s["labels"], device="cuda"))
+        for lg, s in zip(split(logits, batch), batch, strict=True)
+    ]
+    assert packed == pytest.approx(reference, rel=2e-2)
