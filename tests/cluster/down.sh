@@ -28,6 +28,10 @@ if ((${#pids[@]})); then
   done
   if ((${#alive[@]})); then kill -KILL "${alive[@]}" 2>/dev/null || true; fi
 fi
+# The kernel frees a namespace, and the veth inside it, some time after its last process
+# leaves; delete the host ends now so an immediate up.sh can reuse the names.
+mapfile -t veths < <(ip -o link show | awk -F': ' -v p="${NS_PREFIX}v-" 'index($2, p) == 1 {sub("@.*", "", $2); print $2}')
+for veth in "${veths[@]}"; do ip link del "$veth" 2>/dev/null || true; done
 for ns in "${spaces[@]}"; do ip netns del "$ns"; done
 if ip link show "$BRIDGE" >/dev/null 2>&1; then ip link del "$BRIDGE"; fi
 rm -f "$CLUSTER_DIR"/*.pid "$CLUSTER_DIR"/munge/munged.pid

@@ -169,7 +169,7 @@ def test_finetune_tiny_model(cluster: Cluster, tmp_path: Path) -> None:
         env=job_env(run, NPROC_PER_NODE="1"),
         options=(*NO_GPUS, f"--output={tmp_path}/%j.out"),
     )
-    job = cluster.wait(job_id, timeout=600)
+    job = cluster.wait(job_id, timeout=420)
     output = (tmp_path / f"{job_id}.out").read_text()
     assert (job["JobState"], job["ExitCode"], job["Restarts"]) == ("COMPLETED", "0:0", "0"), output
     assert output.count("is valid") == 1  # validated once, before the training step
