@@ -1,0 +1,174 @@
+"""python -m bench: llmtrain against the plain HF Trainer baseline, in one process, on one GPU.
+
+For each workload it builds the random-init model and the rows once, runs the baseline, then
+each llmtrain variant on the same model, rows, sample order, sequence length and batch, and
+writes results.json and results.md (and prints the table). A variant whose steps did not hold
+the same samples as the baseline's is refused, and the command then exits 1.
+
+  python -m bench                                   # every workload, on a GPU
+  python -m bench --workloads fixed-1b-full --ablation
+  python -m bench --smoke                           # tiny model, CPU, a minute
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench.probe import Probe
+from bench.report import MFU_FORMULA, NotComparable, compare, metrics, table
+from bench.runs import run_baseline, run_llmtrain
+from bench.workloads import LENGTH_DISTRIBUTION, SMOKE, WORKLOADS, build_model, build_rows
+from llmtrain import manifest
+
+# llmtrain as a user gets it (fused AdamW on CUDA, chunked loss, 2 DataLoader workers, and for
+# instruction data padding-free packing), then with torch.compile of the block pieces.
+VARIANTS = {"llmtrain": [], "llmtrain+compile": ["training.compile=true"]}
+# The same path with only fused AdamW differing from the baseline: what the other levers add.
+ABLATION = {
+    "llmtrain fused-AdamW only": [
+        "training.chunked_loss=false",
+        "training.dataloader_num_workers=0",
+    ]
+}
+
+
+def targets(work_name: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    ours = [r for r in rows if r["run"] != "baseline" and "error" not in r]
+    if not ours:
+        return {}
+    if work_name.startswith("var-"):
+        best = max(ours, key=lambda r: r["effective_ratio"])
+        return {
+            "best": best["run"],
+            "effective_ratio>=2.0": best["effective_ratio"] >= 2.0,
+            "first_loss_rel_diff<1e-2": best["first_loss_rel_diff"] < 1e-2,
+        }
+    best = max(ours, key=lambda r: r["tokens_ratio"])
+    out = {
+        "best": best["run"],
+        "tokens_ratio>=1.25": best["tokens_ratio"] >= 1.25,
+        "peak_memory<=baseline": best["memory_ratio"] is not None and best["memory_ratio"] <= 1.0,
+    }
+    if work_name == "fixed-1b-full":
+        out["mfu>=0.45"] = best["mfu"] >= 0.45
+    return out
+
+
+def run_workload(
+    name: str, smoke: bool, variants: dict[str, list[str]], root: Path, warmup: int, steps: int
+) -> tuple[list[dict[str, Any]], bool]:
+    work = (SMOKE if smoke else WORKLOADS)[name]
+    rows = build_rows(work, work.batch * (warmup + steps), seed=0)
+    model_dir, shape = build_model(work.model, root)
+    print(f"== {name}: {work.describe}, {len(rows)} rows", file=sys.stderr, flush=True)
+    out: list[dict[str, Any]] = []
+    refused = False
+    base = Probe("baseline", warmup, steps)
+    try:
+        run_baseline(work, model_dir, rows, root / f"{name}-baseline", base)
+    except Exception as exc:  # an OOM here is a result: the baseline cannot run this
+        traceback.print_exc()
+        return [{"workload": name, "run": "baseline", "error": repr(exc)}], False
+    out.append(
+        {
+            "workload": name,
+            "run": "baseline",
+            **metrics(base.result, shape),
+            "raw": base.result.as_dict(),
+        }
+    )
+    for label, overrides in variants.items():
+        probe = Probe(label, warmup, steps)
+        run_dir = root / f"{name}-{label.replace(' ', '_').replace('+', '_')}"
+        row: dict[str, Any] = {"workload": name, "run": label}
+        try:
+            run_llmtrain(work, model_dir, rows, run_dir, probe, overrides)
+            row.update(compare(base.result, probe.result, shape))
+        except NotComparable as exc:
+            row["error"] = f"refused: {exc}"
+            refused = True
+        except Exception as exc:
+            traceback.print_exc()
+            row["error"] = repr(exc)
+        row["raw"] = probe.result.as_dict()
+        out.append(row)
+        shutil.rmtree(run_dir, ignore_errors=True)
+    return out, refused
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--workloads", default=None, help="comma-separated; default: all")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="llmtrain variants")
+    parser.add_argument("--ablation", action="store_true", help="also the fused-AdamW-only run")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--smoke", action="store_true", help="tiny model on CPU, 1+2 steps")
+    parser.add_argument("--out", type=Path, default=Path("out/bench"))
+    parser.add_argument("--work-dir", type=Path, default=None, help="models and run outputs")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
+    known = SMOKE if args.smoke else WORKLOADS
+    names = args.workloads.split(",") if args.workloads else list(known)
+    chosen = {v: VARIANTS[v] for v in args.variants.split(",") if v}
+    if args.ablation:
+        chosen = {**ABLATION, **chosen}
+    unknown = [n for n in names if n not in known] + [
+        v for v in chosen if v not in {**VARIANTS, **ABLATION}
+    ]
+    if unknown:
+        parser.error(
+            f"unknown workloads/variants: {', '.join(unknown)} (known: {', '.join(known)})"
+        )
+    warmup, steps = (1, 2) if args.smoke else (args.warmup, args.steps)
+    root = args.work_dir or Path(tempfile.mkdtemp(prefix="llmtrain-bench-"))
+    root.mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, Any]] = []
+    refused = False
+    summary: dict[str, Any] = {}
+    try:
+        for name in names:
+            got, was_refused = run_workload(name, args.smoke, chosen, root, warmup, steps)
+            rows += got
+            refused |= was_refused
+            summary[name] = targets(name, got)
+    finally:
+        if args.work_dir is None:
+            shutil.rmtree(root, ignore_errors=True)
+    ok = [r for r in rows if "error" not in r]
+    md = table(ok)
+    errors = "\n".join(
+        f"- {r['workload']} / {r['run']}: {r['error']}" for r in rows if "error" in r
+    )
+    report = {
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "packages": manifest.package_versions(),
+        "warmup_steps": warmup,
+        "timed_steps": steps,
+        "mfu_formula": MFU_FORMULA,
+        "length_distribution": LENGTH_DISTRIBUTION,
+        "targets": summary,
+        "runs": rows,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(report, indent=1) + "\n")
+    (args.out / "results.md").write_text(md + ("\n\n" + errors if errors else "") + "\n")
+    print(md)
+    if errors:
+        print(errors)
+    print(json.dumps(summary, indent=1))
+    return 1 if refused else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""What one training run did, measured from inside the HF Trainer the same way for every run.
+
+A forward pre-hook on the model counts, for every micro-batch as the model receives it, the
+tokens (padding included), the real tokens, the tokens that carry loss, the samples, the sum of
+squared sample lengths (for attention FLOPs) and a checksum of the samples' content; a forward
+hook keeps the loss. All stay on the device until the run ends, so measuring adds no host sync.
+The clock runs from the end of the last warm-up step to the end of the last timed step, with
+torch.cuda.synchronize() at both ends.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+from llmtrain.data import IGNORE_INDEX
+
+
+@dataclass
+class RunResult:
+    name: str
+    seconds: float = 0.0
+    timed_steps: int = 0
+    tokens: int = 0  # in the timed steps, padding included
+    real_tokens: int = 0
+    loss_tokens: int = 0
+    samples: int = 0
+    sum_sq_lengths: int = 0
+    peak_bytes: int | None = None
+    samples_per_step: list[int] = field(default_factory=list)
+    checksums: list[int] = field(default_factory=list)  # one per step, all steps
+    losses: list[float] = field(default_factory=list)
+    notes: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def batch_stats(kwargs: dict[str, Any]) -> torch.Tensor:
+    """[tokens, real tokens, loss tokens, samples, sum of squared lengths, checksum] (int64)."""
+    ids: torch.Tensor = kwargs["input_ids"]
+    labels: torch.Tensor = kwargs["labels"]
+    mask = kwargs.get("attention_mask")
+    pos = kwargs.get("position_ids")
+    if pos is not None:  # packed rows: a sample starts where its positions restart
+        pos = pos.expand_as(ids)
+        real = torch.ones_like(ids)
+        samples = (pos == 0).sum()
+    else:  # one padded sample per row, padded on either side
+        real = mask.long() if mask is not None else torch.ones_like(ids)
+        pos = (real.cumsum(-1) - 1).clamp(min=0)
+        samples = torch.tensor(ids.shape[0], device=ids.device)
+    loss_tokens = (labels[..., 1:] != IGNORE_INDEX).sum()
+    # n^2 = sum over p < n of (2p + 1): squared sample lengths without finding the samples.
+    sum_sq = ((2 * pos + 1) * real).sum()
+    checksum = (ids * (pos + 1) * real).sum() + 7 * loss_tokens
+    values = [ids.numel(), real.sum(), loss_tokens, samples, sum_sq, checksum]
+    return torch.stack([torch.as_tensor(v, device=ids.device, dtype=torch.long) for v in values])
+
+
+class Probe(TrainerCallback):
+    def __init__(self, name: str, warmup: int, steps: int) -> None:
+        self.result = RunResult(name)
+        self.warmup, self.steps = warmup, steps
+        self.stats: list[torch.Tensor] = []
+        self.losses: list[torch.Tensor] = []
+        self.handles: list[Any] = []
+        self.t0 = 0.0
+        self.first_timed = 0
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        model = kwargs["model"]
+
+        def before(module: Any, a: tuple[Any, ...], kw: dict[str, Any]) -> None:
+            if module.training:
+                self.stats.append(batch_stats(kw))
+
+        def after(module: Any, a: tuple[Any, ...], kw: dict[str, Any], out: Any) -> None:
+            if module.training:
+                self.losses.append(out["loss"].detach().float())
+
+        self.handles = [
+            model.register_forward_pre_hook(before, with_kwargs=True),
+            model.register_forward_hook(after, with_kwargs=True),
+        ]
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.global_step == self.warmup:
+            _sync()
+            self.t0 = time.perf_counter()
+            self.first_timed = len(self.stats)
+        elif state.global_step == self.warmup + self.steps:
+            _sync()
+            self.result.seconds = time.perf_counter() - self.t0
+            self.result.timed_steps = self.steps
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        for h in self.handles:
+            h.remove()
+        accumulation = args.gradient_accumulation_steps
+        table = torch.stack(self.stats).cpu()
+        timed = table[self.first_timed :].sum(0).tolist()
+        r = self.result
+        r.tokens, r.real_tokens, r.loss_tokens, r.samples, r.sum_sq_lengths = timed[:5]
+        per_step = table.view(-1, accumulation, table.shape[1]).sum(1)
+        r.samples_per_step = per_step[:, 3].tolist()
+        r.checksums = per_step[:, 5].tolist()
+        losses = torch.stack(self.losses).cpu().view(-1, accumulation).mean(1)
+        r.losses = losses.tolist()
+        if torch.cuda.is_available():
+            r.peak_bytes = torch.cuda.max_memory_allocated()
