@@ -106,6 +106,28 @@ def run_workload(
     return out, refused
 
 
+def write_report(
+    out: Path, rows: list[dict[str, Any]], summary: dict[str, Any], warmup: int, steps: int
+) -> None:
+    errors = "\n".join(
+        f"- {r['workload']} / {r['run']}: {r['error']}" for r in rows if "error" in r
+    )
+    report = {
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "packages": manifest.package_versions(),
+        "warmup_steps": warmup,
+        "timed_steps": steps,
+        "mfu_formula": MFU_FORMULA,
+        "length_distribution": LENGTH_DISTRIBUTION,
+        "targets": summary,
+        "runs": rows,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(report, indent=1) + "\n")
+    md = table([r for r in rows if "error" not in r])
+    (out / "results.md").write_text(md + ("\n\n" + errors if errors else "") + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     parser.add_argument("--workloads", default=None, help="comma-separated; default: all")
@@ -142,30 +164,11 @@ def main(argv: list[str] | None = None) -> int:
             rows += got
             refused |= was_refused
             summary[name] = targets(name, got)
+            write_report(args.out, rows, summary, warmup, steps)  # each workload, as it ends
     finally:
         if args.work_dir is None:
             shutil.rmtree(root, ignore_errors=True)
-    ok = [r for r in rows if "error" not in r]
-    md = table(ok)
-    errors = "\n".join(
-        f"- {r['workload']} / {r['run']}: {r['error']}" for r in rows if "error" in r
-    )
-    report = {
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-        "packages": manifest.package_versions(),
-        "warmup_steps": warmup,
-        "timed_steps": steps,
-        "mfu_formula": MFU_FORMULA,
-        "length_distribution": LENGTH_DISTRIBUTION,
-        "targets": summary,
-        "runs": rows,
-    }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(report, indent=1) + "\n")
-    (args.out / "results.md").write_text(md + ("\n\n" + errors if errors else "") + "\n")
-    print(md)
-    if errors:
-        print(errors)
+    print((args.out / "results.md").read_text())
     print(json.dumps(summary, indent=1))
     return 1 if refused else 0
 

@@ -16,6 +16,7 @@ None of them ever attends across samples. The same forward serves unpacked rows 
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import inspect
 import logging
@@ -176,18 +177,21 @@ _KERNEL_FUNCS: dict[str, Callable[..., torch.Tensor]] = {
 def _probe(kernel: str, device: torch.device, dtype: torch.dtype) -> str | None:
     """Run the kernel forward and backward on two tiny samples; the error text if it fails."""
     try:
-        q, k, v = (
-            torch.randn(24, h, 64, device=device, dtype=dtype, requires_grad=True)
-            for h in (4, 2, 2)
-        )
-        seg = find_segments(torch.tensor([list(range(16)) + list(range(8))], device=device), 1, 24)
-        _KERNEL_FUNCS[kernel](q, k, v, seg, 0.0).sum().backward()
+        with torch.enable_grad():  # the first use may come under no_grad (evaluation)
+            q, k, v = (
+                torch.randn(24, h, 64, device=device, dtype=dtype, requires_grad=True)
+                for h in (4, 2, 2)
+            )
+            pos = torch.tensor([list(range(16)) + list(range(8))], device=device)
+            _KERNEL_FUNCS[kernel](q, k, v, find_segments(pos, 1, 24), 0.0).sum().backward()
     except Exception as exc:  # any failure means: use the next kernel
         return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
     return None
 
 
+@functools.cache
 def choose_kernel(device: torch.device, dtype: torch.dtype, dropout: float) -> str:
+    """The first kernel that runs forward and backward here, chosen at first use and logged."""
     candidates = []
     if device.type == "cuda":
         if importlib.util.find_spec("flash_attn") is not None:
@@ -197,9 +201,12 @@ def choose_kernel(device: torch.device, dtype: torch.dtype, dropout: float) -> s
     for kernel in candidates:
         error = _probe(kernel, device, dtype)
         if error is None:
-            return kernel
+            break
         log.warning("padding-free attention: %s does not run here (%s)", kernel, error)
-    return "sdpa_per_sample"
+    else:
+        kernel = "sdpa_per_sample"
+    log.info("padding-free attention: kernel %s (%s, %s)", kernel, device, dtype)
+    return kernel
 
 
 def _packed_forward(
@@ -240,6 +247,8 @@ def _packed_forward(
     flat_pos = position_ids.expand(bsz, q_len).reshape(-1)
     q, k = self._llmtrain_rope(q, k, cos[flat_pos][:, None], sin[flat_pos][:, None])
     dropout = self.attention_dropout if self.training else 0.0
+    # Chosen where the tensors are: the Trainer moves the model after it was patched.
+    self._llmtrain_kernel = choose_kernel(q.device, q.dtype, self.attention_dropout)
     out = _KERNEL_FUNCS[self._llmtrain_kernel](q, k, v, seg, dropout)
     return self.o_proj(out.reshape(bsz, q_len, self.hidden_size)), None, past_key_value
 
@@ -256,8 +265,8 @@ def supports(model: PreTrainedModel) -> bool:
     return model.config.model_type in SUPPORTED and model.config._attn_implementation != "eager"
 
 
-def patch_attention(model: PreTrainedModel, *, compiled_rope: bool = False) -> str:
-    """Give every attention module the packed forward; returns the kernel chosen (logged)."""
+def patch_attention(model: PreTrainedModel, *, compiled_rope: bool = False) -> None:
+    """Give every attention module the packed forward."""
     config = model.config
     if config.model_type not in SUPPORTED:
         raise ConfigError(
@@ -272,24 +281,13 @@ def patch_attention(model: PreTrainedModel, *, compiled_rope: bool = False) -> s
             "set model.attn_implementation=auto",
         )
     modules = _attention_modules(model)
-    param = next(model.parameters())
-    device = param.device if param.device.type != "meta" else torch.device("cpu")
-    if device.type == "cpu" and torch.cuda.is_available():
-        device = torch.device("cuda")  # the Trainer moves the model there
-    dropout = float(getattr(config, "attention_dropout", 0.0) or 0.0)
-    kernel = choose_kernel(
-        device, torch.bfloat16 if device.type == "cuda" else torch.float32, dropout
-    )
     rope = fused_ops.compiled("rope") if compiled_rope else fused_ops.rope
     for m in modules:
         m._llmtrain_original_forward = m.forward
-        m._llmtrain_kernel = kernel
         m._llmtrain_rope = rope
         m.forward = types.MethodType(_packed_forward, m)
     log.info(
-        "padding-free attention: kernel %s on %d attention modules%s",
-        kernel,
+        "padding-free attention on %d attention modules%s",
         len(modules),
         " (compiled RoPE)" if compiled_rope else "",
     )
-    return kernel

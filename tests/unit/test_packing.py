@@ -99,8 +99,9 @@ def test_per_sample_losses_equal_packed_and_unpacked(make) -> None:  # type: ign
     model = make()
     batch = samples(model.config.vocab_size)
     reference = unpacked_losses(model, batch)
-    assert packing.patch_attention(model) == "sdpa_per_sample"
+    packing.patch_attention(model)
     logits = packed_logits(model, batch)
+    assert model.model.layers[0].self_attn._llmtrain_kernel == "sdpa_per_sample"
     packed = [
         per_sample_loss(lg, torch.tensor(s["labels"]))
         for lg, s in zip(split(logits, batch), batch, strict=True)
@@ -150,13 +151,15 @@ def test_padded_batches_keep_the_original_attention() -> None:
     torch.testing.assert_close(after, before, rtol=0, atol=0)
 
 
-def test_compiled_rope_hook_and_kernel_are_logged(caplog: pytest.LogCaptureFixture) -> None:
+def test_kernel_choice_is_logged_at_first_use(caplog: pytest.LogCaptureFixture) -> None:
     model = tiny_llama()
+    packing.choose_kernel.cache_clear()
     with caplog.at_level(logging.INFO, logger="llmtrain.packing"):
-        kernel = packing.patch_attention(model)
-    assert f"kernel {kernel} on 4 attention modules" in caplog.text
-    attn = model.model.layers[0].self_attn
-    assert attn._llmtrain_rope is fused_ops.rope
+        packing.patch_attention(model)
+        packed_logits(model, samples(model.config.vocab_size))
+    assert "padding-free attention on 4 attention modules" in caplog.text
+    assert "padding-free attention: kernel sdpa_per_sample (cpu, torch.float32)" in caplog.text
+    assert model.model.layers[0].self_attn._llmtrain_rope is fused_ops.rope
 
 
 def test_refuses_eager_attention_and_unknown_architectures() -> None:
@@ -218,9 +221,8 @@ def test_gpu_kernel_and_compiled_ops_keep_per_sample_losses() -> None:
     batch = samples(reference_model.config.vocab_size)
     reference = unpacked_losses(reference_model, batch)
     model = tiny_llama().cuda().to(torch.bfloat16)
-    kernel = packing.patch_attention(model, compiled_rope=True)
+    packing.patch_attention(model, compiled_rope=True)
     fused_ops.compile_blocks(model)
-    assert kernel in ("flash_attn", "torch_varlen")
     row = {k: v.cuda() for k, v in packing.PackingCollator()(batch).items()}
     with torch.no_grad():
         logits = model(input_ids=row["input_ids"], position_ids=row["position_ids"]).logits[0]
@@ -228,4 +230,5 @@ def test_gpu_kernel_and_compiled_ops_keep_per_sample_losses() -> None:
         per_sample_loss(lg.float(), torch.tensor(s["labels"], device="cuda"))
         for lg, s in zip(split(logits, batch), batch, strict=True)
     ]
+    assert model.model.layers[0].self_attn._llmtrain_kernel in ("flash_attn", "torch_varlen")
     assert packed == pytest.approx(reference, rel=2e-2)
