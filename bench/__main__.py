@@ -140,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work-dir", type=Path, default=None, help="models and run outputs")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
+    # One process compiles the block pieces for every model and shape of the run.
+    torch._dynamo.config.cache_size_limit = 64
     known = SMOKE if args.smoke else WORKLOADS
     names = args.workloads.split(",") if args.workloads else list(known)
     chosen = {v: VARIANTS[v] for v in args.variants.split(",") if v}

@@ -70,7 +70,8 @@ def patch_causal_lm_loss(model: Any) -> bool:
     ) -> Any:
         if labels is None or not model.training:
             return original(input_ids=input_ids, labels=labels, return_dict=return_dict, **kwargs)
-        out = model.model(input_ids=input_ids, return_dict=True, **kwargs)
+        # Training never reads a KV cache: keep transformers from building one.
+        out = model.model(input_ids=input_ids, return_dict=True, **{**kwargs, "use_cache": False})
         loss = chunked_lm_loss(out.last_hidden_state, model.lm_head, labels, chunk_tokens)
         if return_dict is False:
             return (loss, *out.to_tuple()[1:])  # as transformers' tuple, without logits

@@ -30,6 +30,31 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * normed.to(x.dtype)
 
 
+def add_rms_norm(
+    residual: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual add and the next RMSNorm in one pass: (residual + delta, its norm)."""
+    total = residual + delta
+    return total, rms_norm(total, weight, eps)
+
+
+def autocast_input(x: torch.Tensor) -> torch.Tensor:
+    """x in the autocast dtype, once, for several matmuls that would each cast it again.
+
+    The forward values are autocast's own; in the backward the branches' gradients are summed
+    in that dtype before the one cast back, instead of in fp32 after three casts."""
+    dtype = _autocast_dtype(x.device.type)
+    return x if dtype is None or x.dtype != torch.float32 else x.to(dtype)
+
+
+def _autocast_dtype(kind: str) -> torch.dtype | None:
+    if hasattr(torch, "get_autocast_dtype"):  # torch >= 2.4
+        return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
+    if kind == "cuda" and torch.is_autocast_enabled():  # torch 2.3 (NGC 24.04)
+        return torch.get_autocast_gpu_dtype()
+    return None
+
+
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
@@ -46,7 +71,12 @@ def rope(
     return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
 
-_EAGER: dict[str, Callable[..., Any]] = {"rms_norm": rms_norm, "swiglu": swiglu, "rope": rope}
+_EAGER: dict[str, Callable[..., Any]] = {
+    "rms_norm": rms_norm,
+    "add_rms_norm": add_rms_norm,
+    "swiglu": swiglu,
+    "rope": rope,
+}
 _COMPILED: dict[str, Callable[..., Any]] = {}
 
 
@@ -63,8 +93,41 @@ def _norm_forward(self: Any, hidden_states: torch.Tensor) -> torch.Tensor:
 
 
 def _mlp_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
+    x = autocast_input(x)
     out: torch.Tensor = self.down_proj(compiled("swiglu")(self.gate_proj(x), self.up_proj(x)))
     return out
+
+
+def _layer_forward(
+    self: Any,
+    hidden_states: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    past_key_value: Any = None,
+    output_attentions: bool = False,
+    use_cache: bool = False,
+    **kwargs: Any,
+) -> tuple[Any, ...]:
+    """transformers' decoder layer with the attention residual fused into the second norm."""
+    attn_out, weights, present = self.self_attn(
+        hidden_states=self.input_layernorm(hidden_states),
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        past_key_value=past_key_value,
+        output_attentions=output_attentions,
+        use_cache=use_cache,
+        **kwargs,
+    )
+    norm = self.post_attention_layernorm
+    hidden_states, normed = compiled("add_rms_norm")(
+        hidden_states, attn_out, norm.weight, norm.variance_epsilon
+    )
+    hidden_states = hidden_states + self.mlp(normed)
+    return (
+        hidden_states,
+        *([weights] if output_attentions else []),
+        *([present] if use_cache else []),
+    )
 
 
 def _is_rms_norm(m: nn.Module) -> bool:
@@ -79,15 +142,26 @@ def _is_swiglu_mlp(m: nn.Module, config: Any) -> bool:
     )
 
 
+def _is_decoder_layer(m: nn.Module) -> bool:
+    parts = ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm")
+    return all(hasattr(m, a) for a in parts) and _is_rms_norm(
+        m.get_submodule("post_attention_layernorm")
+    )
+
+
 def compile_blocks(model: PreTrainedModel) -> int:
-    """Route every RMSNorm and SwiGLU MLP through the compiled functions; returns the count."""
+    """Route every RMSNorm, SwiGLU MLP and decoder layer through the compiled functions;
+    returns the number of modules changed."""
     count = 0
     for m in model.modules():
-        if _is_rms_norm(m):
+        if _is_decoder_layer(m):
+            m.forward = types.MethodType(_layer_forward, m)
+            count += 1
+        elif _is_rms_norm(m):
             m.forward = types.MethodType(_norm_forward, m)
             count += 1
         elif _is_swiglu_mlp(m, model.config):
             m.forward = types.MethodType(_mlp_forward, m)
             count += 1
-    log.info("torch.compile: %d norms and MLPs use compiled kernels", count)
+    log.info("torch.compile: %d layers, norms and MLPs use compiled kernels", count)
     return count

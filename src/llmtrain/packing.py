@@ -240,6 +240,7 @@ def _packed_forward(
             f"set data.max_length to at most {window}, or data.packing=none",
         )
     tokens = bsz * q_len
+    hidden_states = fused_ops.autocast_input(hidden_states)
     q = self.q_proj(hidden_states).view(tokens, self.num_heads, self.head_dim)
     k = self.k_proj(hidden_states).view(tokens, self.num_key_value_heads, self.head_dim)
     v = self.v_proj(hidden_states).view(tokens, self.num_key_value_heads, self.head_dim)

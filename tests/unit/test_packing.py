@@ -232,3 +232,30 @@ def test_gpu_kernel_and_compiled_ops_keep_per_sample_losses() -> None:
     ]
     assert model.model.layers[0].self_attn._llmtrain_kernel in ("flash_attn", "torch_varlen")
     assert packed == pytest.approx(reference, rel=2e-2)
+
+
+def test_compiled_block_structure_matches_transformers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The patched layers, MLPs and norms compute what transformers does, loss and gradients
+    (the eager functions stand in for their torch.compile versions, which the GPU test runs)."""
+    monkeypatch.setattr(fused_ops, "compiled", lambda name: fused_ops._EAGER[name])
+    reference, model = tiny_llama().train(), tiny_llama().train()
+    packing.patch_attention(model, compiled_rope=True)
+    assert fused_ops.compile_blocks(model) == 4 + 4 + 2 * 4 + 1  # layers, MLPs, norms
+    batch = PadCollator(pad_token_id=0)(samples(model.config.vocab_size))
+    batch.pop("attention_mask")  # unpadded rows take the patched attention
+    ref_loss, loss = reference(**batch).loss, model(**batch).loss
+    torch.testing.assert_close(loss, ref_loss)
+    ref_loss.backward()
+    loss.backward()
+    for p, q in zip(reference.parameters(), model.parameters(), strict=True):
+        # Per-sample attention sums in another order than one batched SDPA call.
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-3, atol=5e-5)
+
+
+def test_autocast_input_casts_once_under_autocast_only() -> None:
+    x = torch.randn(4, 8)
+    assert fused_ops.autocast_input(x) is x
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = fused_ops.autocast_input(x)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y, x.to(torch.bfloat16), rtol=0, atol=0)
