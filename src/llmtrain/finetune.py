@@ -298,6 +298,7 @@ def train(cfg: RunConfig, world: World, extra_callbacks: Sequence[TrainerCallbac
         recorder=recorder,
     )
     trainer_ref.append(trainer)
+    strategies.prepare_trainer(trainer, cfg)
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     if stop.reason is not None:
         raise StopRequested(f"{stop.reason}; checkpoint at step {trainer.state.global_step}")
@@ -309,7 +310,7 @@ def save_final(cfg: RunConfig, world: World, trainer: Trainer, tokenizer: Any, o
     is_adapter = cfg.method.name in ("lora", "qlora")
     final = out / "final" / ("adapter" if is_adapter else "model")
     tmp = final.with_name(f".{final.name}.tmp")
-    trainer.save_model(str(tmp))  # every rank: FSDP and ZeRO-3 gather shards here
+    strategies.save_model(trainer, str(tmp))  # every rank: FSDP and ZeRO-3 gather here
     if world.is_main:
         tokenizer.save_pretrained(str(tmp))
         if final.exists():
