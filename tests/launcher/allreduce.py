@@ -24,6 +24,11 @@ def overrides(argv: list[str]) -> dict[str, str]:
     return dict(arg.split("=", 1) for arg in argv[1:] if "=" in arg)
 
 
+def say(line: str) -> None:
+    """One write per line: workers run unbuffered (python -u) and share the job's log."""
+    os.write(1, f"{line}\n".encode())
+
+
 def main() -> int:
     opts = overrides(sys.argv[1:])
     backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -32,12 +37,11 @@ def main() -> int:
     total = torch.tensor([float(rank)])
     dist.all_reduce(total)
     expected = world * (world - 1) / 2
-    print(
+    say(
         f"allreduce: rank={rank} world={world} host={socket.gethostname()} "
         f"sum={total.item():g} expected={expected:g} "
         f"restart={os.environ.get('SLURM_RESTART_COUNT', '0')} "
-        f"deadline={os.environ.get('LLMTRAIN_DEADLINE', '')}",
-        flush=True,
+        f"deadline={os.environ.get('LLMTRAIN_DEADLINE', '')}"
     )
     if total.item() != expected:
         return 1
@@ -51,7 +55,7 @@ def main() -> int:
     dist.all_reduce(stopped, op=dist.ReduceOp.MAX)
     dist.destroy_process_group()
     if stopped.item():
-        print(f"allreduce: rank={rank} saw {stop_file}; stopping for a requeue", flush=True)
+        say(f"allreduce: rank={rank} saw {stop_file}; stopping for a requeue")
         if rank == 0 and world > 1:
             # Let the other nodes exit first, so srun --kill-on-bad-exit kills this one (exit
             # 143): the launchers must still report the 75 that came first.
