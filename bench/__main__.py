@@ -65,7 +65,13 @@ def targets(work_name: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def run_workload(
-    name: str, smoke: bool, variants: dict[str, list[str]], root: Path, warmup: int, steps: int
+    name: str,
+    smoke: bool,
+    variants: dict[str, list[str]],
+    root: Path,
+    warmup: int,
+    steps: int,
+    profile_dir: Path | None = None,
 ) -> tuple[list[dict[str, Any]], bool]:
     work = (SMOKE if smoke else WORKLOADS)[name]
     rows = build_rows(work, work.batch * (warmup + steps), seed=0)
@@ -73,7 +79,14 @@ def run_workload(
     print(f"== {name}: {work.describe}, {len(rows)} rows", file=sys.stderr, flush=True)
     out: list[dict[str, Any]] = []
     refused = False
-    base = Probe("baseline", warmup, steps)
+
+    def profile(label: str) -> Path | None:
+        if profile_dir is None:
+            return None
+        profile_dir.mkdir(parents=True, exist_ok=True)
+        return profile_dir / f"profile-{name}-{label.replace(' ', '_').replace('+', '_')}.txt"
+
+    base = Probe("baseline", warmup, steps, profile("baseline"))
     try:
         run_baseline(work, model_dir, rows, root / f"{name}-baseline", base)
     except Exception as exc:  # an OOM here is a result: the baseline cannot run this
@@ -88,7 +101,7 @@ def run_workload(
         }
     )
     for label, overrides in variants.items():
-        probe = Probe(label, warmup, steps)
+        probe = Probe(label, warmup, steps, profile(label))
         run_dir = root / f"{name}-{label.replace(' ', '_').replace('+', '_')}"
         row: dict[str, Any] = {"workload": name, "run": label}
         try:
@@ -137,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--smoke", action="store_true", help="tiny model on CPU, 1+2 steps")
     parser.add_argument("--out", type=Path, default=Path("out/bench"))
+    parser.add_argument(
+        "--profile", action="store_true", help="write each run's top kernels (skews timing)"
+    )
     parser.add_argument("--work-dir", type=Path, default=None, help="models and run outputs")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
@@ -162,7 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     summary: dict[str, Any] = {}
     try:
         for name in names:
-            got, was_refused = run_workload(name, args.smoke, chosen, root, warmup, steps)
+            got, was_refused = run_workload(
+                name, args.smoke, chosen, root, warmup, steps, args.out if args.profile else None
+            )
             rows += got
             refused |= was_refused
             summary[name] = targets(name, got)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -68,8 +69,10 @@ def batch_stats(kwargs: dict[str, Any]) -> torch.Tensor:
 
 
 class Probe(TrainerCallback):
-    def __init__(self, name: str, warmup: int, steps: int) -> None:
+    def __init__(self, name: str, warmup: int, steps: int, profile: Path | None = None) -> None:
         self.result = RunResult(name)
+        self.profile = profile  # write the timed steps' top kernels there (timing then skewed)
+        self.profiler: Any = None
         self.warmup, self.steps = warmup, steps
         self.stats: list[torch.Tensor] = []
         self.losses: list[torch.Tensor] = []
@@ -98,10 +101,22 @@ class Probe(TrainerCallback):
             _sync()
             self.t0 = time.perf_counter()
             self.first_timed = len(self.stats)
+            if self.profile is not None:
+                self.profiler = torch.profiler.profile()
+                self.profiler.__enter__()
         elif state.global_step == self.warmup + self.steps:
             _sync()
             self.result.seconds = time.perf_counter() - self.t0
             self.result.timed_steps = self.steps
+            if self.profiler is not None:
+                self.profiler.__exit__(None, None, None)
+                assert self.profile is not None
+                self.profile.write_text(
+                    self.profiler.key_averages().table(
+                        sort_by="self_device_time_total", row_limit=40
+                    )
+                )
+                self.result.notes["profiled"] = str(self.profile.name)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         for h in self.handles:
