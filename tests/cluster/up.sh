@@ -77,7 +77,9 @@ ClusterName=llmtest
 SlurmctldHost=$CTL_NAME($CTL_ADDR)
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket=$CLUSTER_DIR/munge/munge.sock
+# cred_expire: slurmctld holds a requeued job back this long (default 120 s) so slurmd has
+# forgotten the revoked credential of the last attempt; short, for the requeue tests.
+AuthInfo=socket=$CLUSTER_DIR/munge/munge.sock,cred_expire=10
 SlurmUser=root
 SlurmdUser=root
 StateSaveLocation=$CLUSTER_DIR/ctld

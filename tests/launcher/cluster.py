@@ -63,19 +63,10 @@ class Cluster:
             job = self.job(job_id)
             if job["JobState"] in states:
                 return job
-            held = job["JobState"] == "PENDING" and job["Reason"] == "BeginTime"
-            if held and job["Restarts"] != "0" and self.idle_nodes() == self.nodes:
-                # slurmctld holds a requeued job back for two minutes; once the nodes have
-                # cleaned up the last attempt, start it now to keep the suite within its CI
-                # budget (the requeue itself already happened).
-                self.slurm("scontrol", "update", f"JobId={job_id}", "StartTime=now")
             if time.monotonic() > deadline:
                 subprocess.run(["scancel", str(job_id)], env=self.env, check=False)
                 raise TimeoutError(f"job {job_id} still {job['JobState']} after {timeout:.0f}s")
             time.sleep(1)
-
-    def idle_nodes(self) -> int:
-        return len(self.slurm("sinfo", "-h", "-N", "-t", "idle", "-o", "%N").split())
 
     def created_steps(self, job_id: int) -> list[str]:
         """Steps slurmctld created for the job, from its log (no accounting here)."""
