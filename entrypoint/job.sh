@@ -98,7 +98,7 @@ choose_runtime() {
     case "${IMAGE:-}" in
       *.sqsh) RUNTIME=pyxis ;;
       *.sif) RUNTIME=apptainer ;;
-      "") die "IMAGE is not set: export IMAGE=/absolute/path/llmtrain.sqsh (Pyxis) or .sif (Apptainer), or RUNTIME=none to use the virtual environment VENV" ;;
+      "") die "IMAGE is not set: submit with IMAGE=/absolute/path/llmtrain.sqsh (Pyxis) or .sif (Apptainer), or RUNTIME=none to use the virtual environment VENV" ;;
       *) die "IMAGE=$IMAGE is neither a .sqsh nor a .sif: set RUNTIME=pyxis or RUNTIME=apptainer" ;;
     esac
   fi
@@ -174,7 +174,7 @@ task_environment() {
 
 # Host directories the run needs, mounted at the same path inside the container.
 mount_list() {
-  local mounts=("$RUN_DIR" "$HF_HOME" "$(dirname "$CONFIG_PATH")") extra
+  local mounts=("$RUN_DIR" "$HF_HOME" "$(dirname "$CONFIG_PATH")") extra mount
   [[ -z ${TRAIN_SCRIPT:-} ]] || mounts+=("$(dirname "$TRAIN_SCRIPT")")
   [[ -z ${ACCELERATE_CONFIG:-} ]] || mounts+=("$(dirname "$ACCELERATE_CONFIG")")
   IFS=, read -r -a extra <<<"${MOUNTS:-}"
@@ -182,12 +182,13 @@ mount_list() {
     [[ $mount == /* ]] || die "MOUNTS entry '$mount' is relative: use absolute SRC[:DST] paths"
     mounts+=("$mount")
   done
-  local m seen=() out=()
-  for m in "${mounts[@]}"; do
-    [[ $m == *:* ]] || m="$m:$m"
-    [[ " ${seen[*]} " == *" $m "* ]] && continue
-    seen+=("$m")
-    out+=("$m")
+  local -A seen=()
+  local out=()
+  for mount in "${mounts[@]}"; do
+    [[ $mount == *:* ]] || mount="$mount:$mount"
+    [[ -z ${seen[$mount]:-} ]] || continue
+    seen[$mount]=1
+    out+=("$mount")
   done
   (IFS=,; printf '%s\n' "${out[*]}")
 }

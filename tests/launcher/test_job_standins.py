@@ -261,6 +261,11 @@ def test_pbs_apptainer_mpirun_command_line_and_deadline(site: dict[str, Path]) -
             "needs a virtual environment",
         ),
         ({"RUNTIME": "none", "HEAD_ADDR": ""}, ["configs/run.yaml"], "loopback address 127."),
+        (
+            {"RUNTIME": "none", "MOUNTS": "/ok,data"},
+            ["configs/run.yaml"],
+            "MOUNTS entry 'data' is relative",
+        ),
     ],
 )
 def test_bad_use_fails_before_srun(
