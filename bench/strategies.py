@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -65,13 +66,23 @@ def run_config(name: str, size: str, model: Path, data: Path, out: Path) -> dict
     method, strategy, gpus = RUNS[name]
     cfg: dict[str, Any] = {
         "model": {"path": str(model)},
-        "data": {"path": str(data), "shape": "text", "max_length": SEQ[size], "packing": "blocks",
-                 "prepared_dir": str(out.parent.parent / f"prepared-{size}")},
+        "data": {
+            "path": str(data),
+            "shape": "text",
+            "max_length": SEQ[size],
+            "packing": "blocks",
+            "prepared_dir": str(out.parent.parent / f"prepared-{size}"),
+        },
         "method": {"name": method, **({"layers": LAYERS} if method == "layers" else {})},
         "training": {
-            "per_device_train_batch_size": GLOBAL_BATCH // gpus, "learning_rate": LR[method],
-            "lr_scheduler_type": "constant", "max_steps": STEPS, "save_steps": 10 * STEPS,
-            "logging_steps": 1, "report_to": ["none"], "dataloader_num_workers": 0,
+            "per_device_train_batch_size": GLOBAL_BATCH // gpus,
+            "learning_rate": LR[method],
+            "lr_scheduler_type": "constant",
+            "max_steps": STEPS,
+            "save_steps": 10 * STEPS,
+            "logging_steps": 1,
+            "report_to": ["none"],
+            "dataloader_num_workers": 0,
             "chunked_loss": False,
         },
         "output": {"dir": str(out)},
@@ -146,14 +157,30 @@ def launch(name: str, size: str, model: Path, data: Path, root: Path) -> dict[st
     config = run_dir / "run.yaml"
     config.write_text(yaml.safe_dump(run_config(name, size, model, data, run_dir / "out")))
     result = run_dir / "result.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={gpus}", "-m", "bench.strategies",
-           "--worker", str(config), str(result), size]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={gpus}",
+        "-m",
+        "bench.strategies",
+        "--worker",
+        str(config),
+        str(result),
+        size,
+    ]
     started = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     (run_dir / "log.txt").write_text(proc.stdout + proc.stderr)
-    row: dict[str, Any] = {"run": name, "method": method, "strategy": strategy, "gpus": gpus,
-                           "exit": proc.returncode, "wall_s": round(time.time() - started, 1)}
+    row: dict[str, Any] = {
+        "run": name,
+        "method": method,
+        "strategy": strategy,
+        "gpus": gpus,
+        "exit": proc.returncode,
+        "wall_s": round(time.time() - started, 1),
+    }
     ranks = [json.loads(p.read_text()) for p in sorted(run_dir.glob("result.json.rank*"))]
     if proc.returncode != 0 or not ranks:
         row["error"] = (proc.stdout + proc.stderr)[-3000:]
@@ -165,8 +192,9 @@ def launch(name: str, size: str, model: Path, data: Path, root: Path) -> dict[st
         losses=losses,
         peak_gib=max(r["peak_bytes"] for r in ranks) / 1024**3,
         tokens_per_s_per_gpu=GLOBAL_BATCH * SEQ[size] / step_s / gpus,
-        final=str(run_dir / "out" / "final" / ("adapter" if method in ("lora", "qlora")
-                                                else "model")),
+        final=str(
+            run_dir / "out" / "final" / ("adapter" if method in ("lora", "qlora") else "model")
+        ),
         logits=str(result) + ".logits.pt",
     )
     return row
@@ -189,8 +217,10 @@ def reload_check(rows: list[dict[str, Any]], model: Path) -> None:
             loaded, _ = load_for_inference(base.model_copy(update={"path": str(final)}), None)
         device = next(loaded.parameters()).device
         size = "tiny" if device.type == "cpu" else "1b"
-        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16,
-                                             enabled=device.type == "cuda"):
+        with (
+            torch.no_grad(),
+            torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"),
+        ):
             logits = loaded(input_ids=probe_ids(size).to(device)).logits.float().cpu()
         trained = torch.load(row["logits"])
         row["reload_max_abs_diff"] = float((logits - trained).abs().max())
@@ -207,7 +237,9 @@ def compare_losses(rows: list[dict[str, Any]]) -> None:
         if "losses" not in row or ref is None or "losses" not in ref:
             continue
         pairs = list(zip(row["losses"], ref["losses"], strict=False))[:STEPS]
-        row["loss_max_rel_diff"] = max(abs(a - b) / abs(b) for a, b in pairs)
+        diffs = [abs(a - b) / abs(b) for a, b in pairs]
+        # max() skips NaN depending on its position: a NaN loss is a mismatch outright.
+        row["loss_max_rel_diff"] = max(diffs) if all(map(math.isfinite, diffs)) else math.nan
         row["loss_match"] = len(pairs) == STEPS and row["loss_max_rel_diff"] <= LOSS_RTOL
 
 
@@ -221,13 +253,21 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         if "error" in r:
             errors = [x for x in r["error"].splitlines() if "Error" in x] or ["see JSON"]
             reason = errors[-1].strip()[:120].replace("|", "/")
-            lines.append(f"| {r['run']} | {r['method']} | {r['strategy']} | {r['gpus']} | "
-                         f"failed (exit {r['exit']}): {reason} | | | | |")
+            lines.append(
+                f"| {r['run']} | {r['method']} | {r['strategy']} | {r['gpus']} | "
+                f"failed (exit {r['exit']}): {reason} | | | | |"
+            )
             continue
-        match = ("reference" if r["strategy"] == "single" else
-                 f"{'yes' if r.get('loss_match') else 'NO'} ({r.get('loss_max_rel_diff', 0):.4f})")
-        reload = (f"{r['reload_max_abs_diff']:.4f} {'ok' if r['reload_ok'] else 'NO'}"
-                  if "reload_max_abs_diff" in r else "-")
+        match = (
+            "reference"
+            if r["strategy"] == "single"
+            else f"{'yes' if r.get('loss_match') else 'NO'} ({r.get('loss_max_rel_diff', 0):.4f})"
+        )
+        reload = (
+            f"{r['reload_max_abs_diff']:.4f} {'ok' if r['reload_ok'] else 'NO'}"
+            if "reload_max_abs_diff" in r
+            else "-"
+        )
         lines.append(
             f"| {r['run']} | {r['method']} | {r['strategy']} | {r['gpus']} | {match} | "
             f"{r['losses'][0]:.4f} / {r['losses'][-1]:.4f} | {r['peak_gib']:.2f} | "
@@ -243,8 +283,12 @@ def build_data(root: Path, rows: int) -> Path:
     path = root / "text.jsonl"
     with path.open("w") as f:
         for i in range(rows):
-            f.write(json.dumps({"text": " ".join(words[(i * 97 + k) % len(words)]
-                                                 for k in range(3000))}) + "\n")
+            f.write(
+                json.dumps(
+                    {"text": " ".join(words[(i * 97 + k) % len(words)] for k in range(3000))}
+                )
+                + "\n"
+            )
     return path
 
 
@@ -265,6 +309,18 @@ def runnable(name: str, gpus: int) -> str | None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="*", choices=sorted(RUNS), help="runs to do")
+    parser.add_argument(
+        "--no-refs",
+        action="store_true",
+        help="do not add the one-GPU references of --only (merge with --report)",
+    )
+    parser.add_argument(
+        "--report",
+        nargs="*",
+        type=Path,
+        help="no runs: merge these strategies.json files (later ones win) "
+        "and write the comparison and the table",
+    )
     parser.add_argument("--model", choices=["1b", "tiny"], default="1b")
     parser.add_argument("--out", default=os.environ.get("OUT", "bench-results"))
     parser.add_argument("--work", help="models and runs (default: a temporary directory)")
@@ -273,16 +329,22 @@ def main() -> int:
     if args.worker:
         worker(*args.worker)
         return 0
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.report:
+        merged: dict[str, dict[str, Any]] = {}
+        for path in args.report:
+            merged.update({r["run"]: r for r in json.loads(path.read_text())})
+        return finish(sorted(merged.values(), key=lambda r: list(RUNS).index(r["run"])), out)
     from bench.workloads import build_model
 
     gpus = torch.cuda.device_count()
     root = Path(args.work or tempfile.mkdtemp(prefix="llmtrain-strategies-"))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     model, _ = build_model(args.model, root)
     data = build_data(root, rows=GLOBAL_BATCH * STEPS * SEQ[args.model] // 2000 + 16)
     names = args.only or list(RUNS)
-    names = sorted(set(names) | {reference(n) for n in names}, key=list(RUNS).index)
+    if not args.no_refs:
+        names = sorted(set(names) | {reference(n) for n in names}, key=list(RUNS).index)
     rows: list[dict[str, Any]] = []
     for name in names:
         why = runnable(name, gpus)
@@ -292,12 +354,16 @@ def main() -> int:
         print(f"strategies: {name}", file=sys.stderr, flush=True)
         rows.append(launch(name, args.model, model, data, root))
         reload_check(rows[-1:], model)
-        compare_losses(rows)
-        (out / "strategies.json").write_text(json.dumps(rows, indent=2))
-        (out / "strategies.md").write_text(markdown(rows))
+        finish(rows, out)
+    return finish(rows, out)
+
+
+def finish(rows: list[dict[str, Any]], out: Path) -> int:
+    compare_losses(rows)
+    (out / "strategies.json").write_text(json.dumps(rows, indent=2))
+    (out / "strategies.md").write_text(markdown(rows))
     print(markdown(rows))
-    ok = all(r.get("loss_match", r["strategy"] == "single") and r.get("reload_ok")
-             for r in rows)
+    ok = all(r.get("loss_match", r["strategy"] == "single") and r.get("reload_ok") for r in rows)
     return 0 if ok and rows else 1
 
 

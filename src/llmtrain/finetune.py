@@ -74,6 +74,11 @@ class LlmtrainTrainer(Trainer):
         self.recorder.pending += float(loss)  # already divided by gradient_accumulation_steps
         return loss
 
+    def create_optimizer(self) -> torch.optim.Optimizer:
+        optimizer = super().create_optimizer()
+        strategies.drop_empty_param_groups(optimizer)
+        return optimizer
+
     def _get_train_sampler(self) -> EpochSeededSampler:
         return EpochSeededSampler(len(self.train_dataset), self.args.seed)
 

@@ -5,7 +5,9 @@ need help to train and to save a normal HF directory.
 single, ddp      one model copy per process (DDP under a launcher)
 fsdp             torch FSDP, full shard, one unit per transformer block; checkpoints are
                  sharded, the final save is one full state dict
-zero2            DeepSpeed ZeRO-2: optimizer states and gradients sharded
+zero2            DeepSpeed ZeRO-2: optimizer states and gradients sharded; overlap_comm is
+                 off: with it, bf16 full fine-tuning on 2 H200s gave NaN from the second
+                 step (DeepSpeed 0.14.5, torch 2.11; DeepSpeed#5241)
 zero3            DeepSpeed ZeRO-3: parameters sharded too; the final save gathers 16-bit weights
 zero3_offload    ZeRO-3 with parameters and optimizer states in CPU memory; the optimizer is
                  the Trainer's torch AdamW on CPU, not DeepSpeedCPUAdam, whose op would be
@@ -17,7 +19,6 @@ The DeepSpeed configs are the package's deepspeed/*.json (configs/deepspeed/ lin
 from __future__ import annotations
 
 import json
-import logging
 import os
 from dataclasses import dataclass
 from importlib import resources
@@ -26,10 +27,17 @@ from typing import Any
 from llmtrain.config import RunConfig
 from llmtrain.errors import ConfigError
 
-log = logging.getLogger(__name__)
-
 DEEPSPEED = {"zero2": "zero2.json", "zero3": "zero3.json", "zero3_offload": "zero3_offload.json"}
 SHARDED = ("fsdp", "zero3", "zero3_offload")  # strategies that split the parameters themselves
+# The combinations that must train and save (issue 5), run by tests/gpu and bench/strategies.py;
+# bench/STRATEGIES.md says which were measured on H200s. `check` allows a few more (layers with
+# zero2, lora with zero3_offload): they run, unmeasured.
+VALIDATED: dict[str, tuple[str, ...]] = {
+    "full": ("single", "ddp", "fsdp", "zero2", "zero3", "zero3_offload"),
+    "lora": ("single", "ddp", "fsdp", "zero2", "zero3"),
+    "layers": ("single", "ddp"),
+    "qlora": ("single", "ddp"),
+}
 # TrainingArguments fields a strategy owns: set through distributed.strategy, not training.args.
 OWNED_ARGS = ("deepspeed", "fsdp", "fsdp_config", "ddp_find_unused_parameters", "ddp_backend")
 
@@ -226,6 +234,14 @@ def _sharded_checkpoints(plugin: Any) -> None:
     plugin.state_dict_type = StateDictType.SHARDED_STATE_DICT
     plugin.state_dict_config = ShardedStateDictConfig(offload_to_cpu=offload)
     plugin.optim_state_dict_config = ShardedOptimStateDictConfig(offload_to_cpu=offload)
+
+
+def drop_empty_param_groups(optimizer: Any) -> None:
+    """The Trainer always makes a no-weight-decay group; with LoRA it is empty (no norms or
+    biases train). DeepSpeed removes empty groups from the optimizer after the scheduler has
+    counted them, and the schedulers of torch 2.11 then fail zipping groups with their rates
+    (strict zip); LoRA with zero2/zero3 died at the first step."""
+    optimizer.param_groups[:] = [g for g in optimizer.param_groups if g["params"]]
 
 
 def save_model(trainer: Any, out: str) -> None:

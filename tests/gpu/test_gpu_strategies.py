@@ -1,0 +1,148 @@
+"""Check a GPU node before a long job: every validated method x strategy trains a few steps on
+the GPUs this process sees, saves a normal HF directory, and that directory loads in a fresh
+process; the refused combinations exit 64; DeepSpeed and FSDP resume from their own
+checkpoints. Skipped, with the reason, where there is no CUDA GPU. One command, from a
+checkout of this repository inside the image (srun/qsub it onto the node to check):
+
+  apptainer exec --nv llmtrain.sif python -m pytest -m gpu tests/gpu
+  srun --container-image=$PWD/llmtrain.sqsh --container-workdir=$PWD \
+      python -m pytest -m gpu tests/gpu
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from llmtrain.strategies import VALIDATED
+from tests.conftest import REPO
+
+GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(GPUS == 0, reason="needs a CUDA GPU (this suite checks a GPU node)"),
+]
+COMMON = [
+    "training.max_steps=4",
+    "training.save_steps=2",
+    "training.logging_steps=1",
+    "training.report_to=[none]",
+    "generation.samples=0",
+    "output.merge=false",
+]
+COMBOS = [(m, s) for m, strategies in VALIDATED.items() for s in strategies]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def finetune(
+    out: Path, method: str, strategy: str, *extra: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`llmtrain finetune` on one GPU, or under torchrun on every visible GPU."""
+    launcher = (
+        []
+        if strategy == "single"
+        else [
+            "-m",
+            "torch.distributed.run",
+            f"--nproc-per-node={GPUS}",
+            f"--master-port={free_port()}",
+        ]
+    )
+    cmd = [
+        sys.executable,
+        *launcher,
+        "-m",
+        "llmtrain.cli",
+        "finetune",
+        f"configs/{method}.yaml",
+        f"output.dir={out}",
+        f"distributed.strategy={'auto' if strategy == 'single' else strategy}",
+        *COMMON,
+        *extra,
+    ]
+    return subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=900,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+    )
+
+
+PROBE = """
+import sys, torch
+from pathlib import Path
+from llmtrain.config import ModelSection
+from llmtrain.export import load_for_inference
+kind, path = sys.argv[1], Path(sys.argv[2])
+base = ModelSection(path="embedded:tiny-llama")
+if kind == "adapter":
+    model, tok = load_for_inference(base, path)
+else:
+    model, tok = load_for_inference(base.model_copy(update={"path": str(path)}), None)
+ids = tok(["Question: What is 3 plus 4?\\nAnswer:"], return_tensors="pt").input_ids.cuda()
+with torch.no_grad():
+    logits = model(input_ids=ids).logits.float()
+assert torch.isfinite(logits).all(), "non-finite logits"
+print(float(logits.abs().max()))
+"""
+
+
+@pytest.mark.parametrize(("method", "strategy"), COMBOS, ids=[f"{m}-{s}" for m, s in COMBOS])
+def test_trains_saves_and_reloads(tmp_path: Path, method: str, strategy: str) -> None:
+    if method == "qlora" and importlib.util.find_spec("bitsandbytes") is None:
+        pytest.skip("bitsandbytes is not installed")
+    if strategy != "single" and GPUS < 2:
+        pytest.skip(f"{strategy} is checked on 2 or more GPUs; this node shows {GPUS}")
+    result = finetune(tmp_path, method, strategy)
+    assert result.returncode == 0, result.stderr[-4000:]
+    records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    values = [v for r in records for v in r.get("loss_exact", [])]
+    assert len(values) == 4 and all(v == v and v < 100 for v in values), values
+    adapter = method in ("lora", "qlora")
+    final = tmp_path / "final" / ("adapter" if adapter else "model")
+    weights = final / ("adapter_model.safetensors" if adapter else "model.safetensors")
+    assert weights.is_file() and weights.stat().st_size > 10_000  # not empty ZeRO-3 shards
+    probe = subprocess.run(
+        [sys.executable, "-c", PROBE, "adapter" if adapter else "model", str(final)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
+    assert probe.returncode == 0, probe.stderr[-3000:]
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "zero3", "zero3_offload"])
+def test_qlora_sharded_is_refused(tmp_path: Path, strategy: str) -> None:
+    result = finetune(tmp_path, "qlora", "single", f"distributed.strategy={strategy}")
+    assert result.returncode == 64
+    assert "not possible with peft 0.9.0" in result.stderr
+
+
+@pytest.mark.parametrize("strategy", ["zero2", "zero3", "fsdp"])
+def test_resume_from_own_checkpoint(tmp_path: Path, strategy: str) -> None:
+    if GPUS < 2:
+        pytest.skip(f"{strategy} is checked on 2 or more GPUs; this node shows {GPUS}")
+    stop = tmp_path / "stop"
+    stop.touch()
+    first = finetune(tmp_path / "run", "lora", strategy, env={"LLMTRAIN_STOP_FILE": str(stop)})
+    assert first.returncode == 75, first.stderr[-4000:]
+    stop.unlink()
+    second = finetune(tmp_path / "run", "lora", strategy)
+    assert second.returncode == 0, second.stderr[-4000:]
+    assert "resuming from" in second.stderr
