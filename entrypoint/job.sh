@@ -22,6 +22,8 @@
 #   HEAD_IFACE      take the head address from this interface of the head node (e.g. ib0)
 #   MASTER_PORT     rendezvous port   [20000 + job id modulo 20000]
 #   NPROC_PER_NODE  processes per node   [GPUs of the node; CPUs when it has none]
+#   PREFLIGHT       1: run `llmtrain doctor` on every node first (GPUs, NCCL bandwidth and
+#                   transport, /dev/shm, output dir, offline cache); its failure stops the job
 #   MAX_RESTARTS    Slurm requeues after failures other than 64, 65 and 75   [3]
 #   WALLTIME        PBS: the job's wall time, HH:MM:SS or seconds   [qstat -f]
 #   TRAIN_SCRIPT    a Python script run instead of `llmtrain finetune` (smoke tests), with
@@ -159,7 +161,7 @@ task_environment() {
   export LLMTRAIN_STOP_FILE="$RUN_DIR/STOP"
   TASK_VARS=(MASTER_ADDR MASTER_PORT NNODES LAUNCHER HF_HOME RUN_DIR LLMTRAIN_STOP_FILE)
   local name
-  for name in NPROC_PER_NODE ACCELERATE_CONFIG TRAIN_SCRIPT LLMTRAIN_DEADLINE \
+  for name in NPROC_PER_NODE ACCELERATE_CONFIG TRAIN_SCRIPT LLMTRAIN_DEADLINE PREFLIGHT \
     NCCL_SOCKET_IFNAME GLOO_SOCKET_IFNAME NCCL_DEBUG; do
     if [[ -n ${!name:-} ]]; then
       export "${name?}"

@@ -8,7 +8,9 @@
 #
 # Reads (job.sh sets them): MASTER_ADDR, MASTER_PORT, NNODES; optional: NPROC_PER_NODE,
 # LAUNCHER (torchrun | accelerate), ACCELERATE_CONFIG, TRAIN_SCRIPT, NODE_RANK (when no
-# scheduler variable gives the rank), NCCL_SOCKET_IFNAME / GLOO_SOCKET_IFNAME (kept if set).
+# scheduler variable gives the rank), NCCL_SOCKET_IFNAME / GLOO_SOCKET_IFNAME (kept if set),
+# PREFLIGHT=1 (run `llmtrain doctor` the same way first; its failure stops the job),
+# RUN_DIR (where each node records its exit code for job.sh).
 set -euo pipefail
 
 EX_USAGE=64
@@ -74,6 +76,39 @@ except subprocess.CalledProcessError as err:
     sys.exit(err.returncode)
 '
 
+# Sets the global array `cmd`: the launcher with static rendezvous for this node.
+launcher_cmd() {
+  local launcher="$1" rank="$2" nproc="$3" port="$4"
+  case "$launcher" in
+    torchrun)
+      cmd=(torchrun --nnodes="$NNODES" --node-rank="$rank" --nproc-per-node="$nproc"
+        --master-addr="$MASTER_ADDR" --master-port="$port")
+      ;;
+    accelerate)
+      cmd=(accelerate --num_machines="$NNODES" --machine_rank="$rank"
+        --main_process_ip="$MASTER_ADDR" --main_process_port="$port"
+        --num_processes="$((NNODES * nproc))")
+      if [[ -n ${ACCELERATE_CONFIG:-} ]]; then
+        cmd+=(--config_file="$ACCELERATE_CONFIG")
+      elif ((NNODES * nproc > 1)); then
+        cmd+=(--multi_gpu)
+      fi
+      # Keep DeepSpeed on torch's launcher: its pdsh runner ssh-es outside the container.
+      ((NNODES == 1)) || cmd+=(--deepspeed_multinode_launcher=standard)
+      ;;
+    *) die "LAUNCHER=$launcher is unknown: use torchrun or accelerate" ;;
+  esac
+}
+
+# For job.sh: after --kill-on-bad-exit, srun reports the highest code, the SIGTERM of the
+# nodes it killed (143), not the cause. Nodes that ended on their own say it here.
+record_exit() {
+  if [[ -n ${RUN_DIR:-} ]]; then
+    mkdir -p "$RUN_DIR/.exit-codes"
+    echo "$2" >"$RUN_DIR/.exit-codes/node$1"
+  fi
+}
+
 main() {
   (($# >= 1)) || { echo "usage: launch.sh CONFIG [key=value ...]" >&2; exit "$EX_USAGE"; }
   local name
@@ -109,39 +144,28 @@ main() {
   export NCCL_SOCKET_IFNAME GLOO_SOCKET_IFNAME HF_HUB_OFFLINE TRANSFORMERS_OFFLINE \
     HF_DATASETS_OFFLINE TORCH_NCCL_ASYNC_ERROR_HANDLING
 
-  local launcher="${LAUNCHER:-torchrun}"
+  local launcher="${LAUNCHER:-torchrun}" cmd=()
+  [[ $launcher == torchrun || $launcher == accelerate ]] \
+    || die "LAUNCHER=$launcher is unknown: use torchrun or accelerate"
   echo "launch: node_rank=$rank nnodes=$NNODES host=$(hostname) addr=$addr iface=$NCCL_SOCKET_IFNAME nproc=$nproc gpus=$gpus head=$MASTER_ADDR:$MASTER_PORT launcher=$launcher"
 
   local program=(-m llmtrain.cli finetune)
   [[ -z ${TRAIN_SCRIPT:-} ]] || program=("$TRAIN_SCRIPT")
-  local cmd
-  case "$launcher" in
-    torchrun)
-      cmd=(torchrun --nnodes="$NNODES" --node-rank="$rank" --nproc-per-node="$nproc"
-        --master-addr="$MASTER_ADDR" --master-port="$MASTER_PORT")
-      ;;
-    accelerate)
-      cmd=(accelerate --num_machines="$NNODES" --machine_rank="$rank"
-        --main_process_ip="$MASTER_ADDR" --main_process_port="$MASTER_PORT"
-        --num_processes="$((NNODES * nproc))")
-      if [[ -n ${ACCELERATE_CONFIG:-} ]]; then
-        cmd+=(--config_file="$ACCELERATE_CONFIG")
-      elif ((NNODES * nproc > 1)); then
-        cmd+=(--multi_gpu)
-      fi
-      # Keep DeepSpeed on torch's launcher: its pdsh runner ssh-es outside the container.
-      ((NNODES == 1)) || cmd+=(--deepspeed_multinode_launcher=standard)
-      ;;
-    *) die "LAUNCHER=$launcher is unknown: use torchrun or accelerate" ;;
-  esac
   local rc=0
-  python -c "$KEEP_EXIT_CODE" "${cmd[@]}" "${program[@]}" "$@" || rc=$?
-  # For job.sh: after --kill-on-bad-exit, srun reports the highest code, the SIGTERM of
-  # the nodes it killed (143), not the cause. Nodes that ended on their own say it here.
-  if [[ -n ${RUN_DIR:-} ]]; then
-    mkdir -p "$RUN_DIR/.exit-codes"
-    echo "$rc" >"$RUN_DIR/.exit-codes/node$rank"
+  if [[ ${PREFLIGHT:-0} == 1 ]]; then
+    # The doctor runs as training will (same launcher, every node, every GPU), on the next
+    # port so the training rendezvous never meets a socket still closing.
+    launcher_cmd "$launcher" "$rank" "$nproc" "$((MASTER_PORT + 1))"
+    python -c "$KEEP_EXIT_CODE" "${cmd[@]}" -m llmtrain.cli doctor "$@" || rc=$?
+    if ((rc != 0)); then
+      say "preflight (llmtrain doctor) failed on $(hostname) with exit $rc: not training"
+      record_exit "$rank" "$rc"
+      exit "$rc"
+    fi
   fi
+  launcher_cmd "$launcher" "$rank" "$nproc" "$MASTER_PORT"
+  python -c "$KEEP_EXIT_CODE" "${cmd[@]}" "${program[@]}" "$@" || rc=$?
+  record_exit "$rank" "$rc"
   exit "$rc"
 }
 

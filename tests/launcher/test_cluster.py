@@ -169,13 +169,16 @@ def test_finetune_tiny_model(cluster: Cluster, tmp_path: Path) -> None:
         "training.logging_steps=2",
         "generation.samples=0",
         "output.merge=false",
-        env=job_env(run, NPROC_PER_NODE="1"),
+        env=job_env(run, NPROC_PER_NODE="1", PREFLIGHT="1"),
         options=(*NO_GPUS, f"--output={tmp_path}/%j.out"),
     )
     job = cluster.wait(job_id, timeout=420)
     output = (tmp_path / f"{job_id}.out").read_text()
     assert (job["JobState"], job["ExitCode"], job["Restarts"]) == ("COMPLETED", "0:0", "0"), output
     assert output.count("is valid") == 1  # validated once, before the training step
+    # PREFLIGHT=1: the doctor ran on every node, through the same launcher, before training.
+    assert "llmtrain doctor: 2 rank(s) on 2 node(s)" in output, output
+    assert "verdict: ready" in output
     launches = LAUNCH_LINE.findall(output)
     assert sorted(r for r, *_ in launches) == ["0", "1"] and {i for *_, i, _ in launches} == {
         "eno1"
