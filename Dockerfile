@@ -9,6 +9,11 @@ FROM ${BASE_IMAGE}
 # and Apptainer, so launchers default them at run time instead.
 ENV PYTHONNOUSERSITE=1
 
+# 0. launch.sh finds the interface that routes to the head node with `ip`; not every base
+#    ships iproute2.
+RUN command -v ip >/dev/null || { apt-get update \
+    && apt-get install -y --no-install-recommends iproute2 && rm -rf /var/lib/apt/lists/*; }
+
 # 1. Record the base as it came: its packages and its own `pip check` problems.
 COPY entrypoint/image_packages.py /opt/llmtrain/build/image_packages.py
 RUN python /opt/llmtrain/build/image_packages.py freeze --out-dir /opt/llmtrain/build

@@ -25,7 +25,7 @@ wheels="$work/base-wheels"
 if [[ ! -x "$rootfs/usr/bin/python3" ]]; then
     echo "standin_base: debootstrap bookworm into $rootfs" >&2
     rm -rf "$rootfs"
-    debootstrap --variant=minbase --include=python3,python3-venv \
+    debootstrap --variant=minbase --include=python3,python3-venv,iproute2 \
         bookworm "$rootfs" "$DEBIAN_MIRROR" >&2
     rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/*
 fi
