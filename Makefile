@@ -109,7 +109,8 @@ endif
 	ENROOT_SQUASH_OPTIONS='$(SQSH_OPTIONS)' enroot import \
 	    --output '$(SQSH)' '$(if $(filter docker,$(ENGINE)),dockerd,podman)://$(IMAGE)'
 
-smoke: ## tiny LoRA fine-tune: in IMAGE when it exists, else in the virtual environment
+# Without the image, smoke runs in .venv: made first, so one command works on a fresh machine.
+smoke: $(if $(filter yes,$(IMAGE_EXISTS)),,venv) ## tiny LoRA fine-tune: in IMAGE when it exists, else in the virtual environment
 ifeq ($(IMAGE_EXISTS),yes)
 	mkdir -p '$(SMOKE_DIR)'
 ifeq ($(ENGINE),buildah)
@@ -123,7 +124,6 @@ else
 	    --env SMOKE_DIR=/smoke '$(IMAGE)' smoke
 endif
 else
-	$(MAKE) --no-print-directory venv
 	$(VENV)/bin/llmtrain finetune configs/lora.yaml 'output.dir=$(SMOKE_DIR)'
 endif
 

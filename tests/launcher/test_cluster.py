@@ -229,3 +229,59 @@ def test_pbs_mpirun_over_ssh(cluster: Cluster, tmp_path: Path) -> None:
     ).read_text() == f"world={2 * cluster.nodes} sum={sum(range(2 * cluster.nodes))}\n"
     deadline = int(re.search(r"deadline=(\d+)", output).group(1))  # type: ignore[union-attr]
     assert started + 1800 <= deadline <= int(time.time()) + 1800
+
+
+@pytest.mark.parametrize("cluster", [2], indirect=True, ids=["2nodes"])
+def test_real_training_stops_on_the_warning_requeues_and_resumes(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """The whole preemption loop with the real `llmtrain finetune` on 2 nodes: the wall-time
+    warning (USR1 to the batch shell, as --signal=B:USR1@N sends it) -> STOP file -> every rank
+    checkpoints and exits 75 -> job.sh requeues -> the second attempt resumes from the
+    checkpoint and ends at exactly the target number of optimizer steps."""
+    run = tmp_path / "run"
+    steps = 200
+    job_id = cluster.sbatch(
+        "slurm/train_8x8.sbatch",
+        "configs/lora.yaml",
+        f"training.max_steps={steps}",
+        "training.save_steps=20",
+        "training.logging_steps=5",
+        "generation.samples=0",
+        "output.merge=false",
+        env=job_env(run, NPROC_PER_NODE="1"),
+        options=(*NO_GPUS, f"--output={tmp_path}/%j.out"),
+    )
+    metrics = run / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (metrics.is_file() and '"step": 30' in metrics.read_text()):
+        assert time.monotonic() < deadline, "training never reached step 30"
+        time.sleep(0.5)
+    cluster.slurm("scancel", "--batch", "--signal=USR1", str(job_id))
+    job = cluster.wait(job_id, timeout=600, states={"COMPLETED", "FAILED", "CANCELLED"})
+    output = (tmp_path / f"{job_id}.out").read_text()
+    assert (job["JobState"], job["ExitCode"], job["Restarts"]) == ("COMPLETED", "0:0", "1"), output
+    assert "exit 75: stopped on purpose; requeueing" in output
+    assert "resuming from" in output
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    logged = [r["step"] for r in records if "loss" in r]
+    assert logged == list(range(5, steps + 1, 5))  # none skipped, none twice
+    state = json.loads((run / f"checkpoint-{steps}" / "trainer_state.json").read_text())
+    assert state["global_step"] == steps
+    assert (run / "final" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("cluster", [2], indirect=True, ids=["2nodes"])
+def test_bad_config_exits_64_and_is_not_requeued(cluster: Cluster, tmp_path: Path) -> None:
+    job_id = cluster.sbatch(
+        "slurm/train_8x8.sbatch",
+        "configs/lora.yaml",
+        "training.learnin_rate=1e-4",
+        env=job_env(tmp_path / "run", NPROC_PER_NODE="1"),
+        options=(*NO_GPUS, f"--output={tmp_path}/%j.out"),
+    )
+    job = cluster.wait(job_id, timeout=120, states={"COMPLETED", "FAILED", "CANCELLED"})
+    output = (tmp_path / f"{job_id}.out").read_text()
+    assert (job["JobState"], job["ExitCode"], job["Restarts"]) == ("FAILED", "64:0", "0"), output
+    assert "training.learnin_rate: unknown key" in output
+    assert cluster.created_steps(job_id) == []
