@@ -23,10 +23,22 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-TINYLLAMA_1B = {"num_hidden_layers": 22, "hidden_size": 2048, "intermediate_size": 5632,
-                "num_attention_heads": 32, "num_key_value_heads": 4, "vocab_size": 32000}
-LLAMA2_7B = {"num_hidden_layers": 32, "hidden_size": 4096, "intermediate_size": 11008,
-             "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000}
+TINYLLAMA_1B = {
+    "num_hidden_layers": 22,
+    "hidden_size": 2048,
+    "intermediate_size": 5632,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 4,
+    "vocab_size": 32000,
+}
+LLAMA2_7B = {
+    "num_hidden_layers": 32,
+    "hidden_size": 4096,
+    "intermediate_size": 11008,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 32,
+    "vocab_size": 32000,
+}
 MODELS = {"1b": TINYLLAMA_1B, "7b": LLAMA2_7B}
 
 # name: (model, method, strategy, gpus, micro_batch, seq_len, checkpointing)
@@ -85,9 +97,13 @@ def run_config(name: str, model: Path, data: Path, out: Path) -> dict[str, Any]:
         "method": {"name": method},
         "lora": {"r": 16, "dropout": 0.05},
         "training": {
-            "per_device_train_batch_size": batch, "gradient_checkpointing": ckpt,
-            "max_steps": STEPS, "save_steps": 10_000, "logging_steps": 1,
-            "report_to": ["none"], "dataloader_num_workers": 0,
+            "per_device_train_batch_size": batch,
+            "gradient_checkpointing": ckpt,
+            "max_steps": STEPS,
+            "save_steps": 10_000,
+            "logging_steps": 1,
+            "report_to": ["none"],
+            "dataloader_num_workers": 0,
         },
         "output": {"dir": str(out)},
         "distributed": {"strategy": strategy},
@@ -130,9 +146,13 @@ def worker(config_path: str, result_path: str) -> None:
     except torch.cuda.OutOfMemoryError:
         oom = True
     result = {
-        "rank": world.rank, "oom": oom, "measured_bytes": max(peaks) if peaks else None,
-        "predicted_allocated_bytes": predicted.allocated, "predicted_total_bytes": predicted.total,
-        "gpu_bytes": torch.cuda.mem_get_info()[1], "attention": attention,
+        "rank": world.rank,
+        "oom": oom,
+        "measured_bytes": max(peaks) if peaks else None,
+        "predicted_allocated_bytes": predicted.allocated,
+        "predicted_total_bytes": predicted.total,
+        "gpu_bytes": torch.cuda.mem_get_info()[1],
+        "attention": attention,
         "breakdown": dict(predicted.rows()),
     }
     Path(f"{result_path}.rank{world.rank}").write_text(json.dumps(result))
@@ -152,21 +172,39 @@ def launch(name: str, root: Path) -> dict[str, Any]:
     config = run_dir / "run.yaml"
     config.write_text(yaml.safe_dump(run_config(name, model, data, run_dir / "out")))
     result = run_dir / "result.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={gpus}", __file__, "--worker", str(config), str(result)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={gpus}",
+        __file__,
+        "--worker",
+        str(config),
+        str(result),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     (run_dir / "log.txt").write_text(proc.stdout + proc.stderr)
     ranks = [json.loads(p.read_text()) for p in sorted(run_dir.glob("result.json.rank*"))]
-    row: dict[str, Any] = {"run": name, "model": size, "method": method, "strategy": strategy,
-                           "gpus": gpus, "micro_batch": batch, "seq_len": seq,
-                           "checkpointing": ckpt, "exit": proc.returncode}
+    row: dict[str, Any] = {
+        "run": name,
+        "model": size,
+        "method": method,
+        "strategy": strategy,
+        "gpus": gpus,
+        "micro_batch": batch,
+        "seq_len": seq,
+        "checkpointing": ckpt,
+        "exit": proc.returncode,
+    }
     if not ranks:
         row["error"] = (proc.stdout + proc.stderr)[-2000:]
         return row
     measured = [r["measured_bytes"] for r in ranks if r["measured_bytes"]]
     first = ranks[0]
     row.update(
-        oom=any(r["oom"] for r in ranks), attention=first["attention"],
+        oom=any(r["oom"] for r in ranks),
+        attention=first["attention"],
         predicted_allocated_gib=first["predicted_allocated_bytes"] / 1024**3,
         predicted_total_gib=first["predicted_total_bytes"] / 1024**3,
         predicted_fits=first["predicted_total_bytes"] <= first["gpu_bytes"],
@@ -212,8 +250,10 @@ def main() -> int:
     import torch
 
     if not torch.cuda.is_available():
-        print("memory_validation: needs CUDA GPUs (it measures torch.cuda.max_memory_allocated)",
-              file=sys.stderr)
+        print(
+            "memory_validation: needs CUDA GPUs (it measures torch.cuda.max_memory_allocated)",
+            file=sys.stderr,
+        )
         return 64
     gpus = torch.cuda.device_count()
     names = [n for n in (args.only or RUNS) if RUNS[n][3] <= gpus]

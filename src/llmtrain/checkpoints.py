@@ -146,9 +146,13 @@ def trust_own_checkpoints() -> None:
 
     if hasattr(torch.serialization, "add_safe_globals"):
         torch.serialization.add_safe_globals(
-            [np.core.multiarray._reconstruct,  # type: ignore[attr-defined]
-             np.ndarray, np.dtype, _codecs.encode,
-             *(type(np.dtype(t)) for t in ("uint32", "int64", "float64"))]
+            [
+                np.core.multiarray._reconstruct,  # type: ignore[attr-defined]
+                np.ndarray,
+                np.dtype,
+                _codecs.encode,
+                *(type(np.dtype(t)) for t in ("uint32", "int64", "float64")),
+            ]
         )
 
 

@@ -63,7 +63,10 @@ def _driver_version() -> str | None:
     try:
         out = subprocess.run(
             ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-            capture_output=True, text=True, timeout=30, check=True,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
         )
     except (OSError, subprocess.SubprocessError):
         return None
@@ -131,9 +134,16 @@ def _local_report(args: argparse.Namespace, rank: int, local_rank: int) -> RankR
     free, writable, err = _check_output(out_dir) if out_dir else (None, None, None)
     nccl = ".".join(map(str, torch.cuda.nccl.version())) if cuda else None
     rep = RankReport(
-        rank=rank, local_rank=local_rank, host=socket.gethostname(), gpus=gpus,
-        driver=_driver_version() if cuda else None, cuda=torch.version.cuda if cuda else None,
-        nccl=nccl, shm_bytes=shm, output_free_bytes=free, output_writable=writable,
+        rank=rank,
+        local_rank=local_rank,
+        host=socket.gethostname(),
+        gpus=gpus,
+        driver=_driver_version() if cuda else None,
+        cuda=torch.version.cuda if cuda else None,
+        nccl=nccl,
+        shm_bytes=shm,
+        output_free_bytes=free,
+        output_writable=writable,
         output_error=err,
     )
     if writable is False:
@@ -141,8 +151,10 @@ def _local_report(args: argparse.Namespace, rank: int, local_rank: int) -> RankR
     elif free is not None and free < FREE_MIN_BYTES:
         rep.warnings.append(f"only {free / 1024**3:.1f} GiB free in {out_dir}")
     if shm < SHM_MIN_BYTES:
-        rep.warnings.append(f"/dev/shm is {shm / 1024**2:.0f} MiB: NCCL SHM and data workers "
-                            "need more (--shm-size, or a larger tmpfs)")
+        rep.warnings.append(
+            f"/dev/shm is {shm / 1024**2:.0f} MiB: NCCL SHM and data workers "
+            "need more (--shm-size, or a larger tmpfs)"
+        )
     if cuda and local_rank >= len(gpus):
         rep.faults.append(f"local rank {local_rank} has no GPU: only {len(gpus)} visible")
     if os.environ.get("LLMTRAIN_EXPECT_GPU") == "1" and not cuda:
@@ -193,8 +205,9 @@ def _gloo_interface() -> str | None:
         return None
     try:
         ip = socket.gethostbyname(addr)
-        out = subprocess.run(["ip", "route", "get", ip], capture_output=True, text=True,
-                             timeout=10, check=True).stdout
+        out = subprocess.run(
+            ["ip", "route", "get", ip], capture_output=True, text=True, timeout=10, check=True
+        ).stdout
     except (OSError, subprocess.SubprocessError):
         return None
     found = re.search(r"\bdev (\S+)", out)
@@ -250,8 +263,14 @@ def run(args: argparse.Namespace) -> int:
         if nccl_dir is not None:
             text = "".join(p.read_text(errors="replace") for p in nccl_dir.glob("*.log"))
             transport = parse_nccl_transport(text)
-        timing = {"backend": backend, "bytes": size, "seconds": seconds, "algbw_GBps": algbw,
-                  "busbw_GBps": busbw, **transport}
+        timing = {
+            "backend": backend,
+            "bytes": size,
+            "seconds": seconds,
+            "algbw_GBps": algbw,
+            "busbw_GBps": busbw,
+            **transport,
+        }
         gathered: list[Any] = [None] * world
         dist.all_gather_object(gathered, (asdict(report), timing))
     else:
@@ -275,29 +294,49 @@ def _summarise(gathered: list[Any], as_json: bool) -> int:
     faults = [f"rank {r['rank']} ({r['host']}): {p}" for r in reports for p in r["faults"]]
     warnings = sorted({f"{r['host']}: {w}" for r in reports for w in r["warnings"]})
     if len(hosts) > 1 and timing.get("network") == "Socket":
-        warnings.append("NCCL uses sockets between nodes, not InfiniBand: expect a fraction of "
-                        "the bandwidth (check NCCL_IB_HCA, NCCL_SOCKET_IFNAME, the container's "
-                        "/dev/infiniband)")
+        warnings.append(
+            "NCCL uses sockets between nodes, not InfiniBand: expect a fraction of "
+            "the bandwidth (check NCCL_IB_HCA, NCCL_SOCKET_IFNAME, the container's "
+            "/dev/infiniband)"
+        )
     status = EXIT_USAGE if problems else EXIT_BROKEN if faults else EXIT_OK
     if as_json:
-        print(json.dumps({"status": status, "ranks": reports, "allreduce": timing,
-                          "problems": problems, "faults": faults, "warnings": warnings}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "status": status,
+                    "ranks": reports,
+                    "allreduce": timing,
+                    "problems": problems,
+                    "faults": faults,
+                    "warnings": warnings,
+                },
+                indent=2,
+            )
+        )
         return status
     print(f"llmtrain doctor: {len(reports)} rank(s) on {len(hosts)} node(s): {', '.join(hosts)}")
     for r in reports:
         gpus = ", ".join(r["gpus"]) or "no GPU"
         free = r["output_free_bytes"]
-        print(f"  rank {r['rank']} {r['host']} local {r['local_rank']}: {gpus}; "
-              f"driver {r['driver'] or '-'}, CUDA {r['cuda'] or '-'}, NCCL {r['nccl'] or '-'}; "
-              f"/dev/shm {r['shm_bytes'] / 1024**3:.1f} GiB; output "
-              + ("-" if r["output_writable"] is None else
-                 f"{'writable' if r['output_writable'] else 'NOT writable'}"
-                 + (f", {free / 1024**3:.0f} GiB free" if free is not None else "")))
+        print(
+            f"  rank {r['rank']} {r['host']} local {r['local_rank']}: {gpus}; "
+            f"driver {r['driver'] or '-'}, CUDA {r['cuda'] or '-'}, NCCL {r['nccl'] or '-'}; "
+            f"/dev/shm {r['shm_bytes'] / 1024**3:.1f} GiB; output "
+            + (
+                "-"
+                if r["output_writable"] is None
+                else f"{'writable' if r['output_writable'] else 'NOT writable'}"
+                + (f", {free / 1024**3:.0f} GiB free" if free is not None else "")
+            )
+        )
     if timing:
-        print(f"  all-reduce ({timing['backend']}, {timing['bytes'] / 1024**2:.0f} MiB): "
-              f"algbw {timing['algbw_GBps']:.2f} GB/s, busbw {timing['busbw_GBps']:.2f} GB/s; "
-              f"transport {timing['network'] or 'intra-node (P2P/SHM)'}, "
-              f"interface {timing['interfaces'] or '-'}")
+        print(
+            f"  all-reduce ({timing['backend']}, {timing['bytes'] / 1024**2:.0f} MiB): "
+            f"algbw {timing['algbw_GBps']:.2f} GB/s, busbw {timing['busbw_GBps']:.2f} GB/s; "
+            f"transport {timing['network'] or 'intra-node (P2P/SHM)'}, "
+            f"interface {timing['interfaces'] or '-'}"
+        )
     for w in warnings:
         print(f"  warning: {w}")
     for p in problems + faults:

@@ -24,8 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", help="dotted overrides: key.sub=value")
     parser.add_argument("--adapter", type=Path, help="LoRA adapter directory on top of model.path")
     parser.add_argument("--model", help="a merged or fully fine-tuned model directory instead")
-    parser.add_argument("--prompts", type=Path,
-                        help="JSONL with a 'prompt' field, or text with one prompt per line")
+    parser.add_argument(
+        "--prompts", type=Path, help="JSONL with a 'prompt' field, or text with one prompt per line"
+    )
     parser.add_argument("--limit", type=int, default=None, help="at most N prompts")
     parser.add_argument("--out", type=Path, required=True, help="output JSONL")
 
@@ -42,8 +43,10 @@ def read_prompts(path: Path) -> list[str]:
         try:
             prompts.append(str(json.loads(line)["prompt"]))
         except (ValueError, KeyError, TypeError):
-            raise DataError(f"{path}: line {lineno} is not an object with a 'prompt' field",
-                            'write one {"prompt": "..."} per line') from None
+            raise DataError(
+                f"{path}: line {lineno} is not an object with a 'prompt' field",
+                'write one {"prompt": "..."} per line',
+            ) from None
     return prompts
 
 
@@ -55,8 +58,10 @@ def run(args: argparse.Namespace) -> int:
     else:
         rows = load_rows(cfg.data)
         if cfg.data.prompt_template is None:
-            raise ConfigError("generate needs data.prompt_template or --prompts",
-                              "set data.prompt_template or pass --prompts FILE")
+            raise ConfigError(
+                "generate needs data.prompt_template or --prompts",
+                "set data.prompt_template or pass --prompts FILE",
+            )
         try:
             prompts = [render(cfg.data.prompt_template, r) for r in rows]
             if cfg.data.response_template:
@@ -67,8 +72,10 @@ def run(args: argparse.Namespace) -> int:
         prompts = prompts[: args.limit]
         refs = refs[: args.limit] if refs else None
     if args.model and args.adapter:
-        raise ConfigError("--model and --adapter exclude each other",
-                          "give a merged model with --model, or an adapter for model.path")
+        raise ConfigError(
+            "--model and --adapter exclude each other",
+            "give a merged model with --model, or an adapter for model.path",
+        )
     base = cfg.model
     if args.model:
         base = base.model_copy(update={"path": args.model, "tokenizer": None})

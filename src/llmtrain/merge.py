@@ -21,8 +21,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base", required=True, help="base model: directory, hub id, embedded:")
     parser.add_argument("--adapter", required=True, type=Path, help="LoRA adapter directory")
     parser.add_argument("--out", required=True, type=Path, help="output model directory")
-    parser.add_argument("--dtype", choices=sorted(_DTYPES), default="float32",
-                        help="dtype of the merged weights (default float32)")
+    parser.add_argument(
+        "--dtype",
+        choices=sorted(_DTYPES),
+        default="float32",
+        help="dtype of the merged weights (default float32)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:

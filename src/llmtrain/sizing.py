@@ -1,6 +1,5 @@
 """What a run needs per GPU, from config.json alone: shared by `estimate` and `validate`."""
 
-
 from __future__ import annotations
 
 import fnmatch
