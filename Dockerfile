@@ -62,6 +62,8 @@ RUN PIP_CONSTRAINT=/opt/llmtrain/build/base-constraints.txt \
 # 5. Container-side scripts and run configs.
 COPY entrypoint /opt/llmtrain/entrypoint
 COPY configs /opt/llmtrain/configs
+# configs/deepspeed/*.json are relative links to the package's own copies: keep them resolving.
+COPY src/llmtrain/deepspeed /opt/llmtrain/src/llmtrain/deepspeed
 
 # 6. Provenance, last so that a new commit only rebuilds these small layers. No build date:
 #    the same commit on the same base gives the same manifest.

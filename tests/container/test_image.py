@@ -100,6 +100,19 @@ def test_llmtrain_env_reads_the_image_manifest(built_image: Built) -> None:
     assert env["packages"]["torch"] == env["image"]["packages"]["torch"]
 
 
+def test_image_configs_resolve_including_the_deepspeed_links(built_image: Built) -> None:
+    """configs/deepspeed/*.json are links into the package's copies; in the image they must
+    still resolve, since `accelerate launch` and users read them from /opt/llmtrain/configs."""
+    script = (
+        "import json, pathlib; c = pathlib.Path('/opt/llmtrain/configs'); "
+        "print(sorted(json.loads(p.read_text())['zero_optimization']['stage'] "
+        "for p in (c / 'deepspeed').glob('*.json')))"
+    )
+    proc = run_in(built_image.tag, "python3", "-c", script)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[2, 3, 3]"
+
+
 def test_labels_env_and_layers_carry_no_tunables_or_secrets(built_image: Built) -> None:
     config = json.loads(
         sh("buildah", "inspect", "--type", "image", built_image.tag, capture_output=True).stdout
