@@ -67,7 +67,10 @@ def test_build_runs_the_import_test_and_pip_check(built_image: Built) -> None:
         assert f"check: import {module} " in log
     assert "image_packages: pip check: ok" in log
     assert "check: llmtrain env ok" in log
-    assert "flash-attn: skipped (BUILD_FLASH_ATTN=0)" in log
+    # BUILD_FLASH_ATTN=0: no flash_attn in the image. (Asked of the image, not of the log: the
+    # flash-attn layer comes early and may come from the build cache, printing nothing.)
+    probe = "import importlib.util as u, sys; sys.exit(u.find_spec('flash_attn') is not None)"
+    assert run_in(built_image.tag, "python3", "-c", probe).returncode == 0
 
 
 def test_torch_is_exactly_the_base_torch(built_image: Built) -> None:
