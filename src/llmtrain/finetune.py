@@ -43,17 +43,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 class LossRecorder:
-    """Exact per-optimizer-step losses; the Trainer's logged loss is rounded to 4 digits."""
+    """Exact per-optimizer-step losses; the Trainer's logged loss is rounded to 4 digits.
+
+    Kept as tensors until a log line needs them: reading a GPU loss every micro-step would
+    stall the CPU that queues the next step's kernels."""
 
     def __init__(self) -> None:
+        self.pending: torch.Tensor | float = 0.0
+        self.steps: list[torch.Tensor | float] = []
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.pending = self.pending + loss.detach()
+
+    def close_step(self) -> None:
+        self.steps.append(self.pending)
         self.pending = 0.0
-        self.steps: list[float] = []
 
     def drain(self) -> dict[str, Any]:
         steps, self.steps = self.steps, []
         if not steps:
             return {}
-        values = torch.tensor(steps, dtype=torch.float64)
+        values = torch.tensor([float(v) for v in steps], dtype=torch.float64)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
             values = values.to(device)
@@ -71,7 +81,7 @@ class LlmtrainTrainer(Trainer):
 
     def training_step(self, model: Any, inputs: dict[str, Any]) -> torch.Tensor:
         loss = super().training_step(model, inputs)
-        self.recorder.pending += float(loss)  # already divided by gradient_accumulation_steps
+        self.recorder.add(loss)  # already divided by gradient_accumulation_steps
         return loss
 
     def create_optimizer(self) -> torch.optim.Optimizer:
@@ -82,19 +92,15 @@ class LlmtrainTrainer(Trainer):
     def _get_train_sampler(self) -> EpochSeededSampler:
         return EpochSeededSampler(len(self.train_dataset), self.args.seed)
 
-    def optimizer_step_done(self) -> None:
-        self.recorder.steps.append(self.recorder.pending)
-        self.recorder.pending = 0.0
-
 
 class StepBoundary(TrainerCallback):
     """Closes the loss record of each optimizer step."""
 
-    def __init__(self, trainer_ref: list[LlmtrainTrainer]) -> None:
-        self.trainer_ref = trainer_ref
+    def __init__(self, recorder: LossRecorder) -> None:
+        self.recorder = recorder
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self.trainer_ref[0].optimizer_step_done()
+        self.recorder.close_step()
 
 
 def precision_flags(cfg: RunConfig) -> dict[str, bool]:
@@ -284,7 +290,6 @@ def train(cfg: RunConfig, world: World, extra_callbacks: Sequence[TrainerCallbac
     )
     stop.install_signal_handlers()
     recorder = LossRecorder()
-    trainer_ref: list[LlmtrainTrainer] = []
     trainer = LlmtrainTrainer(
         model=model,
         args=args,
@@ -294,7 +299,7 @@ def train(cfg: RunConfig, world: World, extra_callbacks: Sequence[TrainerCallbac
         if cfg.data.packing == "padding_free"
         else PadCollator(tokenizer.pad_token_id),
         callbacks=[
-            StepBoundary(trainer_ref),
+            StepBoundary(recorder),
             MetricsCallback(out, recorder.drain),
             stop,
             CommitCheckpointCallback(out, cfg.output.keep_checkpoints, facts),
@@ -302,7 +307,6 @@ def train(cfg: RunConfig, world: World, extra_callbacks: Sequence[TrainerCallbac
         ],
         recorder=recorder,
     )
-    trainer_ref.append(trainer)
     strategies.prepare_trainer(trainer, cfg)
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     if stop.reason is not None:
