@@ -352,5 +352,12 @@ def save_final(cfg: RunConfig, world: World, trainer: Trainer, tokenizer: Any, o
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     check_hardware(cfg)
-    train(cfg, World.from_env())
+    try:
+        train(cfg, World.from_env())
+    finally:
+        # Close the process group before interpreter exit, on every path: a gloo or NCCL
+        # thread still alive at exit aborts the process ("terminate called without an active
+        # exception"), turning a finished or stopped run into a crash.
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     return 0
