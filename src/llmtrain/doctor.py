@@ -16,7 +16,6 @@ import os
 import re
 import shutil
 import socket
-import subprocess
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from llmtrain.errors import EXIT_OK, EXIT_USAGE
+from llmtrain.manifest import command_output
 
 EXAMPLE = "torchrun --nnodes 2 --nproc-per-node 4 ... -m llmtrain.cli doctor configs/lora.yaml"
 EXIT_BROKEN = 1
@@ -60,17 +60,10 @@ class RankReport:
 
 
 def _driver_version() -> str | None:
-    try:
-        out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=True,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip().splitlines()[0] if out.stdout.strip() else None
+    out = command_output(
+        ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], timeout=30
+    )
+    return out.splitlines()[0] if out else None
 
 
 def _check_output(path: Path) -> tuple[int | None, bool, str | None]:
@@ -205,12 +198,10 @@ def _gloo_interface() -> str | None:
         return None
     try:
         ip = socket.gethostbyname(addr)
-        out = subprocess.run(
-            ["ip", "route", "get", ip], capture_output=True, text=True, timeout=10, check=True
-        ).stdout
-    except (OSError, subprocess.SubprocessError):
+    except OSError:
         return None
-    found = re.search(r"\bdev (\S+)", out)
+    out = command_output(["ip", "route", "get", ip], timeout=10)
+    found = re.search(r"\bdev (\S+)", out or "")
     return found.group(1) if found else None
 
 

@@ -64,21 +64,20 @@ def masked_env(env: dict[str, str] | None = None) -> dict[str, str]:
     }
 
 
+def command_output(cmd: list[str], timeout: float) -> str | None:
+    """A tool's stripped stdout, or None when it is missing, fails or hangs."""
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
 def _git_sha() -> str | None:
     root = Path(llmtrain.__file__).resolve().parents[2]
     if not (root / ".git").exists():
         return None
-    try:
-        out = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=True,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None
+    return command_output(["git", "-C", str(root), "rev-parse", "HEAD"], timeout=5)
 
 
 def package_versions() -> dict[str, str | None]:
