@@ -15,7 +15,7 @@ RUN command -v ip >/dev/null || { apt-get update \
     && apt-get install -y --no-install-recommends iproute2 && rm -rf /var/lib/apt/lists/*; }
 
 # 1. Record the base as it came: its packages and its own `pip check` problems.
-COPY entrypoint/image_packages.py /opt/llmtrain/build/image_packages.py
+COPY requirements/image_packages.py /opt/llmtrain/build/image_packages.py
 RUN python /opt/llmtrain/build/image_packages.py freeze --out-dir /opt/llmtrain/build
 
 # 2. flash-attn, early so that lock changes do not rebuild it: from source against the base's

@@ -1,4 +1,4 @@
-"""The build's package guard (entrypoint/image_packages.py), run against this virtualenv's real
+"""The build's package guard (requirements/image_packages.py), run against this virtualenv's real
 pip: what it keeps as constraints, and that it names the package when the base would change."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .image_tools import REPO
 
-SCRIPT = REPO / "entrypoint/image_packages.py"
+SCRIPT = REPO / "requirements/image_packages.py"
 HEADER = (
     "#    uv pip compile pyproject.toml --no-emit-package torch --no-emit-package sympy"
     " --generate-hashes -o requirements/lock.txt\n"
