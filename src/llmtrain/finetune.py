@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,7 +29,7 @@ from llmtrain.errors import StopRequested
 from llmtrain.export import load_for_inference, merge
 from llmtrain.generation import generate, write_jsonl
 from llmtrain.methods import quantization_config, wrap
-from llmtrain.models import load_model, load_tokenizer
+from llmtrain.models import DTYPES, load_model, load_tokenizer
 from llmtrain.sampling import EpochSeededSampler
 from llmtrain.strategies import World
 from llmtrain.templates import render
@@ -116,9 +117,7 @@ def precision_flags(cfg: RunConfig) -> dict[str, bool]:
 def weights_dtype(cfg: RunConfig, flags: dict[str, bool]) -> torch.dtype:
     """Frozen weights in 16 bits; trained full weights in fp32 under 16-bit autocast."""
     if cfg.model.dtype != "auto":
-        return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[
-            cfg.model.dtype
-        ]
+        return DTYPES[cfg.model.dtype]
     half = torch.bfloat16 if flags["bf16"] else torch.float16 if flags["fp16"] else None
     if half is not None and cfg.method.name in ("lora", "qlora"):
         return half
@@ -323,8 +322,6 @@ def save_final(cfg: RunConfig, world: World, trainer: Trainer, tokenizer: Any, o
     if world.is_main:
         tokenizer.save_pretrained(str(tmp))
         if final.exists():
-            import shutil
-
             shutil.rmtree(final)
         tmp.rename(final)
         log.info("final %s saved to %s", "adapter" if is_adapter else "model", final)

@@ -5,16 +5,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
-
 from llmtrain.config import ModelSection
 from llmtrain.export import merge
+from llmtrain.models import DTYPES
 
 EXAMPLE = (
     "llmtrain merge --base embedded:tiny-llama --adapter runs/lora/final/adapter "
     "--out runs/lora/merged"
 )
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,13 +21,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, type=Path, help="output model directory")
     parser.add_argument(
         "--dtype",
-        choices=sorted(_DTYPES),
+        choices=sorted(DTYPES),
         default="float32",
         help="dtype of the merged weights (default float32)",
     )
 
 
 def run(args: argparse.Namespace) -> int:
-    merge(ModelSection(path=args.base), args.adapter, args.out, _DTYPES[args.dtype])
+    merge(ModelSection(path=args.base), args.adapter, args.out, DTYPES[args.dtype])
     print(args.out)
     return 0

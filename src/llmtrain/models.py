@@ -23,7 +23,7 @@ from llmtrain.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def _looks_local(path: str) -> bool:
@@ -53,7 +53,7 @@ def load_model_config(cfg: ModelSection) -> PretrainedConfig:
 
 def pick_dtype(cfg: ModelSection) -> torch.dtype:
     if cfg.dtype != "auto":
-        return _DTYPES[cfg.dtype]
+        return DTYPES[cfg.dtype]
     if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return torch.float32
