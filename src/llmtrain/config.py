@@ -181,6 +181,11 @@ class OutputSection(Section):
 class DistributedSection(Section):
     strategy: Literal["auto", "ddp", "fsdp", "zero2", "zero3", "zero3_offload"] = "auto"
     timeout_minutes: float = Field(10.0, gt=0, description="collective timeout before failing")
+    reduce_dtype: Literal["fp32", "bf16"] = Field(
+        "fp32",
+        description="dtype of the gradient reduction of fsdp and zero*: bf16 halves its traffic "
+        "and drifts from the one-GPU result",
+    )
     allow_topology_change: bool = Field(
         False, description="resume even if world size, batch or data changed"
     )

@@ -26,9 +26,18 @@ def load_for_inference(
     *,
     dtype: torch.dtype | None = None,
     device_map: str | None = None,
+    quantized: bool = False,
 ) -> tuple[Any, Any]:
-    """(model, tokenizer): a full model directory, or a base model plus a LoRA adapter."""
+    """(model, tokenizer): a full model directory, or a base model plus a LoRA adapter.
+
+    quantized: the base in 4-bit NF4 as QLoRA trained it, so the adapter sees the weights it
+    was trained against (on a bf16 base the logits move by the quantization error)."""
     extra: dict[str, Any] = {"device_map": device_map} if device_map else {}
+    if quantized:
+        from llmtrain.methods import quantization_config
+
+        extra["quantization_config"] = quantization_config(dtype or torch.bfloat16)
+        extra.setdefault("device_map", {"": 0})  # bitsandbytes places it; .to() is refused
     if adapter is None:
         model = load_model(base, dtype=dtype, extra=extra)
         tokenizer = load_tokenizer(base)
@@ -46,7 +55,7 @@ def load_for_inference(
         tokenizer = load_tokenizer(
             base.model_copy(update={"tokenizer": str(tok_source)}) if tok_source else base
         )
-    if not device_map:
+    if "device_map" not in extra:
         model.to("cuda" if torch.cuda.is_available() else "cpu")
     model.eval()
     return model, tokenizer

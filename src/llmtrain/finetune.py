@@ -307,7 +307,8 @@ def train(cfg: RunConfig, world: World, extra_callbacks: Sequence[TrainerCallbac
         recorder=recorder,
     )
     strategies.prepare_trainer(trainer, cfg)
-    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    with strategies.peft_deepspeed_resume(trainer):
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     if stop.reason is not None:
         raise StopRequested(f"{stop.reason}; checkpoint at step {trainer.state.global_step}")
     save_final(cfg, world, trainer, tokenizer, out)
@@ -334,7 +335,9 @@ def save_final(cfg: RunConfig, world: World, trainer: Trainer, tokenizer: Any, o
     if cfg.generation.samples and cfg.data.shape == "instruction":
         prompts, refs = _sample_prompts(cfg)
         if inference_dir == final and is_adapter:
-            model, tok = load_for_inference(cfg.model, final)
+            model, tok = load_for_inference(
+                cfg.model, final, quantized=cfg.method.name == "qlora"
+            )
         else:
             model, tok = load_for_inference(
                 cfg.model.model_copy(update={"path": str(inference_dir), "tokenizer": None}), None

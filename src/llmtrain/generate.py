@@ -80,7 +80,12 @@ def run(args: argparse.Namespace) -> int:
     if args.model:
         base = base.model_copy(update={"path": args.model, "tokenizer": None})
     gen: GenerationSection = cfg.generation
-    model, tokenizer = load_for_inference(base, args.adapter, device_map=gen.device_map)
+    model, tokenizer = load_for_inference(
+        base,
+        args.adapter,
+        device_map=gen.device_map,
+        quantized=args.adapter is not None and cfg.method.name == "qlora",
+    )
     outputs = generate(model, tokenizer, prompts, gen)
     write_jsonl(args.out, prompts, outputs, gen, refs)
     print(f"{len(outputs)} answers written to {args.out}")

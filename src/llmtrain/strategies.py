@@ -18,8 +18,10 @@ The DeepSpeed configs are the package's deepspeed/*.json (configs/deepspeed/ lin
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -29,13 +31,12 @@ from llmtrain.errors import ConfigError
 
 DEEPSPEED = {"zero2": "zero2.json", "zero3": "zero3.json", "zero3_offload": "zero3_offload.json"}
 SHARDED = ("fsdp", "zero3", "zero3_offload")  # strategies that split the parameters themselves
-# The combinations that must train and save (issue 5), run by tests/gpu and bench/strategies.py;
-# bench/STRATEGIES.md says which were measured on H200s. `check` allows a few more (layers with
-# zero2, lora with zero3_offload): they run, unmeasured.
+# The combinations that train and save, each run on H200s by tests/gpu and bench/strategies.py
+# (bench/STRATEGIES.md); `check` refuses the others.
 VALIDATED: dict[str, tuple[str, ...]] = {
     "full": ("single", "ddp", "fsdp", "zero2", "zero3", "zero3_offload"),
-    "lora": ("single", "ddp", "fsdp", "zero2", "zero3"),
-    "layers": ("single", "ddp"),
+    "lora": ("single", "ddp", "fsdp", "zero2", "zero3", "zero3_offload"),
+    "layers": ("single", "ddp", "zero2"),
     "qlora": ("single", "ddp"),
 }
 # TrainingArguments fields a strategy owns: set through distributed.strategy, not training.args.
@@ -65,6 +66,11 @@ class World:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
+
+    @property
+    def launched(self) -> bool:
+        """Started by torchrun or accelerate, even as a world of one."""
+        return "LOCAL_RANK" in os.environ
 
 
 def launcher_strategy() -> str | None:
@@ -130,10 +136,14 @@ def check_world(strategy: str, world: World) -> None:
             "DeepSpeed with NCCL only",
             "on CPU use distributed.strategy=ddp or fsdp (gloo)",
         )
-    if strategy == "fsdp" and not world.distributed:
+    # accelerate 0.26 counts a launched process as distributed on a GPU even in a world of one
+    # (a one-GPU FSDP run is the reference for multi-GPU ones), on a CPU only from two up.
+    if strategy == "fsdp" and not (
+        world.distributed or (world.launched and torch.cuda.is_available())
+    ):
         raise ConfigError(
-            "distributed.strategy=fsdp needs a launcher (transformers refuses FSDP in one "
-            "process without torch.distributed)",
+            "distributed.strategy=fsdp needs a launcher (transformers refuses FSDP in a "
+            "process without torch.distributed), and on CPU two processes or more",
             "run it through torchrun or entrypoint/launch.sh, or use ddp/auto on one GPU",
         )
 
@@ -180,7 +190,10 @@ def training_kwargs(cfg: RunConfig, world: World, block_class: str | None) -> di
         kwargs["fsdp"] = "full_shard auto_wrap"
         kwargs["fsdp_config"] = fsdp_settings(block_class)
     elif strategy in DEEPSPEED:
-        kwargs["deepspeed"] = deepspeed_config(strategy)
+        kwargs["deepspeed"] = {
+            **deepspeed_config(strategy),
+            "communication_data_type": cfg.distributed.reduce_dtype,
+        }
     return kwargs
 
 
@@ -194,6 +207,7 @@ def prepare_trainer(trainer: Any, cfg: RunConfig) -> None:
             from peft.utils.other import fsdp_auto_wrap_policy
 
             plugin.auto_wrap_policy = fsdp_auto_wrap_policy(trainer.model)
+        _reduce_dtype(plugin, trainer.args, cfg.distributed.reduce_dtype)
         # Checkpoints: each rank writes its own shard (a full state dict would gather the whole
         # model and optimizer on rank 0 every save_steps). The final save switches to full.
         _sharded_checkpoints(plugin)
@@ -218,6 +232,21 @@ def _fsdp_on_cpu(trainer: Any) -> Any:
     state.fsdp_plugin = plugin
     trainer.is_fsdp_enabled = True
     return plugin
+
+
+def _reduce_dtype(plugin: Any, args: Any, reduce_dtype: str) -> None:
+    """accelerate 0.26 reduces FSDP gradients in the compute dtype (bf16): over 20 steps of a
+    1.1B full fine-tune that drifted 3.3% from the one-GPU loss. Reduce in fp32 unless asked."""
+    if not (args.bf16 or args.fp16):
+        return
+    import torch
+    from torch.distributed.fsdp import MixedPrecision
+
+    low = torch.bfloat16 if args.bf16 else torch.float16
+    reduce = torch.float32 if reduce_dtype == "fp32" else low
+    plugin.mixed_precision_policy = MixedPrecision(
+        param_dtype=low, reduce_dtype=reduce, buffer_dtype=low
+    )
 
 
 def _sharded_checkpoints(plugin: Any) -> None:
@@ -280,3 +309,36 @@ def trust_deepspeed_checkpoints() -> None:
     torch.serialization.add_safe_globals(
         [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
     )
+
+
+@contextlib.contextmanager
+def peft_deepspeed_resume(trainer: Any) -> Iterator[None]:
+    """transformers 4.37.2 saves a PEFT model's DeepSpeed checkpoint without the frozen base
+    weights (exclude_frozen_parameters) and then loads it strictly: every LoRA/QLoRA resume
+    under ZeRO died with "Missing key(s) ... base_layer.weight". transformers 4.38 loads with
+    load_module_strict=False for PEFT models; this is that fix, for the span of train()."""
+    import transformers.trainer as hf_trainer
+    from peft import PeftModel
+
+    original = hf_trainer.deepspeed_load_checkpoint
+    if not isinstance(trainer.model, PeftModel) or trainer.args.deepspeed is None:
+        yield
+        return
+
+    def load(engine: Any, checkpoint: str) -> None:
+        if not any(name.startswith("global_step") for name in os.listdir(checkpoint)):
+            raise ValueError(f"Can't find a valid checkpoint at {checkpoint}")
+        load_path, _ = engine.load_checkpoint(
+            checkpoint,
+            load_optimizer_states=True,
+            load_lr_scheduler_states=True,
+            load_module_strict=False,  # the frozen base weights are not in it, by design
+        )
+        if load_path is None:
+            raise ValueError(f"[deepspeed] failed to resume from checkpoint {checkpoint}")
+
+    hf_trainer.deepspeed_load_checkpoint = load
+    try:
+        yield
+    finally:
+        hf_trainer.deepspeed_load_checkpoint = original

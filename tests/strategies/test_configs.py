@@ -4,6 +4,7 @@ combinations refused before anything is loaded."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -12,6 +13,7 @@ from llmtrain import strategies
 from llmtrain.config import load_config
 from llmtrain.errors import ConfigError
 from tests.conftest import REPO
+from tests.tiny_models import tiny_config
 
 
 @pytest.mark.parametrize("name", sorted(strategies.DEEPSPEED))
@@ -102,3 +104,90 @@ def test_accelerate_launcher_choice_is_adopted_or_refused(monkeypatch: pytest.Mo
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     with pytest.raises(ConfigError, match="llmtrain selects DeepSpeed itself"):
         strategies.resolve(auto, world)
+
+
+@pytest.mark.parametrize("reduce_dtype", ["fp32", "bf16"])
+def test_deepspeed_reduces_gradients_in_the_configured_dtype(
+    monkeypatch: pytest.MonkeyPatch, reduce_dtype: str
+) -> None:
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)  # DeepSpeed is GPU-only
+    cfg = load_config(
+        REPO / "configs" / "full.yaml",
+        ["distributed.strategy=zero3", f"distributed.reduce_dtype={reduce_dtype}"],
+    )
+    world = strategies.World(rank=0, local_rank=0, world_size=2)
+    kwargs = strategies.training_kwargs(cfg, world, "LlamaDecoderLayer")
+    assert kwargs["deepspeed"]["communication_data_type"] == reduce_dtype
+    assert kwargs["deepspeed"]["zero_optimization"]["stage"] == 3
+
+
+@pytest.mark.parametrize(("reduce_dtype", "expected"), [("fp32", "float32"), ("bf16", "bfloat16")])
+def test_fsdp_mixed_precision_reduces_in_the_configured_dtype(
+    reduce_dtype: str, expected: str
+) -> None:
+    import types
+
+    import torch
+
+    plugin = types.SimpleNamespace(mixed_precision_policy=None)
+    strategies._reduce_dtype(plugin, types.SimpleNamespace(bf16=True, fp16=False), reduce_dtype)
+    policy = plugin.mixed_precision_policy
+    assert policy.param_dtype == torch.bfloat16  # compute stays in bf16
+    assert policy.reduce_dtype == getattr(torch, expected)
+    fp32_run = types.SimpleNamespace(mixed_precision_policy=None)
+    strategies._reduce_dtype(fp32_run, types.SimpleNamespace(bf16=False, fp16=False), "fp32")
+    assert fp32_run.mixed_precision_policy is None  # no mixed precision: nothing to change
+
+
+def test_fsdp_needs_a_launcher_and_on_cpu_two_processes(monkeypatch: pytest.MonkeyPatch) -> None:
+    one = strategies.World(rank=0, local_rank=0, world_size=1)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    with pytest.raises(ConfigError, match="needs a launcher"):
+        strategies.check_world("fsdp", one)
+    monkeypatch.setenv("LOCAL_RANK", "0")  # torchrun --nproc-per-node=1 on a GPU
+    strategies.check_world("fsdp", one)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    with pytest.raises(ConfigError, match="on CPU two processes or more"):
+        strategies.check_world("fsdp", one)
+    strategies.check_world("fsdp", strategies.World(rank=0, local_rank=0, world_size=2))
+
+
+def test_peft_deepspeed_resume_loads_without_the_frozen_weights(tmp_path: Path) -> None:
+    """The backported 4.38 fix, scoped to train(). The engine is a stub standing for DeepSpeed's
+    (which needs CUDA here); the GPU suite resumes real ZeRO-2/3 checkpoints."""
+    import types
+
+    import transformers.trainer as hf_trainer
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    calls: list[dict[str, object]] = []
+
+    class Engine:
+        def load_checkpoint(self, path: str, **kwargs: object) -> tuple[str, dict[str, object]]:
+            calls.append({"path": path, **kwargs})
+            return path, {}
+
+    (tmp_path / "global_step2").mkdir()
+    lora = get_peft_model(
+        LlamaForCausalLM(tiny_config("llama")), LoraConfig(r=2, target_modules=["q_proj"])
+    )
+    original = hf_trainer.deepspeed_load_checkpoint
+    peft_trainer = types.SimpleNamespace(model=lora, args=types.SimpleNamespace(deepspeed={}))
+    with strategies.peft_deepspeed_resume(peft_trainer):
+        hf_trainer.deepspeed_load_checkpoint(Engine(), str(tmp_path))
+        with pytest.raises(ValueError, match="Can't find a valid checkpoint"):
+            hf_trainer.deepspeed_load_checkpoint(Engine(), str(tmp_path / "global_step2"))
+    assert hf_trainer.deepspeed_load_checkpoint is original
+    assert calls == [
+        {
+            "path": str(tmp_path),
+            "load_optimizer_states": True,
+            "load_lr_scheduler_states": True,
+            "load_module_strict": False,
+        }
+    ]
+    full = types.SimpleNamespace(model=lora.base_model.model, args=peft_trainer.args)
+    with strategies.peft_deepspeed_resume(full):
+        assert hf_trainer.deepspeed_load_checkpoint is original  # full models load strictly
