@@ -213,6 +213,29 @@ def test_fused_ops_match_transformers() -> None:
     torch.testing.assert_close(got_k, ref_k.transpose(1, 2).reshape(12, 2, 8), rtol=0, atol=0)
 
 
+def test_whole_rows_attention_matches_the_per_sample_kernel() -> None:
+    """Rows of one sample each take scaled_dot_product_attention on [batch, heads, len, dim]
+    views (cuDNN first on GPUs): the same result as one causal attention per sample, with
+    grouped KV heads, forward and input gradients."""
+    torch.manual_seed(0)
+    batch, length = 3, 16
+    inputs = [torch.randn(batch * length, h, 8, requires_grad=True) for h in (4, 2, 2)]
+    seg = packing.find_segments(torch.arange(length).repeat(batch, 1), batch, length)
+    rows = packing._sdpa_rows(*inputs, batch, 0.0)
+    rows_grads = torch.autograd.grad(rows.square().sum(), inputs)
+    per_sample = packing._sdpa_per_sample(*inputs, seg, 0.0)
+    per_sample_grads = torch.autograd.grad(per_sample.square().sum(), inputs)
+    torch.testing.assert_close(rows, per_sample)
+    for got, want in zip(rows_grads, per_sample_grads, strict=True):
+        torch.testing.assert_close(got, want)
+
+
+def test_whole_rows_path_is_for_cuda_only() -> None:
+    assert packing.ranked_sdpa(torch.device("cpu")) is False
+    # What CUDA devices ask: answered on any torch, without inspecting builtins.
+    assert isinstance(packing.ranks_backends(), bool)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_kernel_and_compiled_ops_keep_per_sample_losses() -> None:
@@ -232,6 +255,13 @@ def test_gpu_kernel_and_compiled_ops_keep_per_sample_losses() -> None:
     ]
     assert model.model.layers[0].self_attn._llmtrain_kernel in ("flash_attn", "torch_varlen")
     assert packed == pytest.approx(reference, rel=2e-2)
+    # One sample per row: the whole-row (cuDNN-first) path, same losses as unpacked.
+    whole = samples(reference_model.config.vocab_size)[:1]
+    ids = torch.tensor([whole[0]["input_ids"]], device="cuda")
+    with torch.no_grad():
+        logits = model(input_ids=ids, position_ids=torch.arange(ids.shape[1], device="cuda")[None])
+    got = per_sample_loss(logits.logits[0].float(), torch.tensor(whole[0]["labels"], device="cuda"))
+    assert got == pytest.approx(unpacked_losses(reference_model, whole)[0], rel=2e-2)
 
 
 def test_compiled_block_structure_matches_transformers(monkeypatch: pytest.MonkeyPatch) -> None:
