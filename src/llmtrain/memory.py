@@ -172,11 +172,14 @@ class RunShape:
 
     @property
     def autocast(self) -> bool:
-        """Trainer's 16-bit autocast over fp32 weights or adapters; DeepSpeed casts the model
-        to 16 bits itself, so it never autocasts."""
+        """Trainer's 16-bit autocast over fp32 weights or adapters. DeepSpeed casts the model
+        to 16 bits itself, and FSDP's mixed precision computes with 16-bit copies of the
+        parameters: both run the blocks in one 16-bit dtype, with nothing left to cast."""
         fp32_trained = self.wbytes == 4 or self.method in ("lora", "qlora")
-        deepspeed = self.strategy.startswith("zero") and self.method != "qlora"
-        return self.mixed_precision and fp32_trained and not deepspeed
+        sharded16 = self.strategy == "fsdp" or (
+            self.strategy.startswith("zero") and self.method != "qlora"
+        )
+        return self.mixed_precision and fp32_trained and not sharded16
 
     @property
     def world(self) -> int:
@@ -381,12 +384,15 @@ def _plain_block(shape: ModelShape, run: RunShape, trains: bool) -> int:
     """One dtype throughout (CPU fp32, pure bf16, DeepSpeed's 16-bit module)."""
     h, i, a = shape.hidden, shape.intermediate, run.dtype_bytes
     lora = set(run.lora_targets) if run.method == "lora" else set()
+    # Inputs that LoRA's lora_A keeps itself; with dropout it keeps the dropped copy instead
+    # (counted below), and the frozen base Linear keeps nothing.
+    kept = lora if run.lora_dropout == 0 else set()
     # RMSNorm: fp32 input copy; normalised input for the weight grad; output for the Linears.
     norm_attn = 4 * h + (a * h if trains else 0)
-    norm_attn += a * h if trains or lora & {"q_proj", "k_proj", "v_proj"} else 0
+    norm_attn += a * h if trains or kept & {"q_proj", "k_proj", "v_proj"} else 0
     norm_mlp = 4 * h + (a * h if trains else 0)
-    norm_mlp += a * h if trains or lora & {"gate_proj", "up_proj"} else 0
-    mlp = 3 * a * i + (a * i if trains or "down_proj" in lora else 0)
+    norm_mlp += a * h if trains or kept & {"gate_proj", "up_proj"} else 0
+    mlp = 3 * a * i + (a * i if trains or "down_proj" in kept else 0)
     extra = 0
     for t in lora:  # lora_A's output; with dropout the dropped input and its bool mask
         fan_in = shape.linear_dims()[t][0]
