@@ -92,3 +92,26 @@ def test_transport_is_read_from_nccl_info_lines() -> None:
             "n:1:1 [0] NCCL INFO Using network Socket\n")
     assert parse_nccl_transport(sock) == {"network": "Socket", "interfaces": "[0]eth0:10.0.0.5<0>"}
     assert parse_nccl_transport("") == {"network": None, "interfaces": None}
+
+
+def test_one_node_reports_intra_node_transport_not_the_network_plugin(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from llmtrain.doctor import _summarise
+
+    report = {
+        "rank": 0, "host": "n1", "local_rank": 0, "gpus": ["H200"], "driver": "1",
+        "cuda": "13", "nccl": "2", "shm_bytes": 2**31, "output_writable": True,
+        "output_free_bytes": 2**40, "problems": [], "faults": [], "warnings": [],
+    }  # fmt: skip
+    timing = {
+        "backend": "nccl", "bytes": 2**28, "seconds": 0.01, "algbw_GBps": 200.0,
+        "busbw_GBps": 300.0, "network": "Socket", "interfaces": "[0]eth0",
+    }  # fmt: skip
+    _summarise([(report, timing), ({**report, "rank": 1, "local_rank": 1}, timing)], False)
+    one_node = capsys.readouterr().out
+    assert "transport intra-node" in one_node and "Socket" not in one_node
+    _summarise([(report, timing), ({**report, "rank": 1, "host": "n2"}, timing)], False)
+    two_nodes = capsys.readouterr().out
+    assert "transport Socket, interface [0]eth0" in two_nodes
+    assert "NCCL uses sockets between nodes" in two_nodes

@@ -322,11 +322,17 @@ def _summarise(gathered: list[Any], as_json: bool) -> int:
             )
         )
     if timing:
+        # NCCL names its network plugin on one node too ("Using network Socket"), where the
+        # channels run over P2P/NVLink or shared memory and the network carries nothing.
+        between_nodes = len(hosts) > 1 and timing["network"]
         print(
             f"  all-reduce ({timing['backend']}, {timing['bytes'] / 1024**2:.0f} MiB): "
             f"algbw {timing['algbw_GBps']:.2f} GB/s, busbw {timing['busbw_GBps']:.2f} GB/s; "
-            f"transport {timing['network'] or 'intra-node (P2P/SHM)'}, "
-            f"interface {timing['interfaces'] or '-'}"
+            + (
+                f"transport {timing['network']}, interface {timing['interfaces'] or '-'}"
+                if between_nodes
+                else "transport intra-node (P2P/NVLink or shared memory)"
+            )
         )
     for w in warnings:
         print(f"  warning: {w}")
