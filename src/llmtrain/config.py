@@ -184,7 +184,7 @@ class DistributedSection(Section):
     reduce_dtype: Literal["fp32", "bf16"] = Field(
         "fp32",
         description="dtype of the gradient reduction of fsdp and zero*: bf16 halves its traffic "
-        "and drifts from the one-GPU result",
+        "and rounds each sum to 8 bits of mantissa",
     )
     allow_topology_change: bool = Field(
         False, description="resume even if world size, batch or data changed"
