@@ -110,6 +110,41 @@ def run_config(name: str, model: Path, data: Path, out: Path) -> dict[str, Any]:
     }
 
 
+def predict(cfg: Any, gpus: int, attention: str) -> Any:
+    """`llmtrain estimate`'s breakdown for a run config on `gpus` GPUs of one node."""
+    from llmtrain.memory import estimate
+    from llmtrain.sizing import model_shape, run_shape
+
+    shape = model_shape(cfg)
+    return estimate(shape, run_shape(cfg, shape, gpus_per_node=gpus, attention=attention))
+
+
+def repredict(rows: list[dict[str, Any]], root: Path) -> None:
+    """Measured rows from earlier result files against the current estimator (CPU only: the
+    models' config.json is all it reads)."""
+    from transformers import LlamaConfig
+
+    from llmtrain.config import load_config
+    from llmtrain.gpus import get_gpu
+
+    h200 = get_gpu("h200").memory_bytes  # the GPU these runs measured on
+    for size, dims in MODELS.items():
+        LlamaConfig(**dims, max_position_embeddings=4096).save_pretrained(root / f"llama-{size}")
+    data = root / "text.jsonl"
+    data.write_text(json.dumps({"text": "unused"}) + "\n")
+    for row in rows:
+        name = row["run"]
+        path = root / f"{name}.yaml"
+        path.write_text(json.dumps(run_config(name, root / f"llama-{RUNS[name][0]}", data, root)))
+        predicted = predict(load_config(path), RUNS[name][3], row.get("attention", "sdpa"))
+        row["predicted_allocated_gib"] = predicted.allocated / 1024**3
+        row["predicted_total_gib"] = predicted.total / 1024**3
+        row["predicted_fits"] = predicted.total <= h200
+        row["breakdown_gib"] = {k: v / 1024**3 for k, v in predicted.rows()}
+        if row.get("measured_gib") and not row.get("oom"):
+            row["error_pct"] = 100 * (row["predicted_allocated_gib"] / row["measured_gib"] - 1)
+
+
 def worker(config_path: str, result_path: str) -> None:
     """One rank of one run, under torchrun: train, recording the allocator peak per step."""
     import torch
@@ -117,9 +152,7 @@ def worker(config_path: str, result_path: str) -> None:
 
     from llmtrain.config import load_config
     from llmtrain.finetune import train
-    from llmtrain.memory import estimate
     from llmtrain.models import load_model_config, pick_attention
-    from llmtrain.sizing import model_shape, run_shape
     from llmtrain.strategies import World
 
     cfg = load_config(config_path)
@@ -136,10 +169,8 @@ def worker(config_path: str, result_path: str) -> None:
         return loss
 
     Trainer.training_step = training_step
-    shape = model_shape(cfg)
     attention = pick_attention(cfg.model, load_model_config(cfg.model))
-    run = run_shape(cfg, shape, gpus_per_node=world.world_size, attention=attention)
-    predicted = estimate(shape, run)
+    predicted = predict(cfg, world.world_size, attention)
     oom = False
     try:
         train(cfg, world)
@@ -243,10 +274,25 @@ def main() -> int:
     parser.add_argument("--out", default=os.environ.get("OUT", "bench-results"))
     parser.add_argument("--work", help="models and runs (default: a temp dir; not under --out)")
     parser.add_argument("--worker", nargs=2, metavar=("CONFIG", "RESULT"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--report",
+        nargs="*",
+        type=Path,
+        help="no runs: merge these memory_validation.json files (later ones win) and predict "
+        "their rows again with the current estimator",
+    )
     args = parser.parse_args()
     if args.worker:
         worker(*args.worker)
         return 0
+    out = Path(args.out)
+    if args.report:
+        merged: dict[str, dict[str, Any]] = {}
+        for path in args.report:
+            merged.update({r["run"]: r for r in json.loads(path.read_text()) if "error" not in r})
+        rows = sorted(merged.values(), key=lambda r: list(RUNS).index(r["run"]))
+        repredict(rows, Path(args.work or tempfile.mkdtemp(prefix="llmtrain-memval-")))
+        return finish(rows, out)
     import torch
 
     if not torch.cuda.is_available():
@@ -258,14 +304,22 @@ def main() -> int:
     gpus = torch.cuda.device_count()
     names = [n for n in (args.only or RUNS) if RUNS[n][3] <= gpus]
     root = Path(args.work or tempfile.mkdtemp(prefix="llmtrain-memval-"))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     rows = []
     for name in names:
         print(f"memory_validation: {name}", file=sys.stderr, flush=True)
         rows.append(launch(name, root))
-        (out / "memory_validation.json").write_text(json.dumps(rows, indent=2))
-        (out / "memory_validation.md").write_text(markdown(rows))
+        write(rows, out)
+    return finish(rows, out)
+
+
+def write(rows: list[dict[str, Any]], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "memory_validation.json").write_text(json.dumps(rows, indent=2))
+    (out / "memory_validation.md").write_text(markdown(rows))
+
+
+def finish(rows: list[dict[str, Any]], out: Path) -> int:
+    write(rows, out)
     print(markdown(rows))
     measured = [r for r in rows if "error_pct" in r]
     within = all(abs(r["error_pct"]) <= 10 for r in measured)

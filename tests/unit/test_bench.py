@@ -107,3 +107,27 @@ def test_smoke_run_compares_padding_free_with_the_baseline(tmp_path: Path, repo:
     assert ours["first_loss_rel_diff"] < 1e-5
     assert "sdpa_per_sample" in ours["raw"]["notes"]["attention"]
     assert (tmp_path / "results.md").read_text().startswith("| workload | run |")
+
+
+def test_memory_report_predicts_measured_rows_again(tmp_path: Path) -> None:
+    """`bench/memory_validation.py --report` re-predicts stored measurements on a CPU: the
+    error column follows the current estimator, not the one of the run."""
+    stored = tmp_path / "measured.json"
+    row = {
+        "run": "lora-7b-ddp", "model": "7b", "method": "lora", "strategy": "ddp", "gpus": 1,
+        "micro_batch": 4, "seq_len": 1024, "checkpointing": False, "exit": 0, "oom": False,
+        "attention": "sdpa", "measured_gib": 40.0, "predicted_allocated_gib": 1.0,
+    }  # fmt: skip
+    stored.write_text(json.dumps([row]))
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "bench/memory_validation.py", "--report", str(stored), "--out", str(out),
+         "--work", str(tmp_path / "work")],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (got,) = json.loads((out / "memory_validation.json").read_text())
+    assert 30 < got["predicted_allocated_gib"] < 60  # 7B bf16 weights alone are 12.6 GiB
+    assert got["error_pct"] == pytest.approx(100 * (got["predicted_allocated_gib"] / 40 - 1))
+    table = (out / "memory_validation.md").read_text()
+    assert "| lora-7b-ddp | lora | ddp | 1 | 4 x 1024 |" in table
