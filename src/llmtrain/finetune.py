@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import shutil
@@ -352,12 +353,26 @@ def save_final(cfg: RunConfig, world: World, trainer: Trainer, tokenizer: Any, o
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     check_hardware(cfg)
+    stopped: str | None = None
     try:
         train(cfg, World.from_env())
+    except StopRequested as exc:
+        # Keep the message only: the traceback's frames hold the Trainer, whose (FSDP or DDP)
+        # model holds the process group, which must be gone before the interpreter exits.
+        stopped = str(exc)
     finally:
-        # Close the process group before interpreter exit, on every path: a gloo or NCCL
-        # thread still alive at exit aborts the process ("terminate called without an active
-        # exception"), turning a finished or stopped run into a crash.
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        _close_process_group()
+    if stopped is not None:
+        raise StopRequested(stopped)
     return 0
+
+
+def _close_process_group() -> None:
+    """A gloo or NCCL thread still alive at interpreter exit aborts the process ("terminate
+    called without an active exception"): a finished or stopped run became exit 134 (seen in
+    CI on the stop path of FSDP over gloo). Free what still references the process group, so
+    its threads are joined now, then destroy it."""
+    gc.collect()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    gc.collect()
