@@ -7,8 +7,8 @@ strategy), and records the allocator peak over the training steps (reset when th
 starts, so model loading does not count). Runs the estimator predicts will not fit must
 really run out of memory. Writes memory_validation.{json,md} to $OUT (or --out).
 
-  python bench/memory_validation.py            # every run the visible GPUs allow
-  python bench/memory_validation.py --only lora-7b-ddp
+  python -m bench.memory_validation            # every run the visible GPUs allow
+  python -m bench.memory_validation --only lora-7b-ddp
 """
 
 from __future__ import annotations
@@ -23,23 +23,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-TINYLLAMA_1B = {
-    "num_hidden_layers": 22,
-    "hidden_size": 2048,
-    "intermediate_size": 5632,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 4,
-    "vocab_size": 32000,
-}
-LLAMA2_7B = {
-    "num_hidden_layers": 32,
-    "hidden_size": 4096,
-    "intermediate_size": 11008,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 32,
-    "vocab_size": 32000,
-}
-MODELS = {"1b": TINYLLAMA_1B, "7b": LLAMA2_7B}
+from bench.strategies import build_data, torchrun
+from bench.workloads import MODELS, build_model
 
 # name: (model, method, strategy, gpus, micro_batch, seq_len, checkpointing)
 RUNS: dict[str, tuple[str, str, str, int, int, int, bool]] = {
@@ -55,38 +40,6 @@ RUNS: dict[str, tuple[str, str, str, int, int, int, bool]] = {
     "lora-7b-b32-oom": ("7b", "lora", "ddp", 1, 32, 2048, False),
 }
 STEPS = 5
-
-
-def build_model(name: str, root: Path) -> Path:
-    """A random-init Llama saved once per size, with the embedded tokenizer beside it."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    path = root / f"llama-{name}"
-    if (path / "config.json").is_file():
-        return path
-    config = LlamaConfig(**MODELS[name], max_position_embeddings=4096, torch_dtype="bfloat16")
-    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-        model = LlamaForCausalLM(config).to(torch.bfloat16)
-    model.save_pretrained(path, safe_serialization=True)
-    from llmtrain.config import resolve_path
-
-    tok = Path(resolve_path("embedded:tiny-llama"))
-    for f in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"):
-        shutil.copy(tok / f, path / f)
-    return path
-
-
-def build_data(root: Path, rows: int) -> Path:
-    from llmtrain.config import resolve_path
-
-    words = Path(resolve_path("embedded:corpus.txt")).read_text().split()
-    path = root / "text.jsonl"
-    with path.open("w") as f:
-        for i in range(rows):
-            text = " ".join(words[(i * 97 + k) % len(words)] for k in range(3000))
-            f.write(json.dumps({"text": text}) + "\n")
-    return path
 
 
 def run_config(name: str, model: Path, data: Path, out: Path) -> dict[str, Any]:
@@ -128,8 +81,8 @@ def repredict(rows: list[dict[str, Any]], root: Path) -> None:
     from llmtrain.gpus import get_gpu
 
     h200 = get_gpu("h200").memory_bytes  # the GPU these runs measured on
-    for size, dims in MODELS.items():
-        LlamaConfig(**dims, max_position_embeddings=4096).save_pretrained(root / f"llama-{size}")
+    for size in {RUNS[row["run"]][0] for row in rows}:
+        LlamaConfig(**MODELS[size]).save_pretrained(root / f"llama-{size}")
     data = root / "text.jsonl"
     data.write_text(json.dumps({"text": "unused"}) + "\n")
     for row in rows:
@@ -195,7 +148,7 @@ def launch(name: str, root: Path) -> dict[str, Any]:
     import yaml
 
     size, method, strategy, gpus, batch, seq, ckpt = RUNS[name]
-    model = build_model(size, root)
+    model, _ = build_model(size, root)
     data = build_data(root, rows=batch * gpus * (STEPS + 2) * seq // 2000 + 8)
     run_dir = root / "runs" / name
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -203,17 +156,7 @@ def launch(name: str, root: Path) -> dict[str, Any]:
     config = run_dir / "run.yaml"
     config.write_text(yaml.safe_dump(run_config(name, model, data, run_dir / "out")))
     result = run_dir / "result.json"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={gpus}",
-        __file__,
-        "--worker",
-        str(config),
-        str(result),
-    ]
+    cmd = torchrun(gpus, "bench.memory_validation", "--worker", str(config), str(result))
     proc = subprocess.run(cmd, capture_output=True, text=True)
     (run_dir / "log.txt").write_text(proc.stdout + proc.stderr)
     ranks = [json.loads(p.read_text()) for p in sorted(run_dir.glob("result.json.rank*"))]

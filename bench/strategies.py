@@ -165,6 +165,20 @@ def worker(config_path: str, result_path: str, size: str) -> None:
         torch.save(logits, f"{result_path}.logits.pt")
 
 
+def torchrun(gpus: int, module: str, *args: str) -> list[str]:
+    """One process per GPU of this machine running `python -m module args`."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={gpus}",
+        "-m",
+        module,
+        *args,
+    ]
+
+
 def launch(name: str, size: str, model: Path, data: Path, root: Path) -> dict[str, Any]:
     import yaml
 
@@ -175,19 +189,7 @@ def launch(name: str, size: str, model: Path, data: Path, root: Path) -> dict[st
     config = run_dir / "run.yaml"
     config.write_text(yaml.safe_dump(run_config(name, size, model, data, run_dir / "out")))
     result = run_dir / "result.json"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={gpus}",
-        "-m",
-        "bench.strategies",
-        "--worker",
-        str(config),
-        str(result),
-        size,
-    ]
+    cmd = torchrun(gpus, "bench.strategies", "--worker", str(config), str(result), size)
     started = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     (run_dir / "log.txt").write_text(proc.stdout + proc.stderr)

@@ -109,8 +109,8 @@ def test_smoke_run_compares_padding_free_with_the_baseline(tmp_path: Path, repo:
     assert (tmp_path / "results.md").read_text().startswith("| workload | run |")
 
 
-def test_memory_report_predicts_measured_rows_again(tmp_path: Path) -> None:
-    """`bench/memory_validation.py --report` re-predicts stored measurements on a CPU: the
+def test_memory_report_predicts_measured_rows_again(tmp_path: Path, repo: Path) -> None:
+    """`python -m bench.memory_validation --report` re-predicts stored measurements on a CPU: the
     error column follows the current estimator, not the one of the run."""
     stored = tmp_path / "measured.json"
     row = {
@@ -121,9 +121,9 @@ def test_memory_report_predicts_measured_rows_again(tmp_path: Path) -> None:
     stored.write_text(json.dumps([row]))
     out = tmp_path / "out"
     proc = subprocess.run(
-        [sys.executable, "bench/memory_validation.py", "--report", str(stored), "--out", str(out),
-         "--work", str(tmp_path / "work")],
-        capture_output=True, text=True, timeout=300,
+        [sys.executable, "-m", "bench.memory_validation", "--report", str(stored),
+         "--out", str(out), "--work", str(tmp_path / "work")],
+        cwd=repo, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     (got,) = json.loads((out / "memory_validation.json").read_text())
