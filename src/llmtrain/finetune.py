@@ -375,4 +375,3 @@ def _close_process_group() -> None:
     gc.collect()
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
-    gc.collect()
