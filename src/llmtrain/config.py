@@ -135,6 +135,11 @@ class TrainingSection(Section):
     compile: bool = Field(
         False, description="torch.compile the norms, SwiGLU and RoPE of each block (CUDA)"
     )
+    fused_lora: bool = Field(
+        True,
+        description="LoRA layers compute base and adapter matmuls in one function "
+        "(one GPU, DDP, ZeRO-2); false: peft's own forward",
+    )
     logging_steps: int = Field(10, ge=1)
     save_steps: int = Field(200, ge=1)
     eval_steps: int | None = Field(None, ge=1)

@@ -15,7 +15,16 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
-from llmtrain import checkpoints, fused_loss, fused_ops, manifest, packing, prepared, strategies
+from llmtrain import (
+    checkpoints,
+    fused_lora,
+    fused_loss,
+    fused_ops,
+    manifest,
+    packing,
+    prepared,
+    strategies,
+)
 from llmtrain.callbacks import (
     CommitCheckpointCallback,
     MetricsCallback,
@@ -280,6 +289,12 @@ def train(cfg: RunConfig, world: World, extra_callbacks: Sequence[TrainerCallbac
     )
     if cfg.method.name in ("lora", "qlora"):
         _upcast_trainable(model)
+    if (
+        cfg.method.name == "lora"
+        and cfg.training.fused_lora
+        and strategies.resolve(cfg, world) in fused_lora.STRATEGIES
+    ):
+        fused_lora.patch(model)
 
     args = training_arguments(cfg, world, out, "eval" in splits, block_class)
     stop = StopCallback(
@@ -336,9 +351,7 @@ def save_final(cfg: RunConfig, world: World, trainer: Trainer, tokenizer: Any, o
     if cfg.generation.samples and cfg.data.shape == "instruction":
         prompts, refs = _sample_prompts(cfg)
         if inference_dir == final and is_adapter:
-            model, tok = load_for_inference(
-                cfg.model, final, quantized=cfg.method.name == "qlora"
-            )
+            model, tok = load_for_inference(cfg.model, final, quantized=cfg.method.name == "qlora")
         else:
             model, tok = load_for_inference(
                 cfg.model.model_copy(update={"path": str(inference_dir), "tokenizer": None}), None

@@ -43,11 +43,12 @@ def autocast_input(x: torch.Tensor) -> torch.Tensor:
 
     The forward values are autocast's own; in the backward the branches' gradients are summed
     in that dtype before the one cast back, instead of in fp32 after three casts."""
-    dtype = _autocast_dtype(x.device.type)
+    dtype = autocast_dtype(x.device.type)
     return x if dtype is None or x.dtype != torch.float32 else x.to(dtype)
 
 
-def _autocast_dtype(kind: str) -> torch.dtype | None:
+def autocast_dtype(kind: str) -> torch.dtype | None:
+    """The dtype autocast computes in on this device type now, None when it is off."""
     if hasattr(torch, "get_autocast_dtype"):  # torch >= 2.4
         return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
     if kind == "cuda" and torch.is_autocast_enabled():  # torch 2.3 (NGC 24.04)

@@ -404,11 +404,14 @@ def _autocast_block(shape: ModelShape, run: RunShape, trains: bool) -> int:
     """16-bit autocast: each Linear keeps its own 16-bit cast of an fp32 input."""
     h, i, a, s = shape.hidden, shape.intermediate, run.dtype_bytes, _stream_bytes(run)
     if run.method == "lora":
-        # 16-bit stream; peft casts x to the fp32 adapter and autocast back to 16 bits for
-        # lora_A, which keeps that copy; base Linears keep nothing (frozen weight).
+        # 16-bit stream; base Linears keep nothing (frozen weight). peft casts x to the fp32
+        # adapter and autocast back to 16 bits for lora_A, which keeps that copy; without
+        # dropout, the fused layer (fused_lora.py, DDP) keeps x itself, once for its readers.
         norms = 2 * 4 * h
         mlp = 3 * a * i
-        return norms + _attn_bytes(shape, run) + mlp + _lora_targets_bytes(shape, run)
+        fused = run.strategy == "ddp" and run.lora_dropout == 0
+        lora = _lora_shared_inputs_bytes(shape, run) if fused else _lora_targets_bytes(shape, run)
+        return norms + _attn_bytes(shape, run) + mlp + lora
     # fp32 stream: RMSNorm keeps its fp32 input and (trained weight) its normalised input;
     # q, k, v (and gate, up) each keep their own 16-bit cast of its output.
     norms = 2 * 4 * h + (2 * s * h if trains else 0)
@@ -427,6 +430,21 @@ def _lora_targets_bytes(shape: ModelShape, run: RunShape) -> int:
             mask = DROPOUT_MASK_BYTES * fan_in if run.lora_dropout > 0 else 0
             total += a * fan_in + mask + a * run.lora_r
     return total
+
+
+def _lora_shared_inputs_bytes(shape: ModelShape, run: RunShape) -> int:
+    """Per token, LoRA layers that keep their 16-bit input as it is: one copy per input however
+    many targets read it (q, k, v the attention norm's output; gate, up the MLP norm's; o_proj
+    the attention output, already kept by the kernel), and lora_A's output per target."""
+    h, i, a = shape.hidden, shape.intermediate, run.dtype_bytes
+    lora = set(run.lora_targets) & set(shape.linear_dims())
+    kept = (
+        a
+        * h
+        * (bool(lora & {"q_proj", "k_proj", "v_proj"}) + bool(lora & {"gate_proj", "up_proj"}))
+    )
+    kept += a * i if "down_proj" in lora else 0
+    return kept + a * run.lora_r * len(lora)
 
 
 def _qlora_block(shape: ModelShape, run: RunShape) -> int:

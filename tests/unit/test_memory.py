@@ -12,6 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
+from llmtrain import fused_lora
 from llmtrain.gpus import get_gpu
 from llmtrain.memory import (
     ModelShape,
@@ -186,6 +187,8 @@ def _measured_peak(run: RunShape) -> int:
             for p in model.parameters():
                 if p.requires_grad:
                     p.data = p.data.float()
+        if run.strategy in fused_lora.STRATEGIES:
+            fused_lora.patch(model)
     model.train()
     trained = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trained, lr=1e-4, foreach=True)
