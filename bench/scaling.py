@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import yaml
 
-from bench.strategies import SEQ, build_data, run_config
+from bench.strategies import SEQ, build_data, run_config, torchrun
 from bench.workloads import build_model
 
 MICRO_BATCH = {"1b": 8, "tiny": 4}
@@ -40,10 +40,9 @@ def train_run(gpus: int, size: str, model: Path, data: Path, root: Path) -> dict
     config.write_text(yaml.safe_dump(cfg))
     result = run_dir / "result.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone",
-         f"--nproc_per_node={gpus}", "-m", "bench.strategies", "--worker", str(config),
-         str(result), size],
-        capture_output=True, text=True,
+        torchrun(gpus, "bench.strategies", "--worker", str(config), str(result), size),
+        capture_output=True,
+        text=True,
     )
     (run_dir / "log.txt").write_text(proc.stdout + proc.stderr)
     ranks = [json.loads(p.read_text()) for p in sorted(run_dir.glob("result.json.rank*"))]
@@ -64,9 +63,7 @@ def train_run(gpus: int, size: str, model: Path, data: Path, root: Path) -> dict
 
 def bus_bandwidth(gpus: int, config: str) -> dict[str, Any]:
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone",
-         f"--nproc_per_node={gpus}", "-m", "llmtrain.cli", "doctor", config, "--json"],
-        capture_output=True, text=True,
+        torchrun(gpus, "llmtrain.cli", "doctor", config, "--json"), capture_output=True, text=True
     )
     text = proc.stdout
     start = text.find("{")

@@ -12,6 +12,7 @@ compares its logits with those. Writes strategies.json and strategies.md to --ou
   python -m bench.strategies                        # every combination the GPUs allow
   python -m bench.strategies --only full-fsdp-2 lora-zero3-2
   python -m bench.strategies --model tiny           # CPU smoke of the script (gloo; no ZeRO)
+  python -m bench.strategies --only qlora-ddp-2 --set training.args.full_determinism=true
 """
 
 from __future__ import annotations
@@ -179,15 +180,20 @@ def torchrun(gpus: int, module: str, *args: str) -> list[str]:
     ]
 
 
-def launch(name: str, size: str, model: Path, data: Path, root: Path) -> dict[str, Any]:
+def launch(
+    name: str, size: str, model: Path, data: Path, root: Path, overrides: list[str]
+) -> dict[str, Any]:
     import yaml
+
+    from llmtrain.config import apply_overrides
 
     method, strategy, gpus = RUNS[name]
     run_dir = root / "runs" / name
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
     config = run_dir / "run.yaml"
-    config.write_text(yaml.safe_dump(run_config(name, size, model, data, run_dir / "out")))
+    cfg = apply_overrides(run_config(name, size, model, data, run_dir / "out"), overrides)
+    config.write_text(yaml.safe_dump(cfg))
     result = run_dir / "result.json"
     cmd = torchrun(gpus, "bench.strategies", "--worker", str(config), str(result), size)
     started = time.time()
@@ -198,6 +204,7 @@ def launch(name: str, size: str, model: Path, data: Path, root: Path) -> dict[st
         "method": method,
         "strategy": strategy,
         "gpus": gpus,
+        **({"overrides": overrides} if overrides else {}),
         "exit": proc.returncode,
         "wall_s": round(time.time() - started, 1),
     }
@@ -359,6 +366,13 @@ def main() -> int:
         "and write the comparison and the table",
     )
     parser.add_argument("--model", choices=["1b", "tiny"], default="1b")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a run-config override for every run, as on the llmtrain command line",
+    )
     parser.add_argument("--out", default=os.environ.get("OUT", "bench-results"))
     parser.add_argument("--work", help="models and runs (default: a temporary directory)")
     parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
@@ -390,7 +404,7 @@ def main() -> int:
             print(f"strategies: {name}: skipped, {why}", file=sys.stderr)
             continue
         print(f"strategies: {name}", file=sys.stderr, flush=True)
-        rows.append(launch(name, args.model, model, data, root))
+        rows.append(launch(name, args.model, model, data, root, args.set))
         reload_check(rows[-1:], model)
         finish(rows, out)
     return finish(rows, out)
