@@ -236,7 +236,7 @@ def apply_speed_levers(cfg: RunConfig, world: World, model: Any) -> None:
         if strategy in ("fsdp", "zero3", "zero3_offload"):
             log.info("chunked loss: off under %s, whose lm_head weight is sharded", strategy)
         else:
-            fused_loss.patch_causal_lm_loss(model)
+            fused_loss.patch_causal_lm_loss(model, compiled=compiled)
 
 
 def train(cfg: RunConfig, world: World, extra_callbacks: Sequence[TrainerCallback] = ()) -> Trainer:

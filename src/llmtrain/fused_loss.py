@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -19,7 +20,10 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from llmtrain import fused_ops
 from llmtrain.data import IGNORE_INDEX
+
+CrossEntropySum = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 log = logging.getLogger(__name__)
 
@@ -29,13 +33,18 @@ SUPPORTED = ("llama", "mistral", "qwen2", "gemma")
 CHUNK_ELEMENTS = 1 << 27  # logits per chunk: 0.5 GiB in fp32
 
 
-def _chunk_loss_sum(lm_head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    logits = lm_head(hidden).float()
-    return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
+def _chunk_loss_sum(
+    lm_head: nn.Module, ce_sum: CrossEntropySum, hidden: torch.Tensor, labels: torch.Tensor
+) -> torch.Tensor:
+    return ce_sum(lm_head(hidden), labels)
 
 
 def chunked_lm_loss(
-    hidden: torch.Tensor, lm_head: nn.Module, labels: torch.Tensor, chunk_tokens: int
+    hidden: torch.Tensor,
+    lm_head: nn.Module,
+    labels: torch.Tensor,
+    chunk_tokens: int,
+    ce_sum: CrossEntropySum = fused_ops.cross_entropy_sum,
 ) -> torch.Tensor:
     """Mean next-token cross-entropy: token t's hidden state predicts labels[t + 1]."""
     targets = F.pad(labels[..., 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)
@@ -44,7 +53,7 @@ def chunked_lm_loss(
     for start in range(0, flat.shape[0], chunk_tokens):
         piece = slice(start, start + chunk_tokens)
         total = total + checkpoint(
-            functools.partial(_chunk_loss_sum, lm_head),
+            functools.partial(_chunk_loss_sum, lm_head, ce_sum),
             flat[piece],
             targets[piece],
             use_reentrant=False,
@@ -52,15 +61,18 @@ def chunked_lm_loss(
     return total / (targets != IGNORE_INDEX).sum()
 
 
-def patch_causal_lm_loss(model: Any) -> bool:
-    """While training with labels, compute the loss in chunks (logits are then not returned).
-    Evaluation and generation keep the original forward. False if the model is not supported."""
+def patch_causal_lm_loss(model: Any, *, compiled: bool = False) -> bool:
+    """While training with labels, compute the loss in chunks (logits are then not returned);
+    `compiled`: each chunk's cross-entropy through torch.compile, which reads the 16-bit logits
+    once instead of storing an fp32 copy. Evaluation and generation keep the original forward.
+    False if the model is not supported."""
     config = model.config
     if config.model_type not in SUPPORTED or getattr(config, "pretraining_tp", 1) != 1:
         log.info("chunked loss: not for %s models; using transformers' loss", config.model_type)
         return False
     original = model.forward
     chunk_tokens = max(256, CHUNK_ELEMENTS // config.vocab_size)
+    ce_sum = fused_ops.compiled("cross_entropy_sum") if compiled else fused_ops.cross_entropy_sum
 
     def forward(
         input_ids: torch.Tensor | None = None,
@@ -72,7 +84,7 @@ def patch_causal_lm_loss(model: Any) -> bool:
             return original(input_ids=input_ids, labels=labels, return_dict=return_dict, **kwargs)
         # Training never reads a KV cache: keep transformers from building one.
         out = model.model(input_ids=input_ids, return_dict=True, **{**kwargs, "use_cache": False})
-        loss = chunked_lm_loss(out.last_hidden_state, model.lm_head, labels, chunk_tokens)
+        loss = chunked_lm_loss(out.last_hidden_state, model.lm_head, labels, chunk_tokens, ce_sum)
         if return_dict is False:
             return (loss, *out.to_tuple()[1:])  # as transformers' tuple, without logits
         return CausalLMOutputWithPast(
@@ -84,5 +96,9 @@ def patch_causal_lm_loss(model: Any) -> bool:
         )
 
     model.forward = forward
-    log.info("chunked loss: %d tokens per chunk, full logits never materialised", chunk_tokens)
+    log.info(
+        "chunked loss: %d tokens per chunk, full logits never materialised%s",
+        chunk_tokens,
+        " (compiled cross-entropy)" if compiled else "",
+    )
     return True

@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
+from llmtrain.data import IGNORE_INDEX
+
 log = logging.getLogger(__name__)
 
 
@@ -72,11 +74,18 @@ def rope(
     return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
 
+def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy in fp32 over (16-bit) logits: transformers' upcast and loss.
+    Compiled, the fp32 logits and their gradient are never stored."""
+    return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
 _EAGER: dict[str, Callable[..., Any]] = {
     "rms_norm": rms_norm,
     "add_rms_norm": add_rms_norm,
     "swiglu": swiglu,
     "rope": rope,
+    "cross_entropy_sum": cross_entropy_sum,
 }
 _COMPILED: dict[str, Callable[..., Any]] = {}
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, PreTrainedModel
 
-from llmtrain import fused_loss
+from llmtrain import fused_loss, fused_ops
 from llmtrain.config import resolve_path
 from llmtrain.data import IGNORE_INDEX
 
@@ -69,3 +69,35 @@ def test_evaluation_keeps_logits_and_unsupported_models_are_left_alone() -> None
     forward = gpt2.forward
     assert not fused_loss.patch_causal_lm_loss(gpt2)
     assert gpt2.forward == forward
+
+
+def test_compiled_option_routes_each_chunk_through_the_compiled_cross_entropy(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The eager function stands in for its torch.compile version (the GPU test runs that)."""
+    asked: list[str] = []
+    monkeypatch.setattr(
+        fused_ops, "compiled", lambda name: asked.append(name) or fused_ops._EAGER[name]
+    )
+    reference, ours = tiny(), tiny()
+    assert fused_loss.patch_causal_lm_loss(ours, compiled=True)
+    assert asked == ["cross_entropy_sum"]
+    inputs = batch(reference.config.vocab_size)
+    torch.testing.assert_close(ours(**inputs).loss, reference(**inputs).loss)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.compile)")
+def test_compiled_cross_entropy_matches_eager_on_gpu() -> None:
+    logits = torch.randn(300, 1000, device="cuda", dtype=torch.bfloat16) * 4
+    labels = torch.randint(0, 1000, (300,), device="cuda")
+    labels[::7] = IGNORE_INDEX
+    results = []
+    for fn in (fused_ops.cross_entropy_sum, fused_ops.compiled("cross_entropy_sum")):
+        x = logits.clone().requires_grad_()
+        loss = fn(x, labels)
+        loss.backward()
+        results.append((loss, x.grad))
+    (want, want_grad), (got, got_grad) = results
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(got_grad.float(), want_grad.float(), rtol=1e-2, atol=1e-3)
