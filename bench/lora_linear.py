@@ -96,7 +96,7 @@ def measure(tokens: int) -> dict[str, Any]:
         out = call()
         out.backward(grad)
         assert x.grad is not None
-        grads[name] = [out.float(), x.grad.float()]
+        grads[name] = [out.detach().float(), x.grad.float()]
         grads[name] += [p.grad for p in m.parameters() if p.grad is not None]
         dropping = x.register_post_accumulate_grad_hook(lambda t: setattr(t, "grad", None))
     return {
