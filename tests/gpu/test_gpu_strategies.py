@@ -1,8 +1,8 @@
 """Check a GPU node before a long job: every validated method x strategy trains a few steps on
-the GPUs this process sees, saves a normal HF directory, and that directory loads in a fresh
-process; the refused combinations exit 64; DeepSpeed and FSDP resume from their own
-checkpoints. Skipped, with the reason, where there is no CUDA GPU. One command, from a
-checkout of this repository inside the image (srun/qsub it onto the node to check):
+the GPUs this process sees, saves a normal HF directory, and that directory loads (an adapter
+also merges) in a fresh process; the refused combinations exit 64; DeepSpeed and FSDP resume
+from their own checkpoints. Skipped, with the reason, where there is no CUDA GPU. One command,
+from a checkout of this repository inside the image (srun/qsub it onto the node to check):
 
   apptainer exec --nv llmtrain.sif python -m pytest -m gpu tests/gpu
   srun --container-image=$PWD/llmtrain.sqsh --container-workdir=$PWD \
@@ -84,21 +84,33 @@ def finetune(
     )
 
 
+# In a fresh process: load the result as `llmtrain generate` does; an adapter is also merged as
+# `llmtrain merge` does, and the merged model loaded again (a LoRA one gives the same logits;
+# a QLoRA adapter merges into the unquantized base, so only finite logits are asked of it).
 PROBE = """
-import sys, torch
+import sys, tempfile, torch
 from pathlib import Path
 from llmtrain.config import ModelSection
-from llmtrain.export import load_for_inference
+from llmtrain.export import load_for_inference, merge
 kind, path = sys.argv[1], Path(sys.argv[2])
 base = ModelSection(path="embedded:tiny-llama")
+
+def logits_of(model, tok):
+    ids = tok(["Question: What is 3 plus 4?\\nAnswer:"], return_tensors="pt").input_ids.cuda()
+    with torch.no_grad():
+        out = model(input_ids=ids).logits.float()
+    assert torch.isfinite(out).all(), "non-finite logits"
+    return out
+
 if kind in ("lora", "qlora"):
-    model, tok = load_for_inference(base, path, quantized=kind == "qlora")
+    logits = logits_of(*load_for_inference(base, path, quantized=kind == "qlora"))
+    merged = merge(base, path, Path(tempfile.mkdtemp()) / "merged")
+    merged_base = base.model_copy(update={"path": str(merged)})
+    merged_logits = logits_of(*load_for_inference(merged_base, None))
+    if kind == "lora":
+        assert (merged_logits - logits).abs().max() <= 0.15, "merged model differs"
 else:
-    model, tok = load_for_inference(base.model_copy(update={"path": str(path)}), None)
-ids = tok(["Question: What is 3 plus 4?\\nAnswer:"], return_tensors="pt").input_ids.cuda()
-with torch.no_grad():
-    logits = model(input_ids=ids).logits.float()
-assert torch.isfinite(logits).all(), "non-finite logits"
+    logits = logits_of(*load_for_inference(base.model_copy(update={"path": str(path)}), None))
 print(float(logits.abs().max()))
 """
 
