@@ -43,6 +43,13 @@ def timed(fn: Callable[[], torch.Tensor], grad: torch.Tensor, repeats: int = 20)
     return start.elapsed_time(end) / repeats
 
 
+def publish(report: dict[str, Any], path: Path) -> None:
+    """Write a micro-benchmark's report as JSON and print it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2))
+
+
 def measure(shape: tuple[int, int, int, int, int, int]) -> dict[str, Any]:
     from llmtrain import packing
 
@@ -90,9 +97,7 @@ def main() -> int:
         "torch": torch.__version__,
         **{name: measure(shape) for name, shape in SHAPES.items()},
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "attention.json").write_text(json.dumps(report, indent=2))
-    print(json.dumps(report, indent=2))
+    publish(report, args.out / "attention.json")
     return 0
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,7 +23,7 @@ import torch
 from peft.tuners.lora import Linear as LoraLinear
 from torch import nn
 
-from bench.attention import timed
+from bench.attention import publish, timed
 from llmtrain import fused_lora
 
 # features, rank, alpha, adapted layers per step
@@ -117,9 +116,7 @@ def main() -> int:
     report: dict[str, Any] = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
     report["shape"] = SHAPE
     report["by_tokens"] = [measure(n) for n in TOKENS]
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "lora_linear.json").write_text(json.dumps(report, indent=2))
-    print(json.dumps(report, indent=2))
+    publish(report, args.out / "lora_linear.json")
     return 0
 
 
