@@ -157,6 +157,7 @@ class RunShape:
     lora_r: int = 16
     lora_targets: tuple[str, ...] = LINEARS
     lora_dropout: float = 0.05
+    fused_lora: bool = True  # training.fused_lora: applies to DDP (and one GPU) under autocast
     # method=layers: which decoder blocks train, and whether embeddings / lm_head train
     trainable_blocks: tuple[int, ...] = ()
     train_embeddings: bool = False
@@ -409,7 +410,7 @@ def _autocast_block(shape: ModelShape, run: RunShape, trains: bool) -> int:
         # dropout, the fused layer (fused_lora.py, DDP) keeps x itself, once for its readers.
         norms = 2 * 4 * h
         mlp = 3 * a * i
-        fused = run.strategy == "ddp" and run.lora_dropout == 0
+        fused = run.fused_lora and run.strategy == "ddp" and run.lora_dropout == 0
         lora = _lora_shared_inputs_bytes(shape, run) if fused else _lora_targets_bytes(shape, run)
         return norms + _attn_bytes(shape, run) + mlp + lora
     # fp32 stream: RMSNorm keeps its fp32 input and (trained weight) its normalised input;

@@ -86,6 +86,7 @@ def run_shape(
         lora_r=cfg.lora.r,
         lora_targets=targets,
         lora_dropout=cfg.lora.dropout,
+        fused_lora=t.fused_lora,
         attention=attention or _attention(cfg),  # type: ignore[arg-type]
         padded=cfg.data.packing == "none",
         **extra,

@@ -187,7 +187,7 @@ def _measured_peak(run: RunShape) -> int:
             for p in model.parameters():
                 if p.requires_grad:
                     p.data = p.data.float()
-        if run.strategy in fused_lora.STRATEGIES:
+        if run.fused_lora and run.strategy in fused_lora.STRATEGIES:
             fused_lora.patch(model)
     model.train()
     trained = [p for p in model.parameters() if p.requires_grad]
@@ -220,6 +220,7 @@ MEASURED = [
     RunShape(method="full", weight_bytes=4),
     RunShape(method="full", weight_bytes=4, gradient_checkpointing=True),
     RunShape(method="lora", lora_dropout=0.0),
+    RunShape(method="lora", lora_dropout=0.0, fused_lora=False),
     RunShape(method="lora", lora_dropout=0.0, gradient_checkpointing=True),
 ]
 
@@ -229,6 +230,7 @@ def _case(r: RunShape) -> str:
         f"{r.method}-{'autocast' if r.autocast else 'bf16'}"
         + ("-ckpt" if r.gradient_checkpointing else "")
         + ("-dropout" if r.lora_dropout > 0 else "")
+        + ("-peft" if r.method == "lora" and not r.fused_lora else "")
     )
 
 
