@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from llmtrain.data import IGNORE_INDEX
+from llmtrain.labels import IGNORE_INDEX
 
 
 @dataclass

@@ -37,6 +37,10 @@ class ModelSection(Section):
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"
     trust_remote_code: bool = False
+    eos_token: str | None = Field(
+        None, description="end-of-sequence token to train and stop at, if not the tokenizer's"
+    )
+    pad_token: str | None = Field(None, description="padding token, if not the tokenizer's")
 
     def resolved_path(self) -> str:
         return resolve_path(self.path)

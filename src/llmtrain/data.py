@@ -10,11 +10,21 @@ from typing import Any
 
 import datasets
 
+from llmtrain import special_tokens
 from llmtrain.config import DataSection
+from llmtrain.encode import Encoded, encode
 from llmtrain.errors import ConfigError, DataError
-from llmtrain.templates import TemplateError, fields, render
+from llmtrain.labels import IGNORE_INDEX
+from llmtrain.templates import (
+    TemplateError,
+    blank_fields,
+    fields,
+    is_missing,
+    placeholders,
+    render,
+)
 
-IGNORE_INDEX = -100
+__all__ = ["IGNORE_INDEX", "TokenizeStats", "load_rows", "tokenize"]
 _SUFFIX_FORMATS = {
     ".jsonl": "jsonl",
     ".json": "json",
@@ -194,40 +204,81 @@ class TokenizeStats:
     dropped_empty: int = 0
     tokens: int = 0
     loss_tokens: int = 0
+    empty_fields: dict[str, int] = field(default_factory=dict)  # placeholder -> rows blank
     extra: dict[str, int] = field(default_factory=dict)
 
     def summary(self) -> str:
-        return (
+        text = (
             f"{self.kept}/{self.rows} rows kept ({self.truncated} truncated, "
             f"{self.dropped_too_long} dropped as too long, {self.dropped_prompt_too_long} dropped "
-            f"because the prompt fills max_length, {self.dropped_empty} empty); "
-            f"{self.tokens} tokens, {self.loss_tokens} with loss"
+            f"because the prompt fills max_length, {self.dropped_empty} dropped with an empty "
+            f"response); {self.tokens} tokens, {self.loss_tokens} with loss"
         )
+        if self.empty_fields:
+            counts = ", ".join(f"{{{k}}}: {v}" for k, v in sorted(self.empty_fields.items()))
+            text += f"; rows with an empty or missing field (rendered as empty text): {counts}"
+        return text
 
 
-def _instruction_example(
-    prompt_ids: list[int], response_ids: list[int], cfg: DataSection, stats: TokenizeStats
-) -> dict[str, list[int]] | None:
-    if len(prompt_ids) >= cfg.max_length:
+def _fit(ex: Encoded, cfg: DataSection, stats: TokenizeStats) -> Encoded | None:
+    """Apply data.max_length and data.overflow to one sample, counting what happens."""
+    if ex.first_trained >= min(len(ex.input_ids), cfg.max_length):
         stats.dropped_prompt_too_long += 1
         return None
-    ids = prompt_ids + response_ids
-    if len(ids) > cfg.max_length:
-        if cfg.overflow == "drop":
-            stats.dropped_too_long += 1
-            return None
-        stats.truncated += 1
-        ids = ids[: cfg.max_length]
-    labels = [IGNORE_INDEX] * len(prompt_ids) + ids[len(prompt_ids) :]
-    return {"input_ids": ids, "labels": labels}
+    if len(ex.input_ids) <= cfg.max_length:
+        return ex
+    if cfg.overflow == "drop":
+        stats.dropped_too_long += 1
+        return None
+    stats.truncated += 1
+    n = cfg.max_length
+    return Encoded(ex.input_ids[:n], ex.labels[:n], ex.first_trained)
+
+
+def _count_blank(template: str, batch: list[dict[str, Any]], stats: TokenizeStats) -> None:
+    for row in batch:
+        for name in blank_fields(template, row):
+            stats.empty_fields[name] = stats.empty_fields.get(name, 0) + 1
+
+
+def _instruction_batch(
+    batch: list[dict[str, Any]], first_row: int, cfg: DataSection
+) -> list[tuple[str, int] | None]:
+    """(full text, where the response starts) per row; None for a row without a response."""
+    assert cfg.prompt_template is not None and cfg.response_template is not None
+    out: list[tuple[str, int] | None] = []
+    for i, row in enumerate(batch):
+        try:
+            prompt = render(cfg.prompt_template, row)
+            response = render(cfg.response_template, row)
+        except TemplateError as exc:
+            raise DataError(
+                f"row {first_row + i}: {exc}",
+                "fix the data, or change data.prompt_template / data.response_template",
+            ) from None
+        # " {answer}" with a null answer renders as " ": empty all the same.
+        used = placeholders(cfg.response_template)
+        blank = blank_fields(cfg.response_template, row)
+        empty = not response.strip() or (bool(used) and len(blank) == len(used))
+        out.append(None if empty else (prompt + response, len(prompt)))
+    return out
 
 
 def tokenize(
     ds: datasets.Dataset, tokenizer: Any, cfg: DataSection
 ) -> tuple[datasets.Dataset, TokenizeStats]:
-    """Rows -> {input_ids, labels}; prompt tokens are labelled -100 and EOS ends each example."""
+    """Rows -> {input_ids, labels} with the special-token policy of special_tokens.decide.
+
+    Instruction rows: input_ids are the tokenization of prompt + response as one text, plus
+    BOS/EOS; labels are -100 over the tokens wholly inside the prompt. Text rows: every token
+    is trained. Rows whose response is empty or missing are dropped and counted.
+
+    Raises:
+        DataError: a row does not fit the templates (a missing field, a list where text is
+            expected), or no row is left (exit 65).
+    """
+    special = special_tokens.decide(tokenizer)
     stats = TokenizeStats(rows=len(ds))
-    eos = tokenizer.eos_token_id
     out: dict[str, list[list[int]]] = {"input_ids": [], "labels": []}
     chunk = 1000
     for start in range(0, len(ds), chunk):
@@ -236,36 +287,35 @@ def tokenize(
         batch = [{k: rows[k][i] for k in rows} for i in range(n)]
         if cfg.shape == "instruction":
             assert cfg.prompt_template is not None and cfg.response_template is not None
-            try:
-                prompts = [render(cfg.prompt_template, r) for r in batch]
-                responses = [render(cfg.response_template, r) for r in batch]
-            except TemplateError as exc:
-                raise DataError(f"rows {start}..{start + n - 1}: {exc}", "fix the data") from None
-            p_ids = tokenizer(prompts, add_special_tokens=True).input_ids
-            r_ids = tokenizer(responses, add_special_tokens=False).input_ids
-            for p, r in zip(p_ids, r_ids, strict=True):
-                if not r:
-                    stats.dropped_empty += 1
-                    continue
-                ex = _instruction_example(p, [*r, eos], cfg, stats)
-                if ex is not None:
-                    out["input_ids"].append(ex["input_ids"])
-                    out["labels"].append(ex["labels"])
+            _count_blank(cfg.prompt_template + cfg.response_template, batch, stats)
+            rendered = _instruction_batch(batch, start, cfg)
+            stats.dropped_empty += sum(r is None for r in rendered)
+            texts = [r for r in rendered if r is not None]
+            spans = [[(cut, len(text))] for text, cut in texts]
         else:
-            texts = [str(r[cfg.text_field] or "") for r in batch]
-            for ids in tokenizer(texts, add_special_tokens=True).input_ids:
-                if len(ids) <= 1:
-                    stats.dropped_empty += 1
-                    continue
-                ids = [*ids, eos]
-                if cfg.packing == "none" and len(ids) > cfg.max_length:
-                    if cfg.overflow == "drop":
-                        stats.dropped_too_long += 1
-                        continue
-                    stats.truncated += 1
-                    ids = ids[: cfg.max_length]
-                out["input_ids"].append(ids)
-                out["labels"].append(list(ids))
+            values = [r[cfg.text_field] for r in batch]
+            for i, v in enumerate(values):
+                if not (is_missing(v) or isinstance(v, str)):
+                    raise DataError(
+                        f"row {start + i}: data.text_field {cfg.text_field!r} holds a "
+                        f"{type(v).__name__}, not text",
+                        "point data.text_field at a column of text",
+                    )
+            kept = [v for v in values if not is_missing(v) and v.strip()]
+            stats.dropped_empty += len(values) - len(kept)
+            texts = [(v, 0) for v in kept]
+            spans = [[(0, len(v))] for v in kept]
+        if not texts:
+            continue
+        encoded = encode([t for t, _ in texts], spans, tokenizer, special)
+        for ex in encoded:
+            if cfg.shape == "text" and cfg.packing != "none":
+                fitted: Encoded | None = ex  # blocks and padding-free rows are cut later
+            else:
+                fitted = _fit(ex, cfg, stats)
+            if fitted is not None:
+                out["input_ids"].append(fitted.input_ids)
+                out["labels"].append(fitted.labels)
     if cfg.packing == "blocks":
         out = _pack_blocks(out["input_ids"], cfg.max_length, stats)
     stats.kept = len(out["input_ids"])

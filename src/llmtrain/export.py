@@ -8,7 +8,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import GenerationConfig
 
+from llmtrain import special_tokens
 from llmtrain.config import ModelSection
 from llmtrain.errors import ConfigError
 from llmtrain.models import load_model, load_tokenizer
@@ -51,6 +53,9 @@ def load_for_inference(
                 "model",
             )
         model = PeftModel.from_pretrained(load_model(base, dtype=dtype, extra=extra), str(adapter))
+        if (adapter / "generation_config.json").is_file():
+            # The trained EOS (special_tokens.write_generation_config), not the base's.
+            model.generation_config = GenerationConfig.from_pretrained(str(adapter))
         tok_source = adapter if (adapter / "tokenizer_config.json").is_file() else None
         tokenizer = load_tokenizer(
             base.model_copy(update={"tokenizer": str(tok_source)}) if tok_source else base
@@ -81,6 +86,12 @@ def merge(base: ModelSection, adapter: Path, out: Path, dtype: torch.dtype | Non
         base.model_copy(update={"tokenizer": str(tok_source)}) if tok_source else base
     )
     tokenizer.save_pretrained(tmp)
+    trained = (
+        GenerationConfig.from_pretrained(str(adapter))
+        if (adapter / "generation_config.json").is_file()
+        else merged.generation_config
+    )
+    special_tokens.write_generation_config(tmp, trained, tokenizer)
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)

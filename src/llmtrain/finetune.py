@@ -23,6 +23,7 @@ from llmtrain import (
     manifest,
     packing,
     prepared,
+    special_tokens,
     strategies,
 )
 from llmtrain.callbacks import (
@@ -338,6 +339,9 @@ def save_final(cfg: RunConfig, world: World, trainer: Trainer, tokenizer: Any, o
     strategies.save_model(trainer, str(tmp))  # every rank: FSDP and ZeRO-3 gather here
     if world.is_main:
         tokenizer.save_pretrained(str(tmp))
+        special_tokens.write_generation_config(
+            tmp, getattr(trainer.model, "generation_config", None), tokenizer
+        )
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)

@@ -21,7 +21,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from llmtrain import fused_ops
-from llmtrain.data import IGNORE_INDEX
+from llmtrain.labels import IGNORE_INDEX
 
 CrossEntropySum = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 

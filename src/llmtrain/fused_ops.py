@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
-from llmtrain.data import IGNORE_INDEX
+from llmtrain.labels import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from llmtrain.config import GenerationSection
+from llmtrain.special_tokens import SpecialTokens, decide, stop_ids
 
 
 def generation_params(gen: GenerationSection) -> dict[str, Any]:
@@ -19,21 +20,37 @@ def generation_params(gen: GenerationSection) -> dict[str, Any]:
     return params
 
 
+def prompt_batch(tokenizer: Any, special: SpecialTokens, prompts: list[str]) -> Any:
+    """Prompts encoded as training encoded them: one BOS where the model takes one, no EOS
+    (a tokenizer with add_eos_token would end the prompt), padded on the left.
+
+    Returns: input_ids and attention_mask, [len(prompts), longest] int64 tensors."""
+    ids = tokenizer(prompts, add_special_tokens=False).input_ids
+    if special.bos_id is not None:
+        ids = [x if x[:1] == [special.bos_id] else [special.bos_id, *x] for x in ids]
+    return tokenizer.pad({"input_ids": ids}, padding=True, return_tensors="pt")
+
+
 @torch.no_grad()
 def generate(model: Any, tokenizer: Any, prompts: list[str], gen: GenerationSection) -> list[str]:
     """Answers for prompts, in order; the prompt is not repeated in the answer."""
     tokenizer.padding_side = "left"  # decoder-only models continue from the last position
+    special = decide(tokenizer)
     params = generation_params(gen)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     outputs: list[str] = []
     for start in range(0, len(prompts), gen.batch_size):
-        batch = tokenizer(
-            prompts[start : start + gen.batch_size], return_tensors="pt", padding=True
-        )
+        batch = prompt_batch(tokenizer, special, prompts[start : start + gen.batch_size])
         batch = {k: v.to(device) for k, v in batch.items()}
-        out = model.generate(**batch, **params, pad_token_id=tokenizer.pad_token_id)
+        out = model.generate(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            **params,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=stop_ids(model.generation_config, tokenizer),
+        )
         new = out[:, batch["input_ids"].shape[1] :]
         outputs += tokenizer.batch_decode(new, skip_special_tokens=True)
     model.train(was_training)

@@ -18,6 +18,7 @@ from transformers import (
 )
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
+from llmtrain import special_tokens
 from llmtrain.config import ModelSection
 from llmtrain.errors import ConfigError
 
@@ -106,6 +107,11 @@ def pick_attention(cfg: ModelSection, config: PretrainedConfig) -> str:
 
 
 def load_tokenizer(cfg: ModelSection) -> PreTrainedTokenizerBase:
+    """The tokenizer with `model.eos_token`/`model.pad_token` applied and padding decided.
+
+    Raises:
+        ConfigError: it cannot be loaded, or it has no EOS token (see special_tokens).
+    """
     try:
         tok = AutoTokenizer.from_pretrained(
             cfg.resolved_tokenizer(), revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
@@ -116,9 +122,7 @@ def load_tokenizer(cfg: ModelSection) -> PreTrainedTokenizerBase:
             f"{str(exc).splitlines()[0]}",
             "check model.path / model.tokenizer and that the tokenizer files are cached",
         ) from None
-    if tok.pad_token_id is None:
-        # Labels carry the masking, so reusing EOS (or UNK) as padding never trains on padding.
-        tok.pad_token = tok.unk_token if tok.unk_token is not None else tok.eos_token
+    special_tokens.apply_overrides(tok, cfg)
     return tok
 
 

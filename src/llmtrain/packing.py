@@ -34,8 +34,8 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from llmtrain import fused_ops
-from llmtrain.data import IGNORE_INDEX
 from llmtrain.errors import ConfigError
+from llmtrain.labels import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 

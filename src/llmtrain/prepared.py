@@ -24,7 +24,7 @@ from llmtrain.errors import DataError
 
 log = logging.getLogger(__name__)
 INFO = "prepared.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: whole-text tokenization, one BOS/EOS policy
 
 
 def _hash_path(h: Any, path: Path) -> None:

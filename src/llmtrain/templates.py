@@ -1,20 +1,29 @@
 """Prompt templates with `{field}` placeholders, nested ones like `{answer[text]}` or `{a[b][0]}`.
 
 str.format's own field grammar is used, minus attribute access, which would let a template
-reach into Python objects.
+reach into Python objects. A missing value (JSON null, a blank CSV cell, which pandas reads as
+NaN) renders as the empty string, never as the word "None" or "nan"; a list or an object where
+text is expected is an error, never its Python repr.
 """
 
 from __future__ import annotations
 
+import math
 import string
 from collections.abc import Mapping
 from typing import Any
 
-_FORMATTER = string.Formatter()
-
 
 class TemplateError(ValueError):
-    """A template is malformed or names a field the row does not have."""
+    """A template is malformed, names a field the row does not have, or a field is not text."""
+
+
+def is_missing(value: Any) -> bool:
+    """True for the values a data file uses to say "no value": None and float NaN."""
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+_FORMATTER = string.Formatter()
 
 
 def fields(template: str) -> list[str]:
@@ -35,13 +44,64 @@ def fields(template: str) -> list[str]:
     return names
 
 
-def render(template: str, row: Mapping[str, Any]) -> str:
+def placeholders(template: str) -> list[str]:
+    """The full placeholders a template uses (`answers[text][0]`), in order."""
     fields(template)
+    return [f for _, f, _, _ in _FORMATTER.parse(template) if f is not None]
+
+
+def _value(field: str, row: Mapping[str, Any]) -> Any:
+    """The value a placeholder names; None where the path runs through a missing value."""
     try:
-        return template.format_map(row)
+        return _FORMATTER.get_field(field, (), row)[0]
     except KeyError as exc:
         raise TemplateError(
             f"field {exc.args[0]!r} is not in the row (row has: {', '.join(map(str, row))})"
         ) from None
-    except (IndexError, TypeError) as exc:
-        raise TemplateError(f"template {template!r} does not fit the row: {exc}") from None
+    except TypeError as exc:
+        if "NoneType" in str(exc):  # {answers[text][0]} on a null `answers`
+            return None
+        raise TemplateError(f"placeholder {{{field}}} does not fit the row: {exc}") from None
+    except (IndexError, ValueError) as exc:
+        raise TemplateError(f"placeholder {{{field}}} does not fit the row: {exc}") from None
+
+
+def render(template: str, row: Mapping[str, Any]) -> str:
+    """The template filled from one row; a missing value renders as "".
+
+    Raises:
+        TemplateError: the template is malformed, names a field the row lacks, indexes a value
+            that has no such key or position, or a value is a list or an object (not text).
+    """
+    fields(template)
+    out: list[str] = []
+    for literal, field, spec, conversion in _FORMATTER.parse(template):
+        out.append(literal)
+        if field is None:
+            continue
+        value = _value(field, row)
+        if is_missing(value):
+            continue
+        if isinstance(value, (list, tuple, dict)):
+            shown = repr(value)
+            shown = shown if len(shown) <= 60 else shown[:57] + "..."
+            raise TemplateError(
+                f"placeholder {{{field}}} holds a {type(value).__name__} ({shown}), not text"
+            )
+        if conversion:
+            value = _FORMATTER.convert_field(value, conversion)
+        out.append(_FORMATTER.format_field(value, spec or ""))
+    return "".join(out)
+
+
+def blank_fields(template: str, row: Mapping[str, Any]) -> list[str]:
+    """The placeholders of `template` whose value in `row` is missing or only white space."""
+    blank = []
+    for name in placeholders(template):
+        try:
+            value = _value(name, row)
+        except TemplateError:
+            continue
+        if is_missing(value) or (isinstance(value, str) and not value.strip()):
+            blank.append(name)
+    return blank
