@@ -16,6 +16,7 @@ from llmtrain.errors import EXIT_STOPPED, EXIT_USAGE, LlmtrainError, StopRequest
 VERBS: dict[str, tuple[str, str]] = {
     "validate": ("llmtrain.validate", "check a run config, its paths and data (CPU, no weights)"),
     "prepare": ("llmtrain.prepare", "tokenize the dataset once and save it for finetune"),
+    "inspect": ("llmtrain.inspect_rows", "show tokenized rows: which tokens are trained"),
     "finetune": ("llmtrain.finetune", "train: full, chosen layers, LoRA or QLoRA"),
     "generate": ("llmtrain.generate", "generate answers for prompts from a dataset or file"),
     "merge": ("llmtrain.merge", "merge a LoRA adapter into its base model"),
