@@ -56,10 +56,24 @@ class DataSection(Section):
     )
     name: str | None = Field(None, description="hub dataset configuration name")
     split: str = "train"
-    shape: Literal["instruction", "text"] = "instruction"
+    shape: Literal["instruction", "text", "chat"] = "instruction"
     prompt_template: str | None = None
     response_template: str | None = None
     text_field: str = "text"
+    messages_field: str | None = Field(
+        None, description="chat: the column of turns; default 'messages', else 'conversations'"
+    )
+    chat_template: str = Field(
+        "auto",
+        description="chat: 'auto' (the tokenizer's own), chatml, llama-2, mistral, alpaca, "
+        "or a Jinja template",
+    )
+    system_prompt: str | None = Field(
+        None, description="chat: system message for conversations that have none"
+    )
+    train_on: Literal["assistant", "last_assistant", "all"] = Field(
+        "assistant", description="chat: which turns carry the loss"
+    )
     max_length: int = Field(512, ge=8)
     overflow: Literal["truncate", "drop"] = "truncate"
     packing: Literal["none", "blocks", "padding_free"] = "none"
@@ -80,8 +94,11 @@ class DataSection(Section):
             )
         if self.packing == "blocks" and self.shape != "text":
             raise ValueError("data.packing=blocks is for data.shape=text; use padding_free")
-        if self.packing == "padding_free" and self.shape != "instruction":
-            raise ValueError("data.packing=padding_free is for data.shape=instruction")
+        if self.packing == "padding_free" and self.shape == "text":
+            raise ValueError(
+                "data.packing=padding_free is for data.shape=instruction or chat; "
+                "plain text packs with data.packing=blocks"
+            )
         return self
 
 

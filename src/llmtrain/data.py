@@ -10,7 +10,7 @@ from typing import Any
 
 import datasets
 
-from llmtrain import special_tokens
+from llmtrain import chat, special_tokens
 from llmtrain.config import DataSection
 from llmtrain.encode import Encoded, encode
 from llmtrain.errors import ConfigError, DataError
@@ -164,6 +164,9 @@ def load_rows(cfg: DataSection) -> datasets.Dataset:
 
 def check_templates(cfg: DataSection, ds: datasets.Dataset) -> None:
     """Every field the templates use exists in the data, and the first rows render."""
+    if cfg.shape == "chat":
+        chat.messages_field(cfg, ds.column_names)
+        return
     if cfg.shape == "text":
         if cfg.text_field not in ds.column_names:
             raise ConfigError(
@@ -264,6 +267,61 @@ def _instruction_batch(
     return out
 
 
+def _chat_batch(
+    batch: list[dict[str, Any]],
+    first_row: int,
+    tokenizer: Any,
+    special: special_tokens.SpecialTokens,
+    cfg: DataSection,
+    stats: TokenizeStats,
+    out: dict[str, list[list[int]]],
+) -> None:
+    """Conversations -> samples; an over-long one keeps its longest run of whole turns that
+    fits (data.overflow=truncate) or is dropped."""
+    template = chat.resolve_template(tokenizer, cfg)
+    field_name = chat.messages_field(cfg, list(batch[0]) if batch else [])
+    for i, row in enumerate(batch):
+        messages = chat.conversation(row[field_name], cfg, first_row + i)
+        try:
+            rendered = chat.render_with_spans(tokenizer, template, messages, cfg.train_on)
+        except chat.TemplateRefused as exc:
+            raise DataError(
+                f"{chat.where(cfg, first_row + i)}: the chat template refused the "
+                f"conversation: {exc}",
+                "fix the conversation (e.g. roles must alternate for llama-2 and mistral)",
+            ) from None
+        ex = encode([rendered.text], [rendered.spans], tokenizer, special, add_eos=False)[0]
+        if len(ex.input_ids) > cfg.max_length:
+            ex_fit = _shorter_conversation(messages, tokenizer, template, special, cfg)
+            if ex_fit is None or cfg.overflow == "drop":
+                stats.dropped_too_long += 1
+                continue
+            stats.truncated += 1
+            ex = ex_fit
+        if ex.first_trained >= len(ex.input_ids):
+            stats.dropped_empty += 1
+            continue
+        out["input_ids"].append(ex.input_ids)
+        out["labels"].append(ex.labels)
+
+
+def _shorter_conversation(
+    messages: list[chat.Message],
+    tokenizer: Any,
+    template: str,
+    special: special_tokens.SpecialTokens,
+    cfg: DataSection,
+) -> Encoded | None:
+    """The conversation cut after its last assistant turn that still fits data.max_length."""
+    cuts = [k + 1 for k, m in enumerate(messages) if m["role"] == "assistant"]
+    for cut in reversed(cuts[:-1]):
+        rendered = chat.render_with_spans(tokenizer, template, messages[:cut], cfg.train_on)
+        ex = encode([rendered.text], [rendered.spans], tokenizer, special, add_eos=False)[0]
+        if len(ex.input_ids) <= cfg.max_length:
+            return ex
+    return None
+
+
 def tokenize(
     ds: datasets.Dataset, tokenizer: Any, cfg: DataSection
 ) -> tuple[datasets.Dataset, TokenizeStats]:
@@ -285,6 +343,9 @@ def tokenize(
         rows = ds[start : start + chunk]
         n = len(next(iter(rows.values())))
         batch = [{k: rows[k][i] for k in rows} for i in range(n)]
+        if cfg.shape == "chat":
+            _chat_batch(batch, start, tokenizer, special, cfg, stats, out)
+            continue
         if cfg.shape == "instruction":
             assert cfg.prompt_template is not None and cfg.response_template is not None
             _count_blank(cfg.prompt_template + cfg.response_template, batch, stats)

@@ -16,6 +16,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from llmtrain import (
+    chat,
     checkpoints,
     fused_lora,
     fused_loss,
@@ -23,6 +24,7 @@ from llmtrain import (
     manifest,
     packing,
     prepared,
+    prompts,
     special_tokens,
     strategies,
 )
@@ -43,7 +45,6 @@ from llmtrain.methods import quantization_config, wrap
 from llmtrain.models import DTYPES, load_model, load_tokenizer
 from llmtrain.sampling import EpochSeededSampler
 from llmtrain.strategies import World
-from llmtrain.templates import render
 
 EXAMPLE = "llmtrain finetune configs/lora.yaml training.learning_rate=1e-4 output.dir=runs/lora"
 log = logging.getLogger(__name__)
@@ -207,24 +208,6 @@ def _upcast_trainable(model: Any) -> None:
             p.data = p.data.float()
 
 
-def _sample_prompts(cfg: RunConfig) -> tuple[list[str], list[str]]:
-    import datasets
-
-    rows_dir = cfg.prepared_dir() / "eval_rows"
-    if not rows_dir.is_dir():
-        from llmtrain.data import load_rows
-
-        rows = load_rows(cfg.data)
-    else:
-        rows = datasets.load_from_disk(str(rows_dir))
-    rows = rows.select(range(min(cfg.generation.samples, len(rows))))
-    assert cfg.data.prompt_template and cfg.data.response_template
-    return (
-        [render(cfg.data.prompt_template, r) for r in rows],
-        [render(cfg.data.response_template, r) for r in rows],
-    )
-
-
 def apply_speed_levers(cfg: RunConfig, world: World, model: Any) -> None:
     """Padding-free attention, compiled block pieces, chunked loss; before the model is wrapped."""
     compiled = cfg.training.compile
@@ -245,6 +228,10 @@ def train(cfg: RunConfig, world: World, extra_callbacks: Sequence[TrainerCallbac
     out = Path(cfg.output.dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = load_tokenizer(cfg.model)
+    if cfg.data.shape == "chat":
+        # Saved with the tokenizer in every output, so generate and the merged model chat the
+        # way training rendered the data.
+        tokenizer.chat_template = chat.resolve_template(tokenizer, cfg.data)
     timeout_s = cfg.distributed.timeout_minutes * 60
     splits, data_fp = prepared.ensure(cfg, tokenizer, is_main=world.is_main, timeout_s=timeout_s)
     facts = {
@@ -340,7 +327,10 @@ def save_final(cfg: RunConfig, world: World, trainer: Trainer, tokenizer: Any, o
     if world.is_main:
         tokenizer.save_pretrained(str(tmp))
         special_tokens.write_generation_config(
-            tmp, getattr(trainer.model, "generation_config", None), tokenizer
+            tmp,
+            getattr(trainer.model, "generation_config", None),
+            tokenizer,
+            also_stop=chat.stop_ids(tokenizer) if cfg.data.shape == "chat" else (),
         )
         if final.exists():
             shutil.rmtree(final)
@@ -352,17 +342,27 @@ def save_final(cfg: RunConfig, world: World, trainer: Trainer, tokenizer: Any, o
     inference_dir = final
     if is_adapter and cfg.output.merge:
         inference_dir = merge(cfg.model, final, out / "final" / "merged")
-    if cfg.generation.samples and cfg.data.shape == "instruction":
-        prompts, refs = _sample_prompts(cfg)
+    if cfg.generation.samples and cfg.data.shape != "text":
         if inference_dir == final and is_adapter:
             model, tok = load_for_inference(cfg.model, final, quantized=cfg.method.name == "qlora")
         else:
             model, tok = load_for_inference(
                 cfg.model.model_copy(update={"path": str(inference_dir), "tokenizer": None}), None
             )
-        outputs = generate(model, tok, prompts, cfg.generation)
-        write_jsonl(out / "generations.jsonl", prompts, outputs, cfg.generation, refs)
-        for p, o, r in list(zip(prompts, outputs, refs, strict=True))[:5]:
+        rows, _ = prompts.held_out_rows(cfg)
+        rows = rows.select(range(min(cfg.generation.samples, len(rows))))
+        asked = prompts.from_rows(rows, cfg, tok)
+        outputs = generate(model, tok, asked.prompts, cfg.generation)
+        write_jsonl(
+            out / "generations.jsonl",
+            asked.prompts,
+            outputs,
+            cfg.generation,
+            asked.references,
+            asked.conversations,
+        )
+        refs = asked.references or [""] * len(outputs)
+        for p, o, r in list(zip(asked.prompts, outputs, refs, strict=True))[:5]:
             print(f"{p!r} -> {o.strip()!r} (reference {r.strip()!r})", file=sys.stderr)
     return final
 

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
-from llmtrain.config import GenerationSection, load_config
+from llmtrain import prompts
+from llmtrain.config import GenerationSection, ModelSection, load_config
 from llmtrain.data import load_rows
 from llmtrain.errors import ConfigError, DataError
 from llmtrain.export import load_for_inference
 from llmtrain.generation import generate, write_jsonl
-from llmtrain.templates import TemplateError, render
+from llmtrain.models import load_tokenizer
 
 EXAMPLE = (
     "llmtrain generate configs/lora.yaml --adapter runs/lora/final/adapter "
@@ -28,6 +30,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--prompts", type=Path, help="JSONL with a 'prompt' field, or text with one prompt per line"
     )
     parser.add_argument("--limit", type=int, default=None, help="at most N prompts")
+    parser.add_argument(
+        "--all-rows",
+        action="store_true",
+        help="answer every row of data.path, not only the held-out rows the run prepared",
+    )
     parser.add_argument("--out", type=Path, required=True, help="output JSONL")
 
 
@@ -50,31 +57,39 @@ def read_prompts(path: Path) -> list[str]:
     return prompts
 
 
+def _tokenizer_source(cfg_model: ModelSection, args: argparse.Namespace) -> ModelSection:
+    """Where the tokenizer (and its chat template) comes from: the adapter's directory when it
+    saved one, else --model, else model.path."""
+    if args.adapter is not None and (args.adapter / "tokenizer_config.json").is_file():
+        return cfg_model.model_copy(update={"tokenizer": str(args.adapter)})
+    if args.model:
+        return cfg_model.model_copy(update={"path": args.model, "tokenizer": None})
+    return cfg_model
+
+
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
-    refs: list[str | None] | None = None
-    if args.prompts:
-        prompts = read_prompts(args.prompts)
-    else:
-        rows = load_rows(cfg.data)
-        if cfg.data.prompt_template is None:
-            raise ConfigError(
-                "generate needs data.prompt_template or --prompts",
-                "set data.prompt_template or pass --prompts FILE",
-            )
-        try:
-            prompts = [render(cfg.data.prompt_template, r) for r in rows]
-            if cfg.data.response_template:
-                refs = [render(cfg.data.response_template, r) for r in rows]
-        except TemplateError as exc:
-            raise DataError(str(exc), "fix data.prompt_template or the data") from None
-    if args.limit:
-        prompts = prompts[: args.limit]
-        refs = refs[: args.limit] if refs else None
     if args.model and args.adapter:
         raise ConfigError(
             "--model and --adapter exclude each other",
             "give a merged model with --model, or an adapter for model.path",
+        )
+    tokenizer = load_tokenizer(_tokenizer_source(cfg.model, args))
+    if args.prompts:
+        asked = prompts.from_texts(read_prompts(args.prompts), cfg, tokenizer)
+    else:
+        if args.all_rows:
+            rows, source = load_rows(cfg.data), "all rows of data.path"
+        else:
+            rows, held_out = prompts.held_out_rows(cfg)
+            source = f"the held-out rows in {cfg.prepared_dir()}" if held_out else "all rows"
+        print(f"prompts: {source}", file=sys.stderr)
+        asked = prompts.from_rows(rows, cfg, tokenizer)
+    if args.limit:
+        asked = prompts.Prompts(
+            asked.prompts[: args.limit],
+            asked.references[: args.limit] if asked.references else None,
+            asked.conversations[: args.limit] if asked.conversations else None,
         )
     base = cfg.model
     if args.model:
@@ -86,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
         device_map=gen.device_map,
         quantized=args.adapter is not None and cfg.method.name == "qlora",
     )
-    outputs = generate(model, tokenizer, prompts, gen)
-    write_jsonl(args.out, prompts, outputs, gen, refs)
+    outputs = generate(model, tokenizer, asked.prompts, gen)
+    write_jsonl(args.out, asked.prompts, outputs, gen, asked.references, asked.conversations)
     print(f"{len(outputs)} answers written to {args.out}")
     return 0

@@ -63,12 +63,20 @@ def write_jsonl(
     outputs: list[str],
     gen: GenerationSection,
     references: Iterable[str | None] | None = None,
+    conversations: list[list[dict[str, str]]] | None = None,
 ) -> None:
+    """One JSON object per prompt: prompt, output, params, and the reference when known; for
+    chat runs also `messages`, the conversation with the reply as its last turn."""
     params = generation_params(gen)
     refs = list(references) if references is not None else [None] * len(prompts)
+    convs: list[list[dict[str, str]] | None] = (
+        list(conversations) if conversations is not None else [None] * len(prompts)
+    )
     with path.open("w") as f:
-        for prompt, output, ref in zip(prompts, outputs, refs, strict=True):
-            record = {"prompt": prompt, "output": output, "params": params}
+        for prompt, output, ref, conv in zip(prompts, outputs, refs, convs, strict=True):
+            record: dict[str, Any] = {"prompt": prompt, "output": output, "params": params}
             if ref is not None:
                 record["reference"] = ref
+            if conv is not None:
+                record["messages"] = [*conv, {"role": "assistant", "content": output}]
             f.write(json.dumps(record, ensure_ascii=False) + "\n")

@@ -18,6 +18,7 @@ from typing import Any
 
 import datasets
 
+from llmtrain import chat
 from llmtrain.config import RunConfig
 from llmtrain.data import detect_format, load_rows, tokenize
 from llmtrain.errors import DataError
@@ -48,6 +49,8 @@ def fingerprint(cfg: RunConfig, tokenizer: Any) -> str:
     vocab = tokenizer.get_vocab()
     h.update(json.dumps(sorted(vocab.items()), ensure_ascii=False).encode())
     h.update(json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str).encode())
+    if cfg.data.shape == "chat":
+        h.update(chat.resolve_template(tokenizer, cfg.data).encode())
     return h.hexdigest()[:16]
 
 
@@ -64,26 +67,30 @@ def prepare(cfg: RunConfig, tokenizer: Any, fp: str | None = None) -> dict[str, 
     target = cfg.prepared_dir()
     fp = fp or fingerprint(cfg, tokenizer)
     rows = load_rows(cfg.data)
-    tokenized, stats = tokenize(rows, tokenizer, cfg.data)
-    log.info("data: %s", stats.summary())
-    splits = {"train": tokenized}
     eval_rows = None
     if cfg.data.eval_fraction > 0:
-        if len(tokenized) < 2 or int(len(tokenized) * cfg.data.eval_fraction) < 1:
+        # Rows are split before tokenizing, so the held-out rows are known as rows: finetune's
+        # samples and `generate` answer exactly those, never training rows.
+        if len(rows) < 2 or int(len(rows) * cfg.data.eval_fraction) < 1:
             raise DataError(
-                f"data.eval_fraction={cfg.data.eval_fraction} of {len(tokenized)} usable rows "
-                "leaves no evaluation row",
+                f"data.eval_fraction={cfg.data.eval_fraction} of {len(rows)} rows leaves no "
+                "evaluation row",
                 "set data.eval_fraction=0, or give more rows (plain text splits into rows "
                 "at blank lines)",
             )
-        parts = tokenized.train_test_split(test_size=cfg.data.eval_fraction, seed=cfg.training.seed)
-        splits = {"train": parts["train"], "eval": parts["test"]}
-        if cfg.data.shape == "instruction" and len(rows) == len(tokenized):
-            # Same size and seed -> the same permutation: these are the eval rows, untokenized,
-            # so finetune and generate can render prompts for samples.
-            eval_rows = rows.train_test_split(
-                test_size=cfg.data.eval_fraction, seed=cfg.training.seed
-            )["test"]
+        parts = rows.train_test_split(test_size=cfg.data.eval_fraction, seed=cfg.training.seed)
+        train_rows, eval_rows = parts["train"], parts["test"]
+        tokenized, stats = tokenize(train_rows, tokenizer, cfg.data)
+        try:
+            held_out, eval_stats = tokenize(eval_rows, tokenizer, cfg.data)
+        except DataError as exc:
+            raise DataError(f"held-out rows (data.eval_fraction): {exc.problem}", exc.fix) from None
+        log.info("eval data: %s", eval_stats.summary())
+        splits = {"train": tokenized, "eval": held_out}
+    else:
+        tokenized, stats = tokenize(rows, tokenizer, cfg.data)
+        splits = {"train": tokenized}
+    log.info("data: %s", stats.summary())
     tmp = target.with_name(f".{target.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

@@ -18,6 +18,7 @@ The EOS that was trained is written into every saved model's and adapter's gener
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -119,14 +120,21 @@ def stamp_generation_config(generation_config: Any, special: SpecialTokens) -> A
     return generation_config
 
 
-def write_generation_config(directory: Path, base: Any, tokenizer: Any) -> None:
+def write_generation_config(
+    directory: Path, base: Any, tokenizer: Any, *, also_stop: Sequence[int] = ()
+) -> None:
     """Write `directory/generation_config.json`: `base`'s generation config (or transformers'
-    defaults where None) stopping at `tokenizer`'s trained EOS. An adapter directory gets one
-    too, so whoever loads the adapter stops where training taught it to."""
+    defaults where None) stopping at `tokenizer`'s trained EOS, then at `also_stop` (a chat
+    template's end-of-turn token). An adapter directory gets one too, so whoever loads the
+    adapter stops where training taught it to."""
     from transformers import GenerationConfig
 
     config = copy.deepcopy(base) if base is not None else GenerationConfig()
-    stamp_generation_config(config, decide(tokenizer)).save_pretrained(str(directory))
+    stamp_generation_config(config, decide(tokenizer))
+    ids = eos_ids(config.eos_token_id)
+    ids += [i for i in also_stop if i not in ids]
+    config.eos_token_id = ids[0] if len(ids) == 1 else ids
+    config.save_pretrained(str(directory))
 
 
 def stop_ids(generation_config: Any, tokenizer: Any) -> list[int]:
