@@ -13,9 +13,8 @@ tokenized at once (encode.py), so no spurious pieces appear at turn edges.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from llmtrain.config import DataSection
@@ -107,23 +106,9 @@ def messages_field(cfg: DataSection, columns: Sequence[str]) -> str:
     )
 
 
-def where(cfg: DataSection, index: int) -> str:
-    """`row N` (1-based), with the line number for JSONL files."""
-    text = f"row {index + 1}"
-    path = Path(cfg.resolved_path())
-    if path.suffix == ".jsonl" and path.is_file():
-        with path.open(encoding="utf-8", errors="replace") as f:
-            seen = 0
-            for lineno, line in enumerate(f, 1):
-                if line.strip():
-                    if seen == index:
-                        return f"{path.name} line {lineno}"
-                    seen += 1
-    return text
-
-
-def conversation(turns: Any, cfg: DataSection, index: int) -> list[Message]:
-    """One row's turns as [{"role", "content"}], roles mapped, data.system_prompt added.
+def conversation(turns: Any, cfg: DataSection, where: Callable[[], str]) -> list[Message]:
+    """One row's turns as [{"role", "content"}], roles mapped, data.system_prompt added;
+    `where()` names the row in errors (data.row_location; called only on an error).
 
     Raises:
         DataError: not a list of turns, a turn without role or content, an unknown role,
@@ -132,7 +117,7 @@ def conversation(turns: Any, cfg: DataSection, index: int) -> list[Message]:
 
     def bad(problem: str) -> DataError:
         return DataError(
-            f"{where(cfg, index)}: {problem}",
+            f"{where()}: {problem}",
             'each row needs a list of turns like {"role": "user", "content": "..."} '
             '(or ShareGPT {"from": "human", "value": "..."}) with at least one assistant turn',
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -162,6 +163,26 @@ def load_rows(cfg: DataSection) -> datasets.Dataset:
     return ds
 
 
+# Set by prepared.prepare before the held-out split shuffles rows, so errors name the row
+# (and the JSONL line) of the source file, not a position in a split.
+SOURCE_ROW = "__llmtrain_source_row"
+
+
+def row_location(cfg: DataSection, row: dict[str, Any], fallback: int) -> str:
+    """Where a row came from: `NAME.jsonl line N` for JSONL files, else `row N` (1-based)."""
+    index = row.get(SOURCE_ROW, fallback)
+    path = Path(cfg.resolved_path())
+    if path.suffix == ".jsonl" and path.is_file():
+        with path.open(encoding="utf-8", errors="replace") as f:
+            seen = 0
+            for lineno, line in enumerate(f, 1):
+                if line.strip():
+                    if seen == index:
+                        return f"{path.name} line {lineno}"
+                    seen += 1
+    return f"row {index + 1}"
+
+
 def check_templates(cfg: DataSection, ds: datasets.Dataset) -> None:
     """Every field the templates use exists in the data, and the first rows render."""
     if cfg.shape == "chat":
@@ -194,7 +215,9 @@ def check_templates(cfg: DataSection, ds: datasets.Dataset) -> None:
             try:
                 render(template, ds[i])
             except TemplateError as exc:
-                raise DataError(f"row {i}: {key}: {exc}", f"fix {key} or the data") from None
+                raise DataError(
+                    f"{row_location(cfg, ds[i], i)}: {key}: {exc}", f"fix {key} or the data"
+                ) from None
 
 
 @dataclass
@@ -256,7 +279,7 @@ def _instruction_batch(
             response = render(cfg.response_template, row)
         except TemplateError as exc:
             raise DataError(
-                f"row {first_row + i}: {exc}",
+                f"{row_location(cfg, row, first_row + i)}: {exc}",
                 "fix the data, or change data.prompt_template / data.response_template",
             ) from None
         # " {answer}" with a null answer renders as " ": empty all the same.
@@ -281,12 +304,13 @@ def _chat_batch(
     template = chat.resolve_template(tokenizer, cfg)
     field_name = chat.messages_field(cfg, list(batch[0]) if batch else [])
     for i, row in enumerate(batch):
-        messages = chat.conversation(row[field_name], cfg, first_row + i)
+        where = functools.partial(row_location, cfg, row, first_row + i)
+        messages = chat.conversation(row[field_name], cfg, where)
         try:
             rendered = chat.render_with_spans(tokenizer, template, messages, cfg.train_on)
         except chat.TemplateRefused as exc:
             raise DataError(
-                f"{chat.where(cfg, first_row + i)}: the chat template refused the "
+                f"{where()}: the chat template refused the "
                 f"conversation: {exc}",
                 "fix the conversation (e.g. roles must alternate for llama-2 and mistral)",
             ) from None
@@ -358,7 +382,8 @@ def tokenize(
             for i, v in enumerate(values):
                 if not (is_missing(v) or isinstance(v, str)):
                     raise DataError(
-                        f"row {start + i}: data.text_field {cfg.text_field!r} holds a "
+                        f"{row_location(cfg, batch[i], start + i)}: data.text_field "
+                        f"{cfg.text_field!r} holds a "
                         f"{type(v).__name__}, not text",
                         "point data.text_field at a column of text",
                     )

@@ -20,7 +20,7 @@ import datasets
 
 from llmtrain import chat
 from llmtrain.config import RunConfig
-from llmtrain.data import detect_format, load_rows, tokenize
+from llmtrain.data import SOURCE_ROW, detect_format, load_rows, tokenize
 from llmtrain.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,7 @@ def prepare(cfg: RunConfig, tokenizer: Any, fp: str | None = None) -> dict[str, 
     target = cfg.prepared_dir()
     fp = fp or fingerprint(cfg, tokenizer)
     rows = load_rows(cfg.data)
+    rows = rows.add_column(SOURCE_ROW, list(range(len(rows))))
     eval_rows = None
     if cfg.data.eval_fraction > 0:
         # Rows are split before tokenizing, so the held-out rows are known as rows: finetune's

@@ -8,6 +8,7 @@ template's text or the last assistant turn. By default the rows are the held-out
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,7 +16,7 @@ import datasets
 
 from llmtrain import chat
 from llmtrain.config import RunConfig
-from llmtrain.data import load_rows
+from llmtrain.data import load_rows, row_location
 from llmtrain.errors import DataError
 from llmtrain.templates import TemplateError, render
 
@@ -45,7 +46,8 @@ def from_rows(rows: datasets.Dataset, cfg: RunConfig, tokenizer: Any) -> Prompts
         refs: list[str] = []
         convs: list[list[chat.Message]] = []
         for i, row in enumerate(rows):
-            messages = chat.conversation(row[field], data, i)
+            where = functools.partial(row_location, data, row, i)
+            messages = chat.conversation(row[field], data, where)
             last = max(k for k, m in enumerate(messages) if m["role"] == "assistant")
             prompts.append(chat.generation_prompt(tokenizer, template, messages))
             refs.append(messages[last]["content"])

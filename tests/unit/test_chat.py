@@ -109,7 +109,8 @@ def test_trained_spans_are_exactly_the_assistant_turns(
     cfg = DataSection(path=str(write(tmp_path, [row])), shape="chat", chat_template=template)
     ds, stats = tokenize(load_rows(cfg), tok, cfg)
     ids, labels = ds["input_ids"][0], ds["labels"][0]
-    messages = chat.conversation(row["messages" if style == "openai" else "conversations"], cfg, 0)
+    turns_ = row["messages" if style == "openai" else "conversations"]
+    messages = chat.conversation(turns_, cfg, lambda: "row 1")
     text = chat.render(tok, chat.TEMPLATES[template], messages)
     assert ids[len(ids) - len(tok(text, add_special_tokens=False).input_ids):] == tok(
         text, add_special_tokens=False).input_ids  # the whole conversation, tokenized once
@@ -130,7 +131,7 @@ def test_train_on_last_turn_or_everything_and_a_default_system_prompt(
                        train_on="last_assistant", system_prompt="Be brief.")
     ds, _ = tokenize(load_rows(last), sp, last)
     text = chat.render(sp, chat.TEMPLATES["chatml"], chat.conversation(
-        load_rows(last)[0]["messages"], last, 0))
+        load_rows(last)[0]["messages"], last, lambda: "row 1"))
     assert text.startswith("<|im_start|>system\nBe brief.<|im_end|>")
     assert trained_texts(sp, text, ds["input_ids"][0], ds["labels"][0]) == [
         "The sum is 8.<|im_end|>"
@@ -172,8 +173,12 @@ def test_bad_conversations_name_the_line(tmp_path: Path, turns: Any, problem: st
     path.write_text(json.dumps(good) + "\n\n" + json.dumps({"messages": turns}) + "\n")
     cfg = DataSection(path=str(path), shape="chat", chat_template="chatml")
     with pytest.raises(DataError) as exc:
-        chat.conversation(turns, cfg, 1)
+        chat.conversation(turns, cfg, lambda: "c.jsonl line 3")
     assert str(exc.value).startswith(f"c.jsonl line 3: {problem}")
+    if not isinstance(turns, str) and "content is a" not in problem:  # arrow holds these
+        with pytest.raises(DataError) as exc:
+            tokenize(load_rows(cfg), load_tokenizer(ModelSection(path="embedded:tiny-llama")), cfg)
+        assert str(exc.value).startswith(f"c.jsonl line 3: {problem}")
 
 
 def test_template_choices(sp: Any, tmp_path: Path) -> None:

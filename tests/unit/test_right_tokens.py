@@ -234,8 +234,8 @@ def test_a_list_where_text_is_expected_is_a_data_error(tmp_path: Path, sp: Any) 
     msgs = [{"role": "user", "content": "hi"}]
     path.write_text(json.dumps({"messages": msgs, "a": "x"}) + "\n")
     cfg = DataSection(path=str(path), prompt_template="{messages}", response_template=" {a}")
-    with pytest.raises(DataError, match=r"row 0: placeholder \{messages\} holds a list"):
+    with pytest.raises(DataError, match=r"d\.jsonl line 1: placeholder \{messages\} holds a list"):
         tokenize(load_rows(cfg), sp, cfg)
     cfg = DataSection(path=str(path), shape="text", text_field="messages")
-    with pytest.raises(DataError, match=r"row 0: data\.text_field 'messages' holds a list"):
+    with pytest.raises(DataError, match=r"line 1: data\.text_field 'messages' holds a list"):
         tokenize(load_rows(cfg), sp, cfg)
