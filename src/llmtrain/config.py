@@ -273,6 +273,9 @@ class OutputSection(Section):
     dir: str = "runs/llmtrain"
     merge: bool = Field(False, description="after a LoRA run also write the merged model")
     keep_checkpoints: int = Field(2, ge=2, description="newest N complete checkpoints kept")
+    keep_best: bool = Field(
+        True, description="also keep the checkpoint with the lowest eval loss (named in `best`)"
+    )
     resume: str = Field("auto", description="auto | never | path to a checkpoint")
 
 

@@ -305,7 +305,9 @@ def train(cfg: RunConfig, world: World, extra_callbacks: Sequence[TrainerCallbac
             StepBoundary(recorder),
             MetricsCallback(out, recorder.drain),
             stop,
-            CommitCheckpointCallback(out, cfg.output.keep_checkpoints, facts),
+            CommitCheckpointCallback(
+                out, cfg.output.keep_checkpoints, facts, keep_best=cfg.output.keep_best
+            ),
             *extra_callbacks,
         ],
         recorder=recorder,
