@@ -54,7 +54,7 @@ DataFormat = Literal["auto", "json", "jsonl", "csv", "parquet", "text", "squad",
 # chat_template, ...) hold for the whole run.
 SOURCE_KEYS = (
     "path", "format", "name", "split", "shape", "prompt_template", "response_template",
-    "text_field", "messages_field", "system_prompt", "train_on", "limit",
+    "text_field", "messages_field", "system_prompt", "train_on", "limit", "field",
 )
 
 
@@ -64,6 +64,7 @@ class SourceSection(Section):
     path: str = Field(description="file, save_to_disk directory, hub dataset, or embedded:NAME")
     format: DataFormat | None = None
     name: str | None = None
+    field: str | None = None
     split: str | None = None
     shape: Literal["instruction", "text", "chat"] | None = None
     prompt_template: str | None = None
@@ -99,6 +100,9 @@ class DataSection(Section):
         "auto"
     )
     name: str | None = Field(None, description="hub dataset configuration name")
+    field: str | None = Field(
+        None, description="JSON whose top level is an object: the key that holds the rows"
+    )
     split: str = "train"
     shape: Literal["instruction", "text", "chat"] = "instruction"
     prompt_template: str | None = None

@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 import functools
-import json
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import datasets
 
-from llmtrain import chat, special_tokens
+from llmtrain import chat, readers, special_tokens
 from llmtrain.config import DataSection
 from llmtrain.encode import Encoded, encode
 from llmtrain.errors import ConfigError, DataError
 from llmtrain.labels import IGNORE_INDEX
+from llmtrain.readers import squad_records
 from llmtrain.templates import (
     TemplateError,
     blank_fields,
@@ -25,121 +24,75 @@ from llmtrain.templates import (
     render,
 )
 
-__all__ = ["IGNORE_INDEX", "TokenizeStats", "load_rows", "tokenize"]
-_SUFFIX_FORMATS = {
-    ".jsonl": "jsonl",
-    ".json": "json",
-    ".csv": "csv",
-    ".parquet": "parquet",
-    ".txt": "text",
-    ".text": "text",
-}
+__all__ = ["IGNORE_INDEX", "TokenizeStats", "load_rows", "squad_records", "tokenize"]
 
 
 def detect_format(cfg: DataSection) -> str:
+    """data.format, or for `auto`: `disk` for a save_to_disk directory, the format of the
+    files data.path names (one file, a directory or a glob), else `hub`.
+
+    Raises:
+        ConfigError: a suffix that names no format, files of several formats, a directory
+            without data files, a glob matching nothing (exit 64).
+    """
     if cfg.format != "auto":
         return cfg.format
     path = Path(cfg.resolved_path())
-    if path.is_dir():
+    if readers.is_saved_dataset(path):
         return "disk"
-    if path.suffix in _SUFFIX_FORMATS:
-        return _SUFFIX_FORMATS[path.suffix]
-    if path.exists():
+    files = readers.data_files(cfg.path or "", str(path))
+    if files is None:  # nothing local: a missing file (said by check_exists) or a hub name
+        return readers.SUFFIX_FORMATS.get(path.suffix, "hub")
+    return readers.files_format(cfg.path or "", files)
+
+
+def source_files(cfg: DataSection, fmt: str) -> list[Path]:
+    """The local files of a file format (json, jsonl, csv, parquet, text, squad), sorted.
+
+    Raises:
+        ConfigError: data.path names no file (exit 64); see readers.data_files.
+    """
+    files = readers.data_files(cfg.path or "", cfg.resolved_path())
+    if files is None:
         raise ConfigError(
-            f"data.path {cfg.path!r}: cannot tell the format from the suffix {path.suffix!r}",
-            "set data.format to one of json, jsonl, csv, parquet, text, squad, disk",
+            f"data.path {cfg.path!r} does not exist",
+            "point data.path at a JSON/JSONL/CSV/Parquet/text file, a directory or glob of "
+            "them, a save_to_disk directory, or a hub dataset name (with data.format=hub)",
         )
-    return "hub"
+    return files
 
 
 def check_exists(cfg: DataSection, fmt: str) -> None:
-    path = Path(cfg.resolved_path())
-    if fmt != "hub" and not path.exists():
+    """Raises: ConfigError when data.path names nothing to read for `fmt` (exit 64)."""
+    if fmt in readers.FILE_FORMATS:
+        source_files(cfg, fmt)
+    elif fmt == "disk" and not Path(cfg.resolved_path()).is_dir():
         raise ConfigError(
-            f"data.path {cfg.path!r} does not exist",
-            "point data.path at a JSON/JSONL/CSV/Parquet/text file, a save_to_disk directory, "
-            "or a hub dataset name (with data.format=hub)",
+            f"data.path {cfg.path!r} is not a directory (data.format=disk)",
+            "point data.path at a directory written by save_to_disk",
         )
-
-
-def _read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(
-                    f"{path}: line {lineno} is not valid JSON ({exc.msg} at column {exc.colno})",
-                    "fix or remove that line; each line must be one JSON object",
-                ) from None
-            if not isinstance(row, dict):
-                raise DataError(
-                    f"{path}: line {lineno} is a JSON {type(row).__name__}, not an object",
-                    'each line must be an object like {"question": ..., "answer": ...}',
-                )
-            yield row
-
-
-def squad_records(doc: dict[str, Any]) -> list[dict[str, Any]]:
-    """Flatten SQuAD-format JSON (also JSQuAD's layout) into one record per question."""
-    records = []
-    for article in doc.get("data", []):
-        for paragraph in article.get("paragraphs", []):
-            for qa in paragraph.get("qas", []):
-                answers = qa.get("answers", [])
-                records.append(
-                    {
-                        "id": qa.get("id"),
-                        "title": article.get("title", ""),
-                        "context": paragraph.get("context", ""),
-                        "question": qa.get("question", ""),
-                        "answers": {
-                            "text": [a.get("text", "") for a in answers],
-                            "answer_start": [a.get("answer_start", -1) for a in answers],
-                        },
-                        "is_impossible": qa.get("is_impossible", not answers),
-                    }
-                )
-    return records
-
-
-def _read_json(path: Path, fmt: str) -> list[dict[str, Any]]:
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise DataError(
-            f"{path}: not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})",
-            "fix the file; for one object per line name it .jsonl",
-        ) from None
-    if isinstance(doc, dict) and isinstance(doc.get("data"), list) and fmt in ("json", "squad"):
-        return squad_records(doc)
-    if isinstance(doc, list) and all(isinstance(r, dict) for r in doc):
-        return doc
-    raise DataError(
-        f"{path}: JSON must be a list of objects or SQuAD-format {{'data': [...]}}",
-        "reshape the file, or use JSONL with one object per line",
-    )
+    if cfg.field is not None and fmt != "json":
+        raise ConfigError(
+            f"data.field {cfg.field!r} is set but the data is {fmt}, not JSON",
+            "drop data.field: it names the key of a JSON file's top-level object that holds "
+            "the rows",
+        )
 
 
 def load_rows(cfg: DataSection) -> datasets.Dataset:
-    """The configured split as a datasets.Dataset, before tokenization."""
+    """The configured split as a datasets.Dataset, before tokenization.
+
+    Raises:
+        ConfigError: data.path names nothing readable, mixes formats (exit 64).
+        DataError: a file is not UTF-8 or not parseable, a field's values change type between
+            rows, JSON rows are not where data.field says, or no rows (exit 65).
+    """
     fmt = detect_format(cfg)
     check_exists(cfg, fmt)
-    path = Path(cfg.resolved_path())
-    if fmt == "jsonl":
-        ds = datasets.Dataset.from_list(list(_read_jsonl(path)))
-    elif fmt in ("json", "squad"):
-        ds = datasets.Dataset.from_list(_read_json(path, fmt))
-    elif fmt in ("csv", "parquet"):
-        ds = datasets.load_dataset(fmt, data_files=str(path), split="train")
-    elif fmt == "text":
-        ds = datasets.load_dataset(
-            "text", data_files=str(path), split="train", sample_by="paragraph"
-        )
+    if fmt in readers.FILE_FORMATS:
+        ds = readers.read_files(cfg.path or "", source_files(cfg, fmt), fmt, cfg.field)
     elif fmt == "disk":
-        loaded = datasets.load_from_disk(str(path))
+        loaded = datasets.load_from_disk(cfg.resolved_path())
         if isinstance(loaded, datasets.DatasetDict):
             if cfg.split not in loaded:
                 raise ConfigError(
@@ -171,15 +124,14 @@ SOURCE_ROW = "__llmtrain_source_row"
 def row_location(cfg: DataSection, row: dict[str, Any], fallback: int) -> str:
     """Where a row came from: `NAME.jsonl line N` for JSONL files, else `row N` (1-based)."""
     index = row.get(SOURCE_ROW, fallback)
+    fmt = cfg.format if cfg.format != "auto" else None
     path = Path(cfg.resolved_path())
-    if path.suffix == ".jsonl" and path.is_file():
-        with path.open(encoding="utf-8", errors="replace") as f:
-            seen = 0
-            for lineno, line in enumerate(f, 1):
-                if line.strip():
-                    if seen == index:
-                        return f"{path.name} line {lineno}"
-                    seen += 1
+    if fmt in (None, "jsonl") and not readers.is_saved_dataset(path):
+        files = readers.data_files(cfg.path or "", str(path))
+        if files and (fmt or readers.SUFFIX_FORMATS.get(files[0].suffix)) == "jsonl":
+            found = readers.locate(files, "jsonl", index)
+            if found is not None:
+                return found
     return f"row {index + 1}"
 
 

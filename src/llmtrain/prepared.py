@@ -20,7 +20,7 @@ import datasets
 
 from llmtrain import chat, mixture
 from llmtrain.config import RunConfig
-from llmtrain.data import detect_format, tokenize
+from llmtrain.data import detect_format, source_files, tokenize
 from llmtrain.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -44,10 +44,14 @@ def fingerprint(cfg: RunConfig, tokenizer: Any) -> str:
     data = cfg.data.model_dump(mode="json", exclude={"prepared_dir"})
     h.update(json.dumps({"v": FORMAT_VERSION, "data": data}, sort_keys=True).encode())
     for section in cfg.data.for_sources():
-        if detect_format(section) == "hub":
+        fmt = detect_format(section)
+        if fmt == "hub":
             h.update(f"hub:{section.path}:{section.name}:{section.split}".encode())
-        else:
+        elif fmt == "disk":
             _hash_path(h, Path(section.resolved_path()))
+        else:
+            for f in source_files(section, fmt):  # a directory or glob: every file, in order
+                _hash_path(h, f)
     vocab = tokenizer.get_vocab()
     h.update(json.dumps(sorted(vocab.items()), ensure_ascii=False).encode())
     h.update(json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str).encode())
