@@ -339,33 +339,69 @@ def save_final(cfg: RunConfig, world: World, trainer: Trainer, tokenizer: Any, o
         tmp.rename(final)
         log.info("final %s saved to %s", "adapter" if is_adapter else "model", final)
     trainer.accelerator.wait_for_everyone()
-    if not world.is_main:
-        return final
-    inference_dir = final
-    if is_adapter and cfg.output.merge:
-        inference_dir = merge(cfg.model, final, out / "final" / "merged")
-    if cfg.generation.samples and cfg.data.shape != "text":
-        if inference_dir == final and is_adapter:
-            model, tok = load_for_inference(cfg.model, final, quantized=cfg.method.name == "qlora")
-        else:
-            model, tok = load_for_inference(
-                cfg.model.model_copy(update={"path": str(inference_dir), "tokenizer": None}), None
-            )
-        sources, _ = prompts.held_out_rows(cfg)
-        asked = prompts.from_sources(sources, tok, cfg.generation.samples)
-        outputs = generate(model, tok, asked.prompts, cfg.generation)
-        write_jsonl(
-            out / "generations.jsonl",
-            asked.prompts,
-            outputs,
-            cfg.generation,
-            asked.references,
-            asked.conversations,
-        )
-        refs = asked.references or [""] * len(outputs)
-        for p, o, r in list(zip(asked.prompts, outputs, refs, strict=True))[:5]:
-            print(f"{p!r} -> {o.strip()!r} (reference {r.strip()!r})", file=sys.stderr)
+    if world.is_main:
+        post_run(cfg, final, out)
     return final
+
+
+def post_run(cfg: RunConfig, final: Path, out: Path) -> None:
+    """Merge (output.merge) and sample generations (generation.samples) from the saved final
+    result. The run is finished once `final` is saved: a failure here is logged as a warning
+    with the command that redoes the step, and the run still exits 0, because any other
+    code would make the job script requeue (and train again) a run whose result is saved."""
+    is_adapter = cfg.method.name in ("lora", "qlora")
+    inference_dir = final
+    step = "merge"
+    try:
+        if is_adapter and cfg.output.merge:
+            inference_dir = merge(cfg.model, final, out / "final" / "merged")
+        step = "sample generation"
+        if cfg.generation.samples and cfg.data.shape != "text":
+            _samples(cfg, final, inference_dir, out)
+    except Exception as exc:  # any failure: see the docstring, nothing here fails the run
+        redo = (
+            f"llmtrain merge --base {cfg.model.path} --adapter {final} --out {out}/final/merged"
+            if step == "merge"
+            else f"llmtrain generate {out}/config.yaml "
+            f"{'--adapter' if is_adapter and inference_dir == final else '--model'} "
+            f"{inference_dir} "
+            f"--out {out}/generations.jsonl"
+        )
+        log.warning(
+            "%s after training failed (%s: %s); the final %s in %s is saved and complete, "
+            "so the run counts as finished (exit 0). To redo it: %s",
+            step,
+            type(exc).__name__,
+            exc,
+            "adapter" if is_adapter else "model",
+            final,
+            redo,
+        )
+
+
+def _samples(cfg: RunConfig, final: Path, inference_dir: Path, out: Path) -> None:
+    """generation.samples answers to held-out rows, to generations.jsonl and the log."""
+    is_adapter = cfg.method.name in ("lora", "qlora")
+    if inference_dir == final and is_adapter:
+        model, tok = load_for_inference(cfg.model, final, quantized=cfg.method.name == "qlora")
+    else:
+        model, tok = load_for_inference(
+            cfg.model.model_copy(update={"path": str(inference_dir), "tokenizer": None}), None
+        )
+    sources, _ = prompts.held_out_rows(cfg)
+    asked = prompts.from_sources(sources, tok, cfg.generation.samples)
+    outputs = generate(model, tok, asked.prompts, cfg.generation)
+    write_jsonl(
+        out / "generations.jsonl",
+        asked.prompts,
+        outputs,
+        cfg.generation,
+        asked.references,
+        asked.conversations,
+    )
+    refs = asked.references or [""] * len(outputs)
+    for p, o, r in list(zip(asked.prompts, outputs, refs, strict=True))[:5]:
+        print(f"{p!r} -> {o.strip()!r} (reference {r.strip()!r})", file=sys.stderr)
 
 
 def run(args: argparse.Namespace) -> int:

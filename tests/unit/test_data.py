@@ -105,3 +105,202 @@ def test_missing_file_is_a_config_error() -> None:
 
 def test_embedded_paths_resolve_into_the_package() -> None:
     assert Path(resolve_path("embedded:arith.jsonl")).is_file()
+
+
+# --- readers: values of the wrong kind, several files, caches -------------------------------
+
+
+def write(path: Path, data: bytes | str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(data, str):
+        path.write_text(data)
+    else:
+        path.write_bytes(data)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("lines", "phrase"),
+    [
+        (['{"q": "a", "a": "b"}', '{"q": ["x", "y"], "a": "c"}'],
+         "d.jsonl line 2: field 'q' holds a list where earlier rows hold text "
+         "(first at d.jsonl line 1)"),
+        (['{"q": "a", "a": 42}', "", '{"q": "b", "a": "forty"}'],
+         "d.jsonl line 3: field 'a' holds text where earlier rows hold a number"),
+        (['{"q": "a", "a": "b"}', '{"q": "c", "a": null}', '{"q": {"t": 1}, "a": "d"}'],
+         "d.jsonl line 3: field 'q' holds an object where earlier rows hold text"),
+        (['{"q": "a", "a": true}', '{"q": "c", "a": 1}'],
+         "d.jsonl line 2: field 'a' holds a number where earlier rows hold a boolean"),
+        (['{"q": "a", "m": [{"c": "x"}]}', '{"q": "b", "m": [{"c": ["y"]}]}'],
+         "d.jsonl line 2: field 'm' holds list<item: struct<c: list<item: string>>> where "
+         "earlier rows hold list<item: struct<c: string>>"),
+    ],
+)
+def test_a_field_changing_type_names_line_field_and_both_types(
+    tmp_path: Path, lines: list[str], phrase: str
+) -> None:
+    p = write(tmp_path / "d.jsonl", "\n".join(lines) + "\n")
+    with pytest.raises(DataError) as exc:
+        load_rows(section(p))
+    assert phrase in exc.value.problem
+    assert "one type in every row" in exc.value.fix
+
+
+def test_the_first_offending_row_is_found_among_many(tmp_path: Path) -> None:
+    rows = [{"q": f"q{i}", "a": "x"} for i in range(500)]
+    rows[377]["a"] = ["x"]
+    p = jsonl(tmp_path, rows)
+    with pytest.raises(DataError, match=r"d\.jsonl line 378: field 'a' holds a list"):
+        load_rows(section(p))
+
+
+def test_a_key_first_seen_in_a_later_row_is_a_column(tmp_path: Path) -> None:
+    p = jsonl(tmp_path, [{"q": "a"}, {"q": "b", "a": "c"}])
+    ds = load_rows(section(p))
+    assert ds.column_names == ["q", "a"] and ds["a"] == [None, "c"]
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "phrase"),
+    [
+        ("d.jsonl", b'{"q": "a", "a": "b"}\n{"q": "caf\xe9", "a": "c"}\n',
+         "line 2 is not UTF-8 (byte 0xe9 at column 11)"),
+        ("d.jsonl", '{"q": "a", "a": "b"}\n'.encode("utf-16"), "the file is UTF-16, not UTF-8"),
+        ("d.json", b'[{"q": "a",\n  "a": "\xff"}]', "line 2 is not UTF-8 (byte 0xff at column 9)"),
+        ("d.csv", b"q,a\nx,y\nz,\xe9t\xe9\n", "line 3 is not UTF-8 (byte 0xe9 at column 3)"),
+        ("d.txt", b"one\n\ntwo \x80\n", "line 3 is not UTF-8 (byte 0x80 at column 5)"),
+    ],
+)
+def test_bytes_that_are_not_utf8_are_named_by_line(
+    tmp_path: Path, name: str, data: bytes, phrase: str
+) -> None:
+    p = write(tmp_path / name, data)
+    cfg = section(p, shape="text") if name.endswith(".txt") else section(p)
+    with pytest.raises(DataError) as exc:
+        load_rows(cfg)
+    assert phrase in exc.value.problem and str(p) in exc.value.problem
+    assert "iconv" in exc.value.fix
+
+
+def test_a_utf8_bom_is_not_part_of_the_first_row(tmp_path: Path) -> None:
+    p = write(tmp_path / "d.jsonl", b'\xef\xbb\xbf{"q": "a", "a": "b"}\n')
+    assert load_rows(section(p))[0] == {"q": "a", "a": "b"}
+    c = write(tmp_path / "d.csv", b"\xef\xbb\xbfq,a\nx,y\n")
+    assert load_rows(section(c)).column_names == ["q", "a"]
+
+
+@pytest.mark.parametrize("key", ["train", "rows", "data"])
+def test_json_object_with_rows_under_a_key_needs_data_field(tmp_path: Path, key: str) -> None:
+    p = write(tmp_path / "d.json", json.dumps({"version": 2, key: [{"q": "a", "a": "b"}]}))
+    with pytest.raises(DataError) as exc:
+        load_rows(section(p))
+    assert f"rows are under '{key}'" in exc.value.problem
+    assert f"data.field={key}" in exc.value.fix
+    assert load_rows(section(p, field=key))[0] == {"q": "a", "a": "b"}
+
+
+def test_data_field_errors_name_the_keys_and_the_row(tmp_path: Path) -> None:
+    p = write(tmp_path / "d.json", json.dumps({"train": [{"q": "a"}, "oops"], "n": 1}))
+    with pytest.raises(DataError, match=r"'rows' is not a key .*\(keys: train, n\)"):
+        load_rows(section(p, field="rows"))
+    with pytest.raises(DataError, match=r"data\.field 'n' holds a JSON int"):
+        load_rows(section(p, field="n"))
+    with pytest.raises(DataError, match=r"row 2 \(under data.field 'train'\) is a JSON str"):
+        load_rows(section(p, field="train"))
+    with pytest.raises(ConfigError, match=r"data\.field 'train' is set but the data is jsonl"):
+        load_rows(section(jsonl(tmp_path, [{"q": "a", "a": "b"}]), field="train"))
+
+
+def test_several_files_are_read_in_sorted_order_and_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    write(tmp_path / "d" / "b.jsonl", '{"q": "b1", "a": "x"}\n{"q": "b2", "a": "x"}\n')
+    write(tmp_path / "d" / "a.jsonl", '{"q": "a1", "a": "x"}\n')
+    write(tmp_path / "d" / "README.md", "not data\n")
+    write(tmp_path / "d" / ".hidden.jsonl", "garbage\n")
+    caplog.set_level("INFO")
+    for path in (tmp_path / "d", tmp_path / "d" / "*.jsonl"):
+        assert load_rows(section(path))["q"] == ["a1", "b1", "b2"]
+        listed = "2 jsonl files, read in this order: a.jsonl (1 rows), b.jsonl (2 rows)"
+        assert listed in caplog.text
+        caplog.clear()
+
+
+def test_several_csv_files_concatenate_and_jsonl_errors_name_the_line_in_its_file(
+    tmp_path: Path,
+) -> None:
+    write(tmp_path / "c" / "1.csv", "q,a\nx,y\n")
+    write(tmp_path / "c" / "2.csv", "q,a\nz,w\n")
+    assert load_rows(section(tmp_path / "c"))["q"] == ["x", "z"]
+    write(tmp_path / "j" / "1.jsonl", '{"q": "a", "a": "b"}\n')
+    write(tmp_path / "j" / "2.jsonl", '{"q": "a", "a": "b"}\n\n{"q": 1, "a": "c"}\n')
+    where = r"2\.jsonl line 3: field 'q' holds a number .*first at 1\.jsonl line 1"
+    with pytest.raises(DataError, match=where):
+        load_rows(section(tmp_path / "j"))
+
+
+@pytest.mark.parametrize(
+    ("files", "error", "phrase"),
+    [
+        ({"a.jsonl": '{"q": "a"}\n', "b.csv": "q\nx\n"}, ConfigError,
+         "mixes file formats (csv: b.csv; jsonl: a.jsonl)"),
+        ({"notes.md": "x"}, ConfigError, "is a directory without data files"),
+        ({"a.csv": "q,a\nx,y\n", "b.csv": "q,b\nx,y\n"}, DataError,
+         "b.csv has columns q, b but a.csv has q, a"),
+        ({"a.csv": "q,a\nx,y\n", "b.csv": "q,a\nx,3\n"}, DataError,
+         "column 'a' is int64 in b.csv but string in a.csv"),
+    ],
+)
+def test_a_directory_of_mismatched_files_is_refused(
+    tmp_path: Path, files: dict[str, str], error: type[Exception], phrase: str
+) -> None:
+    for name, text in files.items():
+        write(tmp_path / "d" / name, text)
+    with pytest.raises(error) as exc:
+        load_rows(section(tmp_path / "d"))
+    assert phrase in str(exc.value)
+
+
+def test_a_glob_matching_nothing_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"matches no files"):
+        load_rows(section(tmp_path / "none" / "*.jsonl"))
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "phrase"),
+    [
+        ("d.csv", "q,a\nx,y\nz,w,extra\n", "Expected 2 fields in line 3, saw 3"),
+        ("d.csv", "", "No columns to parse from file"),
+        ("d.parquet", "not a parquet file at all", "Parquet magic bytes not found"),
+    ],
+)
+def test_csv_and_parquet_read_errors_are_data_errors_with_the_readers_message(
+    tmp_path: Path, name: str, data: str, phrase: str
+) -> None:
+    p = write(tmp_path / name, data)
+    with pytest.raises(DataError) as exc:
+        load_rows(section(p))
+    assert str(p) in exc.value.problem and phrase in exc.value.problem
+
+
+def test_reading_leaves_no_datasets_cache_in_home(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import datasets
+
+    home = tmp_path / "home"
+    home.mkdir()
+    ds = datasets.Dataset.from_list([{"q": "a?", "a": "b"}, {"q": "c?", "a": "d"}])
+    ds.to_csv(tmp_path / "d.csv")
+    ds.to_parquet(tmp_path / "d.parquet")
+    write(tmp_path / "d.txt", "one\n\ntwo\n")
+    cache = Path(datasets.config.HF_DATASETS_CACHE)
+    before = sorted(cache.rglob("*")) if cache.exists() else []
+    monkeypatch.setenv("HOME", str(home))
+    for name in ("d.csv", "d.parquet", "d.txt"):
+        cfg = section(tmp_path / name, shape="text") if name == "d.txt" else section(
+            tmp_path / name)
+        rows = load_rows(cfg)
+        assert len(rows) == 2 and rows.cache_files == []  # in memory, not mapped from a cache
+    assert list(home.rglob("*")) == []
+    assert (sorted(cache.rglob("*")) if cache.exists() else []) == before
