@@ -8,7 +8,7 @@ import logging
 import os
 import shutil
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -346,37 +346,41 @@ def save_final(cfg: RunConfig, world: World, trainer: Trainer, tokenizer: Any, o
 
 def post_run(cfg: RunConfig, final: Path, out: Path) -> None:
     """Merge (output.merge) and sample generations (generation.samples) from the saved final
-    result. The run is finished once `final` is saved: a failure here is logged as a warning
-    with the command that redoes the step, and the run still exits 0, because any other
+    result. The run is finished once `final` is saved: a step that fails here is logged as a
+    warning with the command that redoes it, and the run still exits 0, because any other
     code would make the job script requeue (and train again) a run whose result is saved."""
     is_adapter = cfg.method.name in ("lora", "qlora")
     inference_dir = final
-    step = "merge"
-    try:
-        if is_adapter and cfg.output.merge:
-            inference_dir = merge(cfg.model, final, out / "final" / "merged")
-        step = "sample generation"
-        if cfg.generation.samples and cfg.data.shape != "text":
-            _samples(cfg, final, inference_dir, out)
-    except Exception as exc:  # any failure: see the docstring, nothing here fails the run
+    if is_adapter and cfg.output.merge:
+        merged = out / "final" / "merged"
+        redo = f"llmtrain merge --base {cfg.model.path} --adapter {final} --out {merged}"
+        if _attempt("merge", final, redo, lambda: merge(cfg.model, final, merged)):
+            inference_dir = merged
+    if cfg.generation.samples and cfg.data.shape != "text":
+        option = "--adapter" if is_adapter and inference_dir == final else "--model"
         redo = (
-            f"llmtrain merge --base {cfg.model.path} --adapter {final} --out {out}/final/merged"
-            if step == "merge"
-            else f"llmtrain generate {out}/config.yaml "
-            f"{'--adapter' if is_adapter and inference_dir == final else '--model'} "
-            f"{inference_dir} "
-            f"--out {out}/generations.jsonl"
+            f"llmtrain generate {out / 'config.yaml'} {option} {inference_dir} "
+            f"--out {out / 'generations.jsonl'}"
         )
+        _attempt("sample generation", final, redo, lambda: _samples(cfg, final, inference_dir, out))
+
+
+def _attempt(step: str, final: Path, redo: str, work: Callable[[], object]) -> bool:
+    """Run one post-run step; any failure is a warning (see post_run). Returns: it worked."""
+    try:
+        work()
+    except Exception as exc:  # any failure: nothing after the final save fails the run
         log.warning(
-            "%s after training failed (%s: %s); the final %s in %s is saved and complete, "
+            "%s after training failed (%s: %s); the final result in %s is saved and complete, "
             "so the run counts as finished (exit 0). To redo it: %s",
             step,
             type(exc).__name__,
             exc,
-            "adapter" if is_adapter else "model",
             final,
             redo,
         )
+        return False
+    return True
 
 
 def _samples(cfg: RunConfig, final: Path, inference_dir: Path, out: Path) -> None:
