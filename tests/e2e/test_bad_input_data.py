@@ -62,7 +62,7 @@ CASES: dict[str, Case] = {
         65, ["d.jsonl line 2: field 'answer' holds an object where earlier rows hold text"]),
     "latin-1 jsonl": (
         lambda t: config(t, path=put(t, "d.jsonl", ROW.encode() + b'{"question": "caf\xe9"}\n')),
-        65, ["d.jsonl: line 2 is not UTF-8 (byte 0xe9 at column 17)", "fix: convert the file"]),
+        65, ["d.jsonl: line 2 is not UTF-8 (byte 0xe9 at column 18)", "fix: convert the file"]),
     "utf-16 jsonl": (
         lambda t: config(t, path=put(t, "d.jsonl", ROW.encode("utf-16"))),
         65, ["d.jsonl: the file is UTF-16, not UTF-8", "iconv -f UTF-16 -t UTF-8"]),
