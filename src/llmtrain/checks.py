@@ -55,6 +55,8 @@ def check_model(cfg: RunConfig) -> tuple[Any, Any, list[str]]:
             f"model type {config.model_type!r} has no causal-LM class in transformers 4.37.2",
             "use a decoder-only model, or model.trust_remote_code=true for custom code",
         )
+    if cfg.method.name == "lora" and cfg.lora.use_dora:
+        _check_dora(cfg, config)
     vocab = getattr(config, "vocab_size", None)
     if vocab is not None and len(tokenizer) > vocab:
         raise ConfigError(
@@ -63,6 +65,19 @@ def check_model(cfg: RunConfig) -> tuple[Any, Any, list[str]]:
         )
     lines.append(f"attention: {pick_attention(cfg.model, config)}")
     return config, tokenizer, lines
+
+
+def _check_dora(cfg: RunConfig, config: Any) -> None:
+    """The layers DoRA would adapt, found on a weightless (meta) copy of the model."""
+    from accelerate import init_empty_weights
+
+    from llmtrain.methods import check_dora_targets, lora_targets
+
+    cls = model_class(config)
+    assert cls is not None  # check_model refused the model otherwise
+    with init_empty_weights():
+        skeleton = cls(config)
+    check_dora_targets(skeleton, lora_targets(config, cfg.lora, skeleton))
 
 
 def run_checks(cfg: RunConfig, *, assume_gpu: bool = False) -> Report:

@@ -204,6 +204,36 @@ class LoraSection(Section):
     bias: Literal["none", "all", "lora_only"] = "none"
     target_modules: Literal["auto"] | list[str] = "auto"
     modules_to_save: list[str] = Field(default_factory=list)
+    use_rslora: bool = Field(
+        False, description="rank-stabilized LoRA: adapter scaling alpha/sqrt(r) instead of alpha/r"
+    )
+    use_dora: bool = Field(
+        False,
+        description="DoRA: LoRA as the direction plus a trained magnitude per output feature "
+        "(method lora on nn.Linear layers; not with fsdp or zero3)",
+    )
+    init_lora_weights: bool | Literal["gaussian"] = Field(
+        True,
+        description="true: A Kaiming-uniform, B zero; gaussian: A normal with std 1/r, B zero; "
+        "false: both random (the model no longer starts as the base model)",
+    )
+
+    @field_validator("init_lora_weights", mode="before")
+    @classmethod
+    def _init_choice(cls, value: Any) -> Any:
+        # One message for the one key, not one per member of the union.
+        if isinstance(value, bool) or value == "gaussian":
+            return value
+        if value == "loftq":
+            # peft 0.9.0's LoftQ rewrites the base weights in memory (quantized, dequantized);
+            # llmtrain saves only the adapter, so merge and generate would pair it with the
+            # original base. It also needs scipy, which the image does not ship.
+            raise ValueError(
+                "loftq is not supported: peft 0.9.0's LoftQ replaces the base weights in memory, "
+                "and llmtrain saves only the adapter, so merge and generate would load it onto "
+                "the original base; use true or gaussian (with method qlora, plain QLoRA)"
+            )
+        raise ValueError(f"{value!r} is not one of true, false, gaussian")
 
 
 class TrainingSection(Section):

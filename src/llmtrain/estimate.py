@@ -85,7 +85,10 @@ def report(cfg: RunConfig, args: argparse.Namespace) -> dict[str, Any]:
         for m in methods
         for s in STRATEGIES
         for c in (False, True)
-        if not (m == "qlora" and s in ("fsdp", "zero3", "zero3_offload"))
+        if not (
+            (m == "qlora" or (m == "lora" and run.use_dora))
+            and s in ("fsdp", "zero3", "zero3_offload")
+        )
         and not (m == "inference" and (s != "ddp" or c))
     ]
     tokens = _tokens(cfg, run, args.tokens)

@@ -11,7 +11,8 @@ The arithmetic is autocast's (matmuls in its dtype, fp32 accumulation) with fewe
 Used where every weight is whole on the GPU when the layer runs (one GPU, DDP, ZeRO-2); under
 FSDP and ZeRO-3 the sub-modules' own forward hooks gather the weights, so peft's forward stays.
 Anything else peft's layer can do (several or mixed adapters, DoRA, merged or disabled
-adapters, a quantized base) also takes peft's forward.
+adapters, a quantized base) also takes peft's forward; rsLoRA is only another `scaling`, which
+the fused function reads from the layer.
 """
 
 from __future__ import annotations
@@ -123,14 +124,25 @@ def patch(model: nn.Module) -> int:
     """Route every peft LoRA Linear of the model through the fused function; returns how many."""
     from peft.tuners.lora import Linear as LoraLinear
 
-    layers: list[nn.Module] = [
+    layers: list[Any] = [  # peft LoraLinear layers
         m
         for m in model.modules()
         if type(m) is LoraLinear and "forward" not in vars(m)  # not patched yet
     ]
-    for m in layers:
+    # DoRA rescales base plus adapter per output feature by a norm of the whole updated weight:
+    # not a term the fused matmuls can add, so those layers keep peft's forward. rsLoRA changes
+    # only `scaling`, which _forward reads from the layer, so it stays fused.
+    dora = [m for m in layers if any(m.use_dora.values())]
+    fused = [m for m in layers if m not in dora]
+    for m in fused:
         m.forward = types.MethodType(_forward, m)
     log.info(
-        "fused LoRA: %d adapted linear layers compute base and adapter in one function", len(layers)
+        "fused LoRA: %d adapted linear layers compute base and adapter in one function", len(fused)
     )
-    return len(layers)
+    if dora:
+        log.info(
+            "fused LoRA: %d DoRA layers keep peft's forward (the fused function has no "
+            "magnitude term)",
+            len(dora),
+        )
+    return len(fused)

@@ -158,6 +158,7 @@ class RunShape:
     lora_targets: tuple[str, ...] = LINEARS
     lora_dropout: float = 0.05
     fused_lora: bool = True  # training.fused_lora: applies to DDP (and one GPU) under autocast
+    use_dora: bool = False  # lora.use_dora: a trained magnitude per output feature (method lora)
     # method=layers: which decoder blocks train, and whether embeddings / lm_head train
     trainable_blocks: tuple[int, ...] = ()
     train_embeddings: bool = False
@@ -255,6 +256,9 @@ def trainable_params(shape: ModelShape, run: RunShape) -> int:
         return n + (shape.head_params if run.train_lm_head else 0)
     dims = shape.linear_dims()
     per_block = sum(run.lora_r * (dims[t][0] + dims[t][1]) for t in run.lora_targets if t in dims)
+    if run.use_dora and run.method == "lora":
+        # DoRA's lora_magnitude_vector: one entry per output feature of each adapted layer.
+        per_block += sum(dims[t][1] for t in run.lora_targets if t in dims)
     return shape.layers * per_block
 
 
@@ -410,7 +414,11 @@ def _autocast_block(shape: ModelShape, run: RunShape, trains: bool) -> int:
         # dropout, the fused layer (fused_lora.py, DDP) keeps x itself, once for its readers.
         norms = 2 * 4 * h
         mlp = 3 * a * i
-        fused = run.fused_lora and run.strategy == "ddp" and run.lora_dropout == 0
+        # DoRA layers keep peft's forward (fused_lora.patch); what DoRA's own extra terms
+        # keep for backward is not counted.
+        fused = (
+            run.fused_lora and run.strategy == "ddp" and run.lora_dropout == 0 and not run.use_dora
+        )
         lora = _lora_shared_inputs_bytes(shape, run) if fused else _lora_targets_bytes(shape, run)
         return norms + _attn_bytes(shape, run) + mlp + lora
     # fp32 stream: RMSNorm keeps its fp32 input and (trained weight) its normalised input;

@@ -60,6 +60,26 @@ def lora_targets(config: PretrainedConfig, lora: LoraSection, model: nn.Module) 
     return LORA_TARGETS[config.model_type]
 
 
+def check_dora_targets(model: nn.Module, targets: list[str]) -> None:
+    """peft 0.9.0's DoRA adds W + scaling * B A with W as stored: a Conv1D weight (GPT-2) is
+    stored transposed, so the shapes clash (or, when square, the norm is taken the wrong way).
+
+    Raises ConfigError naming the Conv1D targets; `model` may be on the meta device."""
+    conv = sorted(
+        {
+            name.rsplit(".", 1)[-1]
+            for name, module in model.named_modules()
+            if isinstance(module, Conv1D) and name.rsplit(".", 1)[-1] in targets
+        }
+    )
+    if conv:
+        raise ConfigError(
+            f"lora.use_dora=true: the targets {conv} of this model are Conv1D layers "
+            "(GPT-2 style, weights stored transposed), which peft 0.9.0's DoRA cannot adapt",
+            "set lora.use_dora=false for this architecture (DoRA works on nn.Linear layers)",
+        )
+
+
 def _decoder_blocks(model: PreTrainedModel) -> tuple[str, nn.ModuleList]:
     n = model.config.num_hidden_layers
     for name, module in model.named_modules():
@@ -169,15 +189,22 @@ def _wrap_lora(
     elif gradient_checkpointing:
         # Frozen embeddings give activations without grad; checkpointed blocks then get none.
         model.enable_input_require_grads()
+    targets = lora_targets(model.config, lora, model)
+    if lora.use_dora:
+        check_dora_targets(model, targets)
+    # The variants are saved in adapter_config.json, so peft alone reloads them (merge, generate).
     peft_config = LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
         bias=lora.bias,
-        target_modules=lora_targets(model.config, lora, model),
+        target_modules=targets,
         modules_to_save=lora.modules_to_save or None,
         task_type="CAUSAL_LM",
         fan_in_fan_out=model.config.model_type == "gpt2",
+        use_rslora=lora.use_rslora,
+        use_dora=lora.use_dora,
+        init_lora_weights=lora.init_lora_weights,
     )
     wrapped: Any = get_peft_model(model, peft_config)
     return wrapped  # a PeftModel, used wherever a PreTrainedModel is

@@ -87,6 +87,7 @@ def run_shape(
         lora_targets=targets,
         lora_dropout=cfg.lora.dropout,
         fused_lora=t.fused_lora,
+        use_dora=cfg.lora.use_dora,
         attention=attention or _attention(cfg),  # type: ignore[arg-type]
         padded=cfg.data.packing == "none",
         **extra,

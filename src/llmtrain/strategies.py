@@ -119,6 +119,22 @@ def check(cfg: RunConfig) -> None:
             "mostly frozen gains little and mixes frozen and trained parameters in one shard",
             "use distributed.strategy=ddp or zero2",
         )
+    if cfg.lora.use_dora and method == "qlora":
+        raise ConfigError(
+            "lora.use_dora=true with method.name=qlora: peft 0.9.0 has no DoRA for "
+            "bitsandbytes 4-bit layers (its Linear4bit refuses use_dora)",
+            "use method.name=lora for DoRA, or lora.use_dora=false with qlora",
+        )
+    # auto under `accelerate launch --config_file fsdp.yaml` is FSDP too (resolve).
+    sharded = strategy if strategy != "auto" else launcher_strategy() or strategy
+    if cfg.lora.use_dora and sharded in SHARDED:
+        raise ConfigError(
+            f"lora.use_dora=true with distributed.strategy={sharded} does not work with peft "
+            "0.9.0: its DoRA forward reads lora_A, lora_B and the base weight directly, outside "
+            "their modules' forward, where FSDP (lora_A and lora_B are their own units) and "
+            "ZeRO-3 hold only this rank's shard",
+            "use distributed.strategy=ddp or zero2 with DoRA, or lora.use_dora=false",
+        )
     owned = sorted(set(cfg.training.args) & set(OWNED_ARGS))
     if owned:
         raise ConfigError(
