@@ -58,10 +58,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 class LossRecorder:
     """Exact per-optimizer-step losses; the Trainer's logged loss is rounded to 4 digits.
 
-    Each rank adds its share of the step's token-weighted loss (loss_weighting); the ranks'
-    shares sum to the step's loss. Also checks, in the same all-reduce, that the loss tokens
-    the ranks saw add up to the count every rank divided by: a sharding that differs from the
-    one loss_weighting derives the count from would otherwise weight the loss wrongly, silently.
+    Each rank adds its micro-batches' summed token losses x ranks / step tokens (loss_weighting;
+    DDP averages gradients over ranks): the mean over ranks is the step's loss. The same
+    all-reduce checks that the loss tokens the ranks saw add up to the count every rank divided
+    by: a sharding other than the one loss_weighting assumes would weight the loss wrongly.
 
     Kept as tensors until a log line needs them: reading a GPU loss every micro-step would
     stall the CPU that queues the next step's kernels."""
@@ -73,7 +73,7 @@ class LossRecorder:
         self.steps: list[tuple[torch.Tensor | float, torch.Tensor | int, int | None]] = []
 
     def add(self, loss: torch.Tensor, tokens: torch.Tensor, step_tokens: int | None) -> None:
-        """`loss`: this rank's share of the step's loss from one micro-batch; `tokens`: its
+        """`loss`: one micro-batch's contribution, as above (fp32 scalar); `tokens`: its
         loss tokens; `step_tokens`: the step's count it was divided by (None: not weighted)."""
         self.pending = self.pending + loss.detach()
         self.pending_tokens = self.pending_tokens + tokens
@@ -108,7 +108,7 @@ class LossRecorder:
                     f"but its micro-batches held {seen:.0f}: the data loader does not shard "
                     "batches as llmtrain.loss_weighting assumes"
                 )
-        return {"loss_exact": values[:, 0].tolist()}
+        return {"loss_exact": (values[:, 0] / world).tolist()}
 
 
 class LlmtrainTrainer(Trainer):
