@@ -4,7 +4,9 @@ transformers 4.37.2's LlamaForCausalLM computes logits for every token, upcasts 
 fp32 and shifts a copy: for 8 x 2048 tokens and a 32k vocabulary that is several GiB of
 activations alive at once. Here the loss is summed chunk by chunk, each chunk under activation
 checkpointing (its logits are recomputed in the backward pass, one extra lm_head matmul per
-chunk), and divided by the number of label tokens: the same mean as transformers'.
+chunk), and divided by the number of label tokens: the same mean as transformers'. Training
+can ask for the sum instead (`loss_reduction="sum"`), which loss_weighting divides by the loss
+tokens of the whole optimizer step.
 """
 
 from __future__ import annotations
@@ -45,8 +47,10 @@ def chunked_lm_loss(
     labels: torch.Tensor,
     chunk_tokens: int,
     ce_sum: CrossEntropySum = fused_ops.cross_entropy_sum,
+    reduction: str = "mean",
 ) -> torch.Tensor:
-    """Mean next-token cross-entropy: token t's hidden state predicts labels[t + 1]."""
+    """Next-token cross-entropy, fp32 scalar: token t's hidden state predicts labels[t + 1].
+    `reduction`: "mean" over the label tokens (transformers'), or "sum" over them."""
     targets = F.pad(labels[..., 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)
     flat = hidden.reshape(-1, hidden.shape[-1])
     total = hidden.new_zeros((), dtype=torch.float32)
@@ -58,13 +62,18 @@ def chunked_lm_loss(
             targets[piece],
             use_reentrant=False,
         )
+    if reduction == "sum":
+        return total
+    if reduction != "mean":
+        raise ValueError(f"loss reduction {reduction!r}: use 'mean' or 'sum'")
     return total / (targets != IGNORE_INDEX).sum()
 
 
 def patch_causal_lm_loss(model: Any, *, compiled: bool = False) -> bool:
     """While training with labels, compute the loss in chunks (logits are then not returned);
     `compiled`: each chunk's cross-entropy through torch.compile, which reads the 16-bit logits
-    once instead of storing an fp32 copy. Evaluation and generation keep the original forward.
+    once instead of storing an fp32 copy. The patched forward takes `loss_reduction` ("mean"
+    or "sum") while training. Evaluation and generation keep the original forward.
     False if the model is not supported."""
     config = model.config
     if config.model_type not in SUPPORTED or getattr(config, "pretraining_tp", 1) != 1:
@@ -78,13 +87,16 @@ def patch_causal_lm_loss(model: Any, *, compiled: bool = False) -> bool:
         input_ids: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         return_dict: bool | None = None,
+        loss_reduction: str = "mean",
         **kwargs: Any,
     ) -> Any:
         if labels is None or not model.training:
             return original(input_ids=input_ids, labels=labels, return_dict=return_dict, **kwargs)
         # Training never reads a KV cache: keep transformers from building one.
         out = model.model(input_ids=input_ids, return_dict=True, **{**kwargs, "use_cache": False})
-        loss = chunked_lm_loss(out.last_hidden_state, model.lm_head, labels, chunk_tokens, ce_sum)
+        loss = chunked_lm_loss(
+            out.last_hidden_state, model.lm_head, labels, chunk_tokens, ce_sum, loss_reduction
+        )
         if return_dict is False:
             return (loss, *out.to_tuple()[1:])  # as transformers' tuple, without logits
         return CausalLMOutputWithPast(
