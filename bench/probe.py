@@ -89,7 +89,10 @@ class Probe(TrainerCallback):
 
         def after(module: Any, a: tuple[Any, ...], kw: dict[str, Any], out: Any) -> None:
             if module.training:
-                self.losses.append(out["loss"].detach().float())
+                loss = out["loss"].detach().float()
+                if kw.get("loss_reduction") == "sum":  # llmtrain's token-weighted loss
+                    loss = loss / (kw["labels"][..., 1:] != IGNORE_INDEX).sum().clamp(min=1)
+                self.losses.append(loss)
 
         self.handles = [
             model.register_forward_pre_hook(before, with_kwargs=True),
