@@ -109,3 +109,15 @@ def test_image_targets_fail_naming_the_fix(bin_dir: Path, target: str) -> None:
     assert "no container engine: install docker, podman or buildah" in proc.stderr
     assert "set CONTAINER_ENGINE" in proc.stderr
     assert proc.stdout == ""  # nothing was run (or printed) before the error
+
+
+def test_ci_runs_make_smoke_before_installing_an_engine() -> None:
+    """CI walks the fresh-machine path: `make smoke` runs before buildah is installed."""
+    lines = [line.strip() for line in (REPO / ".ci" / "run").read_text().splitlines()]
+    smoke = lines.index("make smoke")
+    installs = [i for i, line in enumerate(lines) if "apt-get install" in line]
+    engine = next(i for i, line in enumerate(lines) if re.search(r"\bbuildah\b", line)
+                  and not line.startswith("#"))
+    assert installs[0] < smoke < engine
+    assert not any(re.search(r"\b(buildah|podman|docker)\b", line)
+                   for line in lines[:smoke] if not line.startswith("#"))
