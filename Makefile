@@ -25,6 +25,9 @@ CONTAINER_ENGINE := $(shell if docker info >/dev/null 2>&1; then echo docker; \
     elif command -v podman >/dev/null 2>&1; then echo podman; \
     elif command -v buildah >/dev/null 2>&1; then echo buildah; fi)
 endif
+# ENGINE stops make when there is none, so only the image targets' recipes expand it (recipes
+# expand when they run). Never test it in a Makefile-level ifeq: that runs when the Makefile is
+# read and would stop every target (help, venv, test, smoke) on a machine without an engine.
 ENGINE = $(or $(CONTAINER_ENGINE),$(error no container engine: install docker, podman or \
     buildah, or set CONTAINER_ENGINE))
 BUILD_docker  = docker build
@@ -86,24 +89,26 @@ image: ## build IMAGE from Dockerfile on BASE_IMAGE (docker, else podman, else b
 
 APPTAINER_ARGS = --build-arg 'GIT_SHA=$(GIT_SHA)' --build-arg 'VERSION=$(VERSION)' \
     --build-arg 'BASE_IMAGE=$(BASE_IMAGE)' --build-arg 'BASE_DIGEST=$(or $(BASE_DIGEST),unknown)'
+# The sif recipe picks one of these when it runs (see ENGINE).
+define SIF_FROM_DAEMON
+apptainer build --force --build-arg BOOTSTRAP=docker-daemon --build-arg 'IMAGE=$(IMAGE)' \
+    $(APPTAINER_ARGS) '$(SIF)' apptainer.def
+endef
+define SIF_FROM_ARCHIVE
+rm -f '$(ARCHIVE)'
+$(ENGINE) push '$(IMAGE)' 'docker-archive:$(ARCHIVE):$(IMAGE)'
+apptainer build --force --build-arg BOOTSTRAP=docker-archive --build-arg 'IMAGE=$(ARCHIVE)' \
+    $(APPTAINER_ARGS) '$(SIF)' apptainer.def
+rm -f '$(ARCHIVE)'
+endef
 sif: ## convert IMAGE to SIF (apptainer; from the docker daemon, else a docker-archive)
 	mkdir -p '$(OUT_DIR)'
-ifeq ($(ENGINE),docker)
-	apptainer build --force --build-arg BOOTSTRAP=docker-daemon --build-arg 'IMAGE=$(IMAGE)' \
-	    $(APPTAINER_ARGS) '$(SIF)' apptainer.def
-else
-	rm -f '$(ARCHIVE)'
-	$(ENGINE) push '$(IMAGE)' 'docker-archive:$(ARCHIVE):$(IMAGE)'
-	apptainer build --force --build-arg BOOTSTRAP=docker-archive --build-arg 'IMAGE=$(ARCHIVE)' \
-	    $(APPTAINER_ARGS) '$(SIF)' apptainer.def
-	rm -f '$(ARCHIVE)'
-endif
+	$(if $(filter docker,$(ENGINE)),$(SIF_FROM_DAEMON),$(SIF_FROM_ARCHIVE))
 
 sqsh: ## convert IMAGE to an Enroot/Pyxis squashfs (enroot import, zstd)
-ifeq ($(ENGINE),buildah)
-	$(error enroot imports from docker or podman only; buildah shares podman's storage, so \
-	    install podman and run make sqsh CONTAINER_ENGINE=podman)
-endif
+	$(if $(filter buildah,$(ENGINE)),$(error enroot imports from docker or podman only; \
+	    buildah shares podman's storage, so install podman and run make sqsh \
+	    CONTAINER_ENGINE=podman))
 	mkdir -p '$(OUT_DIR)'
 	rm -f '$(SQSH)'
 	ENROOT_SQUASH_OPTIONS='$(SQSH_OPTIONS)' enroot import \
@@ -113,7 +118,7 @@ endif
 smoke: $(if $(filter yes,$(IMAGE_EXISTS)),,venv) ## tiny LoRA fine-tune: in IMAGE when it exists, else in the virtual environment
 ifeq ($(IMAGE_EXISTS),yes)
 	mkdir -p '$(SMOKE_DIR)'
-ifeq ($(ENGINE),buildah)
+ifeq ($(CONTAINER_ENGINE),buildah)
 	ctr="$$(buildah from '$(IMAGE)')" && rc=0 \
 	&& buildah run $(RUN_FLAGS) --user '$(SMOKE_USER)' \
 	    --volume '$(SMOKE_DIR):/smoke' --env SMOKE_DIR=/smoke "$$ctr" -- \

@@ -20,7 +20,9 @@
 #                   [an output.dir=... override, else $SUBMIT_DIR/runs/<job name>-<job id>]
 #   HEAD_ADDR       address of the head node   [its name resolved on the head node]
 #   HEAD_IFACE      take the head address from this interface of the head node (e.g. ib0)
-#   MASTER_PORT     rendezvous port   [20000 + job id modulo 20000]
+#   MASTER_PORT     rendezvous port   [20000 + job number modulo 20000; for ids that are not
+#                   a plain number (PBS array jobs 1234[5].server): 20000 + cksum of the id
+#                   modulo 20000]
 #   NPROC_PER_NODE  processes per node   [GPUs of the node; CPUs when it has none]
 #   PREFLIGHT       1: run `llmtrain doctor` on every node first (GPUs, NCCL bandwidth and
 #                   transport, /dev/shm, output dir, offline cache); its failure stops the job
@@ -152,11 +154,34 @@ walltime_seconds() {
   printf '%s\n' "$((10#$h * 3600 + 10#$m * 60 + 10#$s))"
 }
 
+# The rendezvous port for job id $1, in 20000-39999. A plain job number (Slurm's 4242, PBS's
+# 77.server) gives 20000 + number mod 20000, so consecutive jobs on one head node differ; any
+# other id (a PBS array element 1234[5].server, letters) gives 20000 + its CRC (cksum) mod
+# 20000, never shell arithmetic on the id's text.
+job_port() {
+  local id="$1" number crc
+  if [[ $id =~ ^([0-9]+)(\..*)?$ ]]; then
+    number="${BASH_REMATCH[1]}"
+    # mod 20000 needs only the last five digits (100000 is a multiple of 20000), which also
+    # keeps a long id from overflowing; 10#: a leading zero is not octal.
+    ((${#number} <= 5)) || number="${number: -5}"
+    printf '%s\n' "$((20000 + 10#$number % 20000))"
+  else
+    crc="$(printf '%s' "$id" | cksum)"
+    printf '%s\n' "$((20000 + ${crc%% *} % 20000))"
+  fi
+}
+
 # Variables launch.sh reads; exported here and handed to every runtime explicitly, because
 # under Pyxis and Apptainer an image's ENV beats the host's environment.
 task_environment() {
   export MASTER_ADDR="$HEAD_ADDR"
-  export MASTER_PORT="${MASTER_PORT:-$((20000 + ${JOB_ID%%[!0-9]*} % 20000))}"
+  if [[ -z ${MASTER_PORT:-} ]]; then
+    MASTER_PORT="$(job_port "$JOB_ID")"
+  elif ! [[ $MASTER_PORT =~ ^[0-9]{1,5}$ ]] || ((10#$MASTER_PORT < 1 || 10#$MASTER_PORT > 65535)); then
+    die "MASTER_PORT=$MASTER_PORT is not a port number (1-65535): unset it to derive one from job id $JOB_ID"
+  fi
+  export MASTER_PORT
   export NNODES LAUNCHER HF_HOME RUN_DIR
   export LLMTRAIN_STOP_FILE="$RUN_DIR/STOP"
   TASK_VARS=(MASTER_ADDR MASTER_PORT NNODES LAUNCHER HF_HOME RUN_DIR LLMTRAIN_STOP_FILE)

@@ -1,4 +1,5 @@
-"""Trainer callbacks: metrics to JSONL, agreed stopping, and committing checkpoints."""
+"""Trainer callbacks: metrics to JSONL, agreed stopping, committing checkpoints, and the run's
+progress lines and summary."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import torch.distributed as dist
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from llmtrain import checkpoints
+from llmtrain.data import TokenizeStats
 
 log = logging.getLogger(__name__)
 METRICS = "metrics.jsonl"
@@ -176,3 +178,123 @@ class CommitCheckpointCallback(TrainerCallback):
 def deadline_from_env() -> float | None:
     value = os.environ.get("LLMTRAIN_DEADLINE")
     return float(value) if value else None
+
+
+def _duration(seconds: float) -> str:
+    """H:MM:SS, for ETAs and wall times."""
+    s = max(round(seconds), 0)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+class RunReport(TrainerCallback):
+    """What a batch log (Slurm, PBS: stderr is no TTY, so no progress bar) shows of a run: a
+    progress line at every log step, and one summary block at the end (`summary`).
+
+    Tokens/s counts the training data's own tokens (no padding): the train split's token count
+    times the epochs done in this process, over this process's training time. No collective
+    is needed for it, and it is exact at epoch boundaries."""
+
+    def __init__(
+        self,
+        output_dir: Path,
+        train_data: TokenizeStats,
+        parameters: tuple[int, int],
+        *,
+        progress_lines: bool,
+    ) -> None:
+        self.output_dir = output_dir
+        self.train_data = train_data
+        self.train_tokens = train_data.tokens
+        self.parameters = parameters  # (trainable, total)
+        self.progress_lines = progress_lines
+        self.evaluates = False
+        self.start: tuple[float, int, float] | None = None  # (time, step, epoch) at train start
+        self.end: tuple[float, int, float] | None = None
+
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any
+    ) -> None:
+        # After a resume the Trainer has restored state.global_step and state.epoch here.
+        self.start = (time.monotonic(), state.global_step, state.epoch or 0.0)
+        self.evaluates = args.evaluation_strategy != "no"
+
+    def on_step_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any
+    ) -> None:
+        # The final model's eval loss, not the one of the last eval_steps multiple before it.
+        if self.evaluates and state.global_step >= state.max_steps:
+            control.should_evaluate = True
+
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any
+    ) -> None:
+        self.end = (time.monotonic(), state.global_step, state.epoch or 0.0)
+
+    def _rate(self, now: float, step: int, epoch: float) -> tuple[float, float] | None:
+        """(tokens/s, s/step) over this process's steps so far, or None before the first."""
+        if self.start is None or step <= self.start[1] or now <= self.start[0]:
+            return None
+        elapsed = now - self.start[0]
+        tokens = self.train_tokens * (epoch - self.start[2])
+        return tokens / elapsed, elapsed / (step - self.start[1])
+
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict[str, Any] | None = None,
+        **kw: Any,
+    ) -> None:
+        if not (self.progress_lines and state.is_world_process_zero and logs):
+            return
+        step, total = state.global_step, state.max_steps
+        if "loss" in logs:
+            parts = [f"step {step}/{total} ({100 * step / max(total, 1):.0f}%)",
+                     f"loss {logs['loss']:.4f}"]
+            if "learning_rate" in logs:
+                parts.append(f"lr {logs['learning_rate']:.3g}")
+            rate = self._rate(time.monotonic(), step, state.epoch or 0.0)
+            if rate is not None:
+                parts += [f"{rate[0]:,.0f} tokens/s", f"eta {_duration(rate[1] * (total - step))}"]
+            log.info("%s", ", ".join(parts))
+        elif "eval_loss" in logs:
+            log.info("step %d/%d: eval loss %.4f", step, total, logs["eval_loss"])
+
+    def summary(self, method: str, outputs: dict[str, Path]) -> str:
+        """The run summary block: method, data kept and dropped, losses, time, throughput,
+        outputs. `outputs` maps a name to a path, listed in order; those that do not exist
+        are left out."""
+        records = _metric_records(self.output_dir / METRICS)
+        train = [r["loss"] for r in records if "loss" in r]
+        evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+        trainable, total = self.parameters
+        lines = [
+            f"method: {method}, {trainable:,} of {total:,} parameters trained "
+            f"({100 * trainable / max(total, 1):.3f}%)",
+            f"data: {self.train_data.summary()}",
+        ]
+        if train:
+            lines.append(f"loss: {train[0]:.4f} -> {train[-1]:.4f} ({len(train)} log steps)")
+        if evals:
+            best = min(evals, key=lambda e: e[1])
+            lines.append(
+                f"eval loss: {evals[0][1]:.4f} -> {evals[-1][1]:.4f} at step {evals[-1][0]} "
+                f"(lowest {best[1]:.4f} at step {best[0]})"
+            )
+        if self.start is not None and self.end is not None:
+            rate = self._rate(*self.end)
+            steps = self.end[1] - self.start[1]
+            speed = f", {rate[0]:,.0f} tokens/s" if rate is not None else ""
+            lines.append(
+                f"time: {_duration(self.end[0] - self.start[0])} for {steps} steps{speed}"
+            )
+        lines.append("outputs:")
+        lines += [f"  {name}: {path}" for name, path in outputs.items() if path.exists()]
+        return "\n".join(["run summary", *(f"  {line}" for line in lines)])
+
+
+def _metric_records(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

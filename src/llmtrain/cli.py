@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
+import select
+import signal
 import sys
 from collections.abc import Sequence
 from typing import Protocol
@@ -62,6 +65,26 @@ def build_parser(verb: str | None) -> argparse.ArgumentParser:
     return parser
 
 
+def _stdout_has_no_reader() -> bool:
+    """True when stdout is a pipe whose reader has gone (poll reports an error on it)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, ValueError):
+        return False
+
+
+def _quiet_exit_on_closed_stdout() -> int:
+    """The reader of stdout went away (`llmtrain env | head -1`): exit quietly, as a tool
+    killed by SIGPIPE would (128 + SIGPIPE = 141), without a traceback."""
+    # Python flushes stdout again at exit; pointing it at /dev/null keeps that flush quiet.
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 128 + signal.SIGPIPE
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     verb = next((a for a in argv if not a.startswith("-")), None)
@@ -74,13 +97,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.verb is None:
         parser.print_help()
         return 0
-    logging.basicConfig(level=logging.INFO, format="[llmtrain] %(message)s", stream=sys.stderr)
+    # Our loggers at INFO, every other library's at WARNING: with the root at INFO, libraries'
+    # import-time notes (datasets' "PyTorch version ... available.") reached every verb's output.
+    logging.basicConfig(level=logging.WARNING, format="[llmtrain] %(message)s", stream=sys.stderr)
+    logging.getLogger("llmtrain").setLevel(logging.INFO)
     if not sys.stderr.isatty():
         import datasets
 
         datasets.disable_progress_bars()
     try:
-        return _load(args.verb).run(args)
+        code = _load(args.verb).run(args)
+        sys.stdout.flush()  # here, so that a closed pipe is seen below and not at exit
+        return code
+    except BrokenPipeError:
+        if not _stdout_has_no_reader():
+            raise  # another pipe broke (a worker, a socket): a real failure
+        return _quiet_exit_on_closed_stdout()
     except LlmtrainError as err:
         print(f"llmtrain {args.verb}: error: {err.message()}", file=sys.stderr)
         return err.exit_code

@@ -269,7 +269,9 @@ class TrainingSection(Section):
     )
     logging_steps: int = Field(10, ge=1)
     save_steps: int = Field(200, ge=1)
-    eval_steps: int | None = Field(None, ge=1)
+    eval_steps: int | None = Field(
+        None, ge=1, description="with held-out data (data.eval_fraction): default save_steps"
+    )
     seed: int = 42
     dataloader_num_workers: int = Field(2, ge=0)
     report_to: list[Reporter] = Field(default_factory=lambda: list[Reporter](["tensorboard"]))

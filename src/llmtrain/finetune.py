@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers.trainer_callback import PrinterCallback
 
 from llmtrain import (
     chat,
@@ -30,8 +31,10 @@ from llmtrain import (
     strategies,
 )
 from llmtrain.callbacks import (
+    METRICS,
     CommitCheckpointCallback,
     MetricsCallback,
+    RunReport,
     StopCallback,
     deadline_from_env,
     truncate_metrics,
@@ -42,7 +45,7 @@ from llmtrain.config import RunConfig, dump_config, load_config
 from llmtrain.errors import StopRequested
 from llmtrain.export import load_for_inference, merge
 from llmtrain.generation import generate, write_jsonl
-from llmtrain.methods import quantization_config, wrap
+from llmtrain.methods import count_parameters, quantization_config, wrap
 from llmtrain.models import DTYPES, load_model, load_tokenizer
 from llmtrain.strategies import World
 
@@ -196,7 +199,8 @@ def training_arguments(
     optim = t.optim
     if optim == "auto":
         optim = "adamw_torch_fused" if torch.cuda.is_available() else "adamw_torch"
-    eval_on = has_eval and t.eval_steps is not None
+    # Held-out data is evaluated by default, at every checkpoint (so the best one is known).
+    eval_on = has_eval
     args = TrainingArguments(
         output_dir=str(output_dir),
         per_device_train_batch_size=t.per_device_train_batch_size,
@@ -224,7 +228,7 @@ def training_arguments(
         save_steps=t.save_steps,
         save_total_limit=None,  # retention is ours, by step number (see checkpoints.py)
         evaluation_strategy="steps" if eval_on else "no",
-        eval_steps=t.eval_steps if eval_on else None,
+        eval_steps=(t.eval_steps or t.save_steps) if eval_on else None,
         seed=t.seed,
         data_seed=t.seed,
         dataloader_num_workers=t.dataloader_num_workers,
@@ -347,6 +351,11 @@ def train(cfg: RunConfig, world: World, extra_callbacks: Sequence[TrainerCallbac
     )
     stop.install_signal_handlers()
     recorder = LossRecorder()
+    batch_log = not sys.stderr.isatty()  # Slurm and PBS logs: no progress bar, lines instead
+    report = RunReport(
+        out, prepared.train_stats(cfg.prepared_dir()), count_parameters(model),
+        progress_lines=batch_log,
+    )
     trainer = LlmtrainTrainer(
         model=model,
         args=args,
@@ -364,17 +373,29 @@ def train(cfg: RunConfig, world: World, extra_callbacks: Sequence[TrainerCallbac
             CommitCheckpointCallback(
                 out, cfg.output.keep_checkpoints, facts, keep_best=cfg.output.keep_best
             ),
+            report,
             *extra_callbacks,
         ],
         recorder=recorder,
         chunked_loss=chunked_loss,
     )
+    if batch_log:
+        trainer.remove_callback(PrinterCallback)  # its raw log dicts; RunReport's lines instead
     strategies.prepare_trainer(trainer, cfg)
     with strategies.peft_deepspeed_resume(trainer):
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     if stop.reason is not None:
         raise StopRequested(f"{stop.reason}; checkpoint at step {trainer.state.global_step}")
-    save_final(cfg, world, trainer, tokenizer, out)
+    final = save_final(cfg, world, trainer, tokenizer, out)
+    if world.is_main:
+        log.info("%s", report.summary(cfg.method.name, {
+            "run directory": out,
+            f"final {final.name}": final,
+            "merged model": out / "final" / "merged",
+            "generations": out / "generations.jsonl",
+            "metrics": out / METRICS,
+            "tensorboard": out / "tensorboard",
+        }))
     return trainer
 
 

@@ -20,7 +20,7 @@ import datasets
 
 from llmtrain import chat, mixture
 from llmtrain.config import RunConfig
-from llmtrain.data import detect_format, source_files, tokenize
+from llmtrain.data import TokenizeStats, detect_format, source_files, tokenize
 from llmtrain.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -135,6 +135,14 @@ def held_out_rows(prepared: Path, source: int) -> datasets.Dataset | None:
     """The held-out rows of one source as prepared, or None."""
     path = prepared / EVAL_ROWS / str(source)
     return datasets.load_from_disk(str(path)) if path.is_dir() else None
+
+
+def train_stats(prepared: Path) -> TokenizeStats:
+    """What tokenizing kept and dropped of the train split, all sources added up."""
+    info = read_info(prepared)
+    if info is None:
+        raise DataError(f"{prepared} holds no prepared data", "run `llmtrain prepare CONFIG`")
+    return TokenizeStats(**info["stats"])
 
 
 def load(prepared: Path) -> dict[str, datasets.Dataset]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -32,6 +33,9 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         result = run_cli("finetune", f"configs/{method}.yaml", f"output.dir={out}",
                          "training.logging_steps=2", "training.save_steps=10", *extra)
         assert result.returncode == 0, result.stderr[-3000:]
+        # Beside the run, not in it: what a batch log (captured, so no TTY) would hold.
+        (base / f"{method}.stderr").write_text(result.stderr)
+        (base / f"{method}.stdout").write_text(result.stdout)
         outs[method] = out
     return outs
 
@@ -53,6 +57,64 @@ def test_loss_falls_by_half_and_artifacts_exist(runs: dict[str, Path], method: s
     assert (final / weights).is_file() and (final / "tokenizer_config.json").is_file()
     complete = sorted(out.glob("checkpoint-*/llmtrain-complete.json"))
     assert complete and (out / "latest").read_text().strip() == complete[-1].parent.name
+
+
+def records(out: Path) -> list[dict]:
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("method", ["lora", "full", "layers"])
+def test_held_out_data_is_evaluated_without_eval_steps(runs: dict[str, Path], method: str) -> None:
+    """The shipped configs hold out 10% and set no eval_steps: eval at every save and the end."""
+    out = runs[method]
+    steps = [r["step"] for r in records(out) if "eval_loss" in r]
+    last = max(r["step"] for r in records(out))
+    assert steps == [*range(10, last, 10), last] or steps == list(range(10, last + 1, 10)), steps
+    assert all(r["eval_loss"] > 0 for r in records(out) if "eval_loss" in r)
+
+
+PROGRESS = re.compile(
+    r"^\[llmtrain\] step (\d+)/(\d+) \(\d+%\), loss ([\d.]+), lr \S+, [\d,]+ tokens/s, "
+    r"eta \d+:\d\d:\d\d$",
+    re.MULTILINE,
+)
+
+
+@pytest.mark.parametrize("method", ["lora", "full", "layers"])
+def test_batch_log_has_progress_lines_and_a_summary(runs: dict[str, Path], method: str) -> None:
+    out = runs[method]
+    stderr = (out.parent / f"{method}.stderr").read_text()
+    stdout = (out.parent / f"{method}.stdout").read_text()
+    progress = [(int(m[1]), int(m[2]), float(m[3])) for m in PROGRESS.finditer(stderr)]
+    total = progress[0][1]
+    assert [p[0] for p in progress] == list(range(2, total + 1, 2))  # training.logging_steps=2
+    assert [p[2] for p in progress] == pytest.approx(losses(out), abs=1e-4)
+    assert "{'loss'" not in stdout  # HF's raw log dicts are replaced by the lines
+    evals = [r for r in records(out) if "eval_loss" in r]
+    assert f"[llmtrain] step {total}/{total}: eval loss {evals[-1]['eval_loss']:.4f}" in stderr
+
+    summary = stderr[stderr.index("[llmtrain] run summary\n"):].splitlines()
+    assert re.fullmatch(rf"  method: {method}, [\d,]+ of [\d,]+ parameters trained \(.*%\)",
+                        summary[1])
+    assert re.fullmatch(r"  data: (\d+)/\1 rows kept \(.*\); \d+ tokens, \d+ with loss",
+                        summary[2])
+    values = losses(out)
+    assert summary[3] == f"  loss: {values[0]:.4f} -> {values[-1]:.4f} ({len(values)} log steps)"
+    assert summary[4].startswith(
+        f"  eval loss: {evals[0]['eval_loss']:.4f} -> {evals[-1]['eval_loss']:.4f} "
+        f"at step {total} "
+    )
+    assert re.fullmatch(rf"  time: \d+:\d\d:\d\d for {total} steps, [\d,]+ tokens/s", summary[5])
+    assert summary[6] == "  outputs:"
+    final = out / "final" / ("adapter" if method == "lora" else "model")
+    listed = dict(line.strip().split(": ", 1) for line in summary[7:] if line.startswith("    "))
+    assert listed["final " + final.name] == str(final)
+    assert listed["metrics"] == str(out / "metrics.jsonl")
+    assert listed["tensorboard"] == str(out / "tensorboard")
+    if method == "lora":  # configs/lora.yaml merges and answers held-out questions
+        assert listed["merged model"] == str(out / "final" / "merged")
+        assert listed["generations"] == str(out / "generations.jsonl")
+    assert all(Path(p).exists() for p in listed.values())
 
 
 def test_generations_file_format(runs: dict[str, Path]) -> None:

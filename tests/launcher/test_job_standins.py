@@ -311,3 +311,71 @@ def test_exit_code_contract(
     )
     assert res.returncode == step_rc, res.stderr
     assert (["scontrol", "requeue", "4242"] in argvs(site, "scontrol")) == requeued
+
+
+def pbs_port(site: dict[str, Path], job_id: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return run_job(
+        site, "pbs", IMAGE=str(site["dir"] / "llmtrain.sif"), CONFIG="configs/run.yaml",
+        PBS_JOBID=job_id, **env,
+    )
+
+
+def recorded_port(site: dict[str, Path]) -> int:
+    (mpirun,) = [c for c in standins.calls(site["log"]) if c["argv"][0] == "mpirun"]
+    return int(mpirun["env"]["MASTER_PORT"])
+
+
+@pytest.mark.parametrize(
+    ("job_id", "port"),
+    [
+        ("1234", 21234),
+        ("77.pbs1", 20077),
+        ("4294967296999", 20000 + 4294967296999 % 20000),
+        ("0899", 20899),  # a leading zero is not octal
+        ("99999999999999999999999.server", 20000 + 99999999999999999999999 % 20000),
+    ],
+)
+def test_port_of_a_job_number_is_20000_plus_it_mod_20000(
+    site: dict[str, Path], job_id: str, port: int
+) -> None:
+    res = pbs_port(site, job_id)
+    assert res.returncode == 0, res.stderr
+    assert recorded_port(site) == port
+    assert f"({HEAD}:{port})" in res.stderr
+
+
+@pytest.mark.parametrize(
+    "job_id", ["1234[5].server", "1234[6].server", "abc.def", "x", "[]", "12 34", "-5"]
+)
+def test_port_of_any_other_id_is_in_range_and_stable(site: dict[str, Path], job_id: str) -> None:
+    """PBS array elements (1234[5].server) and ids with letters: a port from the id's text."""
+    res = pbs_port(site, job_id)
+    assert res.returncode == 0, res.stderr
+    port = recorded_port(site)
+    assert 20000 <= port <= 39999
+    site["log"].write_text("")
+    assert pbs_port(site, job_id).returncode == 0
+    assert recorded_port(site) == port
+
+
+def test_array_elements_get_different_ports(site: dict[str, Path]) -> None:
+    ports = set()
+    for job_id in ("1234[5].server", "1234[6].server", "1234[7].server"):
+        site["log"].write_text("")
+        assert pbs_port(site, job_id).returncode == 0
+        ports.add(recorded_port(site))
+    assert len(ports) == 3
+
+
+@pytest.mark.parametrize("value", ["abc", "70000", "0", "-1", "2e4"])
+def test_a_bad_master_port_is_refused_naming_it(site: dict[str, Path], value: str) -> None:
+    res = pbs_port(site, "1234[5].server", MASTER_PORT=value)
+    assert res.returncode == 64, res.stderr
+    assert f"MASTER_PORT={value} is not a port number" in res.stderr
+    assert argvs(site, "mpirun") == []
+
+
+def test_a_set_master_port_is_kept(site: dict[str, Path]) -> None:
+    res = pbs_port(site, "1234[5].server", MASTER_PORT="29500")
+    assert res.returncode == 0, res.stderr
+    assert recorded_port(site) == 29500

@@ -1,0 +1,123 @@
+"""The README's first commands on a fresh machine: no container engine on PATH, or a docker
+client whose daemon does not answer. Only the image targets (image, sif, sqsh) may need an
+engine; every other target must parse and run, and `make smoke` must run in .venv.
+
+The Makefile is run with a PATH holding only the tools such a machine has (make, bash,
+coreutils, sed, grep, awk, git, python3), as symlinks in a temporary directory."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+BASE_TOOLS = ("make", "bash", "sh", "sed", "grep", "awk", "git", "python3")
+COREUTILS = (
+    "basename", "cat", "chmod", "cp", "cut", "date", "dirname", "echo", "env", "false", "head",
+    "id", "ln", "ls", "mkdir", "mktemp", "mv", "printf", "readlink", "rm", "sort", "tail",
+    "test", "touch", "tr", "true", "uname", "wc",
+)
+ENGINES = ("docker", "podman", "buildah")
+# A docker client with no daemon behind it: every command fails as the real client does.
+DAEMONLESS_DOCKER = """#!/bin/sh
+echo "Cannot connect to the Docker daemon at unix:///var/run/docker.sock." >&2
+exit 1
+"""
+
+
+def fresh_bin(tmp_path: Path, docker_client: bool) -> Path:
+    """A bin directory with the fresh machine's tools and no engine (or a daemonless docker)."""
+    if shutil.which("make") is None:
+        pytest.skip("the Makefile tests need make")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in BASE_TOOLS + COREUTILS:
+        found = shutil.which(tool)
+        if found is None:
+            continue  # a shell builtin stands in (echo, printf, test, true, false)
+        (bin_dir / tool).symlink_to(Path(found).resolve())
+    if docker_client:
+        docker = bin_dir / "docker"
+        docker.write_text(DAEMONLESS_DOCKER)
+        docker.chmod(0o755)
+    assert not any(
+        shutil.which(engine, path=str(bin_dir)) for engine in ENGINES if engine != "docker"
+    )
+    return bin_dir
+
+
+def make(bin_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    # A clean environment: no CONTAINER_ENGINE or MAKEFLAGS from the caller.
+    env = {"PATH": str(bin_dir), "HOME": str(bin_dir.parent), "LC_ALL": "C"}
+    return subprocess.run(
+        ["make", "-C", str(REPO), "--no-print-directory", *args],
+        capture_output=True, text=True, env=env, timeout=120,
+    )
+
+
+def commands(out: str) -> list[str]:
+    """The commands `make -n` printed, continuation lines joined, whitespace collapsed."""
+    return [" ".join(c.split()) for c in re.sub(r"\\\n", " ", out).splitlines() if c.strip()]
+
+
+@pytest.fixture(params=[False, True], ids=["no-engine", "docker-without-daemon"])
+def bin_dir(request: pytest.FixtureRequest, tmp_path: Path) -> Path:
+    return fresh_bin(tmp_path, docker_client=request.param)
+
+
+def test_help_says_no_engine_was_found(bin_dir: Path) -> None:
+    proc = make(bin_dir, "help")
+    assert proc.returncode == 0, proc.stderr
+    assert "(engine: none found)" in proc.stdout
+    assert re.search(r"^  smoke +\S", proc.stdout, re.MULTILINE)
+
+
+@pytest.mark.parametrize("target", ["venv", "test", "lint", "lock", "bench", "embedded"])
+def test_targets_without_an_image_parse_and_run(bin_dir: Path, target: str) -> None:
+    proc = make(bin_dir, "-n", target)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip()
+    assert "container engine" not in proc.stderr
+
+
+def test_smoke_runs_in_the_venv(bin_dir: Path) -> None:
+    proc = make(bin_dir, "-n", "smoke", "SMOKE_DIR=/s")
+    assert proc.returncode == 0, proc.stderr
+    venv = make(bin_dir, "-n", "venv")
+    assert venv.returncode == 0, venv.stderr
+    smoke = commands(proc.stdout)
+    # The venv is made from the lock first, then the job runs in it; no engine is called.
+    assert smoke[-1] == ".venv/bin/llmtrain finetune configs/lora.yaml 'output.dir=/s'"
+    assert smoke[:-1] == commands(venv.stdout)
+    assert not any(re.search(r"\b(docker|podman|buildah)\b", c) for c in smoke)
+
+
+def test_test_target_makes_the_venv_then_runs_pytest(bin_dir: Path) -> None:
+    proc = make(bin_dir, "-n", "test")
+    assert proc.returncode == 0, proc.stderr
+    assert commands(proc.stdout)[-1] == ".venv/bin/pytest"
+
+
+@pytest.mark.parametrize("target", ["image", "sif", "sqsh"])
+def test_image_targets_fail_naming_the_fix(bin_dir: Path, target: str) -> None:
+    proc = make(bin_dir, "-n", target)
+    assert proc.returncode != 0
+    assert "no container engine: install docker, podman or buildah" in proc.stderr
+    assert "set CONTAINER_ENGINE" in proc.stderr
+    assert proc.stdout == ""  # nothing was run (or printed) before the error
+
+
+def test_ci_runs_make_smoke_before_installing_an_engine() -> None:
+    """CI walks the fresh-machine path: `make smoke` runs before buildah is installed."""
+    lines = [line.strip() for line in (REPO / ".ci" / "run").read_text().splitlines()]
+    smoke = lines.index("make smoke")
+    installs = [i for i, line in enumerate(lines) if "apt-get install" in line]
+    engine = next(i for i, line in enumerate(lines) if re.search(r"\bbuildah\b", line)
+                  and not line.startswith("#"))
+    assert installs[0] < smoke < engine
+    assert not any(re.search(r"\b(buildah|podman|docker)\b", line)
+                   for line in lines[:smoke] if not line.startswith("#"))

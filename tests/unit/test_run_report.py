@@ -1,0 +1,107 @@
+"""What a batch log shows of a run (RunReport), and eval on by default with held-out data."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+
+import pytest
+from transformers import TrainerControl, TrainerState
+
+from llmtrain.callbacks import METRICS, RunReport
+from llmtrain.config import load_config
+from llmtrain.data import TokenizeStats
+from llmtrain.finetune import training_arguments
+from llmtrain.strategies import World
+
+REPO = Path(__file__).resolve().parents[2]
+ONE = World(rank=0, local_rank=0, world_size=1)
+
+
+def lora_args(out: Path):  # type: ignore[no-untyped-def]
+    return training_arguments(load_config(REPO / "configs" / "lora.yaml"), ONE, out, True, None)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "has_eval", "strategy", "steps"),
+    [
+        (["training.save_steps=50"], True, "steps", 50),  # configs/lora.yaml: 10% held out
+        (["training.save_steps=50", "training.eval_steps=7"], True, "steps", 7),
+        (["training.save_steps=50"], False, "no", None),
+    ],
+)
+def test_held_out_data_is_evaluated_by_default_at_the_save_interval(
+    tmp_path: Path, overrides: list[str], has_eval: bool, strategy: str, steps: int | None
+) -> None:
+    cfg = load_config(REPO / "configs" / "lora.yaml", overrides)
+    args = training_arguments(cfg, ONE, tmp_path, has_eval, None)
+    assert args.evaluation_strategy == strategy
+    assert args.eval_steps == steps
+
+
+def report(tmp_path: Path, progress_lines: bool = True) -> RunReport:
+    stats = TokenizeStats(rows=10, kept=9, dropped_too_long=1, tokens=900, loss_tokens=90)
+    args = lora_args(tmp_path)
+    r = RunReport(tmp_path, stats, (100, 1000), progress_lines=progress_lines)
+    state = TrainerState(max_steps=20, global_step=0, epoch=0.0, is_world_process_zero=True)
+    r.on_train_begin(args, state, TrainerControl())
+    return r
+
+
+def test_progress_line_at_each_log_step(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    r = report(tmp_path)
+    args = lora_args(tmp_path)
+    state = TrainerState(max_steps=20, global_step=5, epoch=1.0, is_world_process_zero=True)
+    with caplog.at_level(logging.INFO, logger="llmtrain"):
+        r.on_log(args, state, TrainerControl(), logs={"loss": 1.25, "learning_rate": 1e-3})
+        r.on_log(args, state, TrainerControl(), logs={"eval_loss": 1.5})
+    progress, evaluation = (rec.getMessage() for rec in caplog.records)
+    match = re.fullmatch(
+        r"step 5/20 \(25%\), loss 1\.2500, lr 0\.001, ([\d,]+) tokens/s, eta (\d+):(\d\d):(\d\d)",
+        progress,
+    )
+    assert match, progress
+    assert int(match[1].replace(",", "")) > 0
+    assert evaluation == "step 5/20: eval loss 1.5000"
+
+
+def test_no_progress_lines_on_a_terminal(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    r = report(tmp_path, progress_lines=False)
+    state = TrainerState(max_steps=20, global_step=5, epoch=1.0, is_world_process_zero=True)
+    with caplog.at_level(logging.INFO, logger="llmtrain"):
+        r.on_log(None, state, TrainerControl(), logs={"loss": 1.0})  # type: ignore[arg-type]
+    assert caplog.records == []
+
+
+def test_the_last_step_is_evaluated(tmp_path: Path) -> None:
+    r = report(tmp_path)
+    control = TrainerControl()
+    r.on_step_end(None, TrainerState(max_steps=20, global_step=19), control)  # type: ignore[arg-type]
+    assert not control.should_evaluate
+    r.on_step_end(None, TrainerState(max_steps=20, global_step=20), control)  # type: ignore[arg-type]
+    assert control.should_evaluate
+
+
+def test_summary_names_method_data_losses_time_and_outputs(tmp_path: Path) -> None:
+    r = report(tmp_path)
+    records = [
+        {"step": 2, "loss": 3.0}, {"step": 4, "loss": 2.0}, {"step": 4, "eval_loss": 2.5},
+        {"step": 6, "loss": 1.0}, {"step": 6, "eval_loss": 2.75},
+    ]
+    (tmp_path / METRICS).write_text("".join(json.dumps(x) + "\n" for x in records))
+    r.on_train_end(None, TrainerState(max_steps=6, global_step=6, epoch=2.0), TrainerControl())  # type: ignore[arg-type]
+    (tmp_path / "final").mkdir()
+    text = r.summary("lora", {"final adapter": tmp_path / "final", "merged": tmp_path / "absent",
+                              "metrics": tmp_path / METRICS})
+    lines = text.splitlines()
+    assert lines[0] == "run summary"
+    assert "  method: lora, 100 of 1,000 parameters trained (10.000%)" in lines
+    assert "  data: 9/10 rows kept (0 truncated, 1 dropped as too long" in text
+    assert "  loss: 3.0000 -> 1.0000 (3 log steps)" in lines
+    assert "  eval loss: 2.5000 -> 2.7500 at step 6 (lowest 2.5000 at step 4)" in lines
+    assert re.search(r"^  time: \d+:\d\d:\d\d for 6 steps, [\d,]+ tokens/s$", text, re.MULTILINE)
+    assert f"    final adapter: {tmp_path / 'final'}" in lines
+    assert f"    metrics: {tmp_path / METRICS}" in lines
+    assert "merged" not in text  # outputs that do not exist are not listed
