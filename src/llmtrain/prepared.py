@@ -62,6 +62,21 @@ def read_info(prepared: Path) -> dict[str, Any] | None:
     return info
 
 
+def check_eval_split(cfg: RunConfig, n_rows: int) -> None:
+    """data.eval_fraction of `n_rows` holds out at least one row and keeps one for training.
+
+    Raises:
+        DataError: it would not (exit 65).
+    """
+    if cfg.data.eval_fraction > 0 and (n_rows < 2 or int(n_rows * cfg.data.eval_fraction) < 1):
+        raise DataError(
+            f"data.eval_fraction={cfg.data.eval_fraction} of {n_rows} rows leaves no "
+            "evaluation row",
+            "set data.eval_fraction=0, or give more rows (plain text splits into rows "
+            "at blank lines)",
+        )
+
+
 def prepare(cfg: RunConfig, tokenizer: Any, fp: str | None = None) -> dict[str, Any]:
     """Tokenize and save atomically: a temporary directory renamed into place."""
     target = cfg.prepared_dir()
@@ -72,13 +87,7 @@ def prepare(cfg: RunConfig, tokenizer: Any, fp: str | None = None) -> dict[str, 
     if cfg.data.eval_fraction > 0:
         # Rows are split before tokenizing, so the held-out rows are known as rows: finetune's
         # samples and `generate` answer exactly those, never training rows.
-        if len(rows) < 2 or int(len(rows) * cfg.data.eval_fraction) < 1:
-            raise DataError(
-                f"data.eval_fraction={cfg.data.eval_fraction} of {len(rows)} rows leaves no "
-                "evaluation row",
-                "set data.eval_fraction=0, or give more rows (plain text splits into rows "
-                "at blank lines)",
-            )
+        check_eval_split(cfg, len(rows))
         parts = rows.train_test_split(test_size=cfg.data.eval_fraction, seed=cfg.training.seed)
         train_rows, eval_rows = parts["train"], parts["test"]
         tokenized, stats = tokenize(train_rows, tokenizer, cfg.data)
