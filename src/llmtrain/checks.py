@@ -58,8 +58,8 @@ def check_hardware(cfg: RunConfig, *, gpu: bool) -> None:
     strategies.check(cfg)
     if cfg.distributed.strategy in strategies.DEEPSPEED and not gpu:
         raise NeedsGpuError(
-            f"distributed.strategy={cfg.distributed.strategy} needs CUDA GPUs (accelerate 0.26 "
-            "starts DeepSpeed with NCCL only) and this machine has none",
+            f"distributed.strategy={cfg.distributed.strategy} needs CUDA GPUs: accelerate 0.26 "
+            "starts DeepSpeed with NCCL only, and this machine has none",
             "run on GPU nodes; on CPU use distributed.strategy=ddp or fsdp (gloo)",
         )
     if cfg.distributed.strategy == "fsdp" and not gpu:
