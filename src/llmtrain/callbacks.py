@@ -130,10 +130,25 @@ class CommitCheckpointCallback(TrainerCallback):
     """After the Trainer wrote checkpoint-N on every rank: flush, agree, mark it complete,
     point `latest` at it, then apply retention by step number."""
 
-    def __init__(self, output_dir: Path, keep: int, facts: dict[str, Any]) -> None:
+    def __init__(
+        self, output_dir: Path, keep: int, facts: dict[str, Any], *, keep_best: bool = True
+    ) -> None:
         self.output_dir = output_dir
         self.keep = keep
         self.facts = facts
+        self.keep_best = keep_best
+        self.eval_loss: tuple[int, float] | None = None  # (step, loss) of the latest eval
+
+    def on_evaluate(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        metrics: dict[str, float] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if metrics and "eval_loss" in metrics:
+            self.eval_loss = (state.global_step, float(metrics["eval_loss"]))
 
     def on_save(
         self,
@@ -147,8 +162,13 @@ class CommitCheckpointCallback(TrainerCallback):
             checkpoints.flush_tree(ckpt)
         _barrier()
         if state.is_world_process_zero:
-            checkpoints.mark_complete(ckpt, {**self.facts, "step": state.global_step})
-            for gone in checkpoints.retain(self.output_dir, self.keep):
+            facts = {**self.facts, "step": state.global_step}
+            if self.eval_loss is not None and self.eval_loss[0] == state.global_step:
+                facts["eval_loss"] = self.eval_loss[1]  # HF evaluates before it saves
+            checkpoints.mark_complete(ckpt, facts)
+            if (best := checkpoints.record_best(self.output_dir)) is not None:
+                log.info("best checkpoint so far: %s (eval loss %.4f)", best[0].name, best[1])
+            for gone in checkpoints.retain(self.output_dir, self.keep, keep_best=self.keep_best):
                 log.info("retention: removed %s", gone.name)
         _barrier()
 

@@ -21,6 +21,7 @@ from llmtrain.errors import ConfigError
 log = logging.getLogger(__name__)
 MARKER = "llmtrain-complete.json"
 LATEST = "latest"
+BEST = "best"  # names the complete checkpoint with the lowest eval loss
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -86,16 +87,40 @@ def latest_complete(output_dir: Path) -> Path | None:
     return newest
 
 
-def retain(output_dir: Path, keep: int) -> list[Path]:
+def best_complete(output_dir: Path) -> tuple[Path, float] | None:
+    """The complete checkpoint with the lowest eval loss recorded in its marker, and that loss;
+    the earlier one on a tie. None when no checkpoint was evaluated."""
+    scored = []
+    for _, ckpt in all_checkpoints(output_dir):
+        if is_complete(ckpt) and (loss := read_marker(ckpt).get("eval_loss")) is not None:
+            scored.append((float(loss), ckpt))
+    if not scored:
+        return None
+    loss, ckpt = min(scored, key=lambda x: x[0])
+    return ckpt, loss
+
+
+def record_best(output_dir: Path) -> tuple[Path, float] | None:
+    """Point `best` at best_complete(), so users and `keep_best` retention find it."""
+    best = best_complete(output_dir)
+    if best is not None:
+        atomic_write(output_dir / BEST, best[0].name + "\n")
+    return best
+
+
+def retain(output_dir: Path, keep: int, *, keep_best: bool = False) -> list[Path]:
     """Delete all but the newest `keep` complete checkpoints (by step), and incomplete ones
-    older than the newest complete. Never deletes the newest complete checkpoint."""
+    older than the newest complete. Never deletes the newest complete checkpoint; with
+    `keep_best`, never the one with the lowest eval loss either."""
     keep = max(keep, 2)
     ckpts = all_checkpoints(output_dir)
     complete = [c for _, c in ckpts if is_complete(c)]
     if not complete:
         return []
     newest_step = int(_NAME.match(complete[-1].name).group(1))  # type: ignore[union-attr]
-    doomed = complete[:-keep] + [c for s, c in ckpts if not is_complete(c) and s < newest_step]
+    best = best_complete(output_dir) if keep_best else None
+    doomed = [c for c in complete[:-keep] if best is None or c != best[0]]
+    doomed += [c for s, c in ckpts if not is_complete(c) and s < newest_step]
     for ckpt in doomed:
         shutil.rmtree(ckpt, ignore_errors=True)
     return doomed

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llmtrain import checkpoints, prepared, strategies
+from llmtrain import checkpoints, mixture, strategies
 from llmtrain.config import RunConfig
 from llmtrain.data import check_templates, load_rows, tokenize
 from llmtrain.errors import ConfigError, NeedsGpuError
@@ -150,20 +150,23 @@ def check_method(cfg: RunConfig, config: Any) -> None:
 
 
 def check_data(cfg: RunConfig, tokenizer: Any, report: Report) -> None:
-    """The rows load, the templates fit them, and a sample tokenizes to usable samples."""
-    rows = load_rows(cfg.data)
-    check_templates(cfg.data, rows)
-    prepared.check_eval_split(cfg, len(rows))
-    sample = rows.select(range(min(SAMPLE_ROWS, len(rows))))
-    _, stats = tokenize(sample, tokenizer, cfg.data)
-    scope = "all" if len(sample) == len(rows) else f"first {len(sample)} of {len(rows)}"
-    report.lines.append(f"data ({scope} rows): {stats.summary()}")
-    if stats.truncated or stats.dropped_too_long or stats.dropped_prompt_too_long:
-        report.warnings.append(
-            f"{stats.truncated + stats.dropped_too_long + stats.dropped_prompt_too_long} of "
-            f"{stats.rows} sampled rows exceed data.max_length={cfg.data.max_length} "
-            f"(policy: {cfg.data.overflow})"
-        )
+    """Each source's rows load, the templates fit them, data.eval_fraction leaves rows on both
+    sides, and a sample tokenizes to usable samples."""
+    for k, section in enumerate(cfg.data.for_sources()):
+        rows = load_rows(section)
+        check_templates(section, rows)
+        mixture.check_eval_split(cfg.data, k, len(rows))
+        sample = rows.select(range(min(SAMPLE_ROWS, len(rows))))
+        _, stats = tokenize(sample, tokenizer, section)
+        scope = "all" if len(sample) == len(rows) else f"first {len(sample)} of {len(rows)}"
+        name = f"data.sources[{k}]" if cfg.data.sources else "data"
+        report.lines.append(f"{name} ({scope} rows): {stats.summary()}")
+        too_long = stats.truncated + stats.dropped_too_long + stats.dropped_prompt_too_long
+        if too_long:
+            report.warnings.append(
+                f"{name}: {too_long} of {stats.rows} sampled rows exceed "
+                f"data.max_length={section.max_length} (policy: {section.overflow})"
+            )
 
 
 def run_checks(cfg: RunConfig, *, gpu: bool, data: bool = True) -> Report:

@@ -63,8 +63,52 @@ class ModelSection(Section):
         return resolve_path(self.tokenizer or self.path)
 
 
-class DataSection(Section):
+DataFormat = Literal["auto", "json", "jsonl", "csv", "parquet", "text", "squad", "disk", "hub"]
+# The keys a source of a mixture may set; the others (max_length, packing, eval_fraction,
+# chat_template, ...) hold for the whole run.
+SOURCE_KEYS = (
+    "path", "format", "name", "split", "shape", "prompt_template", "response_template",
+    "text_field", "messages_field", "system_prompt", "train_on", "limit",
+)
+
+
+class SourceSection(Section):
+    """One dataset of a mixture; unset keys take the value of the `data` section."""
+
     path: str = Field(description="file, save_to_disk directory, hub dataset, or embedded:NAME")
+    format: DataFormat | None = None
+    name: str | None = None
+    split: str | None = None
+    shape: Literal["instruction", "text", "chat"] | None = None
+    prompt_template: str | None = None
+    response_template: str | None = None
+    text_field: str | None = None
+    messages_field: str | None = None
+    system_prompt: str | None = None
+    train_on: Literal["assistant", "last_assistant", "all"] | None = None
+    limit: int | None = Field(None, ge=1)
+    rows: int | None = Field(
+        None, ge=1, description="training rows taken from this source (repeated when more)"
+    )
+    weight: float | None = Field(
+        None, gt=0, description="training rows taken as a multiple of the source's rows"
+    )
+
+    @model_validator(mode="after")
+    def _one_amount(self) -> SourceSection:
+        if self.rows is not None and self.weight is not None:
+            raise ValueError("a data source takes rows or weight, not both")
+        return self
+
+
+class DataSection(Section):
+    path: str | None = Field(
+        None, description="file, save_to_disk directory, hub dataset, or embedded:NAME"
+    )
+    sources: list[SourceSection] = Field(
+        default_factory=list,
+        description="several datasets mixed (instead of path), each with its own keys",
+    )
     format: Literal["auto", "json", "jsonl", "csv", "parquet", "text", "squad", "disk", "hub"] = (
         "auto"
     )
@@ -96,10 +140,39 @@ class DataSection(Section):
     prepared_dir: str | None = Field(None, description="default: <output.dir>/prepared")
 
     def resolved_path(self) -> str:
+        if self.path is None:
+            raise ValueError("a mixture (data.sources) has no single path: use for_sources()")
         return resolve_path(self.path)
 
+    def for_sources(self) -> list[DataSection]:
+        """One DataSection per dataset: this one, or each source over this one's values."""
+        if not self.sources:
+            return [self]
+        out = []
+        for src in self.sources:
+            given = src.model_dump(include=set(SOURCE_KEYS), exclude_none=True)
+            out.append(self.model_copy(update={**given, "sources": []}))
+        return out
+
     @model_validator(mode="after")
-    def _shape_fields(self) -> DataSection:
+    def _path_or_sources(self) -> DataSection:
+        if self.path is not None and self.sources:
+            raise ValueError(
+                "data takes data.path (one dataset) or data.sources (a list), not both"
+            )
+        if self.path is None and not self.sources:
+            raise ValueError("data needs data.path (one dataset) or data.sources (a list)")
+        if not self.sources:
+            self.check_shape()
+        for k, section in enumerate(self.for_sources() if self.sources else []):
+            try:
+                section.check_shape()
+            except ValueError as exc:
+                raise ValueError(f"data.sources[{k}]: {exc}") from None
+        return self
+
+    def check_shape(self) -> None:
+        """Raises: ValueError when the shape's keys are missing or packing does not fit it."""
         if self.shape == "instruction" and not (self.prompt_template and self.response_template):
             raise ValueError(
                 "instruction data needs data.prompt_template and data.response_template "
@@ -113,7 +186,6 @@ class DataSection(Section):
                 "data.packing=padding_free is for data.shape=instruction or chat; "
                 "plain text packs with data.packing=blocks"
             )
-        return self
 
 
 class MethodSection(Section):
@@ -232,6 +304,9 @@ class OutputSection(Section):
     dir: str = "runs/llmtrain"
     merge: bool = Field(False, description="after a LoRA run also write the merged model")
     keep_checkpoints: int = Field(2, ge=2, description="newest N complete checkpoints kept")
+    keep_best: bool = Field(
+        True, description="also keep the checkpoint with the lowest eval loss (named in `best`)"
+    )
     resume: str = Field("auto", description="auto | never | path to a checkpoint")
 
 

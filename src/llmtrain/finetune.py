@@ -305,7 +305,9 @@ def train(cfg: RunConfig, world: World, extra_callbacks: Sequence[TrainerCallbac
             StepBoundary(recorder),
             MetricsCallback(out, recorder.drain),
             stop,
-            CommitCheckpointCallback(out, cfg.output.keep_checkpoints, facts),
+            CommitCheckpointCallback(
+                out, cfg.output.keep_checkpoints, facts, keep_best=cfg.output.keep_best
+            ),
             *extra_callbacks,
         ],
         recorder=recorder,
@@ -349,9 +351,8 @@ def save_final(cfg: RunConfig, world: World, trainer: Trainer, tokenizer: Any, o
             model, tok = load_for_inference(
                 cfg.model.model_copy(update={"path": str(inference_dir), "tokenizer": None}), None
             )
-        rows, _ = prompts.held_out_rows(cfg)
-        rows = rows.select(range(min(cfg.generation.samples, len(rows))))
-        asked = prompts.from_rows(rows, cfg, tok)
+        sources, _ = prompts.held_out_rows(cfg)
+        asked = prompts.from_sources(sources, tok, cfg.generation.samples)
         outputs = generate(model, tok, asked.prompts, cfg.generation)
         write_jsonl(
             out / "generations.jsonl",

@@ -79,12 +79,13 @@ def run(args: argparse.Namespace) -> int:
         asked = prompts.from_texts(read_prompts(args.prompts), cfg, tokenizer)
     else:
         if args.all_rows:
-            rows, source = load_rows(cfg.data), "all rows of data.path"
+            sources = [(s, load_rows(s)) for s in cfg.data.for_sources()]
+            where = "all rows of the data"
         else:
-            rows, held_out = prompts.held_out_rows(cfg)
-            source = f"the held-out rows in {cfg.prepared_dir()}" if held_out else "all rows"
-        print(f"prompts: {source}", file=sys.stderr)
-        asked = prompts.from_rows(rows, cfg, tokenizer)
+            sources, held_out = prompts.held_out_rows(cfg)
+            where = f"the held-out rows in {cfg.prepared_dir()}" if held_out else "all rows"
+        print(f"prompts: {where}", file=sys.stderr)
+        asked = prompts.from_sources(sources, tokenizer, args.limit)
     if args.limit:
         asked = prompts.Prompts(
             asked.prompts[: args.limit],

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +63,7 @@ def write_jsonl(
     outputs: list[str],
     gen: GenerationSection,
     references: Iterable[str | None] | None = None,
-    conversations: list[list[dict[str, str]]] | None = None,
+    conversations: Sequence[list[dict[str, str]] | None] | None = None,
 ) -> None:
     """One JSON object per prompt: prompt, output, params, and the reference when known; for
     chat runs also `messages`, the conversation with the reply as its last turn."""

@@ -69,25 +69,24 @@ def show(ids: list[int], labels: list[int], tokenizer: Any) -> str:
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     _, tokenizer, _ = check_model(cfg)
-    rows = load_rows(cfg.data)
-    check_templates(cfg.data, rows)
-    picked = rows.select(range(min(args.start, len(rows)), min(args.start + args.rows, len(rows))))
-    ds, stats = tokenize(picked, tokenizer, cfg.data)
-    print(f"data: {stats.summary()}")
     print(
         f"special tokens: BOS {tokenizer.bos_token!r}, EOS {tokenizer.eos_token!r}, "
         f"padding {tokenizer.pad_token!r}"
     )
-    for k, (ids, labels) in enumerate(zip(ds["input_ids"], ds["labels"], strict=True)):
-        trained = sum(1 for t in labels if t != IGNORE_INDEX)
-        print(f"\nrow {args.start + k}: {len(ids)} tokens, {trained} trained")
-        print(show(ids, labels, tokenizer))
-        if args.pieces:
-            pieces = tokenizer.convert_ids_to_tokens(ids)
-            print(
-                " ".join(
-                    f"*{p}*" if lab != IGNORE_INDEX else p
-                    for p, lab in zip(pieces, labels, strict=True)
-                )
-            )
+    sections = cfg.data.for_sources()
+    for index, section in enumerate(sections):
+        rows = load_rows(section)
+        check_templates(section, rows)
+        first, last = min(args.start, len(rows)), min(args.start + args.rows, len(rows))
+        ds, stats = tokenize(rows.select(range(first, last)), tokenizer, section)
+        print(f"{f'source {index} ({section.path}) ' if len(sections) > 1 else ''}data: "
+              f"{stats.summary()}")
+        for k, (ids, labels) in enumerate(zip(ds["input_ids"], ds["labels"], strict=True)):
+            trained = sum(1 for t in labels if t != IGNORE_INDEX)
+            print(f"\nrow {first + k}: {len(ids)} tokens, {trained} trained")
+            print(show(ids, labels, tokenizer))
+            if args.pieces:
+                pieces = tokenizer.convert_ids_to_tokens(ids)
+                print(" ".join(f"*{p}*" if lab != IGNORE_INDEX else p
+                               for p, lab in zip(pieces, labels, strict=True)))
     return 0

@@ -18,14 +18,15 @@ from typing import Any
 
 import datasets
 
-from llmtrain import chat
+from llmtrain import chat, mixture
 from llmtrain.config import RunConfig
-from llmtrain.data import SOURCE_ROW, detect_format, load_rows, tokenize
+from llmtrain.data import detect_format, tokenize
 from llmtrain.errors import DataError
 
 log = logging.getLogger(__name__)
 INFO = "prepared.json"
-FORMAT_VERSION = 2  # 2: whole-text tokenization, one BOS/EOS policy
+EVAL_ROWS = "eval_rows"  # eval_rows/<source index>/: held-out rows, untokenized
+FORMAT_VERSION = 3  # 2: whole-text tokenization, one BOS/EOS policy; 3: data.sources
 
 
 def _hash_path(h: Any, path: Path) -> None:
@@ -42,14 +43,15 @@ def fingerprint(cfg: RunConfig, tokenizer: Any) -> str:
     h = hashlib.sha256()
     data = cfg.data.model_dump(mode="json", exclude={"prepared_dir"})
     h.update(json.dumps({"v": FORMAT_VERSION, "data": data}, sort_keys=True).encode())
-    if detect_format(cfg.data) == "hub":
-        h.update(f"hub:{cfg.data.path}:{cfg.data.name}:{cfg.data.split}".encode())
-    else:
-        _hash_path(h, Path(cfg.data.resolved_path()))
+    for section in cfg.data.for_sources():
+        if detect_format(section) == "hub":
+            h.update(f"hub:{section.path}:{section.name}:{section.split}".encode())
+        else:
+            _hash_path(h, Path(section.resolved_path()))
     vocab = tokenizer.get_vocab()
     h.update(json.dumps(sorted(vocab.items()), ensure_ascii=False).encode())
     h.update(json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str).encode())
-    if cfg.data.shape == "chat":
+    if any(section.shape == "chat" for section in cfg.data.for_sources()):
         h.update(chat.resolve_template(tokenizer, cfg.data).encode())
     return h.hexdigest()[:16]
 
@@ -62,53 +64,45 @@ def read_info(prepared: Path) -> dict[str, Any] | None:
     return info
 
 
-def check_eval_split(cfg: RunConfig, n_rows: int) -> None:
-    """data.eval_fraction of `n_rows` holds out at least one row and keeps one for training.
-
-    Raises:
-        DataError: it would not (exit 65).
-    """
-    if cfg.data.eval_fraction > 0 and (n_rows < 2 or int(n_rows * cfg.data.eval_fraction) < 1):
-        raise DataError(
-            f"data.eval_fraction={cfg.data.eval_fraction} of {n_rows} rows leaves no "
-            "evaluation row",
-            "set data.eval_fraction=0, or give more rows (plain text splits into rows "
-            "at blank lines)",
-        )
-
-
 def prepare(cfg: RunConfig, tokenizer: Any, fp: str | None = None) -> dict[str, Any]:
     """Tokenize and save atomically: a temporary directory renamed into place."""
     target = cfg.prepared_dir()
     fp = fp or fingerprint(cfg, tokenizer)
-    rows = load_rows(cfg.data)
-    rows = rows.add_column(SOURCE_ROW, list(range(len(rows))))
-    eval_rows = None
-    if cfg.data.eval_fraction > 0:
-        # Rows are split before tokenizing, so the held-out rows are known as rows: finetune's
-        # samples and `generate` answer exactly those, never training rows.
-        check_eval_split(cfg, len(rows))
-        parts = rows.train_test_split(test_size=cfg.data.eval_fraction, seed=cfg.training.seed)
-        train_rows, eval_rows = parts["train"], parts["test"]
-        tokenized, stats = tokenize(train_rows, tokenizer, cfg.data)
-        try:
-            held_out, eval_stats = tokenize(eval_rows, tokenizer, cfg.data)
-        except DataError as exc:
-            raise DataError(f"held-out rows (data.eval_fraction): {exc.problem}", exc.fix) from None
-        log.info("eval data: %s", eval_stats.summary())
-        splits = {"train": tokenized, "eval": held_out}
-    else:
-        tokenized, stats = tokenize(rows, tokenizer, cfg.data)
-        splits = {"train": tokenized}
-    log.info("data: %s", stats.summary())
+    train_parts, eval_parts, per_source = [], [], []
+    for src in mixture.split_sources(cfg.data, cfg.training.seed):
+        tokenized, stats = tokenize(src.train, tokenizer, src.section)
+        log.info("data, %s: %s", src.label, stats.summary())
+        train_parts.append(tokenized)
+        entry: dict[str, Any] = {"path": src.section.path, "train": asdict(stats)}
+        if src.held_out is not None:
+            try:
+                held_out, eval_stats = tokenize(src.held_out, tokenizer, src.section)
+            except DataError as exc:
+                raise DataError(
+                    f"held-out rows of {src.label} (data.eval_fraction): {exc.problem}", exc.fix
+                ) from None
+            log.info("held-out data, %s: %s", src.label, eval_stats.summary())
+            eval_parts.append(held_out)
+            entry["eval"] = asdict(eval_stats)
+        per_source.append((src, entry))
+    splits = {"train": datasets.concatenate_datasets(train_parts)}
+    if eval_parts:
+        splits["eval"] = datasets.concatenate_datasets(eval_parts)
     tmp = target.with_name(f".{target.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     for name, split in splits.items():
         split.save_to_disk(str(tmp / name))
-    if eval_rows is not None:
-        eval_rows.save_to_disk(str(tmp / "eval_rows"))
-    info = {"fingerprint": fp, "stats": asdict(stats), "splits": sorted(splits)}
+    for src, _ in per_source:
+        if src.held_out is not None:
+            # Kept as rows, so finetune's samples and `generate` answer exactly these.
+            src.held_out.save_to_disk(str(tmp / EVAL_ROWS / str(src.index)))
+    info = {
+        "fingerprint": fp,
+        "stats": _total([entry["train"] for _, entry in per_source]),
+        "sources": [entry for _, entry in per_source],
+        "splits": sorted(splits),
+    }
     (tmp / INFO).write_text(json.dumps(info, indent=2) + "\n")
     old = target.with_name(f".{target.name}.old")
     shutil.rmtree(old, ignore_errors=True)
@@ -117,6 +111,26 @@ def prepare(cfg: RunConfig, tokenizer: Any, fp: str | None = None) -> dict[str, 
     tmp.rename(target)
     shutil.rmtree(old, ignore_errors=True)
     return info
+
+
+def _total(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Counts of several sources' TokenizeStats added up."""
+    total: dict[str, Any] = {}
+    for part in parts:
+        for key, value in part.items():
+            if isinstance(value, dict):
+                merged = total.setdefault(key, {})
+                for k, v in value.items():
+                    merged[k] = merged.get(k, 0) + v
+            else:
+                total[key] = total.get(key, 0) + value
+    return total
+
+
+def held_out_rows(prepared: Path, source: int) -> datasets.Dataset | None:
+    """The held-out rows of one source as prepared, or None."""
+    path = prepared / EVAL_ROWS / str(source)
+    return datasets.load_from_disk(str(path)) if path.is_dir() else None
 
 
 def load(prepared: Path) -> dict[str, datasets.Dataset]:

@@ -14,8 +14,8 @@ from typing import Any
 
 import datasets
 
-from llmtrain import chat
-from llmtrain.config import RunConfig
+from llmtrain import chat, prepared
+from llmtrain.config import DataSection, RunConfig
 from llmtrain.data import load_rows, row_location
 from llmtrain.errors import DataError
 from llmtrain.templates import TemplateError, render
@@ -25,26 +25,28 @@ from llmtrain.templates import TemplateError, render
 class Prompts:
     prompts: list[str]  # rendered text, special tokens as text
     references: list[str] | None
-    conversations: list[list[chat.Message]] | None  # chat: the turns before the answer
+    # chat rows: the turns before the answer (None for rows of other shapes)
+    conversations: list[list[chat.Message] | None] | None
 
 
-def held_out_rows(cfg: RunConfig) -> tuple[datasets.Dataset, bool]:
-    """(rows, held_out): the prepared held-out rows when there are some, else all rows."""
-    rows_dir = cfg.prepared_dir() / "eval_rows"
-    if rows_dir.is_dir():
-        return datasets.load_from_disk(str(rows_dir)), True
-    return load_rows(cfg.data), False
+def held_out_rows(cfg: RunConfig) -> tuple[list[tuple[DataSection, datasets.Dataset]], bool]:
+    """([(source section, rows)], held_out): each source's prepared held-out rows when the run
+    has them, else all rows of every source."""
+    sections = cfg.data.for_sources()
+    kept = [prepared.held_out_rows(cfg.prepared_dir(), k) for k in range(len(sections))]
+    if all(rows is not None for rows in kept):
+        return [(s, r) for s, r in zip(sections, kept, strict=True) if r is not None], True
+    return [(s, load_rows(s)) for s in sections], False
 
 
-def from_rows(rows: datasets.Dataset, cfg: RunConfig, tokenizer: Any) -> Prompts:
+def from_rows(rows: datasets.Dataset, data: DataSection, tokenizer: Any) -> Prompts:
     """Raises: DataError (a row does not render), ConfigError (no usable chat template)."""
-    data = cfg.data
     if data.shape == "chat":
         template = tokenizer.chat_template or chat.resolve_template(tokenizer, data)
         field = chat.messages_field(data, rows.column_names)
         prompts: list[str] = []
         refs: list[str] = []
-        convs: list[list[chat.Message]] = []
+        convs: list[list[chat.Message] | None] = []
         for i, row in enumerate(rows):
             where = functools.partial(row_location, data, row, i)
             messages = chat.conversation(row[field], data, where)
@@ -68,17 +70,39 @@ def from_rows(rows: datasets.Dataset, cfg: RunConfig, tokenizer: Any) -> Prompts
     return Prompts(texts, answers, None)
 
 
+def from_sources(
+    sources: list[tuple[DataSection, datasets.Dataset]], tokenizer: Any, limit: int | None
+) -> Prompts:
+    """Prompts of every text-generating source in order, at most `limit` in all."""
+    out = Prompts([], [], [])
+    for section, rows in sources:
+        if section.shape == "text":
+            continue
+        left = None if limit is None else limit - len(out.prompts)
+        if left is not None and left <= 0:
+            break
+        part = from_rows(rows.select(range(min(left or len(rows), len(rows)))), section, tokenizer)
+        out.prompts += part.prompts
+        out.references = (out.references or []) + (part.references or [""] * len(part.prompts))
+        out.conversations = (out.conversations or []) + (
+            part.conversations or [None] * len(part.prompts)
+        )
+    if not any(out.conversations or []):
+        out.conversations = None
+    return out
+
+
 def from_texts(texts: list[str], cfg: RunConfig, tokenizer: Any) -> Prompts:
     """User prompts as given; for chat runs each becomes a user turn (after
     data.system_prompt) in the chat template, as the model was trained to see it."""
     if cfg.data.shape != "chat":
         return Prompts(texts, None, None)
     template = tokenizer.chat_template or chat.resolve_template(tokenizer, cfg.data)
-    convs: list[list[chat.Message]] = []
+    convs: list[list[chat.Message] | None] = []
     for text in texts:
         turns = [{"role": "user", "content": text}]
         if cfg.data.system_prompt is not None:
             turns.insert(0, {"role": "system", "content": cfg.data.system_prompt})
         convs.append(turns)
-    prompts = [chat.render(tokenizer, template, c, generation_prompt=True) for c in convs]
+    prompts = [chat.render(tokenizer, template, c, generation_prompt=True) for c in convs if c]
     return Prompts(prompts, None, convs)

@@ -63,6 +63,9 @@ def test_chat_run_learns_and_saves_its_template_and_stop_token(run: Path) -> Non
     losses = [r["loss"] for r in records if "loss" in r]
     assert losses[-1] < 0.5 * losses[0], losses
     assert any("eval_loss" in r for r in records)
+    assert (run / "best").read_text() == "checkpoint-40\n"  # evaluated at 20 and 40, saved at 40
+    marker = json.loads((run / "checkpoint-40" / "llmtrain-complete.json").read_text())
+    assert marker["eval_loss"] == [r["eval_loss"] for r in records if "eval_loss" in r][-1]
     adapter = run / "final" / "adapter"
     tok_cfg = json.loads((adapter / "tokenizer_config.json").read_text())
     assert tok_cfg["chat_template"] == TEMPLATES["llama-2"]

@@ -68,3 +68,16 @@ def test_resume_never_and_explicit_path(tmp_path: Path) -> None:
     assert checkpoints.resume_point(tmp_path, "never") is None
     assert checkpoints.resume_point(tmp_path, str(ckpt)) == ckpt
     assert checkpoints.resume_point(tmp_path, "auto") == ckpt
+
+
+def test_best_checkpoint_is_recorded_and_kept_when_asked(tmp_path: Path) -> None:
+    for step, loss in [(100, 2.0), (200, 1.1), (300, 1.4), (400, None), (500, 1.3)]:
+        ckpt = make(tmp_path, step, False, 1000.0)
+        facts = {"step": step} if loss is None else {"step": step, "eval_loss": loss}
+        checkpoints.mark_complete(ckpt, facts)
+    assert checkpoints.record_best(tmp_path) == (tmp_path / "checkpoint-200", 1.1)
+    assert (tmp_path / "best").read_text() == "checkpoint-200\n"
+    removed = checkpoints.retain(tmp_path, keep=2, keep_best=True)
+    assert sorted(p.name for p in removed) == ["checkpoint-100", "checkpoint-300"]
+    assert checkpoints.retain(tmp_path, keep=2) == [tmp_path / "checkpoint-200"]
+    assert checkpoints.best_complete(tmp_path) == (tmp_path / "checkpoint-500", 1.3)

@@ -35,8 +35,8 @@ def test_inspect_prints_masked_and_trained_spans_with_bos_and_eos(tmp_path: Path
     result = run_cli("inspect", str(config), "--rows", "2", "--pieces")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert "1/2 rows kept" in lines[0] and "1 dropped with an empty response" in lines[0]
-    assert lines[1] == "special tokens: BOS '<s>', EOS '</s>', padding '<unk>'"
+    assert lines[0] == "special tokens: BOS '<s>', EOS '</s>', padding '<unk>'"
+    assert "1/2 rows kept" in lines[1] and "1 dropped with an empty response" in lines[1]
     row = lines.index("row 0: 25 tokens, 4 trained")
     assert lines[row + 1] == (
         "[masked]<s> Question: What is 7 plus 4?\\nAnswer:[/masked][trained] 11</s>[/trained]"

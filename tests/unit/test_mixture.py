@@ -1,0 +1,60 @@
+"""Several datasets in one run: sources read with their own keys, held out first, then
+sampled deterministically. Tokenizer: the embedded SentencePiece."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import datasets
+import pytest
+
+from llmtrain.config import DataSection, SourceSection
+from llmtrain.mixture import split_sources, take
+
+
+def rows(n: int) -> datasets.Dataset:
+    return datasets.Dataset.from_dict({"i": list(range(n))})
+
+
+def test_take_all_some_or_repeated_rows_deterministically() -> None:
+    ds = rows(10)
+    assert take(ds, None, 0)["i"] == list(range(10))
+    five = take(ds, SourceSection(path="x", rows=5), 3)
+    assert len(set(five["i"])) == 5
+    assert five["i"] == take(ds, SourceSection(path="x", rows=5), 3)["i"]
+    assert five["i"] != take(ds, SourceSection(path="x", rows=5), 4)["i"]
+    twice = take(ds, SourceSection(path="x", weight=2.0), 0)["i"]
+    assert sorted(twice) == sorted(list(range(10)) * 2)
+    assert len(take(ds, SourceSection(path="x", weight=0.25), 0)) == 2  # round(2.5) == 2
+
+
+def test_a_source_takes_rows_or_weight_not_both() -> None:
+    with pytest.raises(ValueError, match="rows or weight, not both"):
+        SourceSection(path="x", rows=3, weight=1.0)
+
+
+def test_data_takes_path_or_sources_and_checks_each_source() -> None:
+    with pytest.raises(ValueError, match="not both"):
+        DataSection(path="a.jsonl", sources=[SourceSection(path="b.jsonl")], shape="text")
+    with pytest.raises(ValueError, match=r"data.sources\[1\]: instruction data needs"):
+        DataSection(sources=[SourceSection(path="a.txt", shape="text"),
+                             SourceSection(path="b.jsonl")])
+
+
+def test_held_out_rows_are_split_off_before_repeating(tmp_path: Path) -> None:
+    a = tmp_path / "a.jsonl"
+    a.write_text("".join(json.dumps({"q": f"q{i}", "a": f"a{i}"}) + "\n" for i in range(20)))
+    b = tmp_path / "b.txt"
+    b.write_text("\n\n".join(f"document {i}" for i in range(10)))
+    data = DataSection(
+        prompt_template="{q}", response_template=" {a}", eval_fraction=0.2,
+        sources=[SourceSection(path=str(a), weight=3.0), SourceSection(path=str(b), shape="text",
+                                                                       rows=4)],
+    )
+    first, second = split_sources(data, seed=7)
+    assert (len(first.train), len(first.held_out)) == (48, 4)  # 16 rows x 3, 4 held out
+    assert not set(first.train["q"]) & set(first.held_out["q"])
+    assert (len(second.train), len(second.held_out), second.section.shape) == (4, 2, "text")
+    again = split_sources(data, seed=7)
+    assert again[0].train["q"] == first.train["q"]
