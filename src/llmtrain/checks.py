@@ -1,15 +1,17 @@
-"""Checks that run before any GPU is allocated: config, paths, data rows, templates, vocab,
-hardware. `validate` runs them on a login node; `finetune` runs them again at start."""
+"""The one check list run before anything is written or any GPU is allocated: config, output
+directories, model and tokenizer, the method against the model's modules, data rows, templates,
+hardware. `validate` runs it on a login node; `finetune` and `prepare` run the same function
+at start, so the three verbs fail on the same input with the same exit code and words."""
 
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-import torch
-
-from llmtrain import strategies
+from llmtrain import checkpoints, mixture, strategies
 from llmtrain.config import RunConfig
 from llmtrain.data import check_templates, load_rows, tokenize
 from llmtrain.errors import ConfigError, NeedsGpuError
@@ -25,28 +27,86 @@ class Report:
     warnings: list[str] = field(default_factory=list)
 
 
-def check_hardware(cfg: RunConfig, *, assume_gpu: bool = False) -> None:
-    gpu = assume_gpu or torch.cuda.is_available()
+def needs_gpu(cfg: RunConfig) -> bool:
+    """Whether the run can only train on a CUDA GPU (then a login node validates for one)."""
+    return (
+        cfg.method.name == "qlora"
+        or cfg.training.precision in ("bf16", "fp16")
+        or cfg.model.attn_implementation == "flash_attention_2"
+        or cfg.distributed.strategy in strategies.DEEPSPEED
+    )
+
+
+def check_hardware(cfg: RunConfig, *, gpu: bool) -> None:
+    """GPU-only settings against a target machine that has (`gpu`) or lacks a CUDA GPU.
+
+    Raises:
+        NeedsGpuError: a GPU-only setting for a target without one (exit 64).
+        ConfigError: a method/strategy combination the pinned stack cannot run (exit 64).
+    """
     if cfg.method.name == "qlora" and not gpu:
         raise NeedsGpuError(
             "method qlora needs a CUDA GPU (bitsandbytes 4-bit kernels) and this machine has none",
-            "run on a GPU node, use method lora on CPU, or validate with --assume-gpu",
+            "run on a GPU node, or use method lora on CPU",
         )
     if cfg.training.precision in ("bf16", "fp16") and not gpu:
         raise NeedsGpuError(
-            f"training.precision={cfg.training.precision} needs a CUDA GPU",
+            f"training.precision={cfg.training.precision} needs a CUDA GPU and this machine "
+            "has none",
             "use training.precision=auto (fp32 on CPU) or run on a GPU node",
         )
     strategies.check(cfg)
-    if cfg.distributed.strategy in ("zero2", "zero3", "zero3_offload", "fsdp") and not gpu:
-        log.warning(
-            "distributed.strategy=%s is meant for GPUs; on CPU it runs only where "
-            "DeepSpeed/FSDP support gloo",
-            cfg.distributed.strategy,
+    if cfg.distributed.strategy in strategies.DEEPSPEED and not gpu:
+        raise NeedsGpuError(
+            f"distributed.strategy={cfg.distributed.strategy} needs CUDA GPUs: accelerate 0.26 "
+            "starts DeepSpeed with NCCL only, and this machine has none",
+            "run on GPU nodes; on CPU use distributed.strategy=ddp or fsdp (gloo)",
+        )
+    if cfg.distributed.strategy == "fsdp" and not gpu:
+        log.warning("distributed.strategy=fsdp on CPU runs over gloo, with two processes or more")
+
+
+def check_writable(key: str, path: Path) -> None:
+    """`path` is a directory already, or one this user can create.
+
+    Raises:
+        ConfigError: it is a file, lies below a file, or its nearest existing parent is not
+            writable (exit 64).
+    """
+    if path.exists() and not path.is_dir():
+        raise ConfigError(
+            f"{key} {str(path)!r} is an existing file, not a directory",
+            f"point {key} at a new or existing directory, or move the file away",
+        )
+    parent = path
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(
+            f"{key} {str(path)!r} cannot be created: {str(parent)!r} is a file",
+            f"point {key} at a directory path that has no file in it",
+        )
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(
+            f"{key} {str(path)!r} cannot be written: this user may not write to {str(parent)!r}",
+            f"point {key} at a directory you can write to (e.g. on scratch)",
         )
 
 
-def check_model(cfg: RunConfig) -> tuple[Any, Any, list[str]]:
+def check_outputs(cfg: RunConfig) -> None:
+    """The directories finetune and prepare write, and the checkpoint to resume from."""
+    out = Path(cfg.output.dir)
+    check_writable("output.dir", out)
+    if cfg.data.prepared_dir is not None:
+        check_writable("data.prepared_dir", Path(cfg.data.prepared_dir))
+    else:
+        check_writable("output.dir", cfg.prepared_dir())
+    if cfg.output.resume not in ("auto", "never"):
+        checkpoints.resume_point(out, cfg.output.resume)
+
+
+def check_model(cfg: RunConfig, *, gpu: bool | None = None) -> tuple[Any, Any, list[str]]:
+    """The model's config and tokenizer (no weights); `gpu` is the target's, None: this one's."""
     config = load_model_config(cfg.model)
     tokenizer = load_tokenizer(cfg.model)
     lines = [f"model: {config.model_type}, {getattr(config, 'num_hidden_layers', '?')} layers"]
@@ -55,46 +115,80 @@ def check_model(cfg: RunConfig) -> tuple[Any, Any, list[str]]:
             f"model type {config.model_type!r} has no causal-LM class in transformers 4.37.2",
             "use a decoder-only model, or model.trust_remote_code=true for custom code",
         )
-    if cfg.method.name == "lora" and cfg.lora.use_dora:
-        _check_dora(cfg, config)
     vocab = getattr(config, "vocab_size", None)
     if vocab is not None and len(tokenizer) > vocab:
         raise ConfigError(
             f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {vocab}",
             "use the model's own tokenizer, or resize the model (llmtrain vocab init)",
         )
-    lines.append(f"attention: {pick_attention(cfg.model, config)}")
+    lines.append(f"attention: {pick_attention(cfg.model, config, gpu=gpu)}")
     return config, tokenizer, lines
 
 
-def _check_dora(cfg: RunConfig, config: Any) -> None:
-    """The layers DoRA would adapt, found on a weightless (meta) copy of the model."""
+def check_method(cfg: RunConfig, config: Any) -> None:
+    """lora.target_modules and method.layers against the model's module names, from a model
+    built on the meta device (no weights, no memory), with the functions finetune wraps with.
+
+    Raises:
+        ConfigError: a target or layer pattern names nothing in the model (exit 64).
+    """
+    if cfg.method.name == "full":
+        return
     from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
 
-    from llmtrain.methods import check_dora_targets, lora_targets
+    from llmtrain.methods import check_dora_targets, lora_targets, select_parameters
 
-    cls = model_class(config)
-    assert cls is not None  # check_model refused the model otherwise
-    with init_empty_weights():
-        skeleton = cls(config)
-    check_dora_targets(skeleton, lora_targets(config, cfg.lora, skeleton))
-
-
-def run_checks(cfg: RunConfig, *, assume_gpu: bool = False) -> Report:
-    report = Report()
-    check_hardware(cfg, assume_gpu=assume_gpu)
-    _, tokenizer, lines = check_model(cfg)
-    report.lines += lines
-    rows = load_rows(cfg.data)
-    check_templates(cfg.data, rows)
-    sample = rows.select(range(min(SAMPLE_ROWS, len(rows))))
-    _, stats = tokenize(sample, tokenizer, cfg.data)
-    scope = "all" if len(sample) == len(rows) else f"first {len(sample)} of {len(rows)}"
-    report.lines.append(f"data ({scope} rows): {stats.summary()}")
-    if stats.truncated or stats.dropped_too_long or stats.dropped_prompt_too_long:
-        report.warnings.append(
-            f"{stats.truncated + stats.dropped_too_long + stats.dropped_prompt_too_long} of "
-            f"{stats.rows} sampled rows exceed data.max_length={cfg.data.max_length} "
-            f"(policy: {cfg.data.overflow})"
+    with init_empty_weights(include_buffers=True):
+        model = AutoModelForCausalLM.from_config(
+            config, trust_remote_code=cfg.model.trust_remote_code
         )
+    if cfg.method.name == "layers":
+        select_parameters(model, cfg.method.layers)
+        return
+    targets = lora_targets(config, cfg.lora, model)
+    if cfg.method.name == "lora" and cfg.lora.use_dora:
+        check_dora_targets(model, targets)
+
+
+def check_data(cfg: RunConfig, tokenizer: Any, report: Report) -> None:
+    """Each source's rows load, the templates fit them, data.eval_fraction leaves rows on both
+    sides, and a sample tokenizes to usable samples."""
+    for k, section in enumerate(cfg.data.for_sources()):
+        rows = load_rows(section)
+        check_templates(section, rows)
+        mixture.check_eval_split(cfg.data, k, len(rows))
+        sample = rows.select(range(min(SAMPLE_ROWS, len(rows))))
+        _, stats = tokenize(sample, tokenizer, section)
+        scope = "all" if len(sample) == len(rows) else f"first {len(sample)} of {len(rows)}"
+        name = f"data.sources[{k}]" if cfg.data.sources else "data"
+        report.lines.append(f"{name} ({scope} rows): {stats.summary()}")
+        too_long = stats.truncated + stats.dropped_too_long + stats.dropped_prompt_too_long
+        if too_long:
+            report.warnings.append(
+                f"{name}: {too_long} of {stats.rows} sampled rows exceed "
+                f"data.max_length={section.max_length} (policy: {section.overflow})"
+            )
+
+
+def run_checks(cfg: RunConfig, *, gpu: bool, data: bool = True) -> Report:
+    """Every check, in the order finetune would hit them; raises the first problem found.
+
+    Args:
+        gpu: the target machine has a CUDA GPU (validate: the GPU node it checks for;
+            finetune: this machine).
+        data: also read the data (finetune: only the main rank, so N ranks do not read the
+            whole dataset at once).
+
+    Raises:
+        ConfigError: exit 64. DataError: exit 65.
+    """
+    report = Report()
+    check_hardware(cfg, gpu=gpu)
+    check_outputs(cfg)
+    config, tokenizer, lines = check_model(cfg, gpu=gpu)
+    report.lines += lines
+    check_method(cfg, config)
+    if data:
+        check_data(cfg, tokenizer, report)
     return report

@@ -44,7 +44,11 @@ def _load(verb: str) -> Verb:
     return module
 
 
-def build_parser(verb: str | None) -> argparse.ArgumentParser:
+def build_parser(
+    verb: str | None,
+) -> tuple[argparse.ArgumentParser, argparse.ArgumentParser | None]:
+    """The top-level parser, and the parser of `verb` with its arguments (None: no verb)."""
+    verb_parser = None
     parser = argparse.ArgumentParser(
         prog="llmtrain", description="Reproducible LLM fine-tuning on clusters."
     )
@@ -62,7 +66,24 @@ def build_parser(verb: str | None) -> argparse.ArgumentParser:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         module.add_arguments(p)
-    return parser
+        verb_parser = p
+    return parser, verb_parser
+
+
+def _parse(
+    parser: argparse.ArgumentParser, verb_parser: argparse.ArgumentParser | None, argv: list[str]
+) -> argparse.Namespace:
+    """Overrides and options in any order (`CONFIG --gpu h100 key=v`) for `llmtrain VERB ...`:
+    the verb's own parser reads the rest intermixed, and a usage error shows the verb's usage.
+    Anything else (`--help`, no verb, an unknown verb) goes to the top-level parser."""
+    if verb_parser is None or not argv or argv[0] not in VERBS:
+        return parser.parse_args(argv)
+    try:
+        args = verb_parser.parse_intermixed_args(argv[1:])
+    except TypeError:  # a verb with its own sub-commands (vocab): argparse cannot intermix
+        args = verb_parser.parse_args(argv[1:])
+    args.verb = argv[0]
+    return args
 
 
 def _stdout_has_no_reader() -> bool:
@@ -88,9 +109,9 @@ def _quiet_exit_on_closed_stdout() -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     verb = next((a for a in argv if not a.startswith("-")), None)
-    parser = build_parser(verb if verb in VERBS else None)
+    parser, verb_parser = build_parser(verb if verb in VERBS else None)
     try:
-        args = parser.parse_args(argv)
+        args = _parse(parser, verb_parser, argv)
     except SystemExit as exit_:
         # argparse exits 2 on bad usage; the contract says 64 (never requeue).
         return EXIT_USAGE if exit_.code == 2 else int(exit_.code or 0)

@@ -6,17 +6,31 @@ Unknown keys are errors, and every problem is reported at once with the key to c
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import logging
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from llmtrain.errors import ConfigError
 
+log = logging.getLogger(__name__)
 EMBEDDED_PREFIX = "embedded:"
 Reporter = Literal["tensorboard", "wandb", "mlflow", "none"]
+# The modules transformers' integration of each reporter imports (any one of them will do).
+REPORTER_MODULES: dict[str, tuple[str, ...]] = {
+    "tensorboard": ("tensorboard", "tensorboardX"),
+    "wandb": ("wandb",),
+    "mlflow": ("mlflow",),
+}
+
+
+def _importable(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
 
 
 def resolve_path(value: str) -> str:
@@ -279,6 +293,23 @@ class TrainingSection(Section):
         default_factory=dict, description="other TrainingArguments fields, checked by name"
     )
 
+    @field_validator("report_to")
+    @classmethod
+    def _reporters_importable(cls, value: list[Reporter]) -> list[Reporter]:
+        # transformers imports a reporter only when training starts: one that is not
+        # installed would crash the job after the model and data were loaded (and Slurm
+        # requeues the crash).
+        absent = [
+            r for r in value if r != "none" and not any(map(_importable, REPORTER_MODULES[r]))
+        ]
+        if absent:
+            raise ValueError(
+                f"{', '.join(absent)} cannot be used: not installed in this environment "
+                f"(pip install {' '.join(REPORTER_MODULES[r][0] for r in absent)} in your own "
+                "image), or use [tensorboard] or [none]"
+            )
+        return value
+
     @field_validator("args")
     @classmethod
     def _known_args(cls, value: dict[str, Any]) -> dict[str, Any]:
@@ -342,14 +373,94 @@ class RunConfig(Section):
         return Path(self.data.prepared_dir or Path(self.output.dir) / "prepared")
 
 
+def _field_annotation(keys: list[str]) -> Any:
+    """The schema's type of the dotted key, or None when the key is not a schema field (an
+    unknown key, or one inside a free dict such as training.args)."""
+    model: type[BaseModel] = RunConfig
+    for i, key in enumerate(keys):
+        info = model.model_fields.get(key)
+        if info is None:
+            return None
+        if i == len(keys) - 1:
+            return info.annotation
+        if not (isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel)):
+            return None
+        model = info.annotation
+    return None
+
+
+def _text_field(annotation: Any) -> tuple[bool, bool]:
+    """(holds text only: str or a Literal of strings, and may be None)."""
+    members = get_args(annotation) if get_origin(annotation) in (Union, UnionType) else ()
+    members = members or (annotation,)
+    nullable = type(None) in members
+    rest = [m for m in members if m is not type(None)]
+
+    def is_text(m: Any) -> bool:
+        return m is str or (
+            get_origin(m) is Literal and all(isinstance(v, str) for v in get_args(m))
+        )
+
+    return bool(rest) and all(is_text(m) for m in rest), nullable
+
+
+def _hashes(value: Any) -> int:
+    """How many '#' the parsed value holds, to tell whether YAML cut a comment off."""
+    if isinstance(value, str):
+        return value.count("#")
+    if isinstance(value, dict):
+        return sum(_hashes(k) + _hashes(v) for k, v in value.items())
+    if isinstance(value, list):
+        return sum(_hashes(v) for v in value)
+    return 0
+
+
 def parse_override(item: str) -> tuple[list[str], Any]:
+    """`dotted.key=value` -> (key path, value).
+
+    A text field of the schema (str, or a choice among strings) takes the text after '=' as is,
+    braces, colons and '#' included; `null` unsets one that may be null. Any other value is
+    parsed as YAML (numbers, booleans, lists like `[q_proj,v_proj]`, mappings).
+
+    Raises:
+        ConfigError: not of the form key=value, not valid YAML, or cut by a YAML comment (64).
+    """
     key, sep, raw = item.partition("=")
     if not sep or not key or any(not part for part in key.split(".")):
         raise ConfigError(
             f"override {item!r} is not of the form dotted.key=value",
             "write overrides like training.learning_rate=1e-4 or output.dir=runs/x",
         )
-    return key.split("."), yaml.safe_load(raw) if raw else ""
+    keys = key.split(".")
+    text, nullable = _text_field(_field_annotation(keys))
+    if text:
+        if nullable and raw == "null":
+            return keys, None
+        if "\\n" in raw:
+            log.warning(
+                "override %r holds a backslash and n, kept as those two characters; for a "
+                "line break write it in the YAML file, or in bash as $'...\\n...'",
+                item,
+            )
+        return keys, raw
+    if not raw:
+        return keys, ""
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(
+            f"override {item!r}: the value is not valid YAML ({problem})",
+            f"give {key} a YAML value (a number, true/false, or a list like [a, b]); put "
+            "text with spaces, ':' or '#' in quotes inside it",
+        ) from None
+    if _hashes(value) < raw.count("#"):
+        raise ConfigError(
+            f"override {item!r}: '#' starts a YAML comment here, which would cut the value "
+            f"to {value!r}",
+            "put the text that holds '#' in quotes inside the value, e.g. [\"a #b\"]",
+        )
+    return keys, value
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -368,17 +479,33 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
-def _format_errors(err: ValidationError) -> list[str]:
+def _covers(override: str, loc: list[str]) -> bool:
+    """The override set the key at `loc`, or a section or list that holds it."""
+    keys = override.partition("=")[0].split(".")
+    return loc[: len(keys)] == keys
+
+
+def _format_errors(err: ValidationError, overrides: list[str]) -> tuple[list[str], int]:
+    """One line per problem, `override 'k=v': ` in front of those an override caused; and how
+    many an override caused."""
     problems = []
+    from_overrides = 0
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        loc = [str(p) for p in e["loc"]]
+        key = ".".join(loc) or "(top level)"
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown key; remove it or check its spelling against configs/*.yaml"
         elif e["type"] == "missing":
             msg = "required; add it"
-        problems.append(f"{key}: {msg}")
-    return problems
+        # The last override of a key (or of a section above it) is the one that counts.
+        cause = next((o for o in reversed(overrides) if _covers(o, loc)), None)
+        if cause is not None:
+            from_overrides += 1
+            problems.append(f"override {cause!r}: {key}: {msg}")
+        else:
+            problems.append(f"{key}: {msg}")
+    return problems, from_overrides
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -402,16 +529,25 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
-    raw = apply_overrides(read_yaml(path), overrides or [])
+    overrides = overrides or []
+    raw = apply_overrides(read_yaml(path), overrides)
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as err:
-        problems = _format_errors(err)
-        raise ConfigError(
-            f"config {str(path)!r} has {len(problems)} problem(s):",
-            "change the keys named above (dotted overrides work too: key.sub=value)",
-            problems=problems,
-        ) from None
+        problems, from_overrides = _format_errors(err, overrides)
+    if from_overrides == len(problems):
+        head = f"the command-line overrides have {len(problems)} problem(s):"
+        fix = "change the overrides named above"
+    elif from_overrides:
+        head = (
+            f"config {str(path)!r} and its command-line overrides have {len(problems)} "
+            f"problem(s), {from_overrides} from overrides:"
+        )
+        fix = "change the overrides and keys named above"
+    else:
+        head = f"config {str(path)!r} has {len(problems)} problem(s):"
+        fix = "change the keys named above (dotted overrides work too: key.sub=value)"
+    raise ConfigError(head, fix, problems=problems)
 
 
 def dump_config(cfg: RunConfig) -> str:

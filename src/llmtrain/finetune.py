@@ -39,7 +39,7 @@ from llmtrain.callbacks import (
     deadline_from_env,
     truncate_metrics,
 )
-from llmtrain.checks import check_hardware
+from llmtrain.checks import run_checks
 from llmtrain.collate import PadCollator
 from llmtrain.config import RunConfig, dump_config, load_config
 from llmtrain.errors import StopRequested
@@ -488,10 +488,16 @@ def _samples(cfg: RunConfig, final: Path, inference_dir: Path, out: Path) -> Non
 
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
-    check_hardware(cfg)
+    world = World.from_env()
+    # validate's check list, for this machine, before anything is written or loaded; the data
+    # is read by the main rank only (the others wait for its prepared data anyway).
+    report = run_checks(cfg, gpu=torch.cuda.is_available(), data=world.is_main)
+    strategies.check_world(strategies.resolve(cfg, world), world)
+    for warning in report.warnings:
+        log.warning("%s", warning)
     stopped: str | None = None
     try:
-        train(cfg, World.from_env())
+        train(cfg, world)
     except StopRequested as exc:
         # Keep the message only: the traceback's frames hold the Trainer, whose (FSDP or DDP)
         # model holds the process group, which must be gone before the interpreter exits.

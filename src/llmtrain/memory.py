@@ -41,6 +41,11 @@ NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
 _DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 
 
+class NotEstimable(ConfigError):
+    """The model is not a Llama-style decoder, so its memory cannot be estimated (exit 64 for
+    `estimate`; `validate` reports it and goes on, since finetune trains such models)."""
+
+
 @dataclass(frozen=True)
 class ModelShape:
     """The sizes of a Llama-style decoder (Llama, Mistral, Qwen2, ...) from its config.json."""
@@ -68,7 +73,7 @@ class ModelShape:
         keys = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads")
         missing = [k for k in (*keys, "vocab_size") if k not in config]
         if missing:
-            raise ConfigError(
+            raise NotEstimable(
                 f"config.json of model type {config.get('model_type')!r} lacks {missing}",
                 "the estimator covers Llama-style decoders (llama, mistral, qwen2, gemma)",
             )

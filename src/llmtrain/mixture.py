@@ -44,6 +44,22 @@ def take(rows: datasets.Dataset, source: SourceSection | None, seed: int) -> dat
     return rows.select(order[:wanted].tolist())
 
 
+def check_eval_split(data: DataSection, k: int, n_rows: int) -> None:
+    """data.eval_fraction of source `k`'s `n_rows` holds out a row and keeps one to train on.
+
+    Raises:
+        DataError: it would not (exit 65).
+    """
+    if data.eval_fraction > 0 and (n_rows < 2 or int(n_rows * data.eval_fraction) < 1):
+        where = f"data.sources[{k}]" if data.sources else "data.path"
+        raise DataError(
+            f"data.eval_fraction={data.eval_fraction} of the {n_rows} rows of "
+            f"{where} leaves no evaluation row",
+            "set data.eval_fraction=0, or give more rows (plain text splits into rows "
+            "at blank lines)",
+        )
+
+
 def split_sources(data: DataSection, seed: int) -> list[SourceRows]:
     """Every source of the run, read, split and sampled.
 
@@ -57,14 +73,7 @@ def split_sources(data: DataSection, seed: int) -> list[SourceRows]:
         rows = rows.add_column(SOURCE_ROW, list(range(len(rows))))
         held_out = None
         if data.eval_fraction > 0:
-            where = f"data.sources[{k}]" if data.sources else "data.path"
-            if len(rows) < 2 or int(len(rows) * data.eval_fraction) < 1:
-                raise DataError(
-                    f"data.eval_fraction={data.eval_fraction} of the {len(rows)} rows of "
-                    f"{where} leaves no evaluation row",
-                    "set data.eval_fraction=0, or give more rows (plain text splits into rows "
-                    "at blank lines)",
-                )
+            check_eval_split(data, k, len(rows))
             parts = rows.train_test_split(test_size=data.eval_fraction, seed=seed)
             rows, held_out = parts["train"], parts["test"]
         source = data.sources[k] if data.sources else None

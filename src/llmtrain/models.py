@@ -68,13 +68,17 @@ def model_class(config: PretrainedConfig) -> type[PreTrainedModel] | None:
     return cls
 
 
-def flash_attn_available() -> bool:
-    return importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available()
+def flash_attn_available(gpu: bool | None = None) -> bool:
+    """flash_attn imports and the target (`gpu`; None: this machine) has a CUDA GPU."""
+    has_gpu = torch.cuda.is_available() if gpu is None else gpu
+    return importlib.util.find_spec("flash_attn") is not None and has_gpu
 
 
-def pick_attention(cfg: ModelSection, config: PretrainedConfig) -> str:
+def pick_attention(cfg: ModelSection, config: PretrainedConfig, *, gpu: bool | None = None) -> str:
     """flash_attention_2 when flash_attn imports and the architecture has it, else sdpa, else
-    eager. An explicit choice the architecture lacks is an error, not a silent fallback."""
+    eager. An explicit choice the architecture lacks is an error, not a silent fallback.
+    `gpu`: whether the target machine has a CUDA GPU (validate on a login node checks for a
+    GPU node); None: this machine."""
     cls = model_class(config)
     supports = {
         "flash_attention_2": bool(cls and cls._supports_flash_attn_2),
@@ -88,7 +92,7 @@ def pick_attention(cfg: ModelSection, config: PretrainedConfig) -> str:
                 f"{config.model_type} by transformers 4.37.2",
                 "use model.attn_implementation=auto",
             )
-        if cfg.attn_implementation == "flash_attention_2" and not flash_attn_available():
+        if cfg.attn_implementation == "flash_attention_2" and not flash_attn_available(gpu):
             raise ConfigError(
                 "model.attn_implementation=flash_attention_2 needs the flash_attn package and a "
                 "CUDA GPU, and this environment has no flash_attn or no GPU",
@@ -96,7 +100,7 @@ def pick_attention(cfg: ModelSection, config: PretrainedConfig) -> str:
                 "model.attn_implementation=auto",
             )
         return cfg.attn_implementation
-    if supports["flash_attention_2"] and flash_attn_available():
+    if supports["flash_attention_2"] and flash_attn_available(gpu):
         choice = "flash_attention_2"
     elif supports["sdpa"]:
         choice = "sdpa"

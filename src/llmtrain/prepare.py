@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 
+import torch
+
 from llmtrain import prepared
-from llmtrain.checks import check_model
+from llmtrain.checks import needs_gpu, run_checks
 from llmtrain.config import load_config
-from llmtrain.data import check_templates, load_rows
+from llmtrain.models import load_tokenizer
 
 EXAMPLE = "llmtrain prepare configs/lora.yaml data.prepared_dir=/scratch/me/prepared"
 
@@ -20,8 +22,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
-    _, tokenizer, _ = check_model(cfg)
-    check_templates(cfg.data, load_rows(cfg.data))
-    info = prepared.prepare(cfg, tokenizer)
+    # validate's check list; like validate, for the GPU node the config needs (prepare runs
+    # on a login node too).
+    run_checks(cfg, gpu=torch.cuda.is_available() or needs_gpu(cfg))
+    info = prepared.prepare(cfg, load_tokenizer(cfg.model))
     print(json.dumps({"prepared_dir": str(cfg.prepared_dir()), **info}, indent=2))
     return 0

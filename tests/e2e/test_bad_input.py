@@ -57,7 +57,8 @@ CASES = {
         64, "uses {query}, which the data lacks"),
     "max_length shorter than prompt": (
         lambda t: ["validate", config(t, data={"max_length": 8})], 65, "raise data.max_length"),
-    "qlora on cpu": (lambda t: ["validate", config(t, method={"name": "qlora"})],
+    # validate on a login node checks for the GPU node the config needs (test_bad_input_config)
+    "qlora on cpu": (lambda t: ["finetune", config(t, method={"name": "qlora"})],
                      64, "needs a CUDA GPU"),
     "qlora with fsdp": (
         lambda t: ["validate", "--assume-gpu",
