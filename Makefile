@@ -129,7 +129,7 @@ else
 	    --env SMOKE_DIR=/smoke '$(IMAGE)' smoke
 endif
 else
-	$(VENV)/bin/llmtrain finetune configs/lora.yaml 'output.dir=$(SMOKE_DIR)'
+	$(VENV)/bin/llmtrain finetune configs/demo.yaml 'output.dir=$(SMOKE_DIR)'
 endif
 
 venv: ## .venv from the lock (installs torch==TORCH_VERSION only when none is importable)

@@ -66,8 +66,8 @@ smoke() {
             dir="$(mktemp -d "${TMPDIR:-/tmp}/llmtrain-smoke.XXXXXX")"
         fi
     fi
-    echo "smoke: llmtrain finetune $root/configs/lora.yaml output.dir=$dir $*" >&2
-    llmtrain finetune "$root/configs/lora.yaml" "output.dir=$dir" "$@"
+    echo "smoke: llmtrain finetune $root/configs/demo.yaml output.dir=$dir $*" >&2
+    llmtrain finetune "$root/configs/demo.yaml" "output.dir=$dir" "$@"
     python - "$dir" <<'EOF'
 import json
 import sys

@@ -1,10 +1,12 @@
 """Rebuild the embedded default shipped in src/llmtrain/embedded/ (run: make embedded).
 
 It writes, deterministically from this file alone:
-  corpus.txt     plain English text about small numbers (the tokenizer's and base model's text)
+  corpus.txt     plain English text about small numbers, half of it one-digit sums and
+                 differences (the tokenizer's and base model's text)
   arith.jsonl    the fine-tuning task: one-digit addition and subtraction questions
   tiny-llama/    a 4-layer Llama with a 512-piece SentencePiece tokenizer trained on corpus.txt,
-                 pre-trained briefly on corpus.txt so that LoRA has a language model to adapt
+                 pre-trained on corpus.txt so that LoRA has a language model to adapt, one
+                 that already knows the sums and differences the task asks for
 """
 
 from __future__ import annotations
@@ -29,6 +31,22 @@ def corpus_lines(rng: random.Random) -> list[str]:
     for _ in range(6000):
         a, b = rng.randrange(10), rng.randrange(10)
         thing = rng.choice(THINGS)
+        # Half the lines state a sum or difference, so the base model knows every fact of the
+        # fine-tuning task, phrased otherwise: LoRA teaches the question format, and held-out
+        # questions are answerable from what pre-training stored.
+        if rng.random() < 0.5:
+            hi, lo = max(a, b), min(a, b)
+            lines.append(
+                rng.choice(
+                    [
+                        f"{a} plus {b} is {a + b}.",
+                        f"Adding {b} to {a} gives {a + b}.",
+                        f"{hi} minus {lo} is {hi - lo}.",
+                        f"Taking {lo} from {hi} leaves {hi - lo}.",
+                    ]
+                )
+            )
+            continue
         lines.append(
             rng.choice(
                 [
@@ -83,13 +101,18 @@ def pretrain(tok: LlamaTokenizer, lines: list[str], model_dir: Path) -> None:
     block = 64
     data = torch.tensor(ids[: len(ids) // block * block]).view(-1, block)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    steps = 800
+    # Decaying the rate is what stores the sums: 400 steps at a constant rate left 63 of the
+    # 155 facts answered, 800 decaying steps 134.
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps, pct_start=0.05)
     gen = torch.Generator().manual_seed(0)
-    for step in range(400):
+    for step in range(steps):
         batch = data[torch.randint(len(data), (32,), generator=gen)]
         loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
         opt.step()
         opt.zero_grad()
+        sched.step()
         if step % 100 == 0:
             print(f"pretrain step {step} loss {loss.item():.3f}", file=sys.stderr)
     model.save_pretrained(model_dir, safe_serialization=True)

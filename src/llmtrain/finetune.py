@@ -19,6 +19,7 @@ from transformers.trainer_callback import PrinterCallback
 from llmtrain import (
     chat,
     checkpoints,
+    demo_eval,
     fused_lora,
     fused_loss,
     fused_ops,
@@ -470,9 +471,12 @@ def _samples(cfg: RunConfig, final: Path, inference_dir: Path, out: Path) -> Non
         model, tok = load_for_inference(
             cfg.model.model_copy(update={"path": str(inference_dir), "tokenizer": None}), None
         )
-    sources, _ = prompts.held_out_rows(cfg)
+    sources, held_out = prompts.held_out_rows(cfg)
     asked = prompts.from_sources(sources, tok, cfg.generation.samples)
     outputs = generate(model, tok, asked.prompts, cfg.generation)
+    del model  # one model in memory at a time: the base model is loaded next
+    base, _ = load_for_inference(cfg.model, None, quantized=cfg.method.name == "qlora")
+    before = generate(base, tok, asked.prompts, cfg.generation)
     write_jsonl(
         out / "generations.jsonl",
         asked.prompts,
@@ -480,10 +484,12 @@ def _samples(cfg: RunConfig, final: Path, inference_dir: Path, out: Path) -> Non
         cfg.generation,
         asked.references,
         asked.conversations,
+        before=before,
     )
     refs = asked.references or [""] * len(outputs)
-    for p, o, r in list(zip(asked.prompts, outputs, refs, strict=True))[:5]:
-        print(f"{p!r} -> {o.strip()!r} (reference {r.strip()!r})", file=sys.stderr)
+    compared = demo_eval.Comparison(asked.prompts, refs, before, outputs, held_out)
+    compared.save(out / "samples.json")
+    print(compared.table(), file=sys.stderr)
 
 
 def run(args: argparse.Namespace) -> int:

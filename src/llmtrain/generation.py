@@ -64,19 +64,26 @@ def write_jsonl(
     gen: GenerationSection,
     references: Iterable[str | None] | None = None,
     conversations: Sequence[list[dict[str, str]] | None] | None = None,
+    before: Sequence[str] | None = None,
 ) -> None:
     """One JSON object per prompt: prompt, output, params, and the reference when known; for
-    chat runs also `messages`, the conversation with the reply as its last turn."""
+    chat runs also `messages`, the conversation with the reply as its last turn; `before`, the
+    base model's answer, when given (finetune's samples)."""
     params = generation_params(gen)
     refs = list(references) if references is not None else [None] * len(prompts)
     convs: list[list[dict[str, str]] | None] = (
         list(conversations) if conversations is not None else [None] * len(prompts)
     )
+    befores: list[str | None] = list(before) if before is not None else [None] * len(prompts)
     with path.open("w") as f:
-        for prompt, output, ref, conv in zip(prompts, outputs, refs, convs, strict=True):
+        for prompt, output, ref, conv, was in zip(
+            prompts, outputs, refs, convs, befores, strict=True
+        ):
             record: dict[str, Any] = {"prompt": prompt, "output": output, "params": params}
             if ref is not None:
                 record["reference"] = ref
+            if was is not None:
+                record["before"] = was
             if conv is not None:
                 record["messages"] = [*conv, {"role": "assistant", "content": output}]
             f.write(json.dumps(record, ensure_ascii=False) + "\n")

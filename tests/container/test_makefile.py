@@ -126,7 +126,7 @@ def test_smoke_with_docker_passes_the_flags_nccl_needs() -> None:
 def test_smoke_without_the_image_runs_in_the_venv() -> None:
     commands = dry_run("smoke", "CONTAINER_ENGINE=docker", "IMAGE_EXISTS=", "SMOKE_DIR=/s")
     # On a fresh machine the venv is made from the lock first, then the job runs in it.
-    assert commands[-1] == ".venv/bin/llmtrain finetune configs/lora.yaml 'output.dir=/s'"
+    assert commands[-1] == ".venv/bin/llmtrain finetune configs/demo.yaml 'output.dir=/s'"
     assert commands[:-1] == dry_run("venv")
 
 

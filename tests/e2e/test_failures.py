@@ -33,7 +33,7 @@ def test_dead_rank_makes_the_survivor_exit_nonzero_within_the_timeout(tmp_path: 
                "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
                "LOCAL_WORLD_SIZE": "2", "PYTHONUNBUFFERED": "1"}
         procs.append(subprocess.Popen(
-            [sys.executable, "-m", "llmtrain.cli", "finetune", "configs/lora.yaml",
+            [sys.executable, "-m", "llmtrain.cli", "finetune", "configs/demo.yaml",
              f"output.dir={tmp_path}", "training.max_steps=100000", "training.save_steps=100000",
              "training.logging_steps=1", "generation.samples=0", "training.report_to=[none]",
              f"distributed.timeout_minutes={timeout_s / 60}"],
@@ -58,7 +58,7 @@ def test_dead_rank_makes_the_survivor_exit_nonzero_within_the_timeout(tmp_path: 
 def test_planted_token_never_reaches_logs_or_outputs(tmp_path: Path) -> None:
     secret = "hf_PLANTEDsecretVALUE1234567890"
     out = tmp_path / "run"
-    result = run_cli("finetune", "configs/lora.yaml", f"output.dir={out}", "training.max_steps=4",
+    result = run_cli("finetune", "configs/demo.yaml", f"output.dir={out}", "training.max_steps=4",
                      "training.save_steps=2", "generation.samples=2",
                      env={"HF_TOKEN": secret, "WANDB_API_KEY": secret, "NCCL_DEBUG": "INFO"})
     assert result.returncode == 0, result.stderr[-2000:]

@@ -30,7 +30,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "layers": ["training.num_train_epochs=4"],
     }.items():
         out = base / method
-        result = run_cli("finetune", f"configs/{method}.yaml", f"output.dir={out}",
+        config = "demo" if method == "lora" else method  # the demo is the LoRA config
+        result = run_cli("finetune", f"configs/{config}.yaml", f"output.dir={out}",
                          "training.logging_steps=2", "training.save_steps=10", *extra)
         assert result.returncode == 0, result.stderr[-3000:]
         # Beside the run, not in it: what a batch log (captured, so no TTY) would hold.
@@ -123,6 +124,7 @@ def test_generations_file_format(runs: dict[str, Path]) -> None:
     for r in records:
         assert r["prompt"].startswith("Question: What is ") and r["prompt"].endswith("Answer:")
         assert isinstance(r["output"], str) and r["output"]
+        assert isinstance(r["before"], str)  # the base model's answer to the same prompt
         assert r["params"] == {"max_new_tokens": 4, "do_sample": False}
         assert r["reference"].strip().isdigit()
 
@@ -165,7 +167,7 @@ def test_generate_verb_with_adapter_and_prompts_file(runs: dict[str, Path], tmp_
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"prompt": "Question: What is 1 plus 1?\\nAnswer:"}\n')
     out = tmp_path / "answers.jsonl"
-    result = run_cli("generate", "configs/lora.yaml", "--adapter",
+    result = run_cli("generate", "configs/demo.yaml", "--adapter",
                      str(runs["lora"] / "final" / "adapter"), "--prompts", str(prompts),
                      "--out", str(out))
     assert result.returncode == 0, result.stderr[-2000:]

@@ -29,7 +29,7 @@ def fill_cache(hf_home: Path) -> None:
 def test_hub_id_trains_offline_from_hf_home(tmp_path: Path) -> None:
     fill_cache(tmp_path / "hf")
     env = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    result = run_cli("finetune", "configs/lora.yaml", "model.path=llmtrain-test/tiny-llama",
+    result = run_cli("finetune", "configs/demo.yaml", "model.path=llmtrain-test/tiny-llama",
                      f"output.dir={tmp_path / 'out'}", "training.max_steps=3",
                      "generation.samples=0", "output.merge=false", env=env)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -20,7 +20,7 @@ from tests.conftest import REPO
 pytestmark = pytest.mark.slow
 STEPS = 24
 ARGS = [
-    "configs/lora.yaml", f"training.max_steps={STEPS}", "training.save_steps=4",
+    "configs/demo.yaml", f"training.max_steps={STEPS}", "training.save_steps=4",
     "training.logging_steps=1", "generation.samples=0", "output.merge=false",
     "training.report_to=[none]",
 ]

@@ -164,7 +164,7 @@ def test_finetune_tiny_model(cluster: Cluster, tmp_path: Path) -> None:
     run = tmp_path / "run"
     job_id = cluster.sbatch(
         "slurm/train_8x8.sbatch",
-        "configs/lora.yaml",
+        "configs/demo.yaml",
         "training.num_train_epochs=4",
         "training.logging_steps=2",
         "generation.samples=0",
@@ -243,7 +243,7 @@ def test_real_training_stops_on_the_warning_requeues_and_resumes(
     steps = 200
     job_id = cluster.sbatch(
         "slurm/train_8x8.sbatch",
-        "configs/lora.yaml",
+        "configs/demo.yaml",
         f"training.max_steps={steps}",
         "training.save_steps=20",
         "training.logging_steps=5",
