@@ -56,15 +56,16 @@ def conversations(n: int, seed: int = 0) -> list[dict[str, Any]]:
 
 
 def chat_args(model: Path, data: Path, out: Path) -> list[str]:
-    """A run kept short for 2 CPU cores: ~50-token conversations, 24 steps of 8."""
+    """A run kept short for 2 CPU cores: ~50-token conversations, 10 steps of 8 (measured: the
+    loss falls from 2.8 to 0.06 in 5 steps, to 0.002 by step 12)."""
     return [
         "configs/chat.yaml", f"model.path={model}", "model.dtype=float32",
         f"data.path={data}", "data.chat_template=auto", "data.max_length=96",
         "data.packing=none", "data.eval_fraction=0.1", f"output.dir={out}",
         "output.merge=true", "training.per_device_train_batch_size=8",
         "training.gradient_accumulation_steps=1", "training.learning_rate=2e-3",
-        "training.warmup_ratio=0", "training.max_steps=24", "training.save_steps=24",
-        "training.eval_steps=24", "training.logging_steps=4", "training.report_to=[none]",
+        "training.warmup_ratio=0", "training.max_steps=10", "training.save_steps=10",
+        "training.eval_steps=10", "training.logging_steps=2", "training.report_to=[none]",
         "generation.samples=4", "generation.max_new_tokens=16",
     ]
 
