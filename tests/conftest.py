@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-STRICT_MARKERS = ("cluster", "container")
+STRICT_MARKERS = ("cluster", "container", "realmodel")
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
-    """Under CI=true a skipped cluster/container test fails: those tiers must run there."""
+    """Under CI=true a skipped test of a STRICT_MARKERS tier fails: those tiers must run there."""
     outcome = yield
     report = outcome.get_result()
     if (
