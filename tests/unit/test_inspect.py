@@ -8,7 +8,9 @@ from pathlib import Path
 
 import yaml
 
+from llmtrain.config import ModelSection
 from llmtrain.inspect_rows import runs
+from llmtrain.models import load_tokenizer
 from tests.conftest import run_cli
 
 
@@ -37,9 +39,12 @@ def test_inspect_prints_masked_and_trained_spans_with_bos_and_eos(tmp_path: Path
     lines = result.stdout.splitlines()
     assert lines[0] == "special tokens: BOS '<s>', EOS '</s>', padding '<unk>'"
     assert "1/2 rows kept" in lines[1] and "1 dropped with an empty response" in lines[1]
-    row = lines.index("row 0: 25 tokens, 4 trained")
+    tok = load_tokenizer(ModelSection(path="embedded:tiny-llama"))
+    n = len(tok("Question: What is 7 plus 4?\nAnswer: 11", add_special_tokens=False).input_ids)
+    row = lines.index(f"row 0: {n + 2} tokens, 4 trained")  # with BOS and EOS
     assert lines[row + 1] == (
         "[masked]<s> Question: What is 7 plus 4?\\nAnswer:[/masked][trained] 11</s>[/trained]"
     )
-    assert lines[row + 2].endswith("<0x0A> An swer : *▁* *1* *1* *</s>*")
+    assert lines[row + 2].startswith("<s> ▁Question ")
+    assert lines[row + 2].endswith(" : *▁* *1* *1* *</s>*")
     assert not (tmp_path / "out").exists()

@@ -17,11 +17,12 @@ from peft.tuners.lora import Linear as LoraLinear
 from torch import nn
 
 from llmtrain import fused_lora, strategies
-from llmtrain.checks import check_model
+from llmtrain.checks import check_method
 from llmtrain.config import LoraSection, MethodSection, RunConfig, load_config
 from llmtrain.errors import EXIT_USAGE, ConfigError
 from llmtrain.memory import ModelShape, RunShape, trainable_params
 from llmtrain.methods import count_parameters, wrap
+from llmtrain.models import load_model_config
 from tests.tiny_models import tiny_config, tiny_model
 from tests.unit.test_fused_lora import forward_backward
 
@@ -61,7 +62,9 @@ def test_init_choices_outside_peft_or_llmtrain_are_refused(
     assert info.value.exit_code == EXIT_USAGE
     assert says in info.value.message()
     assert len(info.value.problems) == 1
-    assert info.value.problems[0].startswith("lora.init_lora_weights: ")
+    assert info.value.problems[0].startswith(
+        f"override 'lora.init_lora_weights={value}': lora.init_lora_weights: "
+    )
 
 
 @pytest.mark.parametrize(("overrides", "says"), [
@@ -137,9 +140,10 @@ def test_dora_on_conv1d_layers_is_refused_by_validate_and_wrap(tmp_path: Path) -
     AutoModelForCausalLM.from_config(gpt2).save_pretrained(model_dir)
     AutoTokenizer.from_pretrained("src/llmtrain/embedded/tiny-llama").save_pretrained(model_dir)
     cfg = config(tmp_path, f"model.path={model_dir}", "lora.use_dora=true")
+    config_ = load_model_config(cfg.model)
     with pytest.raises(ConfigError, match="Conv1D"):
-        check_model(cfg)
-    check_model(config(tmp_path, f"model.path={model_dir}"))  # plain LoRA on GPT-2 is fine
+        check_method(cfg, config_)
+    check_method(config(tmp_path, f"model.path={model_dir}"), config_)  # plain LoRA is fine
 
 
 def rslora_layer() -> LoraLinear:

@@ -21,13 +21,13 @@ ONE = World(rank=0, local_rank=0, world_size=1)
 
 
 def lora_args(out: Path):  # type: ignore[no-untyped-def]
-    return training_arguments(load_config(REPO / "configs" / "lora.yaml"), ONE, out, True, None)
+    return training_arguments(load_config(REPO / "configs" / "demo.yaml"), ONE, out, True, None)
 
 
 @pytest.mark.parametrize(
     ("overrides", "has_eval", "strategy", "steps"),
     [
-        (["training.save_steps=50"], True, "steps", 50),  # configs/lora.yaml: 10% held out
+        (["training.save_steps=50"], True, "steps", 50),  # configs/demo.yaml: 10% held out, no eval_steps
         (["training.save_steps=50", "training.eval_steps=7"], True, "steps", 7),
         (["training.save_steps=50"], False, "no", None),
     ],
@@ -35,7 +35,7 @@ def lora_args(out: Path):  # type: ignore[no-untyped-def]
 def test_held_out_data_is_evaluated_by_default_at_the_save_interval(
     tmp_path: Path, overrides: list[str], has_eval: bool, strategy: str, steps: int | None
 ) -> None:
-    cfg = load_config(REPO / "configs" / "lora.yaml", overrides)
+    cfg = load_config(REPO / "configs" / "demo.yaml", overrides)
     args = training_arguments(cfg, ONE, tmp_path, has_eval, None)
     assert args.evaluation_strategy == strategy
     assert args.eval_steps == steps
