@@ -44,12 +44,22 @@ def take(rows: datasets.Dataset, source: SourceSection | None, seed: int) -> dat
     return rows.select(order[:wanted].tolist())
 
 
+def splits_rows(section: DataSection) -> bool:
+    """Whether the held-out part is taken from rows (instruction and chat: they are answered
+    as prompts later) or, for plain text, from the tokenized samples or blocks: one long
+    document is one row but many blocks."""
+    return section.shape != "text"
+
+
 def check_eval_split(data: DataSection, k: int, n_rows: int) -> None:
-    """data.eval_fraction of source `k`'s `n_rows` holds out a row and keeps one to train on.
+    """data.eval_fraction of source `k`'s `n_rows` holds out a row and keeps one to train on
+    (plain text is split later, after tokenizing: see splits_rows).
 
     Raises:
         DataError: it would not (exit 65).
     """
+    if not splits_rows(data.for_sources()[k]):
+        return
     if data.eval_fraction > 0 and (n_rows < 2 or int(n_rows * data.eval_fraction) < 1):
         where = f"data.sources[{k}]" if data.sources else "data.path"
         raise DataError(
@@ -72,7 +82,7 @@ def split_sources(data: DataSection, seed: int) -> list[SourceRows]:
         rows = load_rows(section)
         rows = rows.add_column(SOURCE_ROW, list(range(len(rows))))
         held_out = None
-        if data.eval_fraction > 0:
+        if data.eval_fraction > 0 and splits_rows(section):
             check_eval_split(data, k, len(rows))
             parts = rows.train_test_split(test_size=data.eval_fraction, seed=seed)
             rows, held_out = parts["train"], parts["test"]

@@ -76,8 +76,22 @@ def prepare(cfg: RunConfig, tokenizer: Any, fp: str | None = None) -> dict[str, 
     for src in mixture.split_sources(cfg.data, cfg.training.seed):
         tokenized, stats = tokenize(src.train, tokenizer, src.section)
         log.info("data, %s: %s", src.label, stats.summary())
-        train_parts.append(tokenized)
         entry: dict[str, Any] = {"path": src.section.path, "train": asdict(stats)}
+        if cfg.data.eval_fraction > 0 and not mixture.splits_rows(src.section):
+            # Plain text: hold out tokenized samples (blocks), as one document may be one row.
+            n = len(tokenized)
+            if n < 2 or int(n * cfg.data.eval_fraction) < 1:
+                raise DataError(
+                    f"data.eval_fraction={cfg.data.eval_fraction} of the {n} tokenized samples "
+                    f"of {src.label} leaves no evaluation sample",
+                    "set data.eval_fraction=0, or give more text",
+                )
+            parts = tokenized.train_test_split(
+                test_size=cfg.data.eval_fraction, seed=cfg.training.seed
+            )
+            tokenized = parts["train"]
+            eval_parts.append(parts["test"])
+        train_parts.append(tokenized)
         if src.held_out is not None:
             try:
                 held_out, eval_stats = tokenize(src.held_out, tokenizer, src.section)

@@ -18,12 +18,12 @@ from tests.conftest import REPO, run_cli
 
 pytestmark = pytest.mark.slow
 
-LORA = yaml.safe_load((REPO / "configs" / "lora.yaml").read_text())
+LORA = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
 ARITH = '{"question": "1+1", "answer": "2"}\n'
 
 
 def config(t: Path, **sections: dict) -> str:
-    """configs/lora.yaml with `sections` merged in, output.dir under the test's directory."""
+    """configs/demo.yaml with `sections` merged in, output.dir under the test's directory."""
     raw = json.loads(json.dumps(LORA))
     raw["output"]["dir"] = str(t / "out")
     for name, values in sections.items():
