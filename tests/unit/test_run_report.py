@@ -27,7 +27,8 @@ def lora_args(out: Path):  # type: ignore[no-untyped-def]
 @pytest.mark.parametrize(
     ("overrides", "has_eval", "strategy", "steps"),
     [
-        (["training.save_steps=50"], True, "steps", 50),  # configs/demo.yaml: 10% held out, no eval_steps
+        # configs/demo.yaml: 10% held out, no eval_steps
+        (["training.save_steps=50"], True, "steps", 50),
         (["training.save_steps=50", "training.eval_steps=7"], True, "steps", 7),
         (["training.save_steps=50"], False, "no", None),
     ],
