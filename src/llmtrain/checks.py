@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llmtrain import checkpoints, mixture, strategies
+from llmtrain import checkpoints, mixture, special_tokens, strategies
 from llmtrain.config import RunConfig
 from llmtrain.data import check_templates, load_rows, tokenize
 from llmtrain.errors import ConfigError, NeedsGpuError
@@ -189,6 +189,27 @@ def run_checks(cfg: RunConfig, *, gpu: bool, data: bool = True) -> Report:
     config, tokenizer, lines = check_model(cfg, gpu=gpu)
     report.lines += lines
     check_method(cfg, config)
+    report.warnings += token_warnings(cfg, config, tokenizer)
     if data:
         check_data(cfg, tokenizer, report)
     return report
+
+
+def token_warnings(cfg: RunConfig, config: Any, tokenizer: Any) -> list[str]:
+    """Where the model would stop at another token than the trained EOS (every saved output
+    gets the trained one), and an instruct model's chat template left unused by the data."""
+    from transformers import GenerationConfig
+
+    try:
+        generation = GenerationConfig.from_pretrained(cfg.model.resolved_path())
+    except OSError:  # no generation_config.json: transformers derives one from config.json
+        generation = None
+    warnings = special_tokens.config_warnings(special_tokens.decide(tokenizer), config, generation)
+    unused = [s.path for s in cfg.data.for_sources() if s.shape != "chat"]
+    if getattr(tokenizer, "chat_template", None) and unused:
+        warnings.append(
+            f"the model has a chat template (an instruct model), but {', '.join(map(str, unused))} "
+            "is rendered with data.prompt_template/data.shape=text instead; to fine-tune it the "
+            "way it chats, use data.shape=chat (configs/chat.yaml)"
+        )
+    return warnings

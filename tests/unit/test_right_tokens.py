@@ -239,3 +239,31 @@ def test_a_list_where_text_is_expected_is_a_data_error(tmp_path: Path, sp: Any) 
     cfg = DataSection(path=str(path), shape="text", text_field="messages")
     with pytest.raises(DataError, match=r"line 1: data\.text_field 'messages' holds a list"):
         tokenize(load_rows(cfg), sp, cfg)
+
+
+def test_validate_warns_of_a_foreign_stop_token_and_an_unused_chat_template(
+    tmp_path: Path,
+) -> None:
+    import shutil
+
+    from transformers import AutoConfig, AutoTokenizer
+
+    from llmtrain.checks import token_warnings
+    from llmtrain.config import load_config
+
+    model = tmp_path / "instruct"
+    shutil.copytree(resolve_path("embedded:tiny-llama"), model)
+    config = AutoConfig.from_pretrained(model)
+    config.eos_token_id = 7
+    config.save_pretrained(model)
+    tok = AutoTokenizer.from_pretrained(model)
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    tok.save_pretrained(model)
+    cfg = load_config(REPO / "configs" / "demo.yaml", [f"model.path={model}"])
+    warnings = token_warnings(cfg, config, load_tokenizer(cfg.model))
+    assert len(warnings) == 2, warnings  # config.json (generation_config.json keeps 2), template
+    assert warnings[0].startswith("the model's config.json ends generation at token id(s) [7]")
+    assert "use data.shape=chat" in warnings[1]
+    plain = load_config(REPO / "configs" / "demo.yaml")
+    assert token_warnings(plain, AutoConfig.from_pretrained(resolve_path("embedded:tiny-llama")),
+                          load_tokenizer(plain.model)) == []
