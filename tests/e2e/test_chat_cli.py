@@ -120,3 +120,44 @@ def test_bad_conversations_exit_65_from_validate_and_finetune(
         assert f"chat.jsonl {problem}" in result.stderr, (verb, result.stderr[-2000:])
         assert "Traceback" not in result.stderr
         assert not out.exists()
+
+
+def test_two_sources_mixed_with_counts_per_source(tmp_path: Path) -> None:
+    import yaml
+
+    chats = write_jsonl(tmp_path / "chat.jsonl", conversations(40))
+    out = tmp_path / "out"
+    config = tmp_path / "mixed.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": {"path": "embedded:tiny-llama"},
+        "data": {
+            "chat_template": "llama-2", "max_length": 128, "eval_fraction": 0.1,
+            "sources": [
+                {"path": "embedded:arith.jsonl", "shape": "instruction", "rows": 60,
+                 "prompt_template": "Question: {question}\nAnswer:",
+                 "response_template": " {answer}"},
+                {"path": str(chats), "shape": "chat", "weight": 2.0},
+            ],
+        },
+        "method": {"name": "lora"},
+        "training": {"per_device_train_batch_size": 8, "learning_rate": 3e-3, "max_steps": 12,
+                     "save_steps": 12, "logging_steps": 4, "report_to": ["none"]},
+        "generation": {"samples": 4, "max_new_tokens": 4},
+        "output": {"dir": str(out)},
+    }))
+    checked = run_cli("validate", str(config))
+    assert checked.returncode == 0, checked.stderr[-3000:]
+    assert "data.sources[0] (all rows): 155/155 rows kept" in checked.stdout
+    assert "data.sources[1] (all rows): 40/40 rows kept" in checked.stdout
+    result = run_cli("finetune", str(config))
+    assert result.returncode == 0, result.stderr[-3000:]
+    info = json.loads((out / "prepared" / "prepared.json").read_text())
+    # 155 rows -> 16 held out (datasets rounds up), 60 of the other 139 trained;
+    # 40 -> 4 held out, 36 x 2 trained
+    assert [s["train"]["kept"] for s in info["sources"]] == [60, 72]
+    assert [s["eval"]["kept"] for s in info["sources"]] == [16, 4]
+    assert info["stats"]["kept"] == 132
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any("eval_loss" in r for r in records)
+    samples = [json.loads(x) for x in (out / "generations.jsonl").read_text().splitlines()]
+    assert len(samples) == 4 and samples[0]["prompt"].startswith("Question: ")
