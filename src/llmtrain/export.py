@@ -13,6 +13,7 @@ from transformers import GenerationConfig
 from llmtrain import special_tokens
 from llmtrain.config import ModelSection
 from llmtrain.errors import ConfigError
+from llmtrain.methods import skip_unusable_bitsandbytes
 from llmtrain.models import load_model, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,7 @@ def load_for_inference(
                 "pass the final/adapter directory of a LoRA run, or omit --adapter for a full "
                 "model",
             )
+        skip_unusable_bitsandbytes()
         model = PeftModel.from_pretrained(load_model(base, dtype=dtype, extra=extra), str(adapter))
         if (adapter / "generation_config.json").is_file():
             # The trained EOS (special_tokens.write_generation_config), not the base's.
@@ -76,6 +78,7 @@ def merge(base: ModelSection, adapter: Path, out: Path, dtype: torch.dtype | Non
             f"{adapter} is not a LoRA adapter directory (no adapter_config.json)",
             "pass the final/adapter directory of a LoRA run",
         )
+    skip_unusable_bitsandbytes()
     model = PeftModel.from_pretrained(load_model(base, dtype=dtype), str(adapter))
     merged = model.merge_and_unload()
     tmp = out.with_name(f".{out.name}.tmp")
