@@ -75,7 +75,7 @@ SHELL_FILES = $(shell find . \( -path ./.venv -o -path ./.git -o -path ./runs -o
 
 help: ## this list
 	@echo "usage: make TARGET [VAR=value ...]   (engine: $(or $(CONTAINER_ENGINE),none found))"
-	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-7s %s\n", $$1, $$2}'
+	@grep -E '^[a-z0-9]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-9s %s\n", $$1, $$2}'
 	@echo "variables: IMAGE=$(IMAGE) BASE_IMAGE=$(BASE_IMAGE) OUT_DIR=$(OUT_DIR)"
 	@echo "           BUILD_FLASH_ATTN=$(BUILD_FLASH_ATTN) MAX_JOBS=$(MAX_JOBS)" \
 	    "DS_BUILD_OPS=$(DS_BUILD_OPS) CONTAINER_ENGINE=$(CONTAINER_ENGINE)"

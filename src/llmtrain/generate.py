@@ -83,7 +83,13 @@ def run(args: argparse.Namespace) -> int:
             where = "all rows of the data"
         else:
             sources, held_out = prompts.held_out_rows(cfg)
-            where = f"the held-out rows in {cfg.prepared_dir()}" if held_out else "all rows"
+            where = (
+                f"the held-out rows in {cfg.prepared_dir()}"
+                if held_out
+                else f"all rows of the data, training rows included: {cfg.prepared_dir()} holds "
+                "no held-out rows (set output.dir to the run's directory, or pass --all-rows "
+                "to say you mean all rows)"
+            )
         print(f"prompts: {where}", file=sys.stderr)
         asked = prompts.from_sources(sources, tokenizer, args.limit)
     if args.limit:

@@ -165,5 +165,6 @@ def test_help_lists_every_target() -> None:
         text=True,
         check=True,
     ).stdout
-    for target in ("image", "sif", "sqsh", "smoke", "venv", "test", "lock", "lint", "bench"):
+    for target in ("image", "sif", "sqsh", "smoke", "venv", "test", "lock", "lint", "bench",
+                   "embedded", "smollm2"):
         assert re.search(rf"^  {target} +\S", out, re.MULTILINE), target
