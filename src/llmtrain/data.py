@@ -213,17 +213,13 @@ def _fit(ex: Encoded, cfg: DataSection, stats: TokenizeStats) -> Encoded | None:
     return Encoded(ex.input_ids[:n], ex.labels[:n], ex.first_trained)
 
 
-def _count_blank(template: str, batch: list[dict[str, Any]], stats: TokenizeStats) -> None:
-    for row in batch:
-        for name in blank_fields(template, row):
-            stats.empty_fields[name] = stats.empty_fields.get(name, 0) + 1
-
-
 def _instruction_batch(
-    batch: list[dict[str, Any]], first_row: int, cfg: DataSection
+    batch: list[dict[str, Any]], first_row: int, cfg: DataSection, stats: TokenizeStats
 ) -> list[tuple[str, int] | None]:
-    """(full text, where the response starts) per row; None for a row without a response."""
+    """(full text, where the response starts) per row; None for a row without a response.
+    Counts each template placeholder left blank into stats.empty_fields."""
     assert cfg.prompt_template is not None and cfg.response_template is not None
+    response_fields = set(placeholders(cfg.response_template))
     out: list[tuple[str, int] | None] = []
     for i, row in enumerate(batch):
         try:
@@ -234,10 +230,11 @@ def _instruction_batch(
                 f"{row_location(cfg, row, first_row + i)}: {exc}",
                 "fix the data, or change data.prompt_template / data.response_template",
             ) from None
+        blank = set(blank_fields(cfg.prompt_template + cfg.response_template, row))
+        for name in blank:
+            stats.empty_fields[name] = stats.empty_fields.get(name, 0) + 1
         # " {answer}" with a null answer renders as " ": empty all the same.
-        used = placeholders(cfg.response_template)
-        blank = blank_fields(cfg.response_template, row)
-        empty = not response.strip() or (bool(used) and len(blank) == len(used))
+        empty = not response.strip() or (bool(response_fields) and response_fields <= blank)
         out.append(None if empty else (prompt + response, len(prompt)))
     return out
 
@@ -324,8 +321,7 @@ def tokenize(
             continue
         if cfg.shape == "instruction":
             assert cfg.prompt_template is not None and cfg.response_template is not None
-            _count_blank(cfg.prompt_template + cfg.response_template, batch, stats)
-            rendered = _instruction_batch(batch, start, cfg)
+            rendered = _instruction_batch(batch, start, cfg, stats)
             stats.dropped_empty += sum(r is None for r in rendered)
             texts = [r for r in rendered if r is not None]
             spans = [[(cut, len(text))] for text, cut in texts]
