@@ -53,11 +53,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def launch(
-    out: Path, method: str, strategy: str, *extra: str, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
-    """entrypoint/launch.sh as job.sh would call it on a one-node allocation, in the venv."""
-    full_env = {
+def launch_env(processes: int) -> dict[str, str]:
+    """The environment job.sh gives launch.sh on one node, with this venv first on PATH."""
+    return {
         **os.environ,
         "PYTHONUNBUFFERED": "1",
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
@@ -65,9 +63,15 @@ def launch(
         "NODE_RANK": "0",
         "MASTER_ADDR": "127.0.0.1",
         "MASTER_PORT": str(free_port()),
-        "NPROC_PER_NODE": "2",
-        **(env or {}),
+        "NPROC_PER_NODE": str(processes),
     }
+
+
+def launch(
+    out: Path, method: str, strategy: str, *extra: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """entrypoint/launch.sh as job.sh would call it on a one-node allocation, in the venv."""
+    full_env = {**launch_env(2), **(env or {})}
     return subprocess.run(
         [
             str(REPO / "entrypoint" / "launch.sh"),

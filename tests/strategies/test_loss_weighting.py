@@ -10,9 +10,7 @@ padded and padding-free. Plain SGD without clipping, so the update is the gradie
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,7 +21,7 @@ from transformers import AutoModelForCausalLM
 from llmtrain.config import resolve_path
 from llmtrain.labels import IGNORE_INDEX
 from tests.conftest import REPO, run_cli
-from tests.strategies.test_cpu_strategies import free_port
+from tests.strategies.test_cpu_strategies import launch_env
 
 pytestmark = pytest.mark.slow
 
@@ -73,16 +71,7 @@ def run_layout(data: Path, out: Path, method: str, packing: str, layout: str) ->
     if procs == 1:
         result = run_cli("finetune", *cli)
     else:
-        env = {
-            **os.environ,
-            "PYTHONUNBUFFERED": "1",
-            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-            "NNODES": "1",
-            "NODE_RANK": "0",
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(free_port()),
-            "NPROC_PER_NODE": str(procs),
-        }
+        env = launch_env(procs)
         result = subprocess.run(
             [str(REPO / "entrypoint" / "launch.sh"), *cli, "distributed.strategy=ddp"],
             capture_output=True,
