@@ -51,7 +51,7 @@ def publish(report: dict[str, Any], path: Path) -> None:
 
 
 def measure(shape: tuple[int, int, int, int, int, int]) -> dict[str, Any]:
-    from llmtrain import packing
+    from llmtrain.kernels import varlen_attention as packing
 
     b, s, hq, hkv, d, layers = shape
     dev, dt = torch.device("cuda"), torch.bfloat16

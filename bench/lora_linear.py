@@ -1,5 +1,5 @@
 """One LoRA linear layer on this GPU, forward + backward: peft 0.9.0's forward against llmtrain's
-fused one (src/llmtrain/fused_lora.py), at the 7B LoRA workload's shape.
+fused one (src/llmtrain/kernels/lora.py), at the 7B LoRA workload's shape.
 
 bf16 frozen base weight, fp32 adapter weights, autocast bf16: how llmtrain trains LoRA. The
 input requires a gradient, as inside a model. For each token count: GPU ms per call and per
@@ -24,7 +24,7 @@ from peft.tuners.lora import Linear as LoraLinear
 from torch import nn
 
 from bench.attention import publish, timed
-from llmtrain import fused_lora
+from llmtrain.kernels import lora as fused_lora
 
 # features, rank, alpha, adapted layers per step
 SHAPE = {"features": 4096, "r": 16, "alpha": 32, "layers": 64}

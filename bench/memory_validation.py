@@ -2,7 +2,7 @@
 """Predicted peak memory (llmtrain estimate) against torch.cuda.max_memory_allocated, on GPUs.
 
 Each run builds a random-init Llama from a published config (no download), trains a few steps
-through the real path (`llmtrain.finetune.train`: load_model -> wrap -> Trainer with the
+through the real path (`llmtrain.train.run.train`: load_model -> wrap -> Trainer with the
 strategy), and records the allocator peak over the training steps (reset when the first step
 starts, so model loading does not count). Runs the estimator predicts will not fit must
 really run out of memory. Writes memory_validation.{json,md} to $OUT (or --out).
@@ -65,8 +65,8 @@ def run_config(name: str, model: Path, data: Path, out: Path) -> dict[str, Any]:
 
 def predict(cfg: Any, gpus: int, attention: str) -> Any:
     """`llmtrain estimate`'s breakdown for a run config on `gpus` GPUs of one node."""
-    from llmtrain.memory import estimate
-    from llmtrain.sizing import model_shape, run_shape
+    from llmtrain.sizing.from_config import model_shape, run_shape
+    from llmtrain.sizing.memory import estimate
 
     shape = model_shape(cfg)
     return estimate(shape, run_shape(cfg, shape, gpus_per_node=gpus, attention=attention))
@@ -78,7 +78,7 @@ def repredict(rows: list[dict[str, Any]], root: Path) -> None:
     from transformers import LlamaConfig
 
     from llmtrain.config import load_config
-    from llmtrain.gpus import get_gpu
+    from llmtrain.sizing.gpus import get_gpu
 
     h200 = get_gpu("h200").memory_bytes  # the GPU these runs measured on
     for size in {RUNS[row["run"]][0] for row in rows}:
@@ -104,9 +104,9 @@ def worker(config_path: str, result_path: str) -> None:
     from transformers import Trainer
 
     from llmtrain.config import load_config
-    from llmtrain.finetune import train
-    from llmtrain.models import load_model_config, pick_attention
-    from llmtrain.strategies import World
+    from llmtrain.model.load import load_model_config, pick_attention
+    from llmtrain.train.run import train
+    from llmtrain.train.strategies import World
 
     cfg = load_config(config_path)
     world = World.from_env()

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from llmtrain.data import IGNORE_INDEX
+from llmtrain.labels import IGNORE_INDEX
 
 
 @dataclass

@@ -6,7 +6,7 @@ longest sample of each batch (DataCollatorForSeq2Seq), SDPA attention, torch Ada
 frozen weights for LoRA. Its only change is the sampler: llmtrain's epoch-seeded order, so both
 sides see the same samples in every step (speed does not depend on which random order).
 
-The other side is `llmtrain.finetune.train`, the path of `llmtrain finetune`, on a prepared
+The other side is `llmtrain.train.run.train`, the path of `llmtrain finetune`, on a prepared
 dataset written from the same rows; `overrides` choose which of its levers are on.
 """
 
@@ -29,12 +29,12 @@ from transformers import (
 
 from bench.probe import Probe
 from bench.workloads import LENGTH_DISTRIBUTION, Workload
-from llmtrain import prepared
 from llmtrain.config import RunConfig, apply_overrides
-from llmtrain.finetune import train
-from llmtrain.models import load_tokenizer
-from llmtrain.sampling import EpochSeededSampler
-from llmtrain.strategies import World
+from llmtrain.data import prepared
+from llmtrain.data.sampling import EpochSeededSampler
+from llmtrain.model.load import load_tokenizer
+from llmtrain.train.run import train
+from llmtrain.train.strategies import World
 
 SEED = 42
 LORA: dict[str, Any] = {

@@ -1,6 +1,6 @@
 """DDP weak scaling of the 1.1B full fine-tune and the all-reduce bus bandwidth of the node.
 
-For each GPU count n in 1, 2, 4, 8 (as many as are visible), one `llmtrain.finetune.train` run
+For each GPU count n in 1, 2, 4, 8 (as many as are visible), one `llmtrain.train.run.train` run
 under torchrun with the same micro-batch per GPU (so the work per GPU is constant), timed over
 the steady steps; efficiency = tokens/s per GPU at n / tokens/s per GPU at 1. Then
 `llmtrain doctor` over all GPUs measures an all-reduce's bus bandwidth as nccl-tests reports it.

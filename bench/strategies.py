@@ -1,7 +1,7 @@
 """Every supported method x strategy against a one-GPU run of the same global batch and seed.
 
 Each run trains a random-init Llama (TinyLlama-1.1B shape by default; no download) through the
-real path, `llmtrain.finetune.train` under torchrun, for STEPS optimizer steps on fixed-length
+real path, `llmtrain.train.run.train` under torchrun, for STEPS optimizer steps on fixed-length
 packed blocks, so every rank's micro-batch holds the same number of loss tokens and the mean of
 the ranks' losses is the global mean. Recorded per run: the exact per-step losses (against the
 reference of its method), peak allocated GiB per GPU (from the first step to the end of
@@ -149,8 +149,8 @@ class Meter(TrainerCallback):
 def worker(config_path: str, result_path: str, size: str) -> None:
     """One rank of one run, under torchrun."""
     from llmtrain.config import load_config
-    from llmtrain.finetune import train
-    from llmtrain.strategies import World
+    from llmtrain.train.run import train
+    from llmtrain.train.strategies import World
 
     cfg = load_config(config_path)
     world = World.from_env()
@@ -233,7 +233,7 @@ def reload_check(rows: list[dict[str, Any]], model: Path) -> None:
     """In this process (which never joined torch.distributed), load each final directory as
     `llmtrain generate` does and compare its probe logits with the trained model's."""
     from llmtrain.config import ModelSection
-    from llmtrain.export import load_for_inference
+    from llmtrain.model.export import load_for_inference
 
     base = ModelSection(path=str(model))
     for row in rows:

@@ -17,7 +17,7 @@ import datasets
 import torch
 
 from llmtrain.config import resolve_path
-from llmtrain.data import IGNORE_INDEX
+from llmtrain.labels import IGNORE_INDEX
 
 # Published shapes, random weights.
 MODELS: dict[str, dict[str, int]] = {

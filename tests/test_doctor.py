@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from llmtrain.doctor import bus_bandwidth, parse_nccl_transport
+from llmtrain.verbs.doctor import bus_bandwidth, parse_nccl_transport
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -97,7 +97,7 @@ def test_transport_is_read_from_nccl_info_lines() -> None:
 def test_one_node_reports_intra_node_transport_not_the_network_plugin(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    from llmtrain.doctor import _summarise
+    from llmtrain.verbs.doctor import _summarise
 
     report = {
         "rank": 0, "host": "n1", "local_rank": 0, "gpus": ["H200"], "driver": "1",

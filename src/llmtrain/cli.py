@@ -17,17 +17,20 @@ from llmtrain.errors import EXIT_STOPPED, EXIT_USAGE, LlmtrainError, StopRequest
 # verb -> (module, one-line help). Modules are imported only when their verb runs, so
 # `llmtrain --help` and `llmtrain validate` stay fast on a login node.
 VERBS: dict[str, tuple[str, str]] = {
-    "validate": ("llmtrain.validate", "check a run config, its paths and data (CPU, no weights)"),
-    "prepare": ("llmtrain.prepare", "tokenize the dataset once and save it for finetune"),
-    "inspect": ("llmtrain.inspect_rows", "show tokenized rows: which tokens are trained"),
-    "finetune": ("llmtrain.finetune", "train: full, chosen layers, LoRA or QLoRA"),
-    "generate": ("llmtrain.generate", "generate answers for prompts from a dataset or file"),
-    "merge": ("llmtrain.merge", "merge a LoRA adapter into its base model"),
-    "env": ("llmtrain.env", "print the provenance manifest of this environment"),
-    "estimate": ("llmtrain.estimate", "predict memory per GPU and compute for a run config"),
-    "doctor": ("llmtrain.doctor", "preflight an allocation: GPUs, NCCL bandwidth, caches"),
-    "vocab": ("llmtrain.vocab", "train, extend, initialise and compare tokenizers"),
-    "lep": ("llmtrain.lep", "carry adapted embeddings to an instruct model (LEP)"),
+    "validate": (
+        "llmtrain.verbs.validate",
+        "check a run config, its paths and data (CPU, no weights)",
+    ),
+    "prepare": ("llmtrain.verbs.prepare", "tokenize the dataset once and save it for finetune"),
+    "inspect": ("llmtrain.verbs.inspect", "show tokenized rows: which tokens are trained"),
+    "finetune": ("llmtrain.verbs.finetune", "train: full, chosen layers, LoRA or QLoRA"),
+    "generate": ("llmtrain.verbs.generate", "generate answers for prompts from a dataset or file"),
+    "merge": ("llmtrain.verbs.merge", "merge a LoRA adapter into its base model"),
+    "env": ("llmtrain.verbs.env", "print the provenance manifest of this environment"),
+    "estimate": ("llmtrain.verbs.estimate", "predict memory per GPU and compute for a run config"),
+    "doctor": ("llmtrain.verbs.doctor", "preflight an allocation: GPUs, NCCL bandwidth, caches"),
+    "vocab": ("llmtrain.verbs.vocab", "train, extend, initialise and compare tokenizers"),
+    "lep": ("llmtrain.verbs.lep", "carry adapted embeddings to an instruct model (LEP)"),
 }
 
 

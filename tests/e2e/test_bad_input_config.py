@@ -42,7 +42,7 @@ def write(t: Path, name: str, text: str) -> str:
 def tokenizer_with_added_tokens(t: Path) -> str:
     """The embedded model's tokenizer plus three tokens the model has no embedding rows for."""
     from llmtrain.config import ModelSection
-    from llmtrain.models import load_tokenizer
+    from llmtrain.model.load import load_tokenizer
 
     tok = load_tokenizer(ModelSection(path="embedded:tiny-llama"))
     tok.add_tokens(["<extra_a>", "<extra_b>", "<extra_c>"])
@@ -227,7 +227,7 @@ def test_validate_with_gpu_preset_checks_for_a_gpu_node(tmp_path: Path) -> None:
 def tiny_model_dir(t: Path, arch: str) -> str:
     """A tiny random model of `arch` with the embedded tokenizer (vocabulary sized to it)."""
     from llmtrain.config import ModelSection
-    from llmtrain.models import load_tokenizer
+    from llmtrain.model.load import load_tokenizer
     from tests.tiny_models import tiny_config
 
     tok = load_tokenizer(ModelSection(path="embedded:tiny-llama"))

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from llmtrain.chat import TEMPLATES
+from llmtrain.data.chat import TEMPLATES
 from tests.conftest import run_cli
 
 pytestmark = pytest.mark.slow

@@ -133,7 +133,7 @@ PROBE = """
 import json, sys, torch
 from pathlib import Path
 from llmtrain.config import ModelSection
-from llmtrain.export import load_for_inference
+from llmtrain.model.export import load_for_inference
 kind, path = sys.argv[1], Path(sys.argv[2])
 base = ModelSection(path="embedded:tiny-llama", dtype="float32")
 if kind == "adapter":

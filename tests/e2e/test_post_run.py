@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from llmtrain import cli, finetune
+from llmtrain import cli
+from llmtrain.train import post_run
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow
@@ -20,8 +21,8 @@ def test_failing_merge_and_generation_after_the_final_save_exit_0_with_warnings(
     def broken(*args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("planted post-run failure")
 
-    monkeypatch.setattr(finetune, "merge", broken)
-    monkeypatch.setattr(finetune, "generate", broken)
+    monkeypatch.setattr(post_run, "merge", broken)
+    monkeypatch.setattr(post_run, "generate", broken)
     out = tmp_path / "out"
     caplog.set_level("WARNING")
     rc = cli.main(["finetune", str(REPO / "configs" / "lora.yaml"), f"output.dir={out}",

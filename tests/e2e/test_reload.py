@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from llmtrain.config import load_config
-from llmtrain.finetune import train
-from llmtrain.strategies import World
+from llmtrain.train.run import train
+from llmtrain.train.strategies import World
 from tests.e2e.test_finetune_cli import PROBE
 
 pytestmark = pytest.mark.slow
@@ -26,7 +26,7 @@ def test_saved_result_reloads_with_same_logits(method: str, tmp_path: Path) -> N
     ])
     model = train(cfg, World(rank=0, local_rank=0, world_size=1)).model
     model.eval()
-    from llmtrain.models import load_tokenizer
+    from llmtrain.model.load import load_tokenizer
 
     tok = load_tokenizer(cfg.model)
     batch = tok(["Question: What is 3 plus 4?\nAnswer:", "Question: What is 9 minus 2?\nAnswer:"],

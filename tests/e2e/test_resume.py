@@ -126,6 +126,6 @@ def test_half_written_newest_checkpoint_resumes_from_the_one_before(tmp_path: Pa
     partial = out / f"checkpoint-{STEPS + 4}"
     partial.mkdir()
     (partial / "adapter_model.safetensors").write_bytes(b"\0" * 100)
-    from llmtrain.checkpoints import latest_complete
+    from llmtrain.train.checkpoints import latest_complete
 
     assert latest_complete(out) == newest

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from llmtrain.strategies import VALIDATED
+from llmtrain.train.strategies import VALIDATED
 from tests.conftest import REPO
 
 GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -91,7 +91,7 @@ PROBE = """
 import sys, tempfile, torch
 from pathlib import Path
 from llmtrain.config import ModelSection
-from llmtrain.export import load_for_inference, merge
+from llmtrain.model.export import load_for_inference, merge
 kind, path = sys.argv[1], Path(sys.argv[2])
 base = ModelSection(path="embedded:tiny-llama")
 

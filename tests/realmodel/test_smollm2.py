@@ -126,8 +126,9 @@ def test_tokenizer_is_fast_with_chatml_and_im_end(smollm2: Path) -> None:
 
 
 def test_labels_cover_exactly_the_assistant_turns_and_im_end(smollm2: Path, data: Path) -> None:
-    from llmtrain.data import load_rows, tokenize
-    from llmtrain.models import load_tokenizer
+    from llmtrain.data.rows import load_rows
+    from llmtrain.data.tokenize import tokenize
+    from llmtrain.model.load import load_tokenizer
 
     cfg = load_config("configs/chat.yaml", chat_args(smollm2, data, Path("unused"))[1:])
     tok = load_tokenizer(cfg.model)
@@ -152,7 +153,7 @@ def test_lora_run_learns_and_merged_equals_adapter(run: Path, smollm2: Path) -> 
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if "loss" in r]
     assert losses[-1] < 0.5 * losses[0], losses
-    from llmtrain.export import load_for_inference
+    from llmtrain.model.export import load_for_inference
 
     base = ModelSection(path=str(smollm2), dtype="float32")
     adapter_model, tok = load_for_inference(base, run / "final" / "adapter")

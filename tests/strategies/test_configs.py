@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from llmtrain import strategies
 from llmtrain.config import load_config
 from llmtrain.errors import ConfigError
+from llmtrain.train import strategies
 from tests.conftest import REPO
 from tests.tiny_models import tiny_config
 

@@ -15,9 +15,9 @@ from bench.probe import RunResult, batch_stats
 from bench.report import NotComparable, check_comparable, metrics
 from bench.workloads import CAP, MEDIAN, WORKLOADS, build_rows, sample_lengths
 
-from llmtrain.collate import PadCollator
-from llmtrain.data import IGNORE_INDEX
-from llmtrain.packing import PackingCollator
+from llmtrain.data.collate import PadCollator
+from llmtrain.kernels.varlen_attention import PackingCollator
+from llmtrain.labels import IGNORE_INDEX
 
 
 def features() -> list[dict[str, list[int]]]:

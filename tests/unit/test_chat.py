@@ -12,11 +12,13 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from llmtrain import chat
 from llmtrain.config import DataSection, ModelSection, resolve_path
-from llmtrain.data import IGNORE_INDEX, load_rows, tokenize
+from llmtrain.data import chat
+from llmtrain.data.rows import load_rows
+from llmtrain.data.tokenize import tokenize
 from llmtrain.errors import ConfigError, DataError
-from llmtrain.models import load_tokenizer
+from llmtrain.labels import IGNORE_INDEX
+from llmtrain.model.load import load_tokenizer
 
 CHATML = ["<|im_start|>", "<|im_end|>"]
 

@@ -3,8 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from llmtrain import checkpoints
 from llmtrain.errors import ConfigError
+from llmtrain.train import checkpoints
 
 
 def make(out: Path, step: int, complete: bool, mtime: float) -> Path:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from llmtrain.compute import estimate_compute, flops_per_token, pf_days, training_flops
-from llmtrain.memory import ModelShape, RunShape
+from llmtrain.sizing.compute import estimate_compute, flops_per_token, pf_days, training_flops
+from llmtrain.sizing.memory import ModelShape, RunShape
 
 # (model, parameters, training tokens, total train compute in FLOPs, in PF-days), Table D.1 of
 # Brown et al. 2020, "Language Models are Few-Shot Learners" (6 FLOPs per parameter per token).

@@ -4,9 +4,11 @@ from pathlib import Path
 import pytest
 
 from llmtrain.config import DataSection, ModelSection, resolve_path
-from llmtrain.data import IGNORE_INDEX, load_rows, squad_records, tokenize
+from llmtrain.data.rows import load_rows, squad_records
+from llmtrain.data.tokenize import tokenize
 from llmtrain.errors import ConfigError, DataError
-from llmtrain.models import load_tokenizer
+from llmtrain.labels import IGNORE_INDEX
+from llmtrain.model.load import load_tokenizer
 
 
 @pytest.fixture(scope="module")

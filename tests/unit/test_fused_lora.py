@@ -11,7 +11,7 @@ from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import Linear as LoraLinear
 from torch import nn
 
-from llmtrain import fused_lora
+from llmtrain.kernels import lora as fused_lora
 from tests.tiny_models import tiny_model
 
 

@@ -8,9 +8,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, PreTrainedModel
 
-from llmtrain import fused_loss, fused_ops
 from llmtrain.config import resolve_path
-from llmtrain.data import IGNORE_INDEX
+from llmtrain.kernels import loss as fused_loss
+from llmtrain.kernels import ops as fused_ops
+from llmtrain.labels import IGNORE_INDEX
 
 
 def tiny() -> PreTrainedModel:

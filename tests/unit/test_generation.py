@@ -9,8 +9,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from llmtrain.config import GenerationSection, ModelSection
-from llmtrain.generation import generate
-from llmtrain.models import load_tokenizer
+from llmtrain.model.generation import generate
+from llmtrain.model.load import load_tokenizer
 from tests.tiny_models import tiny_model
 
 

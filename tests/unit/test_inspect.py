@@ -9,8 +9,8 @@ from pathlib import Path
 import yaml
 
 from llmtrain.config import ModelSection
-from llmtrain.inspect_rows import runs
-from llmtrain.models import load_tokenizer
+from llmtrain.model.load import load_tokenizer
+from llmtrain.verbs.inspect import runs
 from tests.conftest import run_cli
 
 

@@ -16,13 +16,14 @@ import yaml
 from peft.tuners.lora import Linear as LoraLinear
 from torch import nn
 
-from llmtrain import fused_lora, strategies
-from llmtrain.checks import check_method
 from llmtrain.config import LoraSection, MethodSection, RunConfig, load_config
 from llmtrain.errors import EXIT_USAGE, ConfigError
-from llmtrain.memory import ModelShape, RunShape, trainable_params
-from llmtrain.methods import count_parameters, wrap
-from llmtrain.models import load_model_config
+from llmtrain.kernels import lora as fused_lora
+from llmtrain.model.load import load_model_config
+from llmtrain.model.methods import count_parameters, wrap
+from llmtrain.sizing.memory import ModelShape, RunShape, trainable_params
+from llmtrain.train import strategies
+from llmtrain.train.checks import check_method
 from tests.tiny_models import tiny_config, tiny_model
 from tests.unit.test_fused_lora import forward_backward
 
@@ -178,7 +179,7 @@ def test_dora_layers_keep_peft_forward_and_say_so_once(caplog: pytest.LogCapture
         if isinstance(m, LoraLinear):
             nn.init.normal_(m.lora_B["default"].weight, std=0.1)  # a DoRA term to compute
     reference = copy.deepcopy(model)
-    with caplog.at_level(logging.INFO, logger="llmtrain.fused_lora"):
+    with caplog.at_level(logging.INFO, logger="llmtrain.kernels.lora"):
         assert fused_lora.patch(model) == 0
     dora_lines = [r.getMessage() for r in caplog.records if "DoRA" in r.getMessage()]
     assert len(dora_lines) == 1 and "6 DoRA layers keep peft's forward" in dora_lines[0]
@@ -209,7 +210,7 @@ def test_estimate_counts_dora_magnitude_vectors() -> None:
 
 
 def test_estimate_of_a_dora_run_counts_magnitudes_and_drops_sharded_rows(tmp_path: Path) -> None:
-    from llmtrain.estimate import report
+    from llmtrain.verbs.estimate import report
 
     args = argparse.Namespace(nodes=1, gpus_per_node=1, gpu="h100", attention=None, tokens=None,
                               mfu=0.4)

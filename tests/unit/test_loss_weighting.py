@@ -15,12 +15,13 @@ from peft import LoraConfig, get_peft_model
 from torch.utils.data import BatchSampler
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from llmtrain import fused_loss, loss_weighting
-from llmtrain.collate import PadCollator
 from llmtrain.config import resolve_path
-from llmtrain.finetune import LossRecorder
+from llmtrain.data.collate import PadCollator
+from llmtrain.kernels import loss as fused_loss
+from llmtrain.kernels.varlen_attention import PackingCollator
 from llmtrain.labels import IGNORE_INDEX
-from llmtrain.packing import PackingCollator
+from llmtrain.train import loss_weighting
+from llmtrain.train.trainer import LossRecorder
 
 
 @pytest.mark.parametrize(

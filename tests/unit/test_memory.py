@@ -12,9 +12,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
-from llmtrain import fused_lora
-from llmtrain.gpus import get_gpu
-from llmtrain.memory import (
+from llmtrain.kernels import lora as fused_lora
+from llmtrain.sizing.gpus import get_gpu
+from llmtrain.sizing.memory import (
     ModelShape,
     RunShape,
     estimate,
@@ -240,7 +240,7 @@ def test_predicted_peak_matches_a_measured_cpu_step(
     run: RunShape, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     if run.lora_dropout > 0:  # the CPU kernel keeps a noise tensor in the input's dtype
-        monkeypatch.setattr("llmtrain.memory.DROPOUT_MASK_BYTES", 2)
+        monkeypatch.setattr("llmtrain.sizing.memory.DROPOUT_MASK_BYTES", 2)
     run = _with(run, micro_batch=4, seq_len=256, lora_r=8, fused_adam=False)
     predicted = estimate(ModelShape.from_config(TINY), run).allocated
     measured = _measured_peak(run)

@@ -3,7 +3,7 @@ from torch import nn
 
 from llmtrain.config import LoraSection, MethodSection
 from llmtrain.errors import ConfigError
-from llmtrain.methods import LORA_TARGETS, count_parameters, select_parameters, wrap
+from llmtrain.model.methods import LORA_TARGETS, count_parameters, select_parameters, wrap
 from tests.tiny_models import tiny_model
 
 ARCHS = ["llama", "mistral", "qwen2", "gpt_neox", "falcon", "gpt2"]

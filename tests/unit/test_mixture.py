@@ -10,7 +10,7 @@ import datasets
 import pytest
 
 from llmtrain.config import DataSection, SourceSection
-from llmtrain.mixture import split_sources, take
+from llmtrain.data.mixture import split_sources, take
 
 
 def rows(n: int) -> datasets.Dataset:

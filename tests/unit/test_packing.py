@@ -10,11 +10,12 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from llmtrain import fused_ops, packing
-from llmtrain.collate import PadCollator
 from llmtrain.config import resolve_path
-from llmtrain.data import IGNORE_INDEX
+from llmtrain.data.collate import PadCollator
 from llmtrain.errors import ConfigError
+from llmtrain.kernels import ops as fused_ops
+from llmtrain.kernels import varlen_attention as packing
+from llmtrain.labels import IGNORE_INDEX
 from tests.tiny_models import tiny_config
 
 LENGTHS = [(5, 7), (11, 2), (3, 14), (9, 9)]  # (prompt, response) tokens per sample
@@ -154,7 +155,7 @@ def test_padded_batches_keep_the_original_attention() -> None:
 def test_kernel_choice_is_logged_at_first_use(caplog: pytest.LogCaptureFixture) -> None:
     model = tiny_llama()
     packing.choose_kernel.cache_clear()
-    with caplog.at_level(logging.INFO, logger="llmtrain.packing"):
+    with caplog.at_level(logging.INFO, logger="llmtrain.kernels.varlen_attention"):
         packing.patch_attention(model)
         packed_logits(model, samples(model.config.vocab_size))
     assert "padding-free attention on 4 attention modules" in caplog.text

@@ -14,14 +14,16 @@ import yaml
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GenerationConfig, LlamaTokenizer, PreTrainedTokenizerFast
 
-from llmtrain import special_tokens
 from llmtrain.config import DataSection, ModelSection, resolve_path
-from llmtrain.data import IGNORE_INDEX, load_rows, tokenize
-from llmtrain.encode import trained_by_offsets, trained_by_prefixes
+from llmtrain.data.encode import trained_by_offsets, trained_by_prefixes
+from llmtrain.data.rows import load_rows
+from llmtrain.data.templates import render
+from llmtrain.data.tokenize import tokenize
 from llmtrain.errors import ConfigError, DataError
-from llmtrain.generation import prompt_batch
-from llmtrain.models import load_tokenizer
-from llmtrain.templates import render
+from llmtrain.labels import IGNORE_INDEX
+from llmtrain.model.generation import prompt_batch
+from llmtrain.model.load import load_tokenizer
+from llmtrain.vocab import special_tokens
 
 REPO = Path(__file__).resolve().parents[2]
 LORA = yaml.safe_load((REPO / "configs" / "lora.yaml").read_text())
@@ -248,8 +250,8 @@ def test_validate_warns_of_a_foreign_stop_token_and_an_unused_chat_template(
 
     from transformers import AutoConfig, AutoTokenizer
 
-    from llmtrain.checks import token_warnings
     from llmtrain.config import load_config
+    from llmtrain.train.checks import token_warnings
 
     model = tmp_path / "instruct"
     shutil.copytree(resolve_path("embedded:tiny-llama"), model)

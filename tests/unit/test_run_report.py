@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 from transformers import TrainerControl, TrainerState
 
-from llmtrain.callbacks import METRICS, RunReport
 from llmtrain.config import load_config
-from llmtrain.data import TokenizeStats
-from llmtrain.finetune import training_arguments
-from llmtrain.strategies import World
+from llmtrain.data.tokenize import TokenizeStats
+from llmtrain.train.callbacks import METRICS, RunReport
+from llmtrain.train.run import training_arguments
+from llmtrain.train.strategies import World
 
 REPO = Path(__file__).resolve().parents[2]
 ONE = World(rank=0, local_rank=0, world_size=1)

@@ -1,6 +1,6 @@
 import pytest
 
-from llmtrain.templates import TemplateError, fields, render
+from llmtrain.data.templates import TemplateError, fields, render
 
 
 def test_flat_and_nested_fields() -> None:

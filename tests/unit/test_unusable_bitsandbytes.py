@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from llmtrain.config import LoraSection, MethodSection
-from llmtrain.methods import wrap
+from llmtrain.model.methods import wrap
 from tests.tiny_models import tiny_model
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from transformers import PreTrainedTokenizerFast
 
-from llmtrain.tokenizer_build import train_byte_level, train_sentencepiece
+from llmtrain.vocab.build import train_byte_level, train_sentencepiece
 
 from .tiny import EN, lines, save, tiny_model, train_steps
 

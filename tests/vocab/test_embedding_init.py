@@ -13,9 +13,9 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 from llmtrain.cli import main
-from llmtrain.embedding_init import init_model_dir, is_tied, load_model
 from llmtrain.errors import ConfigError
-from llmtrain.tokenizer_build import extend_tokenizer, train_byte_level, train_sentencepiece
+from llmtrain.vocab.build import extend_tokenizer, train_byte_level, train_sentencepiece
+from llmtrain.vocab.resize import init_model_dir, is_tied, load_model
 
 from .tiny import RU, lines
 

@@ -10,10 +10,10 @@ import torch
 from transformers import PreTrainedTokenizerFast
 
 from llmtrain.cli import main
-from llmtrain.embedding_init import build_vocab_map, init_model_dir, load_model
-from llmtrain.embedding_map import fit_map, propagate, propagate_to_instruct
 from llmtrain.errors import ConfigError, DataError
-from llmtrain.tokenizer_build import load_tokenizer, train_sentencepiece
+from llmtrain.vocab.build import load_tokenizer, train_sentencepiece
+from llmtrain.vocab.propagate import fit_map, propagate, propagate_to_instruct
+from llmtrain.vocab.resize import build_vocab_map, init_model_dir, load_model
 
 from .tiny import RU, save
 

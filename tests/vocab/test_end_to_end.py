@@ -12,9 +12,9 @@ import torch
 from transformers import PreTrainedTokenizerFast
 
 from llmtrain.cli import main
-from llmtrain.embedding_init import load_model
-from llmtrain.tokenizer_build import load_tokenizer
-from llmtrain.tokenizer_stats import measure
+from llmtrain.vocab.build import load_tokenizer
+from llmtrain.vocab.resize import load_model
+from llmtrain.vocab.stats import measure
 
 from .tiny import EN, RU, lines, make_instruct
 

@@ -8,8 +8,8 @@ import pytest
 from transformers import PreTrainedTokenizerFast
 
 from llmtrain.cli import main
-from llmtrain.tokenizer_build import train_sentencepiece
-from llmtrain.tokenizer_stats import measure
+from llmtrain.vocab.build import train_sentencepiece
+from llmtrain.vocab.stats import measure
 
 from .tiny import RU
 

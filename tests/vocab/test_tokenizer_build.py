@@ -9,7 +9,7 @@ from transformers import PreTrainedTokenizerFast
 
 from llmtrain.cli import main
 from llmtrain.errors import ConfigError, DataError
-from llmtrain.tokenizer_build import (
+from llmtrain.vocab.build import (
     extend_tokenizer,
     load_tokenizer,
     tokenizer_kind,

@@ -20,8 +20,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from llmtrain.embedding_init import build_vocab_map, initialise, load_model
-from llmtrain.tokenizer_build import load_tokenizer, tokenizer_kind
+from llmtrain.vocab.build import load_tokenizer, tokenizer_kind
+from llmtrain.vocab.resize import build_vocab_map, initialise, load_model
 
 ASSETS = Path(__file__).parents[1] / "assets" / "vocab"
 EN = ASSETS / "en.txt"

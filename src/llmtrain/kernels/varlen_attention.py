@@ -1,0 +1,333 @@
+"""Padding-free packing: each micro-batch of instruction samples becomes one row, no padding.
+
+Positions restart at every sample and the label of each sample's first token is dropped (in the
+row it would be predicted from the previous sample), so the HF loss, the mean over the batch's
+label tokens, is the padded batch's loss. Attention must then keep samples apart: each Llama-style
+attention module gets a forward that finds the samples from where `position_ids` restart and
+calls a variable-length kernel, one of (in order of preference):
+
+- `flash_attn`: flash-attn's `flash_attn_varlen_func` (the image has flash-attn);
+- `torch_varlen`: torch's own varlen flash kernel, `torch.nn.attention.varlen` (CUDA, recent torch);
+- `sdpa_per_sample`: `scaled_dot_product_attention` once per sample (anywhere, slower).
+
+None of them ever attends across samples. The same forward serves unpacked rows without padding
+(every row is then one sample): those go to `scaled_dot_product_attention` with cuDNN's fused
+attention first where torch can rank its backends (on an H200 1.6-1.8x faster forward and
+backward than the flash kernel, bench/attention.py), falling back per call to flash. A batch that
+carries an attention mask takes the original forward.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import inspect
+import logging
+import types
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+
+from llmtrain.errors import ConfigError
+from llmtrain.kernels import ops as fused_ops
+from llmtrain.labels import IGNORE_INDEX
+
+log = logging.getLogger(__name__)
+
+# Attention classes of transformers 4.37.2 whose layout (q/k/v/o_proj, rotary_emb, heads,
+# rotate-half RoPE) the packed forward reproduces.
+SUPPORTED = ("llama", "mistral")
+KERNELS = ("flash_attn", "torch_varlen", "sdpa_per_sample")
+
+
+@dataclass
+class PackingCollator:
+    """Concatenates the micro-batch into one row with restarting positions and no padding."""
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        ids, labels, positions = [], [], []
+        for f in features:
+            n = len(f["input_ids"])
+            ids.append(torch.as_tensor(f["input_ids"], dtype=torch.long))
+            lab = torch.as_tensor(f["labels"], dtype=torch.long).clone()
+            lab[0] = IGNORE_INDEX
+            labels.append(lab)
+            positions.append(torch.arange(n, dtype=torch.long))
+        return {
+            "input_ids": torch.cat(ids)[None],
+            "labels": torch.cat(labels)[None],
+            "position_ids": torch.cat(positions)[None],
+        }
+
+
+@dataclass(frozen=True)
+class Segments:
+    """The samples of a flattened batch: offsets (int32, on the device), lengths, longest."""
+
+    cu_seqlens: torch.Tensor
+    lengths: list[int]
+    max_len: int
+
+
+class _SegmentCache:
+    """All layers of one forward (and their checkpoint recomputation) share one position_ids
+    tensor: find its samples once, with one host sync, not once per layer."""
+
+    def __init__(self) -> None:
+        self.key: tuple[torch.Tensor, int] | None = None
+        self.value: Segments | None = None
+
+    def get(self, position_ids: torch.Tensor, batch: int, length: int) -> Segments:
+        if self.key is not None and self.key[0] is position_ids and self.key[1] == batch:
+            assert self.value is not None
+            return self.value
+        self.value = find_segments(position_ids, batch, length)
+        self.key = (position_ids, batch)
+        return self.value
+
+
+_segment_cache = _SegmentCache()
+
+
+def find_segments(position_ids: torch.Tensor, batch: int, length: int) -> Segments:
+    """A sample starts where the position is 0 and at every row start."""
+    pos = position_ids.expand(batch, length).reshape(-1)
+    start = pos == 0
+    start[::length] = True
+    offsets = start.nonzero().flatten()
+    total = torch.tensor([batch * length], device=pos.device)
+    cu = torch.cat([offsets, total]).to(torch.int32)
+    lengths = cu.diff().tolist()
+    return Segments(cu_seqlens=cu, lengths=lengths, max_len=max(lengths))
+
+
+def _repeat_heads(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """[tokens, kv_heads, dim] -> [tokens, kv_heads * groups, dim], as transformers' repeat_kv."""
+    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
+
+
+def _sdpa_per_sample(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg: Segments, dropout: float
+) -> torch.Tensor:
+    groups = q.shape[1] // k.shape[1]
+    k, v = _repeat_heads(k, groups), _repeat_heads(v, groups)
+    outs = []
+    for qs, ks, vs in zip(
+        q.split(seg.lengths), k.split(seg.lengths), v.split(seg.lengths), strict=True
+    ):
+        out = F.scaled_dot_product_attention(
+            qs.transpose(0, 1),
+            ks.transpose(0, 1),
+            vs.transpose(0, 1),
+            dropout_p=dropout,
+            is_causal=True,
+        )
+        outs.append(out.transpose(0, 1))
+    return torch.cat(outs)
+
+
+def _flash_attn(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg: Segments, dropout: float
+) -> torch.Tensor:
+    from flash_attn import flash_attn_varlen_func
+
+    out: torch.Tensor = flash_attn_varlen_func(
+        q,
+        k,
+        v,
+        seg.cu_seqlens,
+        seg.cu_seqlens,
+        seg.max_len,
+        seg.max_len,
+        dropout_p=dropout,
+        causal=True,
+    )
+    return out
+
+
+def _torch_varlen(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg: Segments, dropout: float
+) -> torch.Tensor:
+    from torch.nn.attention.varlen import varlen_attn
+
+    # The signature moved between torch releases: causal was `is_causal`, then a window.
+    params = inspect.signature(varlen_attn).parameters
+    kwargs: dict[str, Any] = (
+        {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+    )
+    if "enable_gqa" in params:
+        kwargs["enable_gqa"] = True
+    else:
+        groups = q.shape[1] // k.shape[1]
+        k, v = _repeat_heads(k, groups), _repeat_heads(v, groups)
+    out = varlen_attn(q, k, v, seg.cu_seqlens, seg.cu_seqlens, seg.max_len, seg.max_len, **kwargs)
+    assert isinstance(out, torch.Tensor)  # no auxiliary outputs were asked for
+    return out
+
+
+def _sdpa_rows(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bsz: int, dropout: float
+) -> torch.Tensor:
+    """Rows that each hold one whole sample: [tokens, heads, dim] -> [bsz, heads, len, dim]
+    views, cuDNN attention ranked first."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q, k, v = (x.view(bsz, -1, *x.shape[1:]).transpose(1, 2) for x in (q, k, v))
+    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
+    with sdpa_kernel(order, set_priority=True):
+        out = F.scaled_dot_product_attention(
+            q, k, v, dropout_p=dropout, is_causal=True, enable_gqa=k.shape[1] != q.shape[1]
+        )
+    batch, heads, length, dim = out.shape
+    return out.transpose(1, 2).reshape(batch * length, heads, dim)
+
+
+def ranks_backends() -> bool:
+    """torch 2.6+: sdpa_kernel takes a priority order (and SDPA grouped-query heads, 2.5+).
+    scaled_dot_product_attention itself is a builtin without a signature to inspect."""
+    from torch.nn.attention import sdpa_kernel
+
+    return "set_priority" in inspect.signature(sdpa_kernel).parameters
+
+
+@functools.cache
+def ranked_sdpa(device: torch.device) -> bool:
+    """Whether whole rows take _sdpa_rows: CUDA, and a torch that ranks SDPA backends."""
+    ranked = device.type == "cuda" and ranks_backends()
+    log.info("whole-row attention: %s", "sdpa, cuDNN first" if ranked else "the packed kernel")
+    return ranked
+
+
+_KERNEL_FUNCS: dict[str, Callable[..., torch.Tensor]] = {
+    "flash_attn": _flash_attn,
+    "torch_varlen": _torch_varlen,
+    "sdpa_per_sample": _sdpa_per_sample,
+}
+
+
+def _probe(kernel: str, device: torch.device, dtype: torch.dtype) -> str | None:
+    """Run the kernel forward and backward on two tiny samples; the error text if it fails."""
+    try:
+        with torch.enable_grad():  # the first use may come under no_grad (evaluation)
+            q, k, v = (
+                torch.randn(24, h, 64, device=device, dtype=dtype, requires_grad=True)
+                for h in (4, 2, 2)
+            )
+            pos = torch.tensor([list(range(16)) + list(range(8))], device=device)
+            _KERNEL_FUNCS[kernel](q, k, v, find_segments(pos, 1, 24), 0.0).sum().backward()
+    except Exception as exc:  # any failure means: use the next kernel
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    return None
+
+
+@functools.cache
+def choose_kernel(device: torch.device, dtype: torch.dtype, dropout: float) -> str:
+    """The first kernel that runs forward and backward here, chosen at first use and logged."""
+    candidates = []
+    if device.type == "cuda":
+        if importlib.util.find_spec("flash_attn") is not None:
+            candidates.append("flash_attn")
+        if importlib.util.find_spec("torch.nn.attention.varlen") is not None and dropout == 0:
+            candidates.append("torch_varlen")  # its dropout is fixed at 0
+    for kernel in candidates:
+        error = _probe(kernel, device, dtype)
+        if error is None:
+            break
+        log.warning("padding-free attention: %s does not run here (%s)", kernel, error)
+    else:
+        kernel = "sdpa_per_sample"
+    log.info("padding-free attention: kernel %s (%s, %s)", kernel, device, dtype)
+    return kernel
+
+
+def _packed_forward(
+    self: Any,  # an attention module of transformers, with the attributes patch_attention sets
+    hidden_states: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    past_key_value: Any = None,
+    output_attentions: bool = False,
+    use_cache: bool = False,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None, Any]:
+    cached = past_key_value is not None and past_key_value.get_seq_length(self.layer_idx) > 0
+    if attention_mask is not None or output_attentions or cached or position_ids is None:
+        return self._llmtrain_original_forward(
+            hidden_states,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_value=past_key_value,
+            output_attentions=output_attentions,
+            use_cache=use_cache,
+            **kwargs,
+        )
+    bsz, q_len, _ = hidden_states.shape
+    seg = _segment_cache.get(position_ids, bsz, q_len)
+    window = getattr(self.config, "sliding_window", None)
+    if window is not None and seg.max_len > window:
+        raise ConfigError(
+            f"a sample of {seg.max_len} tokens is longer than the model's sliding window "
+            f"({window}), which padding-free attention does not apply",
+            f"set data.max_length to at most {window}, or data.packing=none",
+        )
+    tokens = bsz * q_len
+    hidden_states = fused_ops.autocast_input(hidden_states)
+    q = self.q_proj(hidden_states).view(tokens, self.num_heads, self.head_dim)
+    k = self.k_proj(hidden_states).view(tokens, self.num_key_value_heads, self.head_dim)
+    v = self.v_proj(hidden_states).view(tokens, self.num_key_value_heads, self.head_dim)
+    cos, sin = self.rotary_emb(v, seq_len=seg.max_len)
+    flat_pos = position_ids.expand(bsz, q_len).reshape(-1)
+    q, k = self._llmtrain_rope(q, k, cos[flat_pos][:, None], sin[flat_pos][:, None])
+    dropout = self.attention_dropout if self.training else 0.0
+    if len(seg.lengths) == bsz and ranked_sdpa(q.device):  # every row is one sample
+        out = _sdpa_rows(q, k, v, bsz, dropout)
+    else:
+        # Chosen where the tensors are: the Trainer moves the model after it was patched.
+        self._llmtrain_kernel = choose_kernel(q.device, q.dtype, self.attention_dropout)
+        out = _KERNEL_FUNCS[self._llmtrain_kernel](q, k, v, seg, dropout)
+    return self.o_proj(out.reshape(bsz, q_len, self.hidden_size)), None, past_key_value
+
+
+def _attention_modules(model: nn.Module) -> list[Any]:
+    return [
+        m
+        for m in model.modules()
+        if all(hasattr(m, a) for a in ("q_proj", "k_proj", "v_proj", "o_proj", "rotary_emb"))
+    ]
+
+
+def supports(model: PreTrainedModel) -> bool:
+    return model.config.model_type in SUPPORTED and model.config._attn_implementation != "eager"
+
+
+def patch_attention(model: PreTrainedModel, *, compiled_rope: bool = False) -> None:
+    """Give every attention module the packed forward."""
+    config = model.config
+    if config.model_type not in SUPPORTED:
+        raise ConfigError(
+            f"data.packing=padding_free supports {', '.join(SUPPORTED)} models, "
+            f"not {config.model_type}",
+            "set data.packing=none",
+        )
+    if config._attn_implementation == "eager":
+        raise ConfigError(
+            "data.packing=padding_free needs model.attn_implementation sdpa or "
+            "flash_attention_2 (eager attention builds a mask over the whole row)",
+            "set model.attn_implementation=auto",
+        )
+    modules = _attention_modules(model)
+    rope = fused_ops.compiled("rope") if compiled_rope else fused_ops.rope
+    for m in modules:
+        m._llmtrain_original_forward = m.forward
+        m._llmtrain_rope = rope
+        m.forward = types.MethodType(_packed_forward, m)
+    log.info(
+        "padding-free attention on %d attention modules%s",
+        len(modules),
+        " (compiled RoPE)" if compiled_rope else "",
+    )

@@ -1,0 +1,102 @@
+"""Loading trained results for inference and merging adapters, from directories on disk."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import GenerationConfig
+
+from llmtrain.config import ModelSection
+from llmtrain.errors import ConfigError
+from llmtrain.model.load import load_model, load_tokenizer
+from llmtrain.model.methods import skip_unusable_bitsandbytes
+from llmtrain.vocab import special_tokens
+
+log = logging.getLogger(__name__)
+
+
+def is_adapter_dir(path: Path) -> bool:
+    return (path / "adapter_config.json").is_file()
+
+
+def load_for_inference(
+    base: ModelSection,
+    adapter: Path | None,
+    *,
+    dtype: torch.dtype | None = None,
+    device_map: str | None = None,
+    quantized: bool = False,
+) -> tuple[Any, Any]:
+    """(model, tokenizer): a full model directory, or a base model plus a LoRA adapter.
+
+    quantized: the base in 4-bit NF4 as QLoRA trained it, so the adapter sees the weights it
+    was trained against (on a bf16 base the logits move by the quantization error)."""
+    extra: dict[str, Any] = {"device_map": device_map} if device_map else {}
+    if quantized:
+        from llmtrain.model.methods import quantization_config
+
+        extra["quantization_config"] = quantization_config(dtype or torch.bfloat16)
+        extra.setdefault("device_map", {"": 0})  # bitsandbytes places it; .to() is refused
+    if adapter is None:
+        model = load_model(base, dtype=dtype, extra=extra)
+        tokenizer = load_tokenizer(base)
+    else:
+        from peft import PeftModel
+
+        if not is_adapter_dir(adapter):
+            raise ConfigError(
+                f"{adapter} is not a LoRA adapter directory (no adapter_config.json)",
+                "pass the final/adapter directory of a LoRA run, or omit --adapter for a full "
+                "model",
+            )
+        skip_unusable_bitsandbytes()
+        model = PeftModel.from_pretrained(load_model(base, dtype=dtype, extra=extra), str(adapter))
+        if (adapter / "generation_config.json").is_file():
+            # The trained EOS (special_tokens.write_generation_config), not the base's.
+            model.generation_config = GenerationConfig.from_pretrained(str(adapter))
+        tok_source = adapter if (adapter / "tokenizer_config.json").is_file() else None
+        tokenizer = load_tokenizer(
+            base.model_copy(update={"tokenizer": str(tok_source)}) if tok_source else base
+        )
+    if "device_map" not in extra:
+        model.to("cuda" if torch.cuda.is_available() else "cpu")
+    model.eval()
+    return model, tokenizer
+
+
+def merge(base: ModelSection, adapter: Path, out: Path, dtype: torch.dtype | None = None) -> Path:
+    """Base plus adapter as one safetensors model directory with the tokenizer, written to a
+    temporary name and renamed, so a crash never leaves a half merge under `out`."""
+    from peft import PeftModel
+
+    if not is_adapter_dir(adapter):
+        raise ConfigError(
+            f"{adapter} is not a LoRA adapter directory (no adapter_config.json)",
+            "pass the final/adapter directory of a LoRA run",
+        )
+    skip_unusable_bitsandbytes()
+    model = PeftModel.from_pretrained(load_model(base, dtype=dtype), str(adapter))
+    merged = model.merge_and_unload()
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    merged.save_pretrained(tmp, safe_serialization=True)
+    tok_source = adapter if (adapter / "tokenizer_config.json").is_file() else None
+    tokenizer = load_tokenizer(
+        base.model_copy(update={"tokenizer": str(tok_source)}) if tok_source else base
+    )
+    tokenizer.save_pretrained(tmp)
+    trained = (
+        GenerationConfig.from_pretrained(str(adapter))
+        if (adapter / "generation_config.json").is_file()
+        else merged.generation_config
+    )
+    special_tokens.write_generation_config(tmp, trained, tokenizer)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    log.info("merged model written to %s", out)
+    return out

@@ -1,0 +1,218 @@
+"""The one check list run before anything is written or any GPU is allocated: config, output
+directories, model and tokenizer, the method against the model's modules, data rows, templates,
+hardware. `validate` runs it on a login node; `finetune` and `prepare` run the same function
+at start, so the three verbs fail on the same input with the same exit code and words."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llmtrain.config import RunConfig
+from llmtrain.data import mixture
+from llmtrain.data.rows import check_templates, load_rows
+from llmtrain.data.tokenize import tokenize
+from llmtrain.errors import ConfigError, NeedsGpuError
+from llmtrain.model.load import load_model_config, load_tokenizer, model_class, pick_attention
+from llmtrain.train import checkpoints, strategies
+from llmtrain.vocab import special_tokens
+
+log = logging.getLogger(__name__)
+SAMPLE_ROWS = 2000
+
+
+@dataclass
+class Report:
+    lines: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def needs_gpu(cfg: RunConfig) -> bool:
+    """Whether the run can only train on a CUDA GPU (then a login node validates for one)."""
+    return (
+        cfg.method.name == "qlora"
+        or cfg.training.precision in ("bf16", "fp16")
+        or cfg.model.attn_implementation == "flash_attention_2"
+        or cfg.distributed.strategy in strategies.DEEPSPEED
+    )
+
+
+def check_hardware(cfg: RunConfig, *, gpu: bool) -> None:
+    """GPU-only settings against a target machine that has (`gpu`) or lacks a CUDA GPU.
+
+    Raises:
+        NeedsGpuError: a GPU-only setting for a target without one (exit 64).
+        ConfigError: a method/strategy combination the pinned stack cannot run (exit 64).
+    """
+    if cfg.method.name == "qlora" and not gpu:
+        raise NeedsGpuError(
+            "method qlora needs a CUDA GPU (bitsandbytes 4-bit kernels) and this machine has none",
+            "run on a GPU node, or use method lora on CPU",
+        )
+    if cfg.training.precision in ("bf16", "fp16") and not gpu:
+        raise NeedsGpuError(
+            f"training.precision={cfg.training.precision} needs a CUDA GPU and this machine "
+            "has none",
+            "use training.precision=auto (fp32 on CPU) or run on a GPU node",
+        )
+    strategies.check(cfg)
+    if cfg.distributed.strategy in strategies.DEEPSPEED and not gpu:
+        raise NeedsGpuError(
+            f"distributed.strategy={cfg.distributed.strategy} needs CUDA GPUs: accelerate 0.26 "
+            "starts DeepSpeed with NCCL only, and this machine has none",
+            "run on GPU nodes; on CPU use distributed.strategy=ddp or fsdp (gloo)",
+        )
+    if cfg.distributed.strategy == "fsdp" and not gpu:
+        log.warning("distributed.strategy=fsdp on CPU runs over gloo, with two processes or more")
+
+
+def check_writable(key: str, path: Path) -> None:
+    """`path` is a directory already, or one this user can create.
+
+    Raises:
+        ConfigError: it is a file, lies below a file, or its nearest existing parent is not
+            writable (exit 64).
+    """
+    if path.exists() and not path.is_dir():
+        raise ConfigError(
+            f"{key} {str(path)!r} is an existing file, not a directory",
+            f"point {key} at a new or existing directory, or move the file away",
+        )
+    parent = path
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(
+            f"{key} {str(path)!r} cannot be created: {str(parent)!r} is a file",
+            f"point {key} at a directory path that has no file in it",
+        )
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(
+            f"{key} {str(path)!r} cannot be written: this user may not write to {str(parent)!r}",
+            f"point {key} at a directory you can write to (e.g. on scratch)",
+        )
+
+
+def check_outputs(cfg: RunConfig) -> None:
+    """The directories finetune and prepare write, and the checkpoint to resume from."""
+    out = Path(cfg.output.dir)
+    check_writable("output.dir", out)
+    if cfg.data.prepared_dir is not None:
+        check_writable("data.prepared_dir", Path(cfg.data.prepared_dir))
+    else:
+        check_writable("output.dir", cfg.prepared_dir())
+    if cfg.output.resume not in ("auto", "never"):
+        checkpoints.resume_point(out, cfg.output.resume)
+
+
+def check_model(cfg: RunConfig, *, gpu: bool | None = None) -> tuple[Any, Any, list[str]]:
+    """The model's config and tokenizer (no weights); `gpu` is the target's, None: this one's."""
+    config = load_model_config(cfg.model)
+    tokenizer = load_tokenizer(cfg.model)
+    lines = [f"model: {config.model_type}, {getattr(config, 'num_hidden_layers', '?')} layers"]
+    if model_class(config) is None:
+        raise ConfigError(
+            f"model type {config.model_type!r} has no causal-LM class in transformers 4.37.2",
+            "use a decoder-only model, or model.trust_remote_code=true for custom code",
+        )
+    vocab = getattr(config, "vocab_size", None)
+    if vocab is not None and len(tokenizer) > vocab:
+        raise ConfigError(
+            f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {vocab}",
+            "use the model's own tokenizer, or resize the model (llmtrain vocab init)",
+        )
+    lines.append(f"attention: {pick_attention(cfg.model, config, gpu=gpu)}")
+    return config, tokenizer, lines
+
+
+def check_method(cfg: RunConfig, config: Any) -> None:
+    """lora.target_modules and method.layers against the model's module names, from a model
+    built on the meta device (no weights, no memory), with the functions finetune wraps with.
+
+    Raises:
+        ConfigError: a target or layer pattern names nothing in the model (exit 64).
+    """
+    if cfg.method.name == "full":
+        return
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    from llmtrain.model.methods import check_dora_targets, lora_targets, select_parameters
+
+    with init_empty_weights(include_buffers=True):
+        model = AutoModelForCausalLM.from_config(
+            config, trust_remote_code=cfg.model.trust_remote_code
+        )
+    if cfg.method.name == "layers":
+        select_parameters(model, cfg.method.layers)
+        return
+    targets = lora_targets(config, cfg.lora, model)
+    if cfg.method.name == "lora" and cfg.lora.use_dora:
+        check_dora_targets(model, targets)
+
+
+def check_data(cfg: RunConfig, tokenizer: Any, report: Report) -> None:
+    """Each source's rows load, the templates fit them, data.eval_fraction leaves rows on both
+    sides, and a sample tokenizes to usable samples."""
+    for k, section in enumerate(cfg.data.for_sources()):
+        rows = load_rows(section)
+        check_templates(section, rows)
+        mixture.check_eval_split(cfg.data, k, len(rows))
+        sample = rows.select(range(min(SAMPLE_ROWS, len(rows))))
+        _, stats = tokenize(sample, tokenizer, section)
+        scope = "all" if len(sample) == len(rows) else f"first {len(sample)} of {len(rows)}"
+        name = f"data.sources[{k}]" if cfg.data.sources else "data"
+        report.lines.append(f"{name} ({scope} rows): {stats.summary()}")
+        too_long = stats.truncated + stats.dropped_too_long + stats.dropped_prompt_too_long
+        if too_long:
+            report.warnings.append(
+                f"{name}: {too_long} of {stats.rows} sampled rows exceed "
+                f"data.max_length={section.max_length} (policy: {section.overflow})"
+            )
+
+
+def run_checks(cfg: RunConfig, *, gpu: bool, data: bool = True) -> Report:
+    """Every check, in the order finetune would hit them; raises the first problem found.
+
+    Args:
+        gpu: the target machine has a CUDA GPU (validate: the GPU node it checks for;
+            finetune: this machine).
+        data: also read the data (finetune: only the main rank, so N ranks do not read the
+            whole dataset at once).
+
+    Raises:
+        ConfigError: exit 64. DataError: exit 65.
+    """
+    report = Report()
+    check_hardware(cfg, gpu=gpu)
+    check_outputs(cfg)
+    config, tokenizer, lines = check_model(cfg, gpu=gpu)
+    report.lines += lines
+    check_method(cfg, config)
+    report.warnings += token_warnings(cfg, config, tokenizer)
+    if data:
+        check_data(cfg, tokenizer, report)
+    return report
+
+
+def token_warnings(cfg: RunConfig, config: Any, tokenizer: Any) -> list[str]:
+    """Where the model would stop at another token than the trained EOS (every saved output
+    gets the trained one), and an instruct model's chat template left unused by the data."""
+    from transformers import GenerationConfig
+
+    try:
+        generation = GenerationConfig.from_pretrained(cfg.model.resolved_path())
+    except OSError:  # no generation_config.json: transformers derives one from config.json
+        generation = None
+    warnings = special_tokens.config_warnings(special_tokens.decide(tokenizer), config, generation)
+    unused = [s.path for s in cfg.data.for_sources() if s.shape != "chat"]
+    if getattr(tokenizer, "chat_template", None) and unused:
+        warnings.append(
+            f"the model has a chat template (an instruct model), but {', '.join(map(str, unused))} "
+            "is rendered with data.prompt_template/data.shape=text instead; to fine-tune it the "
+            "way it chats, use data.shape=chat (configs/chat.yaml)"
+        )
+    return warnings

@@ -1,0 +1,127 @@
+"""The HF Trainer as llmtrain runs it: the token-weighted loss of each optimizer step and an
+exact per-step loss record (LossRecorder, closed at each step by StepBoundary)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from transformers import Trainer, TrainerCallback
+
+from llmtrain.train import loss_weighting, strategies
+
+log = logging.getLogger(__name__)
+
+
+class LossRecorder:
+    """Exact per-optimizer-step losses; the Trainer's logged loss is rounded to 4 digits.
+
+    Each rank adds its micro-batches' summed token losses x ranks / step tokens (loss_weighting;
+    DDP averages gradients over ranks): the mean over ranks is the step's loss. The same
+    all-reduce checks that the loss tokens the ranks saw add up to the count every rank divided
+    by: a sharding other than the one loss_weighting assumes would weight the loss wrongly.
+
+    Kept as tensors until a log line needs them: reading a GPU loss every micro-step would
+    stall the CPU that queues the next step's kernels."""
+
+    def __init__(self) -> None:
+        self.pending: torch.Tensor | float = 0.0
+        self.pending_tokens: torch.Tensor | int = 0
+        self.step_tokens: int | None = None
+        self.steps: list[tuple[torch.Tensor | float, torch.Tensor | int, int | None]] = []
+
+    def add(self, loss: torch.Tensor, tokens: torch.Tensor, step_tokens: int | None) -> None:
+        """`loss`: one micro-batch's contribution, as above (fp32 scalar); `tokens`: its
+        loss tokens; `step_tokens`: the step's count it was divided by (None: not weighted)."""
+        self.pending = self.pending + loss.detach()
+        self.pending_tokens = self.pending_tokens + tokens
+        self.step_tokens = step_tokens
+
+    def close_step(self) -> None:
+        self.steps.append((self.pending, self.pending_tokens, self.step_tokens))
+        self.pending, self.pending_tokens, self.step_tokens = 0.0, 0, None
+
+    def drain(self) -> dict[str, Any]:
+        steps, self.steps = self.steps, []
+        if not steps:
+            return {}
+        values = torch.tensor(
+            [
+                [float(loss), float(seen), float(-1 if counted is None else counted)]
+                for loss, seen, counted in steps
+            ],
+            dtype=torch.float64,
+        )
+        world = 1
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
+            world = torch.distributed.get_world_size()
+            values = values.to(device)
+            torch.distributed.all_reduce(values)
+            values = values.cpu()
+        for seen, counted in values[:, 1:].tolist():
+            if counted >= 0 and seen != counted / world:
+                raise RuntimeError(
+                    f"an optimizer step's loss was divided by {counted / world:.0f} loss tokens "
+                    f"but its micro-batches held {seen:.0f}: the data loader does not shard "
+                    "batches as llmtrain.train.loss_weighting assumes"
+                )
+        return {"loss_exact": (values[:, 0] / world).tolist()}
+
+
+class LlmtrainTrainer(Trainer):
+    """HF Trainer plus the token-weighted loss of each optimizer step (loss_weighting) and an
+    exact loss record; everything else goes through callbacks.
+
+    The training split must be a loss_weighting.StepTokenDataset and the collator a
+    StepTokenCollator; `chunked_loss`: the model's forward is fused_loss's (it can sum)."""
+
+    def __init__(
+        self, *args: Any, recorder: LossRecorder, chunked_loss: bool, **kwargs: Any
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.recorder = recorder
+        self.chunked_loss = chunked_loss
+
+    def training_step(self, model: Any, inputs: dict[str, Any]) -> torch.Tensor:
+        loss = super().training_step(model, inputs)
+        # Already divided by gradient_accumulation_steps: this rank's share of the step's loss.
+        tokens = loss_weighting.loss_tokens(inputs["labels"])
+        self.recorder.add(loss, tokens, inputs.get(loss_weighting.STEP_TOKENS))
+        return loss
+
+    def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False) -> Any:
+        """Training: sum of the micro-batch's token losses, scaled so that the step's gradient
+        is that of (sum over its micro-batches and ranks) / (its loss tokens). Evaluation
+        batches carry no step count and keep transformers' per-batch mean."""
+        step_tokens = inputs.pop(loss_weighting.STEP_TOKENS, None)
+        if step_tokens is None or return_outputs:
+            return super().compute_loss(model, inputs, return_outputs)
+        total = loss_weighting.token_loss_sum(model, inputs, self.chunked_loss)
+        return total * loss_weighting.backward_scale(
+            step_tokens, self.args.gradient_accumulation_steps, self.args.world_size
+        )
+
+    def create_optimizer(self) -> torch.optim.Optimizer:
+        optimizer = super().create_optimizer()
+        strategies.drop_empty_param_groups(optimizer)
+        return optimizer
+
+    def _get_train_sampler(self) -> loss_weighting.StepTokenSampler:
+        dataset = self.train_dataset
+        assert isinstance(dataset, loss_weighting.StepTokenDataset)
+        step_samples = (
+            self._train_batch_size * self.args.world_size * self.args.gradient_accumulation_steps
+        )
+        return loss_weighting.StepTokenSampler(dataset.counts, self.args.seed, step_samples)
+
+
+class StepBoundary(TrainerCallback):
+    """Closes the loss record of each optimizer step."""
+
+    def __init__(self, recorder: LossRecorder) -> None:
+        self.recorder = recorder
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.recorder.close_step()

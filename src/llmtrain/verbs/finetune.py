@@ -1,0 +1,46 @@
+"""`llmtrain finetune`: parse -> check -> train -> close. One loop for every method and strategy."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+import torch
+
+from llmtrain.config import load_config
+from llmtrain.errors import StopRequested
+from llmtrain.train import strategies
+from llmtrain.train.checks import run_checks
+from llmtrain.train.run import close_process_group, train
+from llmtrain.train.strategies import World
+
+EXAMPLE = "llmtrain finetune configs/lora.yaml training.learning_rate=1e-4 output.dir=runs/lora"
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="run config (YAML)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides: key.sub=value")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    world = World.from_env()
+    # validate's check list, for this machine, before anything is written or loaded; the data
+    # is read by the main rank only (the others wait for its prepared data anyway).
+    report = run_checks(cfg, gpu=torch.cuda.is_available(), data=world.is_main)
+    strategies.check_world(strategies.resolve(cfg, world), world)
+    for warning in report.warnings:
+        log.warning("%s", warning)
+    stopped: str | None = None
+    try:
+        train(cfg, world)
+    except StopRequested as exc:
+        # Keep the message only: the traceback's frames hold the Trainer, whose (FSDP or DDP)
+        # model holds the process group, which must be gone before the interpreter exits.
+        stopped = str(exc)
+    finally:
+        close_process_group()
+    if stopped is not None:
+        raise StopRequested(stopped)
+    return 0

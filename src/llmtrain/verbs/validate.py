@@ -1,0 +1,82 @@
+"""`llmtrain validate`: check a run before any GPU is allocated (CPU, no weights loaded)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from llmtrain.config import RunConfig, load_config
+from llmtrain.sizing import from_config as sizing
+from llmtrain.sizing.gpus import PRESETS
+from llmtrain.sizing.memory import NotEstimable
+from llmtrain.train.checks import needs_gpu, run_checks
+
+EXAMPLE = "llmtrain validate configs/lora.yaml data.path=data/train.jsonl --gpu h100"
+DEFAULT_GPU = "h100"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="run config (YAML)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides: key.sub=value")
+    parser.add_argument(
+        "--assume-gpu",
+        action="store_true",
+        help="check for a GPU node even if neither --gpu nor the config asks for one",
+    )
+    parser.add_argument(
+        "--gpu",
+        help="check for a GPU node with this preset, also used by the memory check "
+        f"(default {DEFAULT_GPU}): {', '.join(PRESETS)}",
+    )
+    parser.add_argument("--nodes", type=int, default=1)
+    parser.add_argument("--gpus-per-node", type=int, default=1)
+
+
+def _target_line(cfg: RunConfig, args: argparse.Namespace) -> tuple[bool, str]:
+    """Whether the checks are for a GPU node, and the line that says which machine they are for:
+    a GPU node when --gpu or --assume-gpu is given or the config needs one, else this one."""
+    here = torch.cuda.is_available()
+    wanted = args.gpu is not None or args.assume_gpu or needs_gpu(cfg)
+    if not wanted:
+        return here, f"target: this machine ({'CUDA GPU' if here else 'CPU'})"
+    if here:
+        return True, "target: a CUDA GPU node (this machine has one)"
+    why = "--gpu was given" if args.gpu is not None else (
+        "--assume-gpu was given" if args.assume_gpu else "the config needs a GPU"
+    )
+    return True, (
+        f"target: a CUDA GPU node ({why}); this machine has no GPU, which is fine for "
+        "validate: run finetune on a GPU node"
+    )
+
+
+def _memory(cfg: RunConfig, args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    """The memory estimate's lines and warnings; an architecture the estimator does not cover
+    is reported, not refused: finetune trains it all the same."""
+    gpu = args.gpu or DEFAULT_GPU
+    try:
+        lines = sizing.summary(cfg, gpu, args.nodes, args.gpus_per_node)
+        fits = sizing.fits(cfg, gpu, args.nodes, args.gpus_per_node)
+    except NotEstimable as exc:
+        return [f"memory per GPU: the estimate is not available for this architecture "
+                f"({exc.problem}; {exc.fix})"], []
+    warnings = [] if fits else [
+        f"the run is estimated not to fit a {gpu} GPU: see `llmtrain estimate "
+        f"{args.config}` for strategies and micro-batches that do"
+    ]
+    return lines, warnings
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    gpu, target = _target_line(cfg, args)
+    report = run_checks(cfg, gpu=gpu)
+    lines, warnings = _memory(cfg, args)
+    for line in [target, *report.lines, *lines]:
+        print(line)
+    for warning in report.warnings + warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    print(f"ok: {args.config} is valid")
+    return 0
