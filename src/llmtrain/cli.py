@@ -47,6 +47,15 @@ def _load(verb: str) -> Verb:
     return module
 
 
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("llmtrain")
+    except metadata.PackageNotFoundError:  # run from a source tree (PYTHONPATH=src)
+        return "unknown (not installed)"
+
+
 def build_parser(
     verb: str | None,
 ) -> tuple[argparse.ArgumentParser, argparse.ArgumentParser | None]:
@@ -55,6 +64,7 @@ def build_parser(
     parser = argparse.ArgumentParser(
         prog="llmtrain", description="Reproducible LLM fine-tuning on clusters."
     )
+    parser.add_argument("--version", action="version", version=f"llmtrain {_version()}")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     for name, (_, help_text) in VERBS.items():
         if name != verb:
@@ -119,8 +129,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # argparse exits 2 on bad usage; the contract says 64 (never requeue).
         return EXIT_USAGE if exit_.code == 2 else int(exit_.code or 0)
     if args.verb is None:
-        parser.print_help()
-        return 0
+        # No verb is a usage error (a job script that lost its arguments must not pass).
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
     # Our loggers at INFO, every other library's at WARNING: with the root at INFO, libraries'
     # import-time notes (datasets' "PyTorch version ... available.") reached every verb's output.
     logging.basicConfig(level=logging.WARNING, format="[llmtrain] %(message)s", stream=sys.stderr)

@@ -5,14 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 
-import torch
-
 from llmtrain.config import load_config
 from llmtrain.errors import StopRequested
-from llmtrain.train import strategies
-from llmtrain.train.checks import run_checks
-from llmtrain.train.run import close_process_group, train
-from llmtrain.train.strategies import World
 
 EXAMPLE = "llmtrain finetune configs/lora.yaml training.learning_rate=1e-4 output.dir=runs/lora"
 log = logging.getLogger(__name__)
@@ -24,6 +18,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from llmtrain.train import strategies
+    from llmtrain.train.checks import run_checks
+    from llmtrain.train.run import close_process_group, train
+    from llmtrain.train.strategies import World
+
     cfg = load_config(args.config, args.overrides)
     world = World.from_env()
     # validate's check list, for this machine, before anything is written or loaded; the data

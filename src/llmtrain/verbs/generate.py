@@ -8,12 +8,7 @@ import sys
 from pathlib import Path
 
 from llmtrain.config import GenerationSection, ModelSection, load_config
-from llmtrain.data import prompts
-from llmtrain.data.rows import load_rows
 from llmtrain.errors import ConfigError, DataError
-from llmtrain.model.export import load_for_inference
-from llmtrain.model.generation import generate, write_jsonl
-from llmtrain.model.load import load_tokenizer
 
 EXAMPLE = (
     "llmtrain generate configs/lora.yaml --adapter runs/lora/final/adapter "
@@ -68,6 +63,12 @@ def _tokenizer_source(cfg_model: ModelSection, args: argparse.Namespace) -> Mode
 
 
 def run(args: argparse.Namespace) -> int:
+    from llmtrain.data import prompts
+    from llmtrain.data.rows import load_rows
+    from llmtrain.model.export import load_for_inference
+    from llmtrain.model.generation import generate, write_jsonl
+    from llmtrain.model.load import load_tokenizer
+
     cfg = load_config(args.config, args.overrides)
     if args.model and args.adapter:
         raise ConfigError(

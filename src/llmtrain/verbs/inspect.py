@@ -12,10 +12,7 @@ import argparse
 from typing import Any
 
 from llmtrain.config import load_config
-from llmtrain.data.rows import check_templates, load_rows
-from llmtrain.data.tokenize import tokenize
 from llmtrain.labels import IGNORE_INDEX
-from llmtrain.train.checks import check_model
 
 EXAMPLE = "llmtrain inspect configs/lora.yaml --rows 3"
 
@@ -68,6 +65,10 @@ def show(ids: list[int], labels: list[int], tokenizer: Any) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from llmtrain.data.rows import check_templates, load_rows
+    from llmtrain.data.tokenize import tokenize
+    from llmtrain.train.checks import check_model
+
     cfg = load_config(args.config, args.overrides)
     _, tokenizer, _ = check_model(cfg)
     print(

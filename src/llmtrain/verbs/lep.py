@@ -6,7 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from llmtrain.vocab.propagate import MODES, propagate_to_instruct
+from llmtrain.vocab.kinds import MODES
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from llmtrain.vocab.propagate import propagate_to_instruct
+
     propagate_to_instruct(args.base, args.adapted, args.instruct, args.mode, args.out)
     log.info("wrote %s", args.out)
     return 0

@@ -6,8 +6,6 @@ import argparse
 from pathlib import Path
 
 from llmtrain.config import ModelSection
-from llmtrain.model.export import merge
-from llmtrain.model.load import DTYPES
 
 EXAMPLE = (
     "llmtrain merge --base embedded:tiny-llama --adapter runs/lora/final/adapter "
@@ -21,13 +19,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, type=Path, help="output model directory")
     parser.add_argument(
         "--dtype",
-        choices=sorted(DTYPES),
+        choices=("bfloat16", "float16", "float32"),
         default="float32",
         help="dtype of the merged weights (default float32)",
     )
 
 
 def run(args: argparse.Namespace) -> int:
+    from llmtrain.model.export import merge
+    from llmtrain.model.load import DTYPES
+
     merge(ModelSection(path=args.base), args.adapter, args.out, DTYPES[args.dtype])
     print(args.out)
     return 0

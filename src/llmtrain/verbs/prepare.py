@@ -5,12 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-import torch
-
 from llmtrain.config import load_config
-from llmtrain.data import prepared
-from llmtrain.model.load import load_tokenizer
-from llmtrain.train.checks import needs_gpu, run_checks
 
 EXAMPLE = "llmtrain prepare configs/lora.yaml data.prepared_dir=/scratch/me/prepared"
 
@@ -21,6 +16,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from llmtrain.data import prepared
+    from llmtrain.model.load import load_tokenizer
+    from llmtrain.train.checks import needs_gpu, run_checks
+
     cfg = load_config(args.config, args.overrides)
     # validate's check list; like validate, for the GPU node the config needs (prepare runs
     # on a login node too).

@@ -5,13 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-import torch
-
 from llmtrain.config import RunConfig, load_config
-from llmtrain.sizing import from_config as sizing
 from llmtrain.sizing.gpus import PRESETS
-from llmtrain.sizing.memory import NotEstimable
-from llmtrain.train.checks import needs_gpu, run_checks
 
 EXAMPLE = "llmtrain validate configs/lora.yaml data.path=data/train.jsonl --gpu h100"
 DEFAULT_GPU = "h100"
@@ -37,6 +32,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _target_line(cfg: RunConfig, args: argparse.Namespace) -> tuple[bool, str]:
     """Whether the checks are for a GPU node, and the line that says which machine they are for:
     a GPU node when --gpu or --assume-gpu is given or the config needs one, else this one."""
+    import torch
+
+    from llmtrain.train.checks import needs_gpu
+
     here = torch.cuda.is_available()
     wanted = args.gpu is not None or args.assume_gpu or needs_gpu(cfg)
     if not wanted:
@@ -55,6 +54,9 @@ def _target_line(cfg: RunConfig, args: argparse.Namespace) -> tuple[bool, str]:
 def _memory(cfg: RunConfig, args: argparse.Namespace) -> tuple[list[str], list[str]]:
     """The memory estimate's lines and warnings; an architecture the estimator does not cover
     is reported, not refused: finetune trains it all the same."""
+    from llmtrain.sizing import from_config as sizing
+    from llmtrain.sizing.memory import NotEstimable
+
     gpu = args.gpu or DEFAULT_GPU
     try:
         lines = sizing.summary(cfg, gpu, args.nodes, args.gpus_per_node)
@@ -70,6 +72,8 @@ def _memory(cfg: RunConfig, args: argparse.Namespace) -> tuple[list[str], list[s
 
 
 def run(args: argparse.Namespace) -> int:
+    from llmtrain.train.checks import run_checks
+
     cfg = load_config(args.config, args.overrides)
     gpu, target = _target_line(cfg, args)
     report = run_checks(cfg, gpu=gpu)

@@ -7,17 +7,7 @@ import logging
 from pathlib import Path
 
 from llmtrain.errors import ConfigError
-from llmtrain.vocab.build import (
-    BYTE_LEVEL,
-    SENTENCEPIECE,
-    extend_tokenizer,
-    load_tokenizer,
-    tokenizer_kind,
-    train_byte_level,
-    train_sentencepiece,
-)
-from llmtrain.vocab.resize import init_model_dir
-from llmtrain.vocab.stats import format_table, measure, read_lines
+from llmtrain.vocab.kinds import BYTE_LEVEL, SENTENCEPIECE
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +67,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _train(args: argparse.Namespace) -> None:
+    from llmtrain.vocab.build import (
+        load_tokenizer,
+        tokenizer_kind,
+        train_byte_level,
+        train_sentencepiece,
+    )
+
     if args.vocab_size < 1:
         raise ConfigError(f"--vocab-size {args.vocab_size} is not positive", "pass e.g. 32000")
     like = load_tokenizer(args.like) if args.like else None
@@ -103,11 +100,15 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _extend(args: argparse.Namespace) -> None:
+    from llmtrain.vocab.build import extend_tokenizer, load_tokenizer
+
     ext, appended = extend_tokenizer(load_tokenizer(args.base), load_tokenizer(args.new), args.out)
     log.info("appended %d tokens; %d tokens in %s", len(appended), len(ext), args.out)
 
 
 def _init(args: argparse.Namespace) -> None:
+    from llmtrain.vocab.resize import init_model_dir
+
     if args.pad_to_multiple_of is not None and args.pad_to_multiple_of < 1:
         raise ConfigError("--pad-to-multiple-of must be positive", "pass e.g. 64")
     vmap = init_model_dir(args.model, args.tokenizer, args.out, args.pad_to_multiple_of)
@@ -115,6 +116,9 @@ def _init(args: argparse.Namespace) -> None:
 
 
 def _stats(args: argparse.Namespace) -> None:
+    from llmtrain.vocab.build import load_tokenizer
+    from llmtrain.vocab.stats import format_table, measure, read_lines
+
     lines = read_lines(args.text)
     print(format_table([measure(load_tokenizer(t), lines, t) for t in args.tokenizers]))
 

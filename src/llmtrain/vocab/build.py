@@ -21,12 +21,10 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, pre_tokenizers, t
 from transformers import AutoTokenizer, LlamaTokenizerFast, PreTrainedTokenizerFast
 
 from llmtrain.errors import ConfigError, DataError
+from llmtrain.vocab.kinds import BYTE_LEVEL, SENTENCEPIECE, Kind
 
 log = logging.getLogger(__name__)
 
-Kind = Literal["sentencepiece", "byte-level"]
-SENTENCEPIECE: Kind = "sentencepiece"
-BYTE_LEVEL: Kind = "byte-level"
 
 # LLaMA-3's pre-tokenizer split; used when a byte-level tokenizer is trained without a base.
 LLAMA3_SPLIT = (

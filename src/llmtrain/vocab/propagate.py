@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Literal
 
 import torch
 from transformers import PreTrainedModel
@@ -18,6 +17,7 @@ from transformers import PreTrainedTokenizerFast as Tok
 
 from llmtrain.errors import ConfigError, DataError
 from llmtrain.vocab.build import adopt_conventions, load_tokenizer
+from llmtrain.vocab.kinds import Mode
 from llmtrain.vocab.resize import (
     VocabMap,
     build_vocab_map,
@@ -30,8 +30,6 @@ from llmtrain.vocab.resize import (
 
 log = logging.getLogger(__name__)
 
-Mode = Literal["conversion", "overlap", "swap"]
-MODES: tuple[Mode, ...] = ("conversion", "overlap", "swap")
 
 
 def solve_map(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
