@@ -103,18 +103,28 @@ OWNED_ARGS = ("deepspeed", "fsdp", "fsdp_config", "ddp_find_unused_parameters", 
 
 @dataclass(frozen=True)
 class World:
-    """The process layout torchrun or accelerate gave this process."""
+    """The process layout torchrun or accelerate gave this process, and when the job wants it
+    to stop (entrypoint/launch.sh sets the LLMTRAIN_* variables; the defaults: never)."""
 
     rank: int
     local_rank: int
     world_size: int
+    stop_file: str | None = None  # LLMTRAIN_STOP_FILE: once it exists, checkpoint and exit 75
+    deadline: float | None = None  # LLMTRAIN_DEADLINE: the job's end, Unix time in seconds
+    deadline_margin_s: float = 300.0  # LLMTRAIN_DEADLINE_MARGIN: stop this long before it
+    stop_check_steps: int = 1  # LLMTRAIN_STOP_CHECK_STEPS: ranks agree on stopping this often
 
     @classmethod
     def from_env(cls) -> World:
+        env = os.environ
         return cls(
-            rank=int(os.environ.get("RANK", "0")),
-            local_rank=int(os.environ.get("LOCAL_RANK", "0")),
-            world_size=int(os.environ.get("WORLD_SIZE", "1")),
+            rank=int(env.get("RANK", "0")),
+            local_rank=int(env.get("LOCAL_RANK", "0")),
+            world_size=int(env.get("WORLD_SIZE", "1")),
+            stop_file=env.get("LLMTRAIN_STOP_FILE") or None,
+            deadline=float(env["LLMTRAIN_DEADLINE"]) if env.get("LLMTRAIN_DEADLINE") else None,
+            deadline_margin_s=float(env.get("LLMTRAIN_DEADLINE_MARGIN", "300")),
+            stop_check_steps=int(env.get("LLMTRAIN_STOP_CHECK_STEPS", "1")),
         )
 
     @property

@@ -206,3 +206,21 @@ def test_plan_and_estimator_import_without_torch() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_world_reads_the_stop_settings_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("LLMTRAIN_STOP_FILE", "LLMTRAIN_DEADLINE", "LLMTRAIN_DEADLINE_MARGIN",
+                 "LLMTRAIN_STOP_CHECK_STEPS"):
+        monkeypatch.delenv(name, raising=False)
+    quiet = World.from_env()
+    assert (quiet.stop_file, quiet.deadline, quiet.deadline_margin_s, quiet.stop_check_steps) == (
+        None, None, 300.0, 1)
+    monkeypatch.setenv("LLMTRAIN_STOP_FILE", "/run/STOP")
+    monkeypatch.setenv("LLMTRAIN_DEADLINE", "1800000000")
+    monkeypatch.setenv("LLMTRAIN_DEADLINE_MARGIN", "120")
+    monkeypatch.setenv("LLMTRAIN_STOP_CHECK_STEPS", "5")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    job = World.from_env()
+    assert (job.stop_file, job.deadline, job.deadline_margin_s, job.stop_check_steps) == (
+        "/run/STOP", 1800000000.0, 120.0, 5)
+    assert job.world_size == 4 and job.distributed

@@ -63,8 +63,11 @@ def _layers(patterns: list[str], shape: ModelShape) -> dict[str, Any]:
 
 def weight_bytes(cfg: RunConfig, plan: RunPlan, method: str) -> int:
     """Bytes per stored weight if `plan`'s run trained with `method` (plan.weight_dtype)."""
-    name, _ = weight_dtype(cfg.model.dtype, plan.precision, method)
-    return 4 if name == "float32" else 2
+    return _bytes(weight_dtype(cfg.model.dtype, plan.precision, method)[0])
+
+
+def _bytes(dtype: str) -> int:
+    return 4 if dtype == "float32" else 2
 
 
 def run_shape(
@@ -95,7 +98,7 @@ def run_shape(
         gradient_checkpointing=t.gradient_checkpointing,
         gradient_accumulation=t.gradient_accumulation_steps,
         dtype_bytes=4 if fp32 else 2,
-        weight_bytes=4 if plan.weight_dtype == "float32" else 2,
+        weight_bytes=_bytes(plan.weight_dtype),
         mixed_precision=not fp32,
         fused_adam=plan.optim == "adamw_torch_fused",
         lora_r=cfg.lora.r,

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import os
 import shutil
 import sys
 from collections.abc import Sequence
@@ -42,7 +41,6 @@ from llmtrain.train.callbacks import (
     MetricsCallback,
     RunReport,
     StopCallback,
-    deadline_from_env,
     truncate_metrics,
 )
 from llmtrain.train.post_run import post_run
@@ -232,10 +230,10 @@ def train(cfg: RunConfig, world: World, extra_callbacks: Sequence[TrainerCallbac
 
     args = training_arguments(cfg, world, plan, out, "eval" in splits, block_class)
     stop = StopCallback(
-        stop_file=Path(p) if (p := os.environ.get("LLMTRAIN_STOP_FILE")) else None,
-        deadline=deadline_from_env(),
-        margin_s=float(os.environ.get("LLMTRAIN_DEADLINE_MARGIN", "300")),
-        every=int(os.environ.get("LLMTRAIN_STOP_CHECK_STEPS", "1")),
+        stop_file=Path(world.stop_file) if world.stop_file else None,
+        deadline=world.deadline,
+        margin_s=world.deadline_margin_s,
+        every=world.stop_check_steps,
     )
     stop.install_signal_handlers()
     recorder = LossRecorder()
@@ -308,7 +306,7 @@ def save_final(
         log.info("final %s saved to %s", "adapter" if is_adapter else "model", final)
     trainer.accelerator.wait_for_everyone()
     if world.is_main:
-        post_run(cfg, final, out)
+        post_run(cfg, plan, final, out)
     return final
 
 
