@@ -45,10 +45,11 @@ class StrategySpec:
     methods: tuple[Method, ...]
 
 
-_ALL: tuple[Method, ...] = ("full", "layers", "lora", "qlora")
-STRATEGIES: dict[str, StrategySpec] = {  # keyed by Strategy (a test holds them equal)
-    "single": StrategySpec(False, None, True, False, False, _ALL),
-    "ddp": StrategySpec(False, None, True, False, False, _ALL),
+# Keyed by Strategy (a test holds them equal). Columns: shards_parameters, deepspeed_json,
+# fused_lora, needs_cuda, computes_in_16bit, methods.
+STRATEGIES: dict[str, StrategySpec] = {
+    "single": StrategySpec(False, None, True, False, False, METHODS),
+    "ddp": StrategySpec(False, None, True, False, False, METHODS),
     "fsdp": StrategySpec(True, None, False, False, True, ("full", "lora")),
     "zero2": StrategySpec(False, "zero2.json", True, True, True, ("full", "layers", "lora")),
     "zero3": StrategySpec(True, "zero3.json", False, True, True, ("full", "lora")),
@@ -364,10 +365,6 @@ class RunPlan:
         """The 16-bit dtype matmuls run in (QLoRA's bnb_4bit_compute_dtype); fp16 without bf16."""
         return "bfloat16" if self.precision == "bf16" else "float16"
 
-    @property
-    def spec(self) -> StrategySpec:
-        return STRATEGIES[self.strategy]
-
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """{field: {"value": ..., "reason": ...}}: what manifest.json records."""
         return {
@@ -458,10 +455,8 @@ class RunPlan:
                 "chunked_loss": why_chunked,
                 "fused_lora": why_fused,
                 "adapter": f"method {method}",
-                "quantized": "method qlora: 4-bit NF4 base weights, "
-                f"{'bfloat16' if prec == 'bf16' else 'float16'} compute"
-                if method == "qlora"
-                else f"method {method}",
+                "quantized": f"method {method}"
+                + (": 4-bit NF4 base weights (bitsandbytes)" if method == "qlora" else ""),
             },
         )
 
