@@ -105,8 +105,8 @@ def worker(config_path: str, result_path: str) -> None:
 
     from llmtrain.config import load_config
     from llmtrain.model.load import load_model_config, pick_attention
+    from llmtrain.plan import World
     from llmtrain.train.run import train
-    from llmtrain.train.strategies import World
 
     cfg = load_config(config_path)
     world = World.from_env()

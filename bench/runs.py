@@ -33,8 +33,8 @@ from llmtrain.config import RunConfig, apply_overrides
 from llmtrain.data import prepared
 from llmtrain.data.sampling import EpochSeededSampler
 from llmtrain.model.load import load_tokenizer
+from llmtrain.plan import World
 from llmtrain.train.run import train
-from llmtrain.train.strategies import World
 
 SEED = 42
 LORA: dict[str, Any] = {

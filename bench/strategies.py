@@ -149,8 +149,8 @@ class Meter(TrainerCallback):
 def worker(config_path: str, result_path: str, size: str) -> None:
     """One rank of one run, under torchrun."""
     from llmtrain.config import load_config
+    from llmtrain.plan import World
     from llmtrain.train.run import train
-    from llmtrain.train.strategies import World
 
     cfg = load_config(config_path)
     world = World.from_env()

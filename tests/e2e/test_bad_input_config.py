@@ -222,6 +222,23 @@ def test_validate_with_gpu_preset_checks_for_a_gpu_node(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "target: a CUDA GPU node" in result.stdout
     assert "on A100" in result.stdout
+    # the plan finetune would make there, with reasons
+    assert "plan (as finetune would decide on the target):" in result.stdout
+    assert "  precision: bf16 (auto: the GPU computes in bf16)" in result.stdout
+    assert "  weight_dtype: bfloat16 (frozen base weights under bf16" in result.stdout
+
+
+def test_validate_refuses_a_method_strategy_pair_outside_the_table(tmp_path: Path) -> None:
+    """qlora is validated with one process and ddp only; zero2 used to pass the check."""
+    path = config(tmp_path, method={"name": "qlora"}, distributed={"strategy": "zero2"})
+    before = tree(tmp_path)
+    result = run_cli("validate", path, cwd=tmp_path)
+    assert result.returncode == 64, result.stderr
+    text = error_text(result.stderr, "validate")
+    assert "method qlora with distributed.strategy=zero2 is not a validated combination" in text
+    assert "fix: use distributed.strategy=ddp" in text
+    assert "Traceback" not in result.stderr
+    assert tree(tmp_path) == before
 
 
 def tiny_model_dir(t: Path, arch: str) -> str:

@@ -53,6 +53,14 @@ def test_loss_falls_by_half_and_artifacts_exist(runs: dict[str, Path], method: s
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["world_size"] == 1 and manifest["seed"] == 42
     assert manifest["packages"]["transformers"] == "4.37.2"
+    # the run's plan, each decision with its reason (CPU: fp32, one process)
+    decided = manifest["plan"]
+    assert decided["strategy"] == {"value": "single", "reason": "auto: one process"}
+    assert manifest["strategy"] == "single"
+    assert decided["precision"] == {"value": "fp32", "reason": "auto: no CUDA GPU"}
+    assert decided["adapter"]["value"] is (method == "lora")
+    assert decided["fused_lora"]["value"] is (method == "lora")
+    assert all(d["reason"] for d in decided.values())
     final = out / "final" / ("adapter" if method == "lora" else "model")
     weights = "adapter_model.safetensors" if method == "lora" else "model.safetensors"
     assert (final / weights).is_file() and (final / "tokenizer_config.json").is_file()

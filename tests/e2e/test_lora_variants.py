@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from llmtrain.config import load_config
+from llmtrain.plan import World
 from llmtrain.train.run import train
-from llmtrain.train.strategies import World
 from tests.conftest import REPO, run_cli
 from tests.e2e.test_finetune_cli import losses
 

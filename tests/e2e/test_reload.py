@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from llmtrain.config import load_config
+from llmtrain.plan import World
 from llmtrain.train.run import train
-from llmtrain.train.strategies import World
 from tests.e2e.test_finetune_cli import PROBE
 
 pytestmark = pytest.mark.slow

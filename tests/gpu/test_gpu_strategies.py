@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from llmtrain.train.strategies import VALIDATED
+from llmtrain.plan import VALIDATED
 from tests.conftest import REPO
 
 GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0

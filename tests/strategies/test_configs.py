@@ -9,8 +9,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from llmtrain import plan
 from llmtrain.config import load_config
 from llmtrain.errors import ConfigError
+from llmtrain.plan import Hardware, RunPlan, World
 from llmtrain.train import strategies
 from tests.conftest import REPO
 from tests.tiny_models import tiny_config
@@ -73,11 +75,11 @@ def test_fsdp_settings_are_strings_where_4_37_2_puts_them_in_the_environment() -
 def test_refused_combinations(overrides: list[str], message: str) -> None:
     cfg = load_config(REPO / "configs" / "lora.yaml", overrides)
     with pytest.raises(ConfigError, match=message):
-        strategies.check(cfg)
+        plan.check(cfg)
 
 
 @pytest.mark.parametrize(
-    ("method", "strategy"), [(m, s) for m, ss in strategies.VALIDATED.items() for s in ss]
+    ("method", "strategy"), [(m, s) for m, ss in plan.VALIDATED.items() for s in ss]
 )
 def test_validated_combinations_pass_the_check(method: str, strategy: str) -> None:
     extra = ["method.layers=[last:1]"] if method == "layers" else []
@@ -89,34 +91,33 @@ def test_validated_combinations_pass_the_check(method: str, strategy: str) -> No
             f"distributed.strategy={'auto' if strategy == 'single' else strategy}",
         ],
     )
-    strategies.check(cfg)
+    plan.check(cfg)
 
 
 def test_accelerate_launcher_choice_is_adopted_or_refused(monkeypatch: pytest.MonkeyPatch) -> None:
-    world = strategies.World(rank=0, local_rank=0, world_size=2)
+    world = World(rank=0, local_rank=0, world_size=2)
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     auto = load_config(REPO / "configs" / "lora.yaml")
-    assert strategies.resolve(auto, world) == "fsdp"
+    assert plan.resolve_strategy(auto, world)[0] == "fsdp"
     ddp = load_config(REPO / "configs" / "lora.yaml", ["distributed.strategy=ddp"])
     with pytest.raises(ConfigError, match=r"FSDP config but distributed\.strategy=ddp"):
-        strategies.resolve(ddp, world)
+        plan.resolve_strategy(ddp, world)
     monkeypatch.delenv("ACCELERATE_USE_FSDP")
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     with pytest.raises(ConfigError, match="llmtrain selects DeepSpeed itself"):
-        strategies.resolve(auto, world)
+        plan.resolve_strategy(auto, world)
 
 
 @pytest.mark.parametrize("reduce_dtype", ["fp32", "bf16"])
-def test_deepspeed_reduces_gradients_in_the_configured_dtype(
-    monkeypatch: pytest.MonkeyPatch, reduce_dtype: str
-) -> None:
-    monkeypatch.setattr("torch.cuda.is_available", lambda: True)  # DeepSpeed is GPU-only
+def test_deepspeed_reduces_gradients_in_the_configured_dtype(reduce_dtype: str) -> None:
     cfg = load_config(
         REPO / "configs" / "full.yaml",
         ["distributed.strategy=zero3", f"distributed.reduce_dtype={reduce_dtype}"],
     )
-    world = strategies.World(rank=0, local_rank=0, world_size=2)
-    kwargs = strategies.training_kwargs(cfg, world, "LlamaDecoderLayer")
+    world = World(rank=0, local_rank=0, world_size=2)
+    gpus = Hardware.gpu_node(flash_attn=False)  # DeepSpeed is GPU-only
+    plan.check_world("zero3", world, cuda=True)
+    kwargs = strategies.training_kwargs(cfg, RunPlan.build(cfg, world, gpus), "LlamaDecoderLayer")
     assert kwargs["deepspeed"]["communication_data_type"] == reduce_dtype
     assert kwargs["deepspeed"]["zero_optimization"]["stage"] == 3
 
@@ -140,17 +141,23 @@ def test_fsdp_mixed_precision_reduces_in_the_configured_dtype(
 
 
 def test_fsdp_needs_a_launcher_and_on_cpu_two_processes(monkeypatch: pytest.MonkeyPatch) -> None:
-    one = strategies.World(rank=0, local_rank=0, world_size=1)
-    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    one = World(rank=0, local_rank=0, world_size=1)
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     with pytest.raises(ConfigError, match="needs a launcher"):
-        strategies.check_world("fsdp", one)
+        plan.check_world("fsdp", one, cuda=True)
     monkeypatch.setenv("LOCAL_RANK", "0")  # torchrun --nproc-per-node=1 on a GPU
-    strategies.check_world("fsdp", one)
-    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    plan.check_world("fsdp", one, cuda=True)
     with pytest.raises(ConfigError, match="on CPU two processes or more"):
-        strategies.check_world("fsdp", one)
-    strategies.check_world("fsdp", strategies.World(rank=0, local_rank=0, world_size=2))
+        plan.check_world("fsdp", one, cuda=False)
+    plan.check_world("fsdp", World(rank=0, local_rank=0, world_size=2), cuda=False)
+
+
+@pytest.mark.parametrize("strategy", [s for s, spec in plan.STRATEGIES.items() if spec.needs_cuda])
+def test_deepspeed_needs_cuda(strategy: str) -> None:
+    two = World(rank=0, local_rank=0, world_size=2)
+    with pytest.raises(ConfigError, match="needs CUDA GPUs"):
+        plan.check_world(strategy, two, cuda=False)
+    plan.check_world(strategy, two, cuda=True)
 
 
 def test_peft_deepspeed_resume_loads_without_the_frozen_weights(tmp_path: Path) -> None:

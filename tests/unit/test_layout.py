@@ -18,11 +18,12 @@ FLOORS: dict[str, int] = {
     "__init__": -1,  # the package root: its version only
     "errors": 0, "labels": 0, "manifest": 0,
     "config": 1,
-    "kernels": 2, "vocab": 2,
-    "model": 3, "data": 3, "plan": 3,
-    "train": 4, "sizing": 4,
-    "verbs": 5,
-    "cli": 6, "__main__": 7,
+    "plan": 2,  # the config resolved for this world and hardware: config and errors only
+    "kernels": 3, "vocab": 3,
+    "model": 4, "data": 4,
+    "train": 5, "sizing": 5,
+    "verbs": 6,
+    "cli": 7, "__main__": 8,
 }
 
 

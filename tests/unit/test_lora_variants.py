@@ -16,13 +16,13 @@ import yaml
 from peft.tuners.lora import Linear as LoraLinear
 from torch import nn
 
+from llmtrain import plan
 from llmtrain.config import LoraSection, MethodSection, RunConfig, load_config
 from llmtrain.errors import EXIT_USAGE, ConfigError
 from llmtrain.kernels import lora as fused_lora
 from llmtrain.model.load import load_model_config
 from llmtrain.model.methods import count_parameters, wrap
 from llmtrain.sizing.memory import ModelShape, RunShape, trainable_params
-from llmtrain.train import strategies
 from llmtrain.train.checks import check_method
 from tests.tiny_models import tiny_config, tiny_model
 from tests.unit.test_fused_lora import forward_backward
@@ -79,10 +79,10 @@ def test_dora_combinations_peft_cannot_run_are_refused(
 ) -> None:
     cfg = config(tmp_path, "lora.use_dora=true", *overrides)
     with pytest.raises(ConfigError) as info:
-        strategies.check(cfg)
+        plan.check(cfg)
     assert info.value.exit_code == EXIT_USAGE
     assert says in info.value.problem and "lora.use_dora=false" in info.value.fix
-    strategies.check(cfg.model_copy(update={"lora": LoraSection(use_dora=False)}))
+    plan.check(cfg.model_copy(update={"lora": LoraSection(use_dora=False)}))
 
 
 def test_dora_under_an_accelerate_fsdp_launch_is_refused(
@@ -90,11 +90,11 @@ def test_dora_under_an_accelerate_fsdp_launch_is_refused(
 ) -> None:
     cfg = config(tmp_path, "lora.use_dora=true")
     for strategy in ("auto", "ddp", "zero2"):
-        strategies.check(cfg.model_copy(update={"distributed": cfg.distributed.model_copy(
+        plan.check(cfg.model_copy(update={"distributed": cfg.distributed.model_copy(
             update={"strategy": strategy})}))
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     with pytest.raises(ConfigError, match=r"distributed\.strategy=fsdp"):
-        strategies.check(cfg)
+        plan.check(cfg)
 
 
 def test_variants_reach_peft() -> None:

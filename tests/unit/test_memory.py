@@ -12,6 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
+from llmtrain import plan
 from llmtrain.kernels import lora as fused_lora
 from llmtrain.sizing.gpus import get_gpu
 from llmtrain.sizing.memory import (
@@ -187,7 +188,7 @@ def _measured_peak(run: RunShape) -> int:
             for p in model.parameters():
                 if p.requires_grad:
                     p.data = p.data.float()
-        if run.fused_lora and run.strategy in fused_lora.STRATEGIES:
+        if plan.fused_lora_applies(run.fused_lora, run.method, run.strategy):
             fused_lora.patch(model)
     model.train()
     trained = [p for p in model.parameters() if p.requires_grad]

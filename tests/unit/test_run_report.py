@@ -10,18 +10,22 @@ from pathlib import Path
 import pytest
 from transformers import TrainerControl, TrainerState
 
-from llmtrain.config import load_config
+from llmtrain.config import RunConfig, load_config
 from llmtrain.data.tokenize import TokenizeStats
+from llmtrain.plan import World
 from llmtrain.train.callbacks import METRICS, RunReport
-from llmtrain.train.run import training_arguments
-from llmtrain.train.strategies import World
+from llmtrain.train.run import plan_run, training_arguments
 
 REPO = Path(__file__).resolve().parents[2]
 ONE = World(rank=0, local_rank=0, world_size=1)
 
 
+def _arguments(cfg: RunConfig, out: Path, has_eval: bool):  # type: ignore[no-untyped-def]
+    return training_arguments(cfg, ONE, plan_run(cfg, ONE), out, has_eval, None)
+
+
 def lora_args(out: Path):  # type: ignore[no-untyped-def]
-    return training_arguments(load_config(REPO / "configs" / "demo.yaml"), ONE, out, True, None)
+    return _arguments(load_config(REPO / "configs" / "demo.yaml"), out, True)
 
 
 @pytest.mark.parametrize(
@@ -37,7 +41,7 @@ def test_held_out_data_is_evaluated_by_default_at_the_save_interval(
     tmp_path: Path, overrides: list[str], has_eval: bool, strategy: str, steps: int | None
 ) -> None:
     cfg = load_config(REPO / "configs" / "demo.yaml", overrides)
-    args = training_arguments(cfg, ONE, tmp_path, has_eval, None)
+    args = _arguments(cfg, tmp_path, has_eval)
     assert args.evaluation_strategy == strategy
     assert args.eval_steps == steps
 

@@ -8,8 +8,9 @@ product is accumulated into the base output inside the matmul (addmm, beta 1), a
 gradient into the base's the same way, so what LoRA adds is its two rank-r matmuls each way.
 The arithmetic is autocast's (matmuls in its dtype, fp32 accumulation) with fewer roundings.
 
-Used where every weight is whole on the GPU when the layer runs (one GPU, DDP, ZeRO-2); under
-FSDP and ZeRO-3 the sub-modules' own forward hooks gather the weights, so peft's forward stays.
+Used where every weight is whole on the GPU when the layer runs (one GPU, DDP, ZeRO-2: the
+`fused_lora` column of plan.STRATEGIES); under FSDP and ZeRO-3 the sub-modules' own forward
+hooks gather the weights, so peft's forward stays.
 Anything else peft's layer can do (several or mixed adapters, DoRA, merged or disabled
 adapters, a quantized base) also takes peft's forward; rsLoRA is only another `scaling`, which
 the fused function reads from the layer.
@@ -27,8 +28,6 @@ from torch import nn
 from llmtrain.kernels.ops import autocast_dtype
 
 log = logging.getLogger(__name__)
-
-STRATEGIES = ("single", "ddp", "zero2")
 
 
 class _LoraLinear(torch.autograd.Function):

@@ -20,6 +20,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from llmtrain.config import ModelSection
 from llmtrain.errors import ConfigError
+from llmtrain.plan import choose_attention
 from llmtrain.vocab import special_tokens
 
 log = logging.getLogger(__name__)
@@ -74,39 +75,32 @@ def flash_attn_available(gpu: bool | None = None) -> bool:
     return importlib.util.find_spec("flash_attn") is not None and has_gpu
 
 
-def pick_attention(cfg: ModelSection, config: PretrainedConfig, *, gpu: bool | None = None) -> str:
-    """flash_attention_2 when flash_attn imports and the architecture has it, else sdpa, else
-    eager. An explicit choice the architecture lacks is an error, not a silent fallback.
-    `gpu`: whether the target machine has a CUDA GPU (validate on a login node checks for a
-    GPU node); None: this machine."""
+def attention_support(config: PretrainedConfig) -> dict[str, bool]:
+    """Attention implementation -> the architecture has it in transformers 4.37.2."""
     cls = model_class(config)
-    supports = {
+    return {
         "flash_attention_2": bool(cls and cls._supports_flash_attn_2),
         "sdpa": bool(cls and cls._supports_sdpa),
         "eager": True,
     }
-    if cfg.attn_implementation != "auto":
-        if not supports[cfg.attn_implementation]:
-            raise ConfigError(
-                f"model.attn_implementation={cfg.attn_implementation} is not supported for "
-                f"{config.model_type} by transformers 4.37.2",
-                "use model.attn_implementation=auto",
-            )
-        if cfg.attn_implementation == "flash_attention_2" and not flash_attn_available(gpu):
-            raise ConfigError(
-                "model.attn_implementation=flash_attention_2 needs the flash_attn package and a "
-                "CUDA GPU, and this environment has no flash_attn or no GPU",
-                "run inside the llmtrain image on a GPU node, or use "
-                "model.attn_implementation=auto",
-            )
-        return cfg.attn_implementation
-    if supports["flash_attention_2"] and flash_attn_available(gpu):
-        choice = "flash_attention_2"
-    elif supports["sdpa"]:
-        choice = "sdpa"
-    else:
-        choice = "eager"
-    log.info("attention: %s (model.attn_implementation=auto, %s)", choice, config.model_type)
+
+
+def pick_attention(cfg: ModelSection, config: PretrainedConfig, *, gpu: bool | None = None) -> str:
+    """flash_attention_2 when flash_attn imports and the architecture has it, else sdpa, else
+    eager (plan.choose_attention decides). `gpu`: whether the target machine has a CUDA GPU
+    (validate on a login node checks for a GPU node); None: this machine.
+
+    Raises:
+        ConfigError: an explicit choice the architecture lacks, or flash_attention_2 without
+            flash_attn and a GPU (exit 64), not a silent fallback.
+    """
+    choice, reason = choose_attention(
+        cfg.attn_implementation,
+        attention_support(config),
+        flash_attn_available(gpu),
+        config.model_type,
+    )
+    log.info("attention: %s (%s)", choice, reason)
     return choice
 
 
@@ -134,14 +128,17 @@ def load_model(
     cfg: ModelSection,
     *,
     dtype: torch.dtype | None = None,
+    attn_implementation: str | None = None,
     extra: dict[str, Any] | None = None,
 ) -> PreTrainedModel:
-    config = load_model_config(cfg)
+    """The model's weights; `dtype` and `attn_implementation` as a RunPlan decided them (None:
+    decided here, for inference). Raises ConfigError (exit 64) as load_model_config does."""
     kwargs: dict[str, Any] = {
         "revision": cfg.revision,
         "trust_remote_code": cfg.trust_remote_code,
         "torch_dtype": dtype or pick_dtype(cfg),
-        "attn_implementation": pick_attention(cfg, config),
+        "attn_implementation": attn_implementation
+        or pick_attention(cfg, load_model_config(cfg)),
         **(extra or {}),
     }
     return AutoModelForCausalLM.from_pretrained(cfg.resolved_path(), **kwargs)

@@ -5,9 +5,11 @@ from __future__ import annotations
 import fnmatch
 import importlib.util
 import re
+from collections.abc import Mapping
 from typing import Any
 
 from llmtrain.config import RunConfig
+from llmtrain.plan import Hardware, RunPlan, World, weight_dtype
 from llmtrain.sizing.gpus import Gpu, get_gpu
 from llmtrain.sizing.memory import (
     LINEARS,
@@ -24,11 +26,22 @@ def model_shape(cfg: RunConfig) -> ModelShape:
     return ModelShape.from_config(load_model_config(cfg.model).to_dict())
 
 
-def _attention(cfg: RunConfig) -> str:
-    choice = cfg.model.attn_implementation
-    if choice != "auto":
-        return choice
-    return "flash_attention_2" if importlib.util.find_spec("flash_attn") else "sdpa"
+def target_plan(
+    cfg: RunConfig,
+    *,
+    nodes: int = 1,
+    gpus_per_node: int = 1,
+    attention_support: Mapping[str, bool] | None = None,
+) -> RunPlan:
+    """The RunPlan finetune would make on `nodes` x `gpus_per_node` bf16-capable GPUs (flash_attn
+    as it imports here); `attention_support` None: a Llama-style decoder.
+
+    Raises:
+        ConfigError: see RunPlan.build (exit 64).
+    """
+    world = World(rank=0, local_rank=0, world_size=nodes * gpus_per_node)
+    hw = Hardware.gpu_node(flash_attn=importlib.util.find_spec("flash_attn") is not None)
+    return RunPlan.build(cfg, world, hw, attention_support=attention_support)
 
 
 def _layers(patterns: list[str], shape: ModelShape) -> dict[str, Any]:
@@ -48,12 +61,13 @@ def _layers(patterns: list[str], shape: ModelShape) -> dict[str, Any]:
     }
 
 
-def weight_bytes(cfg: RunConfig, method: str) -> int:
-    """finetune.weights_dtype: trained weights fp32 under autocast, frozen ones 16-bit."""
-    if cfg.model.dtype != "auto":
-        return 4 if cfg.model.dtype == "float32" else 2
-    fp32 = cfg.training.precision == "fp32"
-    return 4 if fp32 or method in ("full", "layers") else 2
+def weight_bytes(cfg: RunConfig, plan: RunPlan, method: str) -> int:
+    """Bytes per stored weight if `plan`'s run trained with `method` (plan.weight_dtype)."""
+    return _bytes(weight_dtype(cfg.model.dtype, plan.precision, method)[0])
+
+
+def _bytes(dtype: str) -> int:
+    return 4 if dtype == "float32" else 2
 
 
 def run_shape(
@@ -63,16 +77,20 @@ def run_shape(
     nodes: int = 1,
     gpus_per_node: int = 1,
     attention: str | None = None,
+    plan: RunPlan | None = None,
 ) -> RunShape:
-    """The run as finetune will set it up on a bf16-capable GPU (see finetune.weights_dtype)."""
+    """The run as finetune will set it up on bf16-capable GPUs: `plan` (default: target_plan)
+    decides strategy, dtypes, autocast, attention (`attention` overrides it: a what-if) and
+    the optimizer."""
+    plan = plan or target_plan(cfg, nodes=nodes, gpus_per_node=gpus_per_node)
     method, t = cfg.method.name, cfg.training
-    fp32 = t.precision == "fp32"
+    fp32 = plan.precision == "fp32"
     targets = LINEARS if cfg.lora.target_modules == "auto" else tuple(cfg.lora.target_modules)
-    strategy = cfg.distributed.strategy
     extra = _layers(cfg.method.layers, shape) if method == "layers" else {}
     return RunShape(
         method=method,
-        strategy="ddp" if strategy == "auto" else strategy,
+        # one process is a DDP world of one to the estimator
+        strategy="ddp" if plan.strategy == "single" else plan.strategy,
         micro_batch=t.per_device_train_batch_size,
         seq_len=cfg.data.max_length,
         gpus_per_node=gpus_per_node,
@@ -80,24 +98,30 @@ def run_shape(
         gradient_checkpointing=t.gradient_checkpointing,
         gradient_accumulation=t.gradient_accumulation_steps,
         dtype_bytes=4 if fp32 else 2,
-        weight_bytes=weight_bytes(cfg, method),
+        weight_bytes=_bytes(plan.weight_dtype),
         mixed_precision=not fp32,
-        fused_adam=t.optim in ("auto", "adamw_torch_fused"),
+        fused_adam=plan.optim == "adamw_torch_fused",
         lora_r=cfg.lora.r,
         lora_targets=targets,
         lora_dropout=cfg.lora.dropout,
         fused_lora=t.fused_lora,
         use_dora=cfg.lora.use_dora,
-        attention=attention or _attention(cfg),  # type: ignore[arg-type]
+        attention=attention or plan.attention,  # type: ignore[arg-type]
         padded=cfg.data.packing == "none",
         **extra,
     )
 
 
-def summary(cfg: RunConfig, gpu: str = "h100", nodes: int = 1, gpus_per_node: int = 1) -> list[str]:
+def summary(
+    cfg: RunConfig,
+    gpu: str = "h100",
+    nodes: int = 1,
+    gpus_per_node: int = 1,
+    plan: RunPlan | None = None,
+) -> list[str]:
     """The short form `validate` prints."""
     shape = model_shape(cfg)
-    run = run_shape(cfg, shape, nodes=nodes, gpus_per_node=gpus_per_node)
+    run = run_shape(cfg, shape, nodes=nodes, gpus_per_node=gpus_per_node, plan=plan)
     b = estimate(shape, run)
     device = get_gpu(gpu)
     verdict = "fits" if b.total <= device.memory_bytes else "DOES NOT FIT"
@@ -110,8 +134,14 @@ def summary(cfg: RunConfig, gpu: str = "h100", nodes: int = 1, gpus_per_node: in
     ]
 
 
-def fits(cfg: RunConfig, gpu: Gpu | str, nodes: int = 1, gpus_per_node: int = 1) -> bool:
+def fits(
+    cfg: RunConfig,
+    gpu: Gpu | str,
+    nodes: int = 1,
+    gpus_per_node: int = 1,
+    plan: RunPlan | None = None,
+) -> bool:
     device = get_gpu(gpu) if isinstance(gpu, str) else gpu
     shape = model_shape(cfg)
-    run = run_shape(cfg, shape, nodes=nodes, gpus_per_node=gpus_per_node)
+    run = run_shape(cfg, shape, nodes=nodes, gpus_per_node=gpus_per_node, plan=plan)
     return estimate(shape, run).total <= device.memory_bytes

@@ -21,15 +21,18 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
+from llmtrain import plan
 from llmtrain.errors import ConfigError
 
 GIB = 1024**3
+# plan.py's methods and strategies (a test holds them equal), plus inference (generate); one
+# process is counted as a DDP world of one (no buckets below two processes).
 Method = Literal["inference", "full", "layers", "lora", "qlora"]
 Strategy = Literal["ddp", "fsdp", "zero2", "zero3", "zero3_offload"]
-METHODS: tuple[Method, ...] = ("inference", "full", "layers", "lora", "qlora")
-STRATEGIES: tuple[Strategy, ...] = ("ddp", "fsdp", "zero2", "zero3", "zero3_offload")
+METHODS: tuple[Method, ...] = ("inference", *plan.METHODS)
+STRATEGIES = cast(tuple[Strategy, ...], tuple(s for s in plan.STRATEGIES if s != "single"))
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 DROPOUT_MASK_BYTES = 1  # CUDA native_dropout keeps a bool mask (the CPU kernel a float one)
@@ -162,7 +165,7 @@ class RunShape:
     lora_r: int = 16
     lora_targets: tuple[str, ...] = LINEARS
     lora_dropout: float = 0.05
-    fused_lora: bool = True  # training.fused_lora: applies to DDP (and one GPU) under autocast
+    fused_lora: bool = True  # training.fused_lora, where plan.fused_lora_applies
     use_dora: bool = False  # lora.use_dora: a trained magnitude per output feature (method lora)
     # method=layers: which decoder blocks train, and whether embeddings / lm_head train
     trainable_blocks: tuple[int, ...] = ()
@@ -179,14 +182,10 @@ class RunShape:
 
     @property
     def autocast(self) -> bool:
-        """Trainer's 16-bit autocast over fp32 weights or adapters. DeepSpeed casts the model
-        to 16 bits itself, and FSDP's mixed precision computes with 16-bit copies of the
-        parameters: both run the blocks in one 16-bit dtype, with nothing left to cast."""
-        fp32_trained = self.wbytes == 4 or self.method in ("lora", "qlora")
-        sharded16 = self.strategy == "fsdp" or (
-            self.strategy.startswith("zero") and self.method != "qlora"
-        )
-        return self.mixed_precision and fp32_trained and not sharded16
+        """Trainer's 16-bit autocast over fp32 weights or adapters, as the RunPlan decides it
+        (plan.uses_autocast: not under a strategy that computes in 16 bits itself)."""
+        fp32_trained = self.wbytes == 4 or self.method in plan.ADAPTER_METHODS
+        return plan.uses_autocast(self.mixed_precision, fp32_trained, self.strategy)
 
     @property
     def world(self) -> int:
@@ -422,7 +421,9 @@ def _autocast_block(shape: ModelShape, run: RunShape, trains: bool) -> int:
         # DoRA layers keep peft's forward (fused_lora.patch); what DoRA's own extra terms
         # keep for backward is not counted.
         fused = (
-            run.fused_lora and run.strategy == "ddp" and run.lora_dropout == 0 and not run.use_dora
+            plan.fused_lora_applies(run.fused_lora, run.method, run.strategy)
+            and run.lora_dropout == 0
+            and not run.use_dora
         )
         lora = _lora_shared_inputs_bytes(shape, run) if fused else _lora_targets_bytes(shape, run)
         return norms + _attn_bytes(shape, run) + mlp + lora

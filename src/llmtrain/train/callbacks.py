@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import signal
 import time
 from collections.abc import Callable
@@ -173,11 +172,6 @@ class CommitCheckpointCallback(TrainerCallback):
             for gone in checkpoints.retain(self.output_dir, self.keep, keep_best=self.keep_best):
                 log.info("retention: removed %s", gone.name)
         _barrier()
-
-
-def deadline_from_env() -> float | None:
-    value = os.environ.get("LLMTRAIN_DEADLINE")
-    return float(value) if value else None
 
 
 def _duration(seconds: float) -> str:

@@ -11,13 +11,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llmtrain import plan
 from llmtrain.config import RunConfig
 from llmtrain.data import mixture
 from llmtrain.data.rows import check_templates, load_rows
 from llmtrain.data.tokenize import tokenize
 from llmtrain.errors import ConfigError, NeedsGpuError
 from llmtrain.model.load import load_model_config, load_tokenizer, model_class, pick_attention
-from llmtrain.train import checkpoints, strategies
+from llmtrain.train import checkpoints
 from llmtrain.vocab import special_tokens
 
 log = logging.getLogger(__name__)
@@ -36,8 +37,12 @@ def needs_gpu(cfg: RunConfig) -> bool:
         cfg.method.name == "qlora"
         or cfg.training.precision in ("bf16", "fp16")
         or cfg.model.attn_implementation == "flash_attention_2"
-        or cfg.distributed.strategy in strategies.DEEPSPEED
+        or _needs_cuda(cfg.distributed.strategy)
     )
+
+
+def _needs_cuda(strategy: str) -> bool:
+    return strategy != "auto" and plan.STRATEGIES[strategy].needs_cuda
 
 
 def check_hardware(cfg: RunConfig, *, gpu: bool) -> None:
@@ -45,7 +50,8 @@ def check_hardware(cfg: RunConfig, *, gpu: bool) -> None:
 
     Raises:
         NeedsGpuError: a GPU-only setting for a target without one (exit 64).
-        ConfigError: a method/strategy combination the pinned stack cannot run (exit 64).
+        ConfigError: a method/strategy combination the pinned stack cannot run (plan.check)
+            (exit 64).
     """
     if cfg.method.name == "qlora" and not gpu:
         raise NeedsGpuError(
@@ -58,8 +64,8 @@ def check_hardware(cfg: RunConfig, *, gpu: bool) -> None:
             "has none",
             "use training.precision=auto (fp32 on CPU) or run on a GPU node",
         )
-    strategies.check(cfg)
-    if cfg.distributed.strategy in strategies.DEEPSPEED and not gpu:
+    plan.check(cfg)
+    if _needs_cuda(cfg.distributed.strategy) and not gpu:
         raise NeedsGpuError(
             f"distributed.strategy={cfg.distributed.strategy} needs CUDA GPUs: accelerate 0.26 "
             "starts DeepSpeed with NCCL only, and this machine has none",

@@ -11,17 +11,18 @@ from llmtrain.config import RunConfig
 from llmtrain.data import prompts
 from llmtrain.model.export import load_for_inference, merge
 from llmtrain.model.generation import generate, write_jsonl
+from llmtrain.plan import RunPlan
 from llmtrain.train import demo_eval
 
 log = logging.getLogger(__name__)
 
 
-def post_run(cfg: RunConfig, final: Path, out: Path) -> None:
+def post_run(cfg: RunConfig, plan: RunPlan, final: Path, out: Path) -> None:
     """Merge (output.merge) and sample generations (generation.samples) from the saved final
     result. The run is finished once `final` is saved: a step that fails here is logged as a
     warning with the command that redoes it, and the run still exits 0, because any other
     code would make the job script requeue (and train again) a run whose result is saved."""
-    is_adapter = cfg.method.name in ("lora", "qlora")
+    is_adapter = plan.adapter
     inference_dir = final
     if is_adapter and cfg.output.merge:
         merged = out / "final" / "merged"
@@ -34,7 +35,12 @@ def post_run(cfg: RunConfig, final: Path, out: Path) -> None:
             f"llmtrain generate {out / 'config.yaml'} {option} {inference_dir} "
             f"--out {out / 'generations.jsonl'}"
         )
-        _attempt("sample generation", final, redo, lambda: _samples(cfg, final, inference_dir, out))
+        _attempt(
+            "sample generation",
+            final,
+            redo,
+            lambda: _samples(cfg, plan, final, inference_dir, out),
+        )
 
 
 def _attempt(step: str, final: Path, redo: str, work: Callable[[], object]) -> bool:
@@ -55,11 +61,11 @@ def _attempt(step: str, final: Path, redo: str, work: Callable[[], object]) -> b
     return True
 
 
-def _samples(cfg: RunConfig, final: Path, inference_dir: Path, out: Path) -> None:
+def _samples(cfg: RunConfig, plan: RunPlan, final: Path, inference_dir: Path, out: Path) -> None:
     """generation.samples answers to held-out rows, to generations.jsonl and the log."""
-    is_adapter = cfg.method.name in ("lora", "qlora")
+    is_adapter = plan.adapter
     if inference_dir == final and is_adapter:
-        model, tok = load_for_inference(cfg.model, final, quantized=cfg.method.name == "qlora")
+        model, tok = load_for_inference(cfg.model, final, quantized=plan.quantized)
     else:
         model, tok = load_for_inference(
             cfg.model.model_copy(update={"path": str(inference_dir), "tokenizer": None}), None
@@ -68,7 +74,7 @@ def _samples(cfg: RunConfig, final: Path, inference_dir: Path, out: Path) -> Non
     asked = prompts.from_sources(sources, tok, cfg.generation.samples)
     outputs = generate(model, tok, asked.prompts, cfg.generation)
     del model  # one model in memory at a time: the base model is loaded next
-    base, _ = load_for_inference(cfg.model, None, quantized=cfg.method.name == "qlora")
+    base, _ = load_for_inference(cfg.model, None, quantized=plan.quantized)
     before = generate(base, tok, asked.prompts, cfg.generation)
     write_jsonl(
         out / "generations.jsonl",

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import os
 import shutil
 import sys
 from collections.abc import Sequence
@@ -25,8 +24,16 @@ from llmtrain.kernels import lora as fused_lora
 from llmtrain.kernels import loss as fused_loss
 from llmtrain.kernels import ops as fused_ops
 from llmtrain.kernels import varlen_attention
-from llmtrain.model.load import DTYPES, load_model, load_tokenizer
+from llmtrain.model.load import (
+    DTYPES,
+    attention_support,
+    flash_attn_available,
+    load_model,
+    load_model_config,
+    load_tokenizer,
+)
 from llmtrain.model.methods import count_parameters, quantization_config, wrap
+from llmtrain.plan import Hardware, RunPlan, World, check_world
 from llmtrain.train import checkpoints, loss_weighting, strategies
 from llmtrain.train.callbacks import (
     METRICS,
@@ -34,45 +41,48 @@ from llmtrain.train.callbacks import (
     MetricsCallback,
     RunReport,
     StopCallback,
-    deadline_from_env,
     truncate_metrics,
 )
 from llmtrain.train.post_run import post_run
-from llmtrain.train.strategies import World
 from llmtrain.train.trainer import LlmtrainTrainer, LossRecorder, StepBoundary
 from llmtrain.vocab import special_tokens
 
 log = logging.getLogger(__name__)
 
 
-def precision_flags(cfg: RunConfig) -> dict[str, bool]:
-    precision = cfg.training.precision
-    if precision == "auto":
-        gpu = torch.cuda.is_available()
-        precision = (
-            "bf16" if gpu and torch.cuda.is_bf16_supported() else ("fp16" if gpu else "fp32")
-        )
-    return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
+def this_machine() -> Hardware:
+    """What this process's machine has, for its RunPlan."""
+    cuda = torch.cuda.is_available()
+    return Hardware(
+        cuda=cuda, bf16=cuda and torch.cuda.is_bf16_supported(), flash_attn=flash_attn_available()
+    )
 
 
-def weights_dtype(cfg: RunConfig, flags: dict[str, bool]) -> torch.dtype:
-    """Frozen weights in 16 bits; trained full weights in fp32 under 16-bit autocast."""
-    if cfg.model.dtype != "auto":
-        return DTYPES[cfg.model.dtype]
-    half = torch.bfloat16 if flags["bf16"] else torch.float16 if flags["fp16"] else None
-    if half is not None and cfg.method.name in ("lora", "qlora"):
-        return half
-    return torch.float32
+def plan_run(cfg: RunConfig, world: World) -> RunPlan:
+    """The run's plan for this process's world and machine, checked against them; reads the
+    model's config.json only (for the attention implementations it has).
+
+    Raises:
+        ConfigError: see RunPlan.build and plan.check_world (exit 64).
+    """
+    hw = this_machine()
+    config = load_model_config(cfg.model)
+    plan = RunPlan.build(
+        cfg, world, hw, attention_support=attention_support(config), model_type=config.model_type
+    )
+    check_world(plan.strategy, world, cuda=hw.cuda)
+    return plan
 
 
 def training_arguments(
-    cfg: RunConfig, world: World, output_dir: Path, has_eval: bool, block_class: str | None
+    cfg: RunConfig,
+    world: World,
+    plan: RunPlan,
+    output_dir: Path,
+    has_eval: bool,
+    block_class: str | None,
 ) -> TrainingArguments:
     t = cfg.training
-    flags = precision_flags(cfg)
-    optim = t.optim
-    if optim == "auto":
-        optim = "adamw_torch_fused" if torch.cuda.is_available() else "adamw_torch"
     # Held-out data is evaluated by default, at every checkpoint (so the best one is known).
     eval_on = has_eval
     args = TrainingArguments(
@@ -91,7 +101,7 @@ def training_arguments(
         adam_beta2=t.adam_beta2,
         adam_epsilon=t.adam_epsilon,
         max_grad_norm=t.max_grad_norm,
-        optim=optim,
+        optim=plan.optim,
         gradient_checkpointing=t.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False}
         if t.gradient_checkpointing
@@ -109,8 +119,8 @@ def training_arguments(
         report_to=[r for r in t.report_to if r != "none"] or "none",
         remove_unused_columns=False,
         disable_tqdm=not sys.stderr.isatty(),
-        **flags,
-        **strategies.training_kwargs(cfg, world, block_class),
+        **plan.flags,
+        **strategies.training_kwargs(cfg, plan, block_class),
         **t.args,
     )
     if not world.distributed and args.n_gpu > 1:
@@ -138,25 +148,28 @@ def _upcast_trainable(model: Any) -> None:
             p.data = p.data.float()
 
 
-def apply_speed_levers(cfg: RunConfig, world: World, model: Any) -> bool:
+def apply_speed_levers(cfg: RunConfig, plan: RunPlan, model: Any) -> bool:
     """Padding-free attention, compiled block pieces, chunked loss; before the model is wrapped.
-    True if the chunked loss is patched in."""
+    True if the chunked loss is patched in (the plan asks for it and the model allows it)."""
     compiled = cfg.training.compile
     if cfg.data.packing == "padding_free" or (compiled and varlen_attention.supports(model)):
         varlen_attention.patch_attention(model, compiled_rope=compiled)
     if compiled:
         fused_ops.compile_blocks(model)
-    if cfg.training.chunked_loss:
-        strategy = strategies.resolve(cfg, world)
-        if strategy in ("fsdp", "zero3", "zero3_offload"):
-            log.info("chunked loss: off under %s, whose lm_head weight is sharded", strategy)
-        else:
-            return fused_loss.patch_causal_lm_loss(model, compiled=compiled)
-    return False
+    if not plan.chunked_loss:
+        log.info("chunked loss: off (%s)", plan.reasons["chunked_loss"])
+        return False
+    return fused_loss.patch_causal_lm_loss(model, compiled=compiled)
 
 
 def train(cfg: RunConfig, world: World, extra_callbacks: Sequence[TrainerCallback] = ()) -> Trainer:
-    """Train, save the final result; returns the Trainer (its model is the trained one)."""
+    """Train, save the final result; returns the Trainer (its model is the trained one).
+
+    Raises:
+        ConfigError: the plan cannot run in this world on this machine (exit 64), before
+            anything is written.
+    """
+    plan = plan_run(cfg, world)
     out = Path(cfg.output.dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = load_tokenizer(cfg.model)
@@ -186,42 +199,41 @@ def train(cfg: RunConfig, world: World, extra_callbacks: Sequence[TrainerCallbac
             out / "manifest.json",
             manifest.build(
                 **facts,
-                strategy=strategies.resolve(cfg, world),
+                strategy=plan.strategy,
+                plan=plan.to_dict(),
                 resumed_from=str(resume) if resume else None,
             ),
         )
 
     # Before the model is built: LoRA's initial weights come from this seed.
     set_seed(cfg.training.seed)
-    flags = precision_flags(cfg)
-    dtype = weights_dtype(cfg, flags)
+    log.info("plan:\n%s", "\n".join(plan.lines()))
     extra: dict[str, Any] = {}
-    if cfg.method.name == "qlora":
-        extra["quantization_config"] = quantization_config(
-            torch.bfloat16 if flags["bf16"] else torch.float16
-        )
+    if plan.quantized:
+        extra["quantization_config"] = quantization_config(DTYPES[plan.compute_dtype])
         extra["device_map"] = {"": world.local_rank}
-    model = load_model(cfg.model, dtype=dtype, extra=extra)
+    model = load_model(
+        cfg.model,
+        dtype=DTYPES[plan.weight_dtype],
+        attn_implementation=plan.attention,
+        extra=extra,
+    )
     block_class = _block_class(model)
-    chunked_loss = apply_speed_levers(cfg, world, model)
+    chunked_loss = apply_speed_levers(cfg, plan, model)
     model = wrap(
         model, cfg.method, cfg.lora, gradient_checkpointing=cfg.training.gradient_checkpointing
     )
-    if cfg.method.name in ("lora", "qlora"):
+    if plan.adapter:
         _upcast_trainable(model)
-    if (
-        cfg.method.name == "lora"
-        and cfg.training.fused_lora
-        and strategies.resolve(cfg, world) in fused_lora.STRATEGIES
-    ):
+    if plan.fused_lora:
         fused_lora.patch(model)
 
-    args = training_arguments(cfg, world, out, "eval" in splits, block_class)
+    args = training_arguments(cfg, world, plan, out, "eval" in splits, block_class)
     stop = StopCallback(
-        stop_file=Path(p) if (p := os.environ.get("LLMTRAIN_STOP_FILE")) else None,
-        deadline=deadline_from_env(),
-        margin_s=float(os.environ.get("LLMTRAIN_DEADLINE_MARGIN", "300")),
-        every=int(os.environ.get("LLMTRAIN_STOP_CHECK_STEPS", "1")),
+        stop_file=Path(world.stop_file) if world.stop_file else None,
+        deadline=world.deadline,
+        margin_s=world.deadline_margin_s,
+        every=world.stop_check_steps,
     )
     stop.install_signal_handlers()
     recorder = LossRecorder()
@@ -260,7 +272,7 @@ def train(cfg: RunConfig, world: World, extra_callbacks: Sequence[TrainerCallbac
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     if stop.reason is not None:
         raise StopRequested(f"{stop.reason}; checkpoint at step {trainer.state.global_step}")
-    final = save_final(cfg, world, trainer, tokenizer, out)
+    final = save_final(cfg, plan, world, trainer, tokenizer, out)
     if world.is_main:
         log.info("%s", report.summary(cfg.method.name, {
             "run directory": out,
@@ -273,8 +285,10 @@ def train(cfg: RunConfig, world: World, extra_callbacks: Sequence[TrainerCallbac
     return trainer
 
 
-def save_final(cfg: RunConfig, world: World, trainer: Trainer, tokenizer: Any, out: Path) -> Path:
-    is_adapter = cfg.method.name in ("lora", "qlora")
+def save_final(
+    cfg: RunConfig, plan: RunPlan, world: World, trainer: Trainer, tokenizer: Any, out: Path
+) -> Path:
+    is_adapter = plan.adapter
     final = out / "final" / ("adapter" if is_adapter else "model")
     tmp = final.with_name(f".{final.name}.tmp")
     strategies.save_model(trainer, str(tmp))  # every rank: FSDP and ZeRO-3 gather here
@@ -292,7 +306,7 @@ def save_final(cfg: RunConfig, world: World, trainer: Trainer, tokenizer: Any, o
         log.info("final %s saved to %s", "adapter" if is_adapter else "model", final)
     trainer.accelerator.wait_for_everyone()
     if world.is_main:
-        post_run(cfg, final, out)
+        post_run(cfg, plan, final, out)
     return final
 
 

@@ -1,6 +1,7 @@
-"""Distributed strategies: which combinations can work, the TrainingArguments that select one,
-and the few places where transformers 4.37.2 / accelerate 0.26.0 / peft 0.9.0 / DeepSpeed 0.14
-need help to train and to save a normal HF directory.
+"""Distributed strategies: the TrainingArguments that select one (plan.py holds the table of
+strategies, the methods each one trains, and the resolution of `auto`), and the few places
+where transformers 4.37.2 / accelerate 0.26.0 / peft 0.9.0 / DeepSpeed 0.14 need help to train
+and to save a normal HF directory.
 
 single, ddp      one model copy per process (DDP under a launcher)
 fsdp             torch FSDP, full shard, one unit per transformer block; checkpoints are
@@ -22,146 +23,15 @@ import contextlib
 import json
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
 from llmtrain.config import RunConfig
 from llmtrain.errors import ConfigError
+from llmtrain.plan import STRATEGIES, RunPlan, launcher_strategy
 
-DEEPSPEED = {"zero2": "zero2.json", "zero3": "zero3.json", "zero3_offload": "zero3_offload.json"}
-SHARDED = ("fsdp", "zero3", "zero3_offload")  # strategies that split the parameters themselves
-# The combinations that train and save, each run on H200s by tests/gpu and bench/strategies.py
-# (bench/STRATEGIES.md); `check` refuses the others.
-VALIDATED: dict[str, tuple[str, ...]] = {
-    "full": ("single", "ddp", "fsdp", "zero2", "zero3", "zero3_offload"),
-    "lora": ("single", "ddp", "fsdp", "zero2", "zero3", "zero3_offload"),
-    "layers": ("single", "ddp", "zero2"),
-    "qlora": ("single", "ddp"),
-}
-# TrainingArguments fields a strategy owns: set through distributed.strategy, not training.args.
-OWNED_ARGS = ("deepspeed", "fsdp", "fsdp_config", "ddp_find_unused_parameters", "ddp_backend")
-
-
-@dataclass(frozen=True)
-class World:
-    """The process layout torchrun or accelerate gave this process."""
-
-    rank: int
-    local_rank: int
-    world_size: int
-
-    @classmethod
-    def from_env(cls) -> World:
-        return cls(
-            rank=int(os.environ.get("RANK", "0")),
-            local_rank=int(os.environ.get("LOCAL_RANK", "0")),
-            world_size=int(os.environ.get("WORLD_SIZE", "1")),
-        )
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def launched(self) -> bool:
-        """Started by torchrun or accelerate, even as a world of one."""
-        return "LOCAL_RANK" in os.environ
-
-
-def launcher_strategy() -> str | None:
-    """FSDP or DeepSpeed asked for by `accelerate launch --config_file ...` (its env vars)."""
-    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
-        return "fsdp"
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
-        return "deepspeed"
-    return None
-
-
-def resolve(cfg: RunConfig, world: World) -> str:
-    """The strategy this process runs: auto is ddp under a launcher, else single, unless an
-    accelerate config chose FSDP. A launcher asking for another strategy than the run config
-    is an error: two sources of truth would train one way and save another."""
-    strategy = cfg.distributed.strategy
-    launched = launcher_strategy()
-    if launched == "deepspeed":
-        raise ConfigError(
-            "accelerate launch was given a DeepSpeed config; llmtrain selects DeepSpeed itself",
-            "launch with configs/accelerate/ddp.yaml (or torchrun) and set "
-            "distributed.strategy=zero2, zero3 or zero3_offload in the run config",
-        )
-    if launched == "fsdp" and strategy not in ("auto", "fsdp"):
-        raise ConfigError(
-            f"accelerate launch was given an FSDP config but distributed.strategy={strategy}",
-            "use configs/accelerate/ddp.yaml with this strategy, or set distributed.strategy=fsdp",
-        )
-    if strategy == "auto":
-        return launched or ("ddp" if world.distributed else "single")
-    return strategy
-
-
-def check(cfg: RunConfig) -> None:
-    """Refuse the combinations the pinned stack cannot run (peft 0.9.0, accelerate 0.26.0)."""
-    strategy, method = cfg.distributed.strategy, cfg.method.name
-    if method == "qlora" and strategy in SHARDED:
-        raise ConfigError(
-            f"method qlora with distributed.strategy={strategy} is not possible with peft 0.9.0 "
-            "(4-bit weights cannot be sharded)",
-            "use distributed.strategy=ddp (or auto), or method lora with fsdp/zero3",
-        )
-    if method == "layers" and strategy in SHARDED:
-        raise ConfigError(
-            f"method layers with distributed.strategy={strategy}: sharding a model that is "
-            "mostly frozen gains little and mixes frozen and trained parameters in one shard",
-            "use distributed.strategy=ddp or zero2",
-        )
-    if cfg.lora.use_dora and method == "qlora":
-        raise ConfigError(
-            "lora.use_dora=true with method.name=qlora: peft 0.9.0 has no DoRA for "
-            "bitsandbytes 4-bit layers (its Linear4bit refuses use_dora)",
-            "use method.name=lora for DoRA, or lora.use_dora=false with qlora",
-        )
-    # auto under `accelerate launch --config_file fsdp.yaml` is FSDP too (resolve).
-    sharded = strategy if strategy != "auto" else launcher_strategy() or strategy
-    if cfg.lora.use_dora and sharded in SHARDED:
-        raise ConfigError(
-            f"lora.use_dora=true with distributed.strategy={sharded} does not work with peft "
-            "0.9.0: its DoRA forward reads lora_A, lora_B and the base weight directly, outside "
-            "their modules' forward, where FSDP (lora_A and lora_B are their own units) and "
-            "ZeRO-3 hold only this rank's shard",
-            "use distributed.strategy=ddp or zero2 with DoRA, or lora.use_dora=false",
-        )
-    owned = sorted(set(cfg.training.args) & set(OWNED_ARGS))
-    if owned:
-        raise ConfigError(
-            f"training.args sets {', '.join(owned)}, which distributed.strategy owns",
-            "remove them and choose distributed.strategy (ddp, fsdp, zero2, zero3, zero3_offload)",
-        )
-
-
-def check_world(strategy: str, world: World) -> None:
-    import torch
-
-    if strategy in DEEPSPEED and not torch.cuda.is_available():
-        raise ConfigError(
-            f"distributed.strategy={strategy} needs CUDA GPUs: accelerate 0.26 starts "
-            "DeepSpeed with NCCL only",
-            "on CPU use distributed.strategy=ddp or fsdp (gloo)",
-        )
-    # accelerate 0.26 counts a launched process as distributed on a GPU even in a world of one
-    # (a one-GPU FSDP run is the reference for multi-GPU ones), on a CPU only from two up.
-    if strategy == "fsdp" and not (
-        world.distributed or (world.launched and torch.cuda.is_available())
-    ):
-        raise ConfigError(
-            "distributed.strategy=fsdp needs a launcher (transformers refuses FSDP in a "
-            "process without torch.distributed), and on CPU two processes or more",
-            "run it through torchrun or entrypoint/launch.sh, or use ddp/auto on one GPU",
-        )
+# Derived from the one table in plan.py (which also says which methods each one trains).
+DEEPSPEED = {n: s.deepspeed_json for n, s in STRATEGIES.items() if s.deepspeed_json is not None}
 
 
 def deepspeed_config(name: str) -> dict[str, Any]:
@@ -187,10 +57,9 @@ def fsdp_settings(block_class: str) -> dict[str, Any]:
     }
 
 
-def training_kwargs(cfg: RunConfig, world: World, block_class: str | None) -> dict[str, Any]:
-    """The TrainingArguments entries that select the strategy."""
-    strategy = resolve(cfg, world)
-    check_world(strategy, world)
+def training_kwargs(cfg: RunConfig, plan: RunPlan, block_class: str | None) -> dict[str, Any]:
+    """The TrainingArguments entries that select the plan's strategy."""
+    strategy = plan.strategy
     kwargs: dict[str, Any] = {
         "ddp_timeout": int(cfg.distributed.timeout_minutes * 60),
         # Frozen parameters (LoRA, layers) are known up front; searching for unused ones each

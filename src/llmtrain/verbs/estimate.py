@@ -8,8 +8,10 @@ from dataclasses import asdict, replace
 from typing import Any
 
 from llmtrain.config import RunConfig, load_config
+from llmtrain.plan import STRATEGIES as TABLE
+from llmtrain.plan import refusal
 from llmtrain.sizing.compute import DEFAULT_MFU, estimate_compute
-from llmtrain.sizing.from_config import model_shape, run_shape, weight_bytes
+from llmtrain.sizing.from_config import model_shape, run_shape, target_plan, weight_bytes
 from llmtrain.sizing.gpus import PRESETS, get_gpu
 from llmtrain.sizing.memory import (
     FRAGMENTATION,
@@ -53,8 +55,14 @@ def _tokens(cfg: RunConfig, run: RunShape, given: float | None) -> float | None:
 
 def report(cfg: RunConfig, args: argparse.Namespace) -> dict[str, Any]:
     shape = model_shape(cfg)
+    plan = target_plan(cfg, nodes=args.nodes, gpus_per_node=args.gpus_per_node)
     run = run_shape(
-        cfg, shape, nodes=args.nodes, gpus_per_node=args.gpus_per_node, attention=args.attention
+        cfg,
+        shape,
+        nodes=args.nodes,
+        gpus_per_node=args.gpus_per_node,
+        attention=args.attention,
+        plan=plan,
     )
     device = get_gpu(args.gpu)
 
@@ -71,6 +79,13 @@ def report(cfg: RunConfig, args: argparse.Namespace) -> dict[str, Any]:
             "largest_micro_batch": largest_micro_batch(shape, r, device.memory_bytes),
         }
 
+    def allowed(m: str, s: str, c: bool) -> bool:
+        """The pairs `check` lets through (plan.STRATEGIES), and inference once."""
+        if m == "inference":
+            return s == "ddp" and not c
+        dora_sharded = m == "lora" and run.use_dora and TABLE[s].shards_parameters
+        return refusal(m, s) is None and not dora_sharded
+
     methods = [m for m in METHODS if m != "layers" or run.method == "layers"]
     grid = [
         row(
@@ -79,17 +94,13 @@ def report(cfg: RunConfig, args: argparse.Namespace) -> dict[str, Any]:
                 method=m,
                 strategy=s,
                 gradient_checkpointing=c,
-                weight_bytes=weight_bytes(cfg, "lora" if m == "inference" else m),
+                weight_bytes=weight_bytes(cfg, plan, "lora" if m == "inference" else m),
             )
         )
         for m in methods
         for s in STRATEGIES
         for c in (False, True)
-        if not (
-            (m == "qlora" or (m == "lora" and run.use_dora))
-            and s in ("fsdp", "zero3", "zero3_offload")
-        )
-        and not (m == "inference" and (s != "ddp" or c))
+        if allowed(m, s, c)
     ]
     tokens = _tokens(cfg, run, args.tokens)
     compute = None
@@ -108,6 +119,7 @@ def report(cfg: RunConfig, args: argparse.Namespace) -> dict[str, Any]:
     return {
         "model": {**asdict(shape), "params": shape.params},
         "run": {**asdict(run), "world": run.world},
+        "plan": plan.to_dict(),
         "gpu": {"name": device.name, "memory_bytes": device.memory_bytes},
         "fragmentation_margin": FRAGMENTATION,
         "this_run": row(run),
@@ -128,6 +140,10 @@ def _print_table(rep: dict[str, Any]) -> None:
         f" attention {r['attention']},"
         f" checkpointing {'on' if r['gradient_checkpointing'] else 'off'}"
     )
+    print("plan (as finetune would decide on these GPUs):")
+    for name, d in rep["plan"].items():
+        value = ("on" if d["value"] else "off") if isinstance(d["value"], bool) else d["value"]
+        print(f"  {name}: {value} ({d['reason']})")
     print(f"\nmemory per GPU (GiB; fragmentation margin {rep['fragmentation_margin']:.0%}):")
     for name, value in this["breakdown_bytes"].items():
         print(f"  {name:<16}{gib(value):>10}")

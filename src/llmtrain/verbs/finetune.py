@@ -7,6 +7,7 @@ import logging
 
 from llmtrain.config import load_config
 from llmtrain.errors import StopRequested
+from llmtrain.plan import World
 
 EXAMPLE = "llmtrain finetune configs/lora.yaml training.learning_rate=1e-4 output.dir=runs/lora"
 log = logging.getLogger(__name__)
@@ -20,17 +21,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from llmtrain.train import strategies
     from llmtrain.train.checks import run_checks
     from llmtrain.train.run import close_process_group, train
-    from llmtrain.train.strategies import World
 
     cfg = load_config(args.config, args.overrides)
     world = World.from_env()
     # validate's check list, for this machine, before anything is written or loaded; the data
     # is read by the main rank only (the others wait for its prepared data anyway).
+    # train() then plans the run for this world and checks it, also before anything is written.
     report = run_checks(cfg, gpu=torch.cuda.is_available(), data=world.is_main)
-    strategies.check_world(strategies.resolve(cfg, world), world)
     for warning in report.warnings:
         log.warning("%s", warning)
     stopped: str | None = None

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from llmtrain.config import RunConfig, load_config
+from llmtrain.plan import Hardware, RunPlan, World
 from llmtrain.sizing.gpus import PRESETS
 
 EXAMPLE = "llmtrain validate configs/lora.yaml data.path=data/train.jsonl --gpu h100"
@@ -51,16 +52,36 @@ def _target_line(cfg: RunConfig, args: argparse.Namespace) -> tuple[bool, str]:
     )
 
 
-def _memory(cfg: RunConfig, args: argparse.Namespace) -> tuple[list[str], list[str]]:
-    """The memory estimate's lines and warnings; an architecture the estimator does not cover
-    is reported, not refused: finetune trains it all the same."""
+def _plan(cfg: RunConfig, args: argparse.Namespace, gpu: bool) -> RunPlan:
+    """The plan finetune would make on the target (a bf16-capable GPU node, or this CPU), in a
+    world of --nodes x --gpus-per-node processes."""
+    from llmtrain.model.load import attention_support, flash_attn_available, load_model_config
+
+    config = load_model_config(cfg.model)
+    world = World(rank=0, local_rank=0, world_size=args.nodes * args.gpus_per_node)
+    hw = (
+        Hardware.gpu_node(flash_attn=flash_attn_available(gpu=True))
+        if gpu
+        else Hardware(cuda=False, bf16=False, flash_attn=False)
+    )
+    return RunPlan.build(
+        cfg, world, hw, attention_support=attention_support(config), model_type=config.model_type
+    )
+
+
+def _memory(
+    cfg: RunConfig, args: argparse.Namespace, plan: RunPlan | None
+) -> tuple[list[str], list[str]]:
+    """The memory estimate's lines and warnings (on a GPU node: `plan`, else the GPU node's);
+    an architecture the estimator does not cover is reported, not refused: finetune trains it
+    all the same."""
     from llmtrain.sizing import from_config as sizing
     from llmtrain.sizing.memory import NotEstimable
 
     gpu = args.gpu or DEFAULT_GPU
     try:
-        lines = sizing.summary(cfg, gpu, args.nodes, args.gpus_per_node)
-        fits = sizing.fits(cfg, gpu, args.nodes, args.gpus_per_node)
+        lines = sizing.summary(cfg, gpu, args.nodes, args.gpus_per_node, plan)
+        fits = sizing.fits(cfg, gpu, args.nodes, args.gpus_per_node, plan)
     except NotEstimable as exc:
         return [f"memory per GPU: the estimate is not available for this architecture "
                 f"({exc.problem}; {exc.fix})"], []
@@ -77,8 +98,10 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     gpu, target = _target_line(cfg, args)
     report = run_checks(cfg, gpu=gpu)
-    lines, warnings = _memory(cfg, args)
-    for line in [target, *report.lines, *lines]:
+    plan = _plan(cfg, args, gpu)
+    lines, warnings = _memory(cfg, args, plan if gpu else None)
+    plan_lines = ["plan (as finetune would decide on the target):", *plan.lines()]
+    for line in [target, *report.lines, *plan_lines, *lines]:
         print(line)
     for warning in report.warnings + warnings:
         print(f"warning: {warning}", file=sys.stderr)

@@ -1,0 +1,471 @@
+"""The run resolved once: which strategy, precision, weight dtype, attention and speed levers a
+config gets in this world on this hardware, each with the reason (`RunPlan`), and the one table
+of distributed strategies and the methods validated with each (`STRATEGIES`).
+
+Training (train/run.py) builds the plan once and follows it, and writes it into manifest.json;
+the estimator (sizing/) builds the same plan for the target GPU node instead of restating the
+policy. Nothing here imports torch or transformers: what the machine has (CUDA, bf16, flash_attn)
+and what the architecture supports are passed in, so `estimate` and `validate` stay light.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, cast, get_args
+
+from llmtrain.config import RunConfig
+from llmtrain.errors import ConfigError
+
+Strategy = Literal["single", "ddp", "fsdp", "zero2", "zero3", "zero3_offload"]
+Method = Literal["full", "layers", "lora", "qlora"]
+METHODS: tuple[Method, ...] = get_args(Method)
+ADAPTER_METHODS: tuple[Method, ...] = ("lora", "qlora")
+ATTENTIONS = ("flash_attention_2", "sdpa", "eager")
+
+
+@dataclass(frozen=True)
+class StrategySpec:
+    """One distributed strategy as the pinned stack (accelerate 0.26.0, DeepSpeed 0.14, peft
+    0.9.0) runs it."""
+
+    shards_parameters: bool  # each rank holds a shard of every weight, lm_head included
+    deepspeed_json: str | None  # the package's deepspeed/*.json, None: not DeepSpeed
+    # Every weight is whole on the GPU when a layer runs, so the fused LoRA function
+    # (kernels/lora.py) may replace peft's forward; FSDP's and ZeRO-3's per-module hooks gather
+    # the weights inside peft's forward, so it stays there.
+    fused_lora: bool
+    needs_cuda: bool  # accelerate 0.26 starts DeepSpeed with NCCL only
+    # The strategy runs the blocks in one 16-bit dtype itself (DeepSpeed casts the model, FSDP's
+    # mixed precision gathers 16-bit copies): the Trainer's autocast has nothing left to cast.
+    computes_in_16bit: bool
+    # The methods that train, resume and save with it, each run on H200s by tests/gpu and
+    # bench/strategies.py (bench/STRATEGIES.md); `check` refuses every other pair.
+    methods: tuple[Method, ...]
+
+
+# Keyed by Strategy (a test holds them equal). Columns: shards_parameters, deepspeed_json,
+# fused_lora, needs_cuda, computes_in_16bit, methods.
+STRATEGIES: dict[str, StrategySpec] = {
+    "single": StrategySpec(False, None, True, False, False, METHODS),
+    "ddp": StrategySpec(False, None, True, False, False, METHODS),
+    "fsdp": StrategySpec(True, None, False, False, True, ("full", "lora")),
+    "zero2": StrategySpec(False, "zero2.json", True, True, True, ("full", "layers", "lora")),
+    "zero3": StrategySpec(True, "zero3.json", False, True, True, ("full", "lora")),
+    "zero3_offload": StrategySpec(
+        True, "zero3_offload.json", False, True, True, ("full", "lora")
+    ),
+}
+# Pairs outside the validated set that `check` lets through on purpose, each with its reason.
+# Empty: every unvalidated pair is refused.
+KNOWINGLY_ALLOWED: dict[tuple[str, str], str] = {}
+# method -> the strategies it is validated with (the table read by method)
+VALIDATED: dict[str, tuple[str, ...]] = {
+    m: tuple(s for s, spec in STRATEGIES.items() if m in spec.methods) for m in METHODS
+}
+
+
+def _config_name(strategy: str) -> str:
+    """The distributed.strategy value that selects it (single is auto in a world of one)."""
+    return "auto" if strategy == "single" else strategy
+
+
+def refusal(method: str, strategy: str) -> ConfigError | None:
+    """Why `method` cannot run with `strategy`, or None for a validated (or knowingly allowed)
+    pair. The error names the pair and, as the fix, the validated alternatives."""
+    if method in STRATEGIES[strategy].methods or (method, strategy) in KNOWINGLY_ALLOWED:
+        return None
+    key = f"method {method} with distributed.strategy={_config_name(strategy)}"
+    others = ", ".join(_config_name(s) for s in VALIDATED[method] if s != "single")
+    if method == "qlora" and STRATEGIES[strategy].shards_parameters:
+        return ConfigError(
+            f"{key} is not possible with peft 0.9.0 (4-bit weights cannot be sharded)",
+            "use distributed.strategy=ddp (or auto), or method lora with fsdp/zero3",
+        )
+    if method == "layers" and STRATEGIES[strategy].shards_parameters:
+        return ConfigError(
+            f"{key}: sharding a model that is mostly frozen gains little and mixes frozen and "
+            "trained parameters in one shard",
+            f"use distributed.strategy={others.replace(', ', ' or ')}",
+        )
+    methods = ", ".join(STRATEGIES[strategy].methods)
+    return ConfigError(
+        f"{key} is not a validated combination: it has not been trained, resumed and saved on "
+        f"GPUs (bench/STRATEGIES.md); {_config_name(strategy)} is validated with {methods}",
+        f"use distributed.strategy={others.replace(', ', ' or ')} (or auto) with method "
+        f"{method}, or one of {methods} with {_config_name(strategy)}",
+    )
+
+
+# TrainingArguments fields a strategy owns: set through distributed.strategy, not training.args.
+OWNED_ARGS = ("deepspeed", "fsdp", "fsdp_config", "ddp_find_unused_parameters", "ddp_backend")
+
+
+@dataclass(frozen=True)
+class World:
+    """The process layout torchrun or accelerate gave this process, and when the job wants it
+    to stop (entrypoint/launch.sh sets the LLMTRAIN_* variables; the defaults: never)."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    stop_file: str | None = None  # LLMTRAIN_STOP_FILE: once it exists, checkpoint and exit 75
+    deadline: float | None = None  # LLMTRAIN_DEADLINE: the job's end, Unix time in seconds
+    deadline_margin_s: float = 300.0  # LLMTRAIN_DEADLINE_MARGIN: stop this long before it
+    stop_check_steps: int = 1  # LLMTRAIN_STOP_CHECK_STEPS: ranks agree on stopping this often
+
+    @classmethod
+    def from_env(cls) -> World:
+        env = os.environ
+        return cls(
+            rank=int(env.get("RANK", "0")),
+            local_rank=int(env.get("LOCAL_RANK", "0")),
+            world_size=int(env.get("WORLD_SIZE", "1")),
+            stop_file=env.get("LLMTRAIN_STOP_FILE") or None,
+            deadline=float(env["LLMTRAIN_DEADLINE"]) if env.get("LLMTRAIN_DEADLINE") else None,
+            deadline_margin_s=float(env.get("LLMTRAIN_DEADLINE_MARGIN", "300")),
+            stop_check_steps=int(env.get("LLMTRAIN_STOP_CHECK_STEPS", "1")),
+        )
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def launched(self) -> bool:
+        """Started by torchrun or accelerate, even as a world of one."""
+        return "LOCAL_RANK" in os.environ
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """What the machine the run is planned for has; train/run.py measures this one, the
+    estimator assumes a GPU node (`gpu_node`)."""
+
+    cuda: bool
+    bf16: bool  # the GPU computes in bfloat16 (Ampere and later)
+    flash_attn: bool  # the flash_attn package imports (and a CUDA GPU is there to run it)
+
+    @classmethod
+    def gpu_node(cls, *, flash_attn: bool) -> Hardware:
+        """A bf16-capable CUDA GPU node (what `estimate` and `validate --gpu` plan for)."""
+        return cls(cuda=True, bf16=True, flash_attn=flash_attn)
+
+
+def launcher_strategy() -> str | None:
+    """FSDP or DeepSpeed asked for by `accelerate launch --config_file ...` (its env vars)."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        return "fsdp"
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        return "deepspeed"
+    return None
+
+
+def resolve_strategy(cfg: RunConfig, world: World) -> tuple[Strategy, str]:
+    """The strategy this process runs and why: auto is ddp under a launcher, else single,
+    unless an accelerate config chose FSDP.
+
+    Raises:
+        ConfigError: a launcher asks for another strategy than the run config (two sources of
+            truth would train one way and save another), or for DeepSpeed (exit 64).
+    """
+    strategy = cfg.distributed.strategy
+    launched = launcher_strategy()
+    if launched == "deepspeed":
+        raise ConfigError(
+            "accelerate launch was given a DeepSpeed config; llmtrain selects DeepSpeed itself",
+            "launch with configs/accelerate/ddp.yaml (or torchrun) and set "
+            "distributed.strategy=zero2, zero3 or zero3_offload in the run config",
+        )
+    if launched == "fsdp" and strategy not in ("auto", "fsdp"):
+        raise ConfigError(
+            f"accelerate launch was given an FSDP config but distributed.strategy={strategy}",
+            "use configs/accelerate/ddp.yaml with this strategy, or set distributed.strategy=fsdp",
+        )
+    if strategy != "auto":
+        return cast(Strategy, strategy), f"distributed.strategy={strategy}"
+    if launched == "fsdp":
+        return "fsdp", "auto: accelerate launch was given an FSDP config"
+    if world.distributed:
+        return "ddp", f"auto: {world.world_size} processes"
+    return "single", "auto: one process"
+
+
+def check(cfg: RunConfig) -> None:
+    """Refuse what the pinned stack cannot run (peft 0.9.0, accelerate 0.26.0): every method x
+    strategy pair outside `STRATEGIES`' validated methods, DoRA where peft 0.9.0 has none, and
+    training.args that a strategy owns. Needs no model, no GPU.
+
+    Raises:
+        ConfigError: the first such problem (exit 64).
+    """
+    method = cfg.method.name
+    # auto is single or ddp (the same validated methods), or FSDP under
+    # `accelerate launch --config_file fsdp.yaml` (resolve_strategy).
+    strategy: str = (
+        cfg.distributed.strategy
+        if cfg.distributed.strategy != "auto"
+        else "fsdp" if launcher_strategy() == "fsdp" else "ddp"
+    )
+    refused = refusal(method, strategy)
+    if refused is not None:
+        raise refused
+    if cfg.lora.use_dora and method == "qlora":
+        raise ConfigError(
+            "lora.use_dora=true with method.name=qlora: peft 0.9.0 has no DoRA for "
+            "bitsandbytes 4-bit layers (its Linear4bit refuses use_dora)",
+            "use method.name=lora for DoRA, or lora.use_dora=false with qlora",
+        )
+    if cfg.lora.use_dora and STRATEGIES[strategy].shards_parameters:
+        raise ConfigError(
+            f"lora.use_dora=true with distributed.strategy={strategy} does not work with peft "
+            "0.9.0: its DoRA forward reads lora_A, lora_B and the base weight directly, outside "
+            "their modules' forward, where FSDP (lora_A and lora_B are their own units) and "
+            "ZeRO-3 hold only this rank's shard",
+            "use distributed.strategy=ddp or zero2 with DoRA, or lora.use_dora=false",
+        )
+    owned = sorted(set(cfg.training.args) & set(OWNED_ARGS))
+    if owned:
+        raise ConfigError(
+            f"training.args sets {', '.join(owned)}, which distributed.strategy owns",
+            "remove them and choose distributed.strategy (ddp, fsdp, zero2, zero3, zero3_offload)",
+        )
+
+
+def check_world(strategy: str, world: World, *, cuda: bool) -> None:
+    """The resolved strategy against this process's world and machine (`cuda`).
+
+    Raises:
+        ConfigError: DeepSpeed without CUDA, or FSDP without a launcher (or on CPU in a world
+            of one) (exit 64).
+    """
+    if STRATEGIES[strategy].needs_cuda and not cuda:
+        raise ConfigError(
+            f"distributed.strategy={strategy} needs CUDA GPUs: accelerate 0.26 starts "
+            "DeepSpeed with NCCL only",
+            "on CPU use distributed.strategy=ddp or fsdp (gloo)",
+        )
+    # accelerate 0.26 counts a launched process as distributed on a GPU even in a world of one
+    # (a one-GPU FSDP run is the reference for multi-GPU ones), on a CPU only from two up.
+    if strategy == "fsdp" and not (world.distributed or (world.launched and cuda)):
+        raise ConfigError(
+            "distributed.strategy=fsdp needs a launcher (transformers refuses FSDP in a "
+            "process without torch.distributed), and on CPU two processes or more",
+            "run it through torchrun or entrypoint/launch.sh, or use ddp/auto on one GPU",
+        )
+
+
+def choose_attention(
+    choice: str, supports: Mapping[str, bool] | None, flash_attn: bool, model_type: str = "model"
+) -> tuple[str, str]:
+    """The attention implementation and why: flash_attention_2 when flash_attn is usable
+    (`flash_attn`: it imports and there is a CUDA GPU) and the architecture has it, else sdpa,
+    else eager. `supports`: implementation -> the architecture has it; None: a Llama-style
+    decoder, which has all three.
+
+    Raises:
+        ConfigError: an explicit choice the architecture lacks, or flash_attention_2 without
+            a usable flash_attn (exit 64), never a silent fallback.
+    """
+    has = dict(supports) if supports is not None else {a: True for a in ATTENTIONS}
+    has["eager"] = True
+    if choice != "auto":
+        if not has.get(choice, False):
+            raise ConfigError(
+                f"model.attn_implementation={choice} is not supported for {model_type} by "
+                "transformers 4.37.2",
+                "use model.attn_implementation=auto",
+            )
+        if choice == "flash_attention_2" and not flash_attn:
+            raise ConfigError(
+                "model.attn_implementation=flash_attention_2 needs the flash_attn package and a "
+                "CUDA GPU, and this environment has no flash_attn or no GPU",
+                "run inside the llmtrain image on a GPU node, or use "
+                "model.attn_implementation=auto",
+            )
+        return choice, f"model.attn_implementation={choice}"
+    if has.get("flash_attention_2") and flash_attn:
+        return "flash_attention_2", "auto: flash_attn imports and the architecture has it"
+    if has.get("sdpa"):
+        if has.get("flash_attention_2"):
+            return "sdpa", "auto: flash_attn does not import here, or there is no CUDA GPU"
+        return "sdpa", f"auto: {model_type} has no flash_attention_2 in transformers 4.37.2"
+    return "eager", f"auto: {model_type} has neither flash_attention_2 nor sdpa"
+
+
+def precision(choice: str, hw: Hardware) -> tuple[str, str]:
+    """bf16, fp16 or fp32 training (the Trainer's bf16/fp16 flags), and why."""
+    if choice != "auto":
+        return choice, f"training.precision={choice}"
+    if hw.cuda and hw.bf16:
+        return "bf16", "auto: the GPU computes in bf16"
+    if hw.cuda:
+        return "fp16", "auto: the GPU has no bf16"
+    return "fp32", "auto: no CUDA GPU"
+
+
+def weight_dtype(model_dtype: str, precision: str, method: str) -> tuple[str, str]:
+    """The dtype the weights are loaded in (a torch dtype's name), and why: frozen weights in
+    16 bits, trained full weights in fp32 under 16-bit autocast."""
+    if model_dtype != "auto":
+        return model_dtype, f"model.dtype={model_dtype}"
+    half = {"bf16": "bfloat16", "fp16": "float16"}.get(precision)
+    if half is not None and method in ADAPTER_METHODS:
+        return half, f"frozen base weights under {precision}; the adapters train in fp32"
+    if half is not None:
+        return "float32", f"trained weights in fp32 under {precision} autocast"
+    return "float32", "fp32 training"
+
+
+def uses_autocast(precision16: bool, fp32_trained: bool, strategy: str) -> bool:
+    """Whether the Trainer's 16-bit autocast runs over fp32 weights or adapters: only under a
+    16-bit precision, with fp32 trained parameters, and a strategy that leaves the casting to
+    it (see `StrategySpec.computes_in_16bit`)."""
+    spec = STRATEGIES.get(strategy)
+    return precision16 and fp32_trained and not (spec is not None and spec.computes_in_16bit)
+
+
+def fused_lora_applies(requested: bool, method: str, strategy: str) -> bool:
+    """training.fused_lora takes effect: method lora (not qlora's 4-bit base) with a strategy
+    that keeps every weight whole when a layer runs."""
+    spec = STRATEGIES.get(strategy)
+    return requested and method == "lora" and spec is not None and spec.fused_lora
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """What the run does, decided once from the config, the world and the hardware.
+
+    `reasons` holds one short sentence per field: which setting or fact decided it."""
+
+    strategy: Strategy
+    precision: Literal["bf16", "fp16", "fp32"]
+    weight_dtype: Literal["bfloat16", "float16", "float32"]  # a torch dtype's name
+    autocast: bool  # the Trainer's 16-bit autocast over fp32 weights or adapters
+    attention: str  # transformers' attn_implementation
+    optim: str  # TrainingArguments.optim
+    chunked_loss: bool  # the loss in vocabulary chunks (kernels/loss.py), if the model allows
+    fused_lora: bool  # LoRA layers through the fused function (kernels/lora.py)
+    adapter: bool  # the trained result is a peft adapter (final/adapter), not a model
+    quantized: bool  # 4-bit NF4 base weights (bitsandbytes)
+    reasons: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def flags(self) -> dict[str, bool]:
+        """TrainingArguments' bf16 and fp16 flags."""
+        return {"bf16": self.precision == "bf16", "fp16": self.precision == "fp16"}
+
+    @property
+    def compute_dtype(self) -> str:
+        """The 16-bit dtype matmuls run in (QLoRA's bnb_4bit_compute_dtype); fp16 without bf16."""
+        return "bfloat16" if self.precision == "bf16" else "float16"
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """{field: {"value": ..., "reason": ...}}: what manifest.json records."""
+        return {
+            name: {"value": getattr(self, name), "reason": self.reasons.get(name, "")}
+            for name in _FIELDS
+        }
+
+    def lines(self) -> list[str]:
+        """One line per decision, for `validate` and `estimate`."""
+        return [
+            f"  {name}: {_show(getattr(self, name))} ({self.reasons[name]})" for name in _FIELDS
+        ]
+
+    @classmethod
+    def build(
+        cls,
+        cfg: RunConfig,
+        world: World,
+        hw: Hardware,
+        *,
+        attention_support: Mapping[str, bool] | None = None,
+        model_type: str = "model",
+    ) -> RunPlan:
+        """The plan for `cfg` in `world` on `hw`. `attention_support`: implementation -> the
+        architecture has it (model/load.attention_support); None: a Llama-style decoder.
+
+        Raises:
+            ConfigError: a launcher contradicting the config (resolve_strategy), or an
+                attention implementation that cannot run (choose_attention) (exit 64).
+        """
+        method, t = cfg.method.name, cfg.training
+        strategy, why_strategy = resolve_strategy(cfg, world)
+        spec = STRATEGIES[strategy]
+        prec, why_prec = precision(t.precision, hw)
+        dtype, why_dtype = weight_dtype(cfg.model.dtype, prec, method)
+        adapter = method in ADAPTER_METHODS
+        fp32_trained = dtype == "float32" or adapter
+        autocast = uses_autocast(prec != "fp32", fp32_trained, strategy)
+        if autocast:
+            why_autocast = f"fp32 trained parameters under {prec}"
+        elif prec == "fp32":
+            why_autocast = "fp32 training"
+        elif spec.computes_in_16bit:
+            why_autocast = f"{strategy} computes in 16 bits itself"
+        else:
+            why_autocast = "16-bit weights throughout"
+        attention, why_attention = choose_attention(
+            cfg.model.attn_implementation, attention_support, hw.flash_attn, model_type
+        )
+        optim = t.optim
+        if optim == "auto":
+            optim = "adamw_torch_fused" if hw.cuda else "adamw_torch"
+            why_optim = "auto: fused AdamW on CUDA" if hw.cuda else "auto: no CUDA GPU"
+        else:
+            why_optim = f"training.optim={optim}"
+        chunked = t.chunked_loss and not spec.shards_parameters
+        why_chunked = (
+            "training.chunked_loss=false" if not t.chunked_loss
+            else f"off under {strategy}, whose lm_head weight is sharded" if not chunked
+            else "training.chunked_loss=true"
+        )
+        fused = fused_lora_applies(t.fused_lora, method, strategy)
+        why_fused = (
+            f"method {method} has no fused LoRA layers" if method != "lora"
+            else "training.fused_lora=false" if not t.fused_lora
+            else f"off under {strategy}: its hooks gather weights inside peft's forward"
+            if not fused
+            else f"training.fused_lora=true under {strategy}"
+        )
+        return cls(
+            strategy=strategy,
+            precision=prec,  # type: ignore[arg-type]
+            weight_dtype=dtype,  # type: ignore[arg-type]
+            autocast=autocast,
+            attention=attention,
+            optim=optim,
+            chunked_loss=chunked,
+            fused_lora=fused,
+            adapter=adapter,
+            quantized=method == "qlora",
+            reasons={
+                "strategy": why_strategy,
+                "precision": why_prec,
+                "weight_dtype": why_dtype,
+                "autocast": why_autocast,
+                "attention": why_attention,
+                "optim": why_optim,
+                "chunked_loss": why_chunked,
+                "fused_lora": why_fused,
+                "adapter": f"method {method}",
+                "quantized": f"method {method}"
+                + (": 4-bit NF4 base weights (bitsandbytes)" if method == "qlora" else ""),
+            },
+        )
+
+
+_FIELDS = (
+    "strategy", "precision", "weight_dtype", "autocast", "attention", "optim",
+    "chunked_loss", "fused_lora", "adapter", "quantized",
+)
+
+
+def _show(value: object) -> str:
+    return ("on" if value else "off") if isinstance(value, bool) else str(value)

@@ -1,0 +1,226 @@
+"""The RunPlan and the one strategy x method table: every pair outside the validated set is
+refused (or listed as knowingly allowed), every copy of the names agrees with the table, and
+training and the estimator read one policy (issue 15)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from typing import Any, get_args
+
+import pytest
+
+from llmtrain import plan
+from llmtrain.config import DistributedSection, MethodSection, load_config
+from llmtrain.errors import EXIT_USAGE, ConfigError
+from llmtrain.plan import STRATEGIES, Hardware, RunPlan, World
+from llmtrain.sizing import memory
+from llmtrain.sizing.from_config import run_shape, target_plan
+from llmtrain.sizing.memory import ModelShape
+from tests.conftest import REPO
+from tests.tiny_models import tiny_config
+
+CPU = Hardware(cuda=False, bf16=False, flash_attn=False)
+BF16_GPU = Hardware.gpu_node(flash_attn=False)
+FP16_GPU = Hardware(cuda=True, bf16=False, flash_attn=False)
+ONE = World(rank=0, local_rank=0, world_size=1)
+TWO = World(rank=0, local_rank=0, world_size=2)
+CONFIG_STRATEGIES = [s for s in get_args(DistributedSection.model_fields["strategy"].annotation)]
+CONFIG_METHODS = list(get_args(MethodSection.model_fields["name"].annotation))
+
+
+def cfg_for(method: str, strategy: str, *more: str) -> Any:
+    extra = ["method.layers=[last:1]"] if method == "layers" else []
+    return load_config(
+        REPO / "configs" / "lora.yaml",
+        [f"method.name={method}", *extra, f"distributed.strategy={strategy}", *more],
+    )
+
+
+def test_names_agree_with_the_table() -> None:
+    """config.py's Literals, plan.py's and the estimator's name the table's strategies."""
+    assert set(get_args(plan.Strategy)) == set(STRATEGIES)
+    assert set(CONFIG_STRATEGIES) == set(STRATEGIES) - {"single"} | {"auto"}
+    assert list(plan.METHODS) == CONFIG_METHODS
+    assert set(memory.STRATEGIES) == set(STRATEGIES) - {"single"}
+    assert set(get_args(memory.Strategy)) == set(memory.STRATEGIES)
+    assert list(memory.METHODS) == ["inference", *CONFIG_METHODS]
+    assert set(get_args(memory.Method)) == set(memory.METHODS)
+    for method in plan.METHODS:
+        assert plan.VALIDATED[method], method  # every method trains somewhere
+
+
+@pytest.mark.parametrize(
+    ("method", "strategy"), [(m, s) for m in CONFIG_METHODS for s in CONFIG_STRATEGIES]
+)
+def test_every_pair_outside_the_validated_set_is_refused(method: str, strategy: str) -> None:
+    cfg = cfg_for(method, strategy)
+    table_name = "ddp" if strategy == "auto" else strategy  # auto: single or ddp, same methods
+    validated = method in STRATEGIES[table_name].methods
+    allowed = (method, table_name) in plan.KNOWINGLY_ALLOWED
+    if validated or allowed:
+        plan.check(cfg)
+        return
+    with pytest.raises(ConfigError) as info:
+        plan.check(cfg)
+    assert info.value.exit_code == EXIT_USAGE
+    assert f"method {method} with distributed.strategy={strategy}" in info.value.problem
+    # the fix names a strategy that this method is validated with
+    assert any(s in info.value.fix for s in plan.VALIDATED[method] if s != "single")
+
+
+def test_knowingly_allowed_pairs_carry_a_reason_and_are_not_validated() -> None:
+    for (method, strategy), reason in plan.KNOWINGLY_ALLOWED.items():
+        assert method not in STRATEGIES[strategy].methods and reason.strip()
+
+
+def test_qlora_with_zero2_is_refused() -> None:
+    """VALIDATED lists single and ddp for qlora; check used to let zero2 through."""
+    with pytest.raises(ConfigError) as info:
+        plan.check(cfg_for("qlora", "zero2"))
+    assert "not a validated combination" in info.value.problem
+    assert "distributed.strategy=ddp" in info.value.fix
+
+
+def test_readme_table_is_the_table() -> None:
+    header = ["ddp", "fsdp", "zero2", "zero3", "zero3_offload"]
+    lines = [
+        "| method | " + " | ".join(header) + " |",
+        "|---|" + "---|" * len(header),
+        *(
+            f"| {m} | "
+            + " | ".join("yes" if m in STRATEGIES[s].methods else "-" for s in header)
+            + " |"
+            for m in plan.METHODS
+        ),
+    ]
+    assert "\n".join(lines) in (REPO / "README.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("method", "strategy", "world", "hw", "expected"),
+    [
+        ("lora", "auto", ONE, CPU, dict(strategy="single", precision="fp32",
+                                        weight_dtype="float32", autocast=False,
+                                        optim="adamw_torch", fused_lora=True)),
+        ("lora", "auto", TWO, BF16_GPU, dict(strategy="ddp", precision="bf16",
+                                             weight_dtype="bfloat16", autocast=True,
+                                             optim="adamw_torch_fused", fused_lora=True)),
+        ("full", "auto", ONE, BF16_GPU, dict(weight_dtype="float32", autocast=True)),
+        ("full", "auto", ONE, FP16_GPU, dict(precision="fp16", weight_dtype="float32")),
+        ("lora", "auto", ONE, FP16_GPU, dict(precision="fp16", weight_dtype="float16")),
+        # DeepSpeed and FSDP compute in 16 bits themselves: no autocast
+        ("full", "zero2", TWO, BF16_GPU, dict(autocast=False, chunked_loss=True)),
+        ("full", "fsdp", TWO, BF16_GPU, dict(autocast=False, chunked_loss=False)),
+        ("lora", "zero2", TWO, BF16_GPU, dict(fused_lora=True, chunked_loss=True)),
+        ("lora", "zero3", TWO, BF16_GPU, dict(fused_lora=False, chunked_loss=False)),
+        ("lora", "zero3_offload", TWO, BF16_GPU, dict(fused_lora=False, chunked_loss=False)),
+        ("qlora", "auto", ONE, BF16_GPU, dict(quantized=True, adapter=True, fused_lora=False,
+                                              weight_dtype="bfloat16")),
+        ("layers", "auto", ONE, BF16_GPU, dict(adapter=False, weight_dtype="float32")),
+    ],
+)
+def test_plan_decides(
+    method: str, strategy: str, world: World, hw: Hardware, expected: dict[str, Any]
+) -> None:
+    p = RunPlan.build(cfg_for(method, strategy), world, hw)
+    for name, value in expected.items():
+        assert getattr(p, name) == value, (name, p.reasons[name])
+    assert p.adapter is (method in ("lora", "qlora"))
+    recorded = json.loads(json.dumps(p.to_dict()))  # what manifest.json holds
+    assert set(recorded) == {
+        "strategy", "precision", "weight_dtype", "autocast", "attention", "optim",
+        "chunked_loss", "fused_lora", "adapter", "quantized",
+    }
+    assert all(d["reason"] for d in recorded.values()), recorded
+    assert len(p.lines()) == len(recorded)
+
+
+def test_plan_follows_explicit_settings() -> None:
+    cfg = cfg_for(
+        "lora", "ddp", "training.precision=fp32", "model.dtype=bfloat16",
+        "training.chunked_loss=false", "training.fused_lora=false", "training.optim=sgd",
+    )
+    p = RunPlan.build(cfg, TWO, BF16_GPU)
+    assert (p.precision, p.weight_dtype, p.autocast) == ("fp32", "bfloat16", False)
+    assert (p.chunked_loss, p.fused_lora, p.optim) == (False, False, "sgd")
+    assert p.reasons["weight_dtype"] == "model.dtype=bfloat16"
+    assert p.reasons["chunked_loss"] == "training.chunked_loss=false"
+
+
+def test_attention_is_chosen_once_with_its_reason() -> None:
+    llama = None  # a Llama-style decoder: all three
+    assert plan.choose_attention("auto", llama, flash_attn=True)[0] == "flash_attention_2"
+    assert plan.choose_attention("auto", llama, flash_attn=False)[0] == "sdpa"
+    neox = {"flash_attention_2": True, "sdpa": False, "eager": True}  # no SDPA in 4.37.2
+    assert plan.choose_attention("auto", neox, flash_attn=False, model_type="gpt_neox") == (
+        "eager", "auto: gpt_neox has neither flash_attention_2 nor sdpa")
+    with pytest.raises(ConfigError, match="not supported for gpt_neox"):
+        plan.choose_attention("sdpa", neox, flash_attn=True, model_type="gpt_neox")
+    with pytest.raises(ConfigError, match="needs the flash_attn package"):
+        plan.choose_attention("flash_attention_2", llama, flash_attn=False)
+
+
+def test_the_estimator_reads_the_plan() -> None:
+    """RunShape's strategy, dtypes, autocast, attention and optimizer are the plan's, for
+    every validated pair (there is no second copy of the policy to drift)."""
+    shape = ModelShape.from_config(tiny_config("llama").to_dict())
+    for method, strategies in plan.VALIDATED.items():
+        for strategy in strategies:
+            cfg = cfg_for(method, "auto" if strategy == "single" else strategy)
+            gpus = 1 if strategy == "single" else 2
+            p = target_plan(cfg, gpus_per_node=gpus)
+            assert p.strategy == strategy
+            run = run_shape(cfg, shape, gpus_per_node=gpus, plan=p)
+            assert run.strategy == ("ddp" if strategy == "single" else strategy)
+            assert run.autocast == p.autocast, (method, strategy)
+            assert run.wbytes == (4 if p.weight_dtype == "float32" else 2)
+            assert run.mixed_precision == (p.precision != "fp32")
+            assert run.attention == p.attention
+            assert run.fused_adam == (p.optim == "adamw_torch_fused")
+            assert plan.fused_lora_applies(run.fused_lora, run.method, run.strategy) == (
+                p.fused_lora), (method, strategy)
+
+
+def test_estimate_reports_the_plan_and_only_allowed_pairs() -> None:
+    from llmtrain.verbs import estimate
+
+    args = argparse.Namespace(
+        nodes=1, gpus_per_node=4, gpu="h100", attention=None, tokens=None, mfu=0.4
+    )
+    rep = estimate.report(load_config(REPO / "configs" / "qlora.yaml"), args)
+    assert rep["plan"]["strategy"] == {"value": "ddp", "reason": "auto: 4 processes"}
+    assert rep["plan"]["quantized"]["value"] is True
+    pairs = {(r["method"], r["strategy"]) for r in rep["grid"] if r["method"] != "inference"}
+    assert ("qlora", "ddp") in pairs
+    for method, strategy in pairs:
+        assert plan.refusal(method, strategy) is None, (method, strategy)
+
+
+def test_plan_and_estimator_import_without_torch() -> None:
+    code = (
+        "import sys, llmtrain.plan, llmtrain.sizing.from_config, llmtrain.verbs.estimate; "
+        "print(sorted(m for m in ('torch', 'transformers', 'datasets') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_world_reads_the_stop_settings_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("LLMTRAIN_STOP_FILE", "LLMTRAIN_DEADLINE", "LLMTRAIN_DEADLINE_MARGIN",
+                 "LLMTRAIN_STOP_CHECK_STEPS"):
+        monkeypatch.delenv(name, raising=False)
+    quiet = World.from_env()
+    assert (quiet.stop_file, quiet.deadline, quiet.deadline_margin_s, quiet.stop_check_steps) == (
+        None, None, 300.0, 1)
+    monkeypatch.setenv("LLMTRAIN_STOP_FILE", "/run/STOP")
+    monkeypatch.setenv("LLMTRAIN_DEADLINE", "1800000000")
+    monkeypatch.setenv("LLMTRAIN_DEADLINE_MARGIN", "120")
+    monkeypatch.setenv("LLMTRAIN_STOP_CHECK_STEPS", "5")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    job = World.from_env()
+    assert (job.stop_file, job.deadline, job.deadline_margin_s, job.stop_check_steps) == (
+        "/run/STOP", 1800000000.0, 120.0, 5)
+    assert job.world_size == 4 and job.distributed
