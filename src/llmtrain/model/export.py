@@ -10,10 +10,10 @@ from typing import Any
 import torch
 from transformers import GenerationConfig
 
+from llmtrain import compat
 from llmtrain.config import ModelSection
 from llmtrain.errors import ConfigError
 from llmtrain.model.load import load_model, load_tokenizer
-from llmtrain.model.methods import skip_unusable_bitsandbytes
 from llmtrain.vocab import special_tokens
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ def load_for_inference(
                 "pass the final/adapter directory of a LoRA run, or omit --adapter for a full "
                 "model",
             )
-        skip_unusable_bitsandbytes()
+        compat.skip_unusable_bitsandbytes()
         model = PeftModel.from_pretrained(load_model(base, dtype=dtype, extra=extra), str(adapter))
         if (adapter / "generation_config.json").is_file():
             # The trained EOS (special_tokens.write_generation_config), not the base's.
@@ -78,7 +78,7 @@ def merge(base: ModelSection, adapter: Path, out: Path, dtype: torch.dtype | Non
             f"{adapter} is not a LoRA adapter directory (no adapter_config.json)",
             "pass the final/adapter directory of a LoRA run",
         )
-    skip_unusable_bitsandbytes()
+    compat.skip_unusable_bitsandbytes()
     model = PeftModel.from_pretrained(load_model(base, dtype=dtype), str(adapter))
     merged = model.merge_and_unload()
     tmp = out.with_name(f".{out.name}.tmp")

@@ -11,6 +11,7 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
+from llmtrain import compat
 from llmtrain.config import LoraSection, MethodSection
 from llmtrain.errors import ConfigError
 
@@ -175,25 +176,6 @@ def wrap(
     return model
 
 
-def skip_unusable_bitsandbytes() -> None:
-    """Keep peft 0.9.0 away from a bitsandbytes that is installed but cannot be imported.
-
-    peft decides from `find_spec("bitsandbytes")` alone, then imports it while wrapping any
-    model. bitsandbytes 0.43 imports `triton.ops`, which triton 3.x (shipped with PyPI's CUDA
-    torch wheels) no longer has, so plain LoRA on a CPU machine failed with
-    `No module named 'triton.ops'`. Where the import fails, peft is told that bitsandbytes is
-    absent; QLoRA still needs a working one and says so itself. Can go when the pin has
-    bitsandbytes >= 0.44 or peft >= 0.10 (which catch the import error)."""
-    try:
-        import bitsandbytes  # noqa: F401
-    except Exception as exc:  # any import-time failure of bitsandbytes or its triton
-        import peft.tuners.lora.model as lora_model
-
-        log.info("bitsandbytes cannot be imported (%s): LoRA without it", exc)
-        lora_model.is_bnb_available = lambda: False
-        lora_model.is_bnb_4bit_available = lambda: False
-
-
 def _wrap_lora(
     model: PreTrainedModel, method: MethodSection, lora: LoraSection, gradient_checkpointing: bool
 ) -> PreTrainedModel:
@@ -225,7 +207,7 @@ def _wrap_lora(
         use_dora=lora.use_dora,
         init_lora_weights=lora.init_lora_weights,
     )
-    skip_unusable_bitsandbytes()
+    compat.skip_unusable_bitsandbytes()
     wrapped: Any = get_peft_model(model, peft_config)
     return wrapped  # a PeftModel, used wherever a PreTrainedModel is
 

@@ -161,26 +161,6 @@ def check_topology(ckpt: Path, now: dict[str, Any], allow_change: bool) -> None:
         log.warning("resuming with changes (allowed): %s", "; ".join(changed))
 
 
-def trust_own_checkpoints() -> None:
-    """Let torch>=2.6 (weights_only loads by default) read the numpy RNG state that
-    transformers 4.37.2 pickles into rng_state*.pth of our own checkpoints."""
-    import _codecs
-
-    import numpy as np
-    import torch
-
-    if hasattr(torch.serialization, "add_safe_globals"):
-        torch.serialization.add_safe_globals(
-            [
-                np.core.multiarray._reconstruct,  # type: ignore[attr-defined]
-                np.ndarray,
-                np.dtype,
-                _codecs.encode,
-                *(type(np.dtype(t)) for t in ("uint32", "int64", "float64")),
-            ]
-        )
-
-
 def resume_point(output_dir: Path, resume: str) -> Path | None:
     if resume == "never":
         return None
