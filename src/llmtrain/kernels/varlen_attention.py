@@ -42,7 +42,6 @@ log = logging.getLogger(__name__)
 # Attention classes of transformers 4.37.2 whose layout (q/k/v/o_proj, rotary_emb, heads,
 # rotate-half RoPE) the packed forward reproduces.
 SUPPORTED = ("llama", "mistral")
-KERNELS = ("flash_attn", "torch_varlen", "sdpa_per_sample")
 
 
 @dataclass

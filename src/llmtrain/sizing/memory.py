@@ -18,9 +18,7 @@ Eager attention adds the fp32-softmaxed (b, heads, s, s) matrix and its dropout 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field, fields, replace
-from pathlib import Path
 from typing import Any, Literal
 
 from llmtrain.errors import ConfigError
@@ -38,7 +36,6 @@ NCCL_BUFFERS = int(0.5 * GIB)  # channels x peers x NCCL_BUFFSIZE (4 MiB), only 
 FRAGMENTATION = 0.10  # caching-allocator slack on top of the allocated peak, stated not measured
 # NF4 with double quantisation: 4 bits + 8-bit absmax per 64 values + fp32 per 256 absmaxes.
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
-_DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 
 
 class NotEstimable(ConfigError):
@@ -89,16 +86,6 @@ class ModelShape:
             qkv_bias=bool(config.get("attention_bias") or config.get("model_type") == "qwen2"),
             torch_dtype=str(config.get("torch_dtype") or "float32"),
         )
-
-    @classmethod
-    def from_dir(cls, path: str | Path) -> ModelShape:
-        file = Path(path) / "config.json"
-        if not file.is_file():
-            raise ConfigError(
-                f"no config.json in {str(path)!r}",
-                "point model.path at a model directory (the estimator reads only config.json)",
-            )
-        return cls.from_config(json.loads(file.read_text()))
 
     def linear_dims(self) -> dict[str, tuple[int, int]]:
         """(in, out) features of each linear layer in one block."""
