@@ -34,7 +34,11 @@ def load_for_inference(
     """(model, tokenizer): a full model directory, or a base model plus a LoRA adapter.
 
     quantized: the base in 4-bit NF4 as QLoRA trained it, so the adapter sees the weights it
-    was trained against (on a bf16 base the logits move by the quantization error)."""
+    was trained against (on a bf16 base the logits move by the quantization error).
+
+    Raises:
+        ConfigError: `adapter` is not a LoRA adapter directory, or the base model or tokenizer
+            cannot be loaded (load.load_model, load.load_tokenizer; exit 64)."""
     extra: dict[str, Any] = {"device_map": device_map} if device_map else {}
     if quantized:
         from llmtrain.model.methods import quantization_config
@@ -70,7 +74,11 @@ def load_for_inference(
 
 def merge(base: ModelSection, adapter: Path, out: Path, dtype: torch.dtype | None = None) -> Path:
     """Base plus adapter as one safetensors model directory with the tokenizer, written to a
-    temporary name and renamed, so a crash never leaves a half merge under `out`."""
+    temporary name and renamed, so a crash never leaves a half merge under `out`.
+
+    Raises:
+        ConfigError: `adapter` is not a LoRA adapter directory, or the base model or tokenizer
+            cannot be loaded (exit 64)."""
     from peft import PeftModel
 
     if not is_adapter_dir(adapter):

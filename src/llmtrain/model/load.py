@@ -32,7 +32,11 @@ def _looks_local(path: str) -> bool:
 
 
 def load_model_config(cfg: ModelSection) -> PretrainedConfig:
-    """The model's config.json only: cheap, runs on a login node."""
+    """The model's config.json only: cheap, runs on a login node.
+
+    Raises:
+        ConfigError: model.path is not a directory (a local path) or its config cannot be read
+            (exit 64)."""
     path = cfg.resolved_path()
     if _looks_local(path) and not Path(path).expanduser().is_dir():
         raise ConfigError(
@@ -78,7 +82,11 @@ def pick_attention(cfg: ModelSection, config: PretrainedConfig, *, gpu: bool | N
     """flash_attention_2 when flash_attn imports and the architecture has it, else sdpa, else
     eager. An explicit choice the architecture lacks is an error, not a silent fallback.
     `gpu`: whether the target machine has a CUDA GPU (validate on a login node checks for a
-    GPU node); None: this machine."""
+    GPU node); None: this machine.
+
+    Raises:
+        ConfigError: model.attn_implementation names one the architecture lacks in transformers
+            4.37.2, or flash_attention_2 without flash_attn or a GPU (exit 64)."""
     cls = model_class(config)
     supports = {
         "flash_attention_2": bool(cls and cls._supports_flash_attn_2),
@@ -136,6 +144,13 @@ def load_model(
     dtype: torch.dtype | None = None,
     extra: dict[str, Any] | None = None,
 ) -> PreTrainedModel:
+    """The causal LM of model.path, offline, with the attention implementation of pick_attention and
+    the dtype of pick_dtype unless `dtype` is given; `extra`: more from_pretrained arguments
+    (quantization_config, device_map).
+
+    Raises:
+        ConfigError: model.path cannot be read, or the attention implementation asked for is not
+            available (load_model_config, pick_attention; exit 64)."""
     config = load_model_config(cfg)
     kwargs: dict[str, Any] = {
         "revision": cfg.revision,

@@ -42,6 +42,12 @@ def linear_module_names(model: nn.Module) -> list[str]:
 
 
 def lora_targets(config: PretrainedConfig, lora: LoraSection, model: nn.Module) -> list[str]:
+    """The module names LoRA adapts: lora.target_modules, or for auto the attention and MLP linears
+    of the architecture (LORA_TARGETS).
+
+    Raises:
+        ConfigError: a listed target is not a linear layer of the model, or auto meets an
+            architecture it does not know (exit 64)."""
     if lora.target_modules != "auto":
         present = set(linear_module_names(model))
         missing = [t for t in lora.target_modules if t not in present]
@@ -93,7 +99,11 @@ def _decoder_blocks(model: PreTrainedModel) -> tuple[str, nn.ModuleList]:
 
 
 def select_parameters(model: PreTrainedModel, patterns: list[str]) -> set[str]:
-    """Parameter names chosen by 'last:N', 'embeddings', 'lm_head' or globs over names."""
+    """Parameter names chosen by 'last:N', 'embeddings', 'lm_head' or globs over names.
+
+    Raises:
+        ConfigError: a pattern matches no parameter, or last:N has N not a positive integer or more
+            than the model's blocks (exit 64)."""
     names = [n for n, _ in model.named_parameters()]
     module_params = {id(p): n for n, p in model.named_parameters()}
     chosen: set[str] = set()
@@ -154,7 +164,11 @@ def wrap(
     *,
     gradient_checkpointing: bool,
 ) -> PreTrainedModel:
-    """Freeze and wrap the model for the method; logs how many parameters train."""
+    """Freeze and wrap the model for the method; logs how many parameters train.
+
+    Raises:
+        ConfigError: method.layers or lora.target_modules do not fit the model (select_parameters,
+            lora_targets), or DoRA targets a layer it cannot adapt (exit 64)."""
     if method.name == "full":
         model.requires_grad_(True)
     elif method.name == "layers":

@@ -67,6 +67,11 @@ class ModelShape:
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> ModelShape:
+        """The shape from a parsed config.json (a dict, as transformers writes it).
+
+        Raises:
+            NotEstimable: a size the estimator needs is missing: not a Llama-style decoder
+                (exit 64)."""
         keys = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads")
         missing = [k for k in (*keys, "vocab_size") if k not in config]
         if missing:
@@ -495,6 +500,9 @@ def _host_bytes(shape: ModelShape, run: RunShape) -> int:
 
 
 def estimate(shape: ModelShape, run: RunShape) -> Breakdown:
+    """Peak memory of one GPU for this run, in bytes, term by term as the module docstring
+    derives each (Breakdown.total: the allocated peak plus FRAGMENTATION, the CUDA context and
+    NCCL's buffers). Pure arithmetic: no torch, no GPU, nothing raised."""
     nccl = NCCL_BUFFERS if run.world > 1 else 0
     states = model_states(shape, run)
     if run.method == "inference":
@@ -539,6 +547,7 @@ def estimate(shape: ModelShape, run: RunShape) -> Breakdown:
 
 
 def fits(shape: ModelShape, run: RunShape, memory_bytes: int) -> bool:
+    """estimate's total is at most `memory_bytes` (bytes of one GPU)."""
     return estimate(shape, run).total <= memory_bytes
 
 

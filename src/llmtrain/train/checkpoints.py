@@ -144,6 +144,12 @@ TOPOLOGY_KEYS = (
 
 
 def check_topology(ckpt: Path, now: dict[str, Any], allow_change: bool) -> None:
+    """Compare the run now with the one that saved `ckpt` (TOPOLOGY_KEYS); a change is logged when
+    `allow_change`.
+
+    Raises:
+        ConfigError: a key of TOPOLOGY_KEYS changed and `allow_change` is false: the resume would
+            not be exact (exit 64)."""
     saved = read_marker(ckpt)
     changed = [
         f"{k}: {saved.get(k)} -> {now.get(k)}"
@@ -162,6 +168,11 @@ def check_topology(ckpt: Path, now: dict[str, Any], allow_change: bool) -> None:
 
 
 def resume_point(output_dir: Path, resume: str) -> Path | None:
+    """The checkpoint to resume from: None for never, the newest complete one for auto (None when
+    there is none), else the path given.
+
+    Raises:
+        ConfigError: output.resume is a path but not a complete llmtrain checkpoint (exit 64)."""
     if resume == "never":
         return None
     if resume != "auto":
