@@ -151,7 +151,7 @@ lock: ## regenerate requirements/lock.txt (hashed; torch and its CUDA stack left
 	    -o requirements/lock.txt
 
 lint: ## shellcheck every shell file, ruff, mypy
-	shellcheck $(SHELL_FILES)
+	shellcheck -x $(SHELL_FILES)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy src
 

@@ -37,7 +37,7 @@ ensure_writable_home() {
 }
 
 check() {
-    python - <<'EOF'
+    python3 - <<'EOF'
 import importlib
 from importlib import metadata
 
@@ -52,7 +52,7 @@ for name in modules:
     module = importlib.import_module(name)
     print(f"check: import {name} {getattr(module, '__version__', '')}")
 EOF
-    python "$root/build/image_packages.py" pip-check
+    python3 "$root/build/image_packages.py" pip-check
     llmtrain env >/dev/null
     echo "check: llmtrain env ok"
 }
@@ -68,7 +68,7 @@ smoke() {
     fi
     echo "smoke: llmtrain finetune $root/configs/demo.yaml output.dir=$dir $*" >&2
     llmtrain finetune "$root/configs/demo.yaml" "output.dir=$dir" "$@"
-    python - "$dir" <<'EOF'
+    python3 - "$dir" <<'EOF'
 import json
 import sys
 from pathlib import Path

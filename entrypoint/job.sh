@@ -35,13 +35,14 @@
 # before the wall time, requeued; anything else requeued while restarts < MAX_RESTARTS.
 set -euo pipefail
 
-EX_USAGE=64
+SCRIPT=job.sh
+# shellcheck source=SCRIPTDIR/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+
 EX_STOPPED=75
 # Where the image keeps this repository's entrypoint/ (see Dockerfile).
 IMAGE_LAUNCH=/opt/llmtrain/entrypoint/launch.sh
 
-say() { printf 'job.sh: %s\n' "$*" >&2; }
-die() { say "error: $*"; exit "$EX_USAGE"; }
 usage() {
   echo "usage: job.sh slurm|pbs [CONFIG] [key=value ...]" >&2
   exit "$EX_USAGE"
@@ -115,7 +116,7 @@ choose_runtime() {
       ;;
     none)
       : "${VENV:=$LLMTRAIN_HOME/.venv}"
-      [[ -x $VENV/bin/python ]] || die "RUNTIME=none needs a virtual environment: $VENV/bin/python is missing (set VENV)"
+      [[ -x $VENV/bin/python3 ]] || die "RUNTIME=none needs a virtual environment: $VENV/bin/python3 is missing (set VENV)"
       ;;
     *) die "RUNTIME=$RUNTIME is unknown: use pyxis, apptainer or none" ;;
   esac
@@ -130,7 +131,7 @@ choose_runtime() {
 # node waiting forever, so it is refused here, before anything starts.
 head_address() {
   if [[ -z ${HEAD_ADDR:-} && -n ${HEAD_IFACE:-} ]]; then
-    HEAD_ADDR="$(ip -o -4 addr show dev "$HEAD_IFACE" 2>/dev/null | awk '{sub("/.*", "", $4); print $4; exit}')"
+    HEAD_ADDR="$(iface_ipv4 "$HEAD_IFACE")"
     [[ -n $HEAD_ADDR ]] || die "HEAD_IFACE=$HEAD_IFACE has no IPv4 address on $(hostname): list them with ip -4 addr"
   fi
   if [[ -z ${HEAD_ADDR:-} ]]; then
@@ -327,7 +328,7 @@ main() {
   parse_arguments "$@"
   choose_runtime
   : "${LAUNCHER:=torchrun}"
-  [[ $LAUNCHER == torchrun || $LAUNCHER == accelerate ]] || die "LAUNCHER=$LAUNCHER is unknown: use torchrun or accelerate"
+  check_launcher "$LAUNCHER"
   [[ -z ${ACCELERATE_CONFIG:-} ]] || ACCELERATE_CONFIG="$(absolute "$ACCELERATE_CONFIG")"
   [[ -z ${TRAIN_SCRIPT:-} ]] || TRAIN_SCRIPT="$(absolute "$TRAIN_SCRIPT")"
   : "${HF_HOME:=$HOME/.cache/huggingface}"
@@ -348,7 +349,7 @@ main() {
 
   local rc=0
   if [[ -z ${TRAIN_SCRIPT:-} ]]; then
-    on_head python -m llmtrain.cli validate "$CONFIG_PATH" "${TRAIN_ARGS[@]}" "output.dir=$RUN_DIR" || rc=$?
+    on_head python3 -m llmtrain.cli validate "$CONFIG_PATH" "${TRAIN_ARGS[@]}" "output.dir=$RUN_DIR" || rc=$?
     ((rc == 0)) || finish "$rc"
   fi
 

@@ -13,10 +13,9 @@
 # RUN_DIR (where each node records its exit code for job.sh).
 set -euo pipefail
 
-EX_USAGE=64
-
-say() { printf 'launch.sh: %s\n' "$*" >&2; }
-die() { say "error on $(hostname): $*"; exit "$EX_USAGE"; }
+SCRIPT=launch.sh
+# shellcheck source=SCRIPTDIR/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 # The rank comes from the task's own environment: expanded in the batch shell it would be 0
 # on every node. One task per node, so a task rank is a node rank.
@@ -45,38 +44,9 @@ gpu_count() {
   fi
 }
 
-# This node's interface toward ADDR. On the head node the route to its own address is
-# "local ... dev lo", useless to the peers, so the interface holding ADDR is taken instead.
-iface_to() {
-  local addr="$1" dev
-  dev="$(ip -o route get "$addr" 2>/dev/null | sed -n 's/.* dev \([^ ]*\).*/\1/p')"
-  if [[ $dev == lo ]]; then
-    dev="$(ip -o -4 addr show | awk -v a="$addr" 'index($4, a "/") == 1 {print $2; exit}')"
-  fi
-  printf '%s\n' "$dev"
-}
-
-# Tells the exit code of the first failed worker to the caller: torchrun and accelerate
-# themselves exit 1 for any failure, which would hide 64/65/75 from job.sh's contract.
-# shellcheck disable=SC2016  # Python source, not shell
-KEEP_EXIT_CODE='
-import subprocess, sys
-from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-launcher, sys.argv = sys.argv[1], sys.argv[1:]
-if launcher == "torchrun":
-    from torch.distributed.run import main
-else:
-    from accelerate.commands.launch import main
-try:
-    main()
-except ChildFailedError as err:
-    code = err.get_first_failure()[1].exitcode
-    sys.exit(code if code > 0 else 128 - code)
-except subprocess.CalledProcessError as err:
-    sys.exit(err.returncode)
-'
-
-# Sets the global array `cmd`: the launcher with static rendezvous for this node.
+# Sets the global array `cmd`: the launcher with static rendezvous for this node, run by
+# llmtrain.launch, which exits with the first failed worker's code (torchrun and accelerate
+# exit 1 for any failure, hiding 64/65/75 from job.sh's contract). LAUNCHER is checked.
 launcher_cmd() {
   local launcher="$1" rank="$2" nproc="$3" port="$4"
   case "$launcher" in
@@ -96,7 +66,6 @@ launcher_cmd() {
       # Keep DeepSpeed on torch's launcher: its pdsh runner ssh-es outside the container.
       ((NNODES == 1)) || cmd+=(--deepspeed_multinode_launcher=standard)
       ;;
-    *) die "LAUNCHER=$launcher is unknown: use torchrun or accelerate" ;;
   esac
 }
 
@@ -130,7 +99,7 @@ main() {
 
   iface="$(iface_to "$MASTER_ADDR")"
   [[ -n $iface ]] || die "no route from $(hostname) to the head address $MASTER_ADDR"
-  addr="$(ip -o -4 addr show dev "$iface" | awk '{sub("/.*", "", $4); print $4; exit}')"
+  addr="$(iface_ipv4 "$iface")"
   # Catch the classic hang early: rank 0 must be the head, and no other node may be.
   if ((rank == 0)) && [[ $addr != "$MASTER_ADDR" ]]; then
     die "node rank 0 but this node ($addr) is not the head $MASTER_ADDR: was the rank expanded in the batch shell?"
@@ -145,8 +114,7 @@ main() {
     HF_DATASETS_OFFLINE TORCH_NCCL_ASYNC_ERROR_HANDLING
 
   local launcher="${LAUNCHER:-torchrun}" cmd=()
-  [[ $launcher == torchrun || $launcher == accelerate ]] \
-    || die "LAUNCHER=$launcher is unknown: use torchrun or accelerate"
+  check_launcher "$launcher"
   echo "launch: node_rank=$rank nnodes=$NNODES host=$(hostname) addr=$addr iface=$NCCL_SOCKET_IFNAME nproc=$nproc gpus=$gpus head=$MASTER_ADDR:$MASTER_PORT launcher=$launcher"
 
   local program=(-m llmtrain.cli finetune)
@@ -156,7 +124,7 @@ main() {
     # The doctor runs as training will (same launcher, every node, every GPU), on the next
     # port so the training rendezvous never meets a socket still closing.
     launcher_cmd "$launcher" "$rank" "$nproc" "$((MASTER_PORT + 1))"
-    python -c "$KEEP_EXIT_CODE" "${cmd[@]}" -m llmtrain.cli doctor "$@" || rc=$?
+    python3 -m llmtrain.launch "${cmd[@]}" -m llmtrain.cli doctor "$@" || rc=$?
     if ((rc != 0)); then
       say "preflight (llmtrain doctor) failed on $(hostname) with exit $rc: not training"
       record_exit "$rank" "$rc"
@@ -164,7 +132,7 @@ main() {
     fi
   fi
   launcher_cmd "$launcher" "$rank" "$nproc" "$MASTER_PORT"
-  python -c "$KEEP_EXIT_CODE" "${cmd[@]}" "${program[@]}" "$@" || rc=$?
+  python3 -m llmtrain.launch "${cmd[@]}" "${program[@]}" "$@" || rc=$?
   record_exit "$rank" "$rc"
   exit "$rc"
 }

@@ -464,6 +464,11 @@ def parse_override(item: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """`raw`, a parsed config mapping, with each dotted `key=value` override set in it (in place).
+
+    Raises:
+        ConfigError: an override is not key=value (parse_override), or its key path runs through a
+            key that holds a value, not a section (exit 64)."""
     for item in overrides:
         keys, value = parse_override(item)
         node = raw
@@ -509,6 +514,11 @@ def _format_errors(err: ValidationError, overrides: list[str]) -> tuple[list[str
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
+    """The mapping in a YAML config file (an empty file is an empty mapping).
+
+    Raises:
+        ConfigError: the file does not exist, is not valid YAML, or holds something other than a
+            mapping (exit 64)."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(
@@ -529,6 +539,12 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """The run config from a YAML file and dotted overrides, validated against the schema.
+
+    Raises:
+        ConfigError: the file cannot be read (read_yaml), an override is malformed
+            (apply_overrides), or the config breaks the schema; every problem is listed at once,
+            each naming its key and whether an override caused it (exit 64)."""
     overrides = overrides or []
     raw = apply_overrides(read_yaml(path), overrides)
     try:

@@ -20,7 +20,7 @@ SHELL_SECTIONS = ("environment", "runscript", "test")
 
 def shellcheck(*args: str | Path) -> subprocess.CompletedProcess[str]:
     need(("shellcheck",), "the shell lint")
-    return subprocess.run(["shellcheck", *map(str, args)], capture_output=True, text=True)
+    return subprocess.run(["shellcheck", "-x", *map(str, args)], capture_output=True, text=True)
 
 
 def parse_def(text: str) -> tuple[dict[str, str], dict[str, list[str]]]:

@@ -27,7 +27,7 @@ elif name == "scontrol" and args[:2] == ["show", "hostnames"]:
     print("\\n".join(os.environ["STANDIN_HOSTS"].split()))
 elif name == "qstat":
     print(f"Job Id: {args[-1]}\\n    Resource_List.walltime = {os.environ['STANDIN_WALLTIME']}")
-elif name in ("srun", "mpirun", "apptainer", "python"):
+elif name in ("srun", "mpirun", "apptainer", "python3"):
     is_validate = "validate" in args
     sys.exit(0 if is_validate else int(os.environ.get("STANDIN_STEP_RC", "0")))
 """

@@ -97,7 +97,7 @@ def test_pyxis_command_lines(site: dict[str, Path]) -> None:
             "--ntasks=1",
             "--kill-on-bad-exit=1",
             *container,
-            "python",
+            "python3",
             "-m",
             "llmtrain.cli",
             "validate",
@@ -190,7 +190,7 @@ def test_pbs_apptainer_mpirun_command_line_and_deadline(site: dict[str, Path]) -
     run, cfg = d / "runs" / "llmtrain-77", d / "configs" / "run.yaml"
     (validate,) = argvs(site, "apptainer")
     assert validate[-8:] == [
-        "python",
+        "python3",
         "-m",
         "llmtrain.cli",
         "validate",

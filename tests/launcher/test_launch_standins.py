@@ -1,4 +1,4 @@
-"""entrypoint/launch.sh's command lines and refusals, with a recording stand-in for `python`
+"""entrypoint/launch.sh's command lines and refusals, with a recording stand-in for `python3`
 (accelerate multi-node needs GPUs, which this machine lacks). Real torchrun runs across
 real nodes in test_cluster.py.
 """
@@ -19,8 +19,8 @@ LAUNCH = REPO / "entrypoint" / "launch.sh"
 def run_launch(tmp_path: Path, **env: str) -> tuple[subprocess.CompletedProcess[str], list[str]]:
     bin_dir = tmp_path / "bin"
     log = standins.install(bin_dir)
-    # The stand-in python records its command line; launch.sh runs it as `python -c KEEPER ...`.
-    (bin_dir / "python").symlink_to(bin_dir / "srun")
+    # The stand-in python3 records its command line: `python3 -m llmtrain.launch LAUNCHER ...`.
+    (bin_dir / "python3").symlink_to(bin_dir / "srun")
     base = {
         "MASTER_ADDR": "127.0.0.1",
         "MASTER_PORT": "29555",

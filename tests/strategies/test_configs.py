@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from llmtrain import plan
+from llmtrain import compat, plan
 from llmtrain.config import load_config
 from llmtrain.errors import ConfigError
 from llmtrain.plan import Hardware, RunPlan, World
@@ -182,7 +182,7 @@ def test_peft_deepspeed_resume_loads_without_the_frozen_weights(tmp_path: Path) 
     )
     original = hf_trainer.deepspeed_load_checkpoint
     peft_trainer = types.SimpleNamespace(model=lora, args=types.SimpleNamespace(deepspeed={}))
-    with strategies.peft_deepspeed_resume(peft_trainer):
+    with compat.peft_deepspeed_resume(peft_trainer):
         hf_trainer.deepspeed_load_checkpoint(Engine(), str(tmp_path))
         with pytest.raises(ValueError, match="Can't find a valid checkpoint"):
             hf_trainer.deepspeed_load_checkpoint(Engine(), str(tmp_path / "global_step2"))
@@ -196,5 +196,5 @@ def test_peft_deepspeed_resume_loads_without_the_frozen_weights(tmp_path: Path) 
         }
     ]
     full = types.SimpleNamespace(model=lora.base_model.model, args=peft_trainer.args)
-    with strategies.peft_deepspeed_resume(full):
+    with compat.peft_deepspeed_resume(full):
         assert hf_trainer.deepspeed_load_checkpoint is original  # full models load strictly

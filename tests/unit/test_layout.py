@@ -16,14 +16,16 @@ PACKAGE = Path(__file__).resolve().parents[2] / "src" / "llmtrain"
 # Top-level unit (a folder or a module of src/llmtrain) -> floor; higher floors stand above.
 FLOORS: dict[str, int] = {
     "__init__": -1,  # the package root: its version only
-    "errors": 0, "labels": 0, "manifest": 0,
-    "config": 1,
-    "plan": 2,  # the config resolved for this world and hardware: config and errors only
-    "kernels": 3, "vocab": 3,
-    "model": 4, "data": 4,
-    "train": 5, "sizing": 5,
-    "verbs": 6,
-    "cli": 7, "__main__": 8,
+    "errors": 0, "labels": 0,
+    "compat": 1, "manifest": 1,  # pinned-stack shims (each gated by version); provenance
+    "config": 2,
+    "plan": 3,  # the config resolved for this world and hardware: config and errors only
+    "kernels": 4, "vocab": 4,
+    "model": 5, "data": 5,
+    "train": 6, "sizing": 6,
+    "verbs": 7,
+    "cli": 8, "launch": 8,  # the two entry points: the verbs, and launch.sh's worker wrapper
+    "__main__": 9,
 }
 
 
@@ -87,10 +89,10 @@ def test_a_verb_never_imports_another_verb() -> None:
 
 
 def test_the_layers_are_not_flat_again() -> None:
-    """Only the ground, config, plan and the CLI sit beside the folders."""
+    """Only the ground, config, plan and the two entry points sit beside the folders."""
     flat = {p.stem for p in PACKAGE.glob("*.py")}
-    assert flat <= {"__init__", "__main__", "cli", "config", "errors", "labels", "manifest",
-                    "plan"}
+    assert flat <= {"__init__", "__main__", "cli", "compat", "config", "errors", "labels",
+                    "launch", "manifest", "plan"}
 
 
 def _loaded_after_import(module: str, heavy: tuple[str, ...]) -> list[str]:

@@ -194,6 +194,7 @@ def render(
 
     Raises:
         TemplateRefused: the template raised an error for these messages.
+        ConfigError: the chat template uses a name the tokenizer does not define (exit 64).
     """
     import jinja2
 

@@ -70,7 +70,13 @@ def read_info(prepared: Path) -> dict[str, Any] | None:
 
 
 def prepare(cfg: RunConfig, tokenizer: Any, fp: str | None = None) -> dict[str, Any]:
-    """Tokenize and save atomically: a temporary directory renamed into place."""
+    """Tokenize and save atomically: a temporary directory renamed into place.
+
+    Raises:
+        DataError: the rows or their tokenization are bad (rows.load_rows, tokenize.tokenize), or
+            data.eval_fraction leaves no evaluation sample, or held-out rows are bad (exit 65).
+        ConfigError: data.path or the templates do not fit the data (rows.load_rows,
+            rows.check_templates; exit 64)."""
     target = cfg.prepared_dir()
     fp = fp or fingerprint(cfg, tokenizer)
     train_parts, eval_parts, per_source = [], [], []
@@ -153,7 +159,10 @@ def held_out_rows(prepared: Path, source: int) -> datasets.Dataset | None:
 
 
 def train_stats(prepared: Path) -> TokenizeStats:
-    """What tokenizing kept and dropped of the train split, all sources added up."""
+    """What tokenizing kept and dropped of the train split, all sources added up.
+
+    Raises:
+        DataError: `prepared` holds no prepared data (exit 65)."""
     info = read_info(prepared)
     if info is None:
         raise DataError(f"{prepared} holds no prepared data", "run `llmtrain prepare CONFIG`")
@@ -161,6 +170,10 @@ def train_stats(prepared: Path) -> TokenizeStats:
 
 
 def load(prepared: Path) -> dict[str, datasets.Dataset]:
+    """The prepared splits saved in `prepared`, by split name.
+
+    Raises:
+        DataError: `prepared` holds no prepared data (exit 65)."""
     info = read_info(prepared)
     if info is None:
         raise DataError(f"{prepared} holds no prepared data", "run `llmtrain prepare CONFIG`")
@@ -170,7 +183,12 @@ def load(prepared: Path) -> dict[str, datasets.Dataset]:
 def ensure(
     cfg: RunConfig, tokenizer: Any, *, is_main: bool, timeout_s: float
 ) -> tuple[dict[str, datasets.Dataset], str]:
-    """The prepared splits for this config, preparing them on the main process if needed."""
+    """The prepared splits for this config, preparing them on the main process if needed.
+
+    Raises:
+        DataError: another rank prepares and the data does not appear within `timeout_s` seconds, or
+            preparing fails as `prepare` does (exit 65).
+        ConfigError: the rows cannot be read as configured (rows.load_rows, exit 64)."""
     target = cfg.prepared_dir()
     fp = fingerprint(cfg, tokenizer)
     info = read_info(target)

@@ -129,7 +129,12 @@ def row_location(cfg: DataSection, row: dict[str, Any], fallback: int) -> str:
 
 
 def check_templates(cfg: DataSection, ds: datasets.Dataset) -> None:
-    """Every field the templates use exists in the data, and the first rows render."""
+    """Every field the templates use exists in the data, and the first rows render.
+
+    Raises:
+        ConfigError: data.text_field is not a column, a template uses a field the data lacks, or a
+            template is malformed (exit 64).
+        DataError: one of the first rows does not render (exit 65)."""
     if cfg.shape == "chat":
         chat.messages_field(cfg, ds.column_names)
         return

@@ -50,7 +50,12 @@ def chunked_lm_loss(
     reduction: str = "mean",
 ) -> torch.Tensor:
     """Next-token cross-entropy, fp32 scalar: token t's hidden state predicts labels[t + 1].
-    `reduction`: "mean" over the label tokens (transformers'), or "sum" over them."""
+
+    hidden: [batch, length, hidden], the decoder's last hidden state in the model's dtype;
+    labels: int64 [batch, length], -100 where no loss is taken; chunk_tokens: tokens per chunk
+    (chunk_tokens x vocab logits exist at once, in the lm_head's dtype, fp32 inside ce_sum).
+    `reduction`: "mean" over the label tokens (transformers'), or "sum" over them; any other
+    value is a ValueError (a caller's bug, not a user error)."""
     targets = F.pad(labels[..., 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)
     flat = hidden.reshape(-1, hidden.shape[-1])
     total = hidden.new_zeros((), dtype=torch.float32)

@@ -26,7 +26,9 @@ log = logging.getLogger(__name__)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """LlamaRMSNorm: normalise in fp32, cast back, then scale."""
+    """LlamaRMSNorm (RMSNorm: Zhang and Sennrich 2019, arXiv:1910.07467): normalise in fp32,
+    cast back, then scale. x: [..., hidden], any float dtype; weight: [hidden]; eps: added to
+    the mean square. The result has x's shape, in the promotion of weight's and x's dtype."""
     x32 = x.float()
     normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
     return weight * normed.to(x.dtype)
@@ -59,6 +61,8 @@ def autocast_dtype(kind: str) -> torch.dtype | None:
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU (Shazeer 2020, arXiv:2002.05202) as LlamaMLP computes it: silu(gate) * up, both
+    [..., intermediate] in one dtype, which the result keeps."""
     return F.silu(gate) * up
 
 
@@ -70,13 +74,20 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 def rope(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotary embeddings with cos/sin already gathered at each token's position."""
+    """Rotary embeddings (RoFormer: Su et al. 2021, arXiv:2104.09864) in transformers'
+    rotate-half layout, with cos/sin already gathered at each token's position.
+
+    q: [..., heads, head_dim], k: [..., kv_heads, head_dim]; cos, sin: broadcastable to them
+    (e.g. [tokens, 1, head_dim]). Returns the rotated (q, k) in their dtypes."""
     return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
 
 def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Summed cross-entropy in fp32 over (16-bit) logits: transformers' upcast and loss.
-    Compiled, the fp32 logits and their gradient are never stored."""
+    Compiled, the fp32 logits and their gradient are never stored.
+
+    logits: [tokens, vocab], any float dtype; labels: int64 [tokens], -100 where no loss is
+    taken. Returns an fp32 scalar, the sum over the labelled tokens (nats)."""
     return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
 
 

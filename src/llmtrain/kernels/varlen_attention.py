@@ -42,12 +42,16 @@ log = logging.getLogger(__name__)
 # Attention classes of transformers 4.37.2 whose layout (q/k/v/o_proj, rotary_emb, heads,
 # rotate-half RoPE) the packed forward reproduces.
 SUPPORTED = ("llama", "mistral")
-KERNELS = ("flash_attn", "torch_varlen", "sdpa_per_sample")
 
 
 @dataclass
 class PackingCollator:
-    """Concatenates the micro-batch into one row with restarting positions and no padding."""
+    """Concatenates the micro-batch into one row with restarting positions and no padding.
+
+    features: tokenized samples, each with `input_ids` and `labels` (int lists of one length).
+    Returns int64 tensors of shape [1, total tokens]: `input_ids`; `labels`, with each sample's
+    first label -100 (in the row it would be predicted from the previous sample); and
+    `position_ids`, 0, 1, ... restarting at each sample."""
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         ids, labels, positions = [], [], []
@@ -95,7 +99,14 @@ _segment_cache = _SegmentCache()
 
 
 def find_segments(position_ids: torch.Tensor, batch: int, length: int) -> Segments:
-    """A sample starts where the position is 0 and at every row start."""
+    """The samples of a flattened batch: one starts where the position is 0 and at every row
+    start.
+
+    position_ids: int64 [1 or batch, length] (broadcast over the batch), restarting at 0 at
+    each sample, as PackingCollator makes them. Returns cu_seqlens, int32 [samples + 1] on
+    position_ids' device: the offsets of the samples in the batch * length flattened tokens
+    (flash-attn's varlen layout), with their lengths and the longest in tokens. Reading the
+    lengths is one host sync."""
     pos = position_ids.expand(batch, length).reshape(-1)
     start = pos == 0
     start[::length] = True
@@ -255,6 +266,16 @@ def _packed_forward(
     use_cache: bool = False,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None, Any]:
+    """LlamaAttention.forward (transformers 4.37.2) for rows of packed samples.
+
+    hidden_states: [batch, length, hidden] in the model's dtype (or fp32 under autocast);
+    position_ids: int64 [1 or batch, length], restarting at 0 at each sample. Returns
+    (attention output [batch, length, hidden], None, past_key_value) as the original does.
+    With an attention mask, cached keys, attention weights asked for, or no position_ids, the
+    original forward runs instead.
+
+    Raises:
+        ConfigError: a sample is longer than the model's sliding window (exit 64)."""
     cached = past_key_value is not None and past_key_value.get_seq_length(self.layer_idx) > 0
     if attention_mask is not None or output_attentions or cached or position_ids is None:
         return self._llmtrain_original_forward(
@@ -306,7 +327,11 @@ def supports(model: PreTrainedModel) -> bool:
 
 
 def patch_attention(model: PreTrainedModel, *, compiled_rope: bool = False) -> None:
-    """Give every attention module the packed forward."""
+    """Give every attention module the packed forward (_packed_forward).
+
+    Raises:
+        ConfigError: the model type is not one of SUPPORTED, or its attention is eager
+            (exit 64)."""
     config = model.config
     if config.model_type not in SUPPORTED:
         raise ConfigError(

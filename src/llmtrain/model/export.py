@@ -10,10 +10,10 @@ from typing import Any
 import torch
 from transformers import GenerationConfig
 
+from llmtrain import compat
 from llmtrain.config import ModelSection
 from llmtrain.errors import ConfigError
 from llmtrain.model.load import load_model, load_tokenizer
-from llmtrain.model.methods import skip_unusable_bitsandbytes
 from llmtrain.vocab import special_tokens
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,11 @@ def load_for_inference(
     """(model, tokenizer): a full model directory, or a base model plus a LoRA adapter.
 
     quantized: the base in 4-bit NF4 as QLoRA trained it, so the adapter sees the weights it
-    was trained against (on a bf16 base the logits move by the quantization error)."""
+    was trained against (on a bf16 base the logits move by the quantization error).
+
+    Raises:
+        ConfigError: `adapter` is not a LoRA adapter directory, or the base model or tokenizer
+            cannot be loaded (load.load_model, load.load_tokenizer; exit 64)."""
     extra: dict[str, Any] = {"device_map": device_map} if device_map else {}
     if quantized:
         from llmtrain.model.methods import quantization_config
@@ -53,7 +57,7 @@ def load_for_inference(
                 "pass the final/adapter directory of a LoRA run, or omit --adapter for a full "
                 "model",
             )
-        skip_unusable_bitsandbytes()
+        compat.skip_unusable_bitsandbytes()
         model = PeftModel.from_pretrained(load_model(base, dtype=dtype, extra=extra), str(adapter))
         if (adapter / "generation_config.json").is_file():
             # The trained EOS (special_tokens.write_generation_config), not the base's.
@@ -70,7 +74,11 @@ def load_for_inference(
 
 def merge(base: ModelSection, adapter: Path, out: Path, dtype: torch.dtype | None = None) -> Path:
     """Base plus adapter as one safetensors model directory with the tokenizer, written to a
-    temporary name and renamed, so a crash never leaves a half merge under `out`."""
+    temporary name and renamed, so a crash never leaves a half merge under `out`.
+
+    Raises:
+        ConfigError: `adapter` is not a LoRA adapter directory, or the base model or tokenizer
+            cannot be loaded (exit 64)."""
     from peft import PeftModel
 
     if not is_adapter_dir(adapter):
@@ -78,7 +86,7 @@ def merge(base: ModelSection, adapter: Path, out: Path, dtype: torch.dtype | Non
             f"{adapter} is not a LoRA adapter directory (no adapter_config.json)",
             "pass the final/adapter directory of a LoRA run",
         )
-    skip_unusable_bitsandbytes()
+    compat.skip_unusable_bitsandbytes()
     model = PeftModel.from_pretrained(load_model(base, dtype=dtype), str(adapter))
     merged = model.merge_and_unload()
     tmp = out.with_name(f".{out.name}.tmp")

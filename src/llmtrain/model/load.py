@@ -33,7 +33,11 @@ def _looks_local(path: str) -> bool:
 
 
 def load_model_config(cfg: ModelSection) -> PretrainedConfig:
-    """The model's config.json only: cheap, runs on a login node."""
+    """The model's config.json only: cheap, runs on a login node.
+
+    Raises:
+        ConfigError: model.path is not a directory (a local path) or its config cannot be read
+            (exit 64)."""
     path = cfg.resolved_path()
     if _looks_local(path) and not Path(path).expanduser().is_dir():
         raise ConfigError(

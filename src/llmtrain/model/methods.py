@@ -11,6 +11,7 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
+from llmtrain import compat
 from llmtrain.config import LoraSection, MethodSection
 from llmtrain.errors import ConfigError
 
@@ -41,6 +42,12 @@ def linear_module_names(model: nn.Module) -> list[str]:
 
 
 def lora_targets(config: PretrainedConfig, lora: LoraSection, model: nn.Module) -> list[str]:
+    """The module names LoRA adapts: lora.target_modules, or for auto the attention and MLP linears
+    of the architecture (LORA_TARGETS).
+
+    Raises:
+        ConfigError: a listed target is not a linear layer of the model, or auto meets an
+            architecture it does not know (exit 64)."""
     if lora.target_modules != "auto":
         present = set(linear_module_names(model))
         missing = [t for t in lora.target_modules if t not in present]
@@ -92,7 +99,11 @@ def _decoder_blocks(model: PreTrainedModel) -> tuple[str, nn.ModuleList]:
 
 
 def select_parameters(model: PreTrainedModel, patterns: list[str]) -> set[str]:
-    """Parameter names chosen by 'last:N', 'embeddings', 'lm_head' or globs over names."""
+    """Parameter names chosen by 'last:N', 'embeddings', 'lm_head' or globs over names.
+
+    Raises:
+        ConfigError: a pattern matches no parameter, or last:N has N not a positive integer or more
+            than the model's blocks (exit 64)."""
     names = [n for n, _ in model.named_parameters()]
     module_params = {id(p): n for n, p in model.named_parameters()}
     chosen: set[str] = set()
@@ -153,7 +164,11 @@ def wrap(
     *,
     gradient_checkpointing: bool,
 ) -> PreTrainedModel:
-    """Freeze and wrap the model for the method; logs how many parameters train."""
+    """Freeze and wrap the model for the method; logs how many parameters train.
+
+    Raises:
+        ConfigError: method.layers or lora.target_modules do not fit the model (select_parameters,
+            lora_targets), or DoRA targets a layer it cannot adapt (exit 64)."""
     if method.name == "full":
         model.requires_grad_(True)
     elif method.name == "layers":
@@ -173,25 +188,6 @@ def wrap(
         100 * trainable / max(total, 1),
     )
     return model
-
-
-def skip_unusable_bitsandbytes() -> None:
-    """Keep peft 0.9.0 away from a bitsandbytes that is installed but cannot be imported.
-
-    peft decides from `find_spec("bitsandbytes")` alone, then imports it while wrapping any
-    model. bitsandbytes 0.43 imports `triton.ops`, which triton 3.x (shipped with PyPI's CUDA
-    torch wheels) no longer has, so plain LoRA on a CPU machine failed with
-    `No module named 'triton.ops'`. Where the import fails, peft is told that bitsandbytes is
-    absent; QLoRA still needs a working one and says so itself. Can go when the pin has
-    bitsandbytes >= 0.44 or peft >= 0.10 (which catch the import error)."""
-    try:
-        import bitsandbytes  # noqa: F401
-    except Exception as exc:  # any import-time failure of bitsandbytes or its triton
-        import peft.tuners.lora.model as lora_model
-
-        log.info("bitsandbytes cannot be imported (%s): LoRA without it", exc)
-        lora_model.is_bnb_available = lambda: False
-        lora_model.is_bnb_4bit_available = lambda: False
 
 
 def _wrap_lora(
@@ -225,7 +221,7 @@ def _wrap_lora(
         use_dora=lora.use_dora,
         init_lora_weights=lora.init_lora_weights,
     )
-    skip_unusable_bitsandbytes()
+    compat.skip_unusable_bitsandbytes()
     wrapped: Any = get_peft_model(model, peft_config)
     return wrapped  # a PeftModel, used wherever a PreTrainedModel is
 

@@ -47,6 +47,10 @@ ALIASES = {
 
 
 def get_gpu(name: str) -> Gpu:
+    """The GPU preset called `name` (case-insensitive; aliases such as h200 included).
+
+    Raises:
+        ConfigError: no preset or alias has that name (exit 64)."""
     key = name.lower()
     key = ALIASES.get(key, key)
     if key not in PRESETS:

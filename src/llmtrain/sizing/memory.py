@@ -18,9 +18,7 @@ Eager attention adds the fp32-softmaxed (b, heads, s, s) matrix and its dropout 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field, fields, replace
-from pathlib import Path
 from typing import Any, Literal, cast
 
 from llmtrain import plan
@@ -41,7 +39,6 @@ NCCL_BUFFERS = int(0.5 * GIB)  # channels x peers x NCCL_BUFFSIZE (4 MiB), only 
 FRAGMENTATION = 0.10  # caching-allocator slack on top of the allocated peak, stated not measured
 # NF4 with double quantisation: 4 bits + 8-bit absmax per 64 values + fp32 per 256 absmaxes.
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
-_DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 
 
 class NotEstimable(ConfigError):
@@ -73,6 +70,11 @@ class ModelShape:
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> ModelShape:
+        """The shape from a parsed config.json (a dict, as transformers writes it).
+
+        Raises:
+            NotEstimable: a size the estimator needs is missing: not a Llama-style decoder
+                (exit 64)."""
         keys = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads")
         missing = [k for k in (*keys, "vocab_size") if k not in config]
         if missing:
@@ -92,16 +94,6 @@ class ModelShape:
             qkv_bias=bool(config.get("attention_bias") or config.get("model_type") == "qwen2"),
             torch_dtype=str(config.get("torch_dtype") or "float32"),
         )
-
-    @classmethod
-    def from_dir(cls, path: str | Path) -> ModelShape:
-        file = Path(path) / "config.json"
-        if not file.is_file():
-            raise ConfigError(
-                f"no config.json in {str(path)!r}",
-                "point model.path at a model directory (the estimator reads only config.json)",
-            )
-        return cls.from_config(json.loads(file.read_text()))
 
     def linear_dims(self) -> dict[str, tuple[int, int]]:
         """(in, out) features of each linear layer in one block."""
@@ -509,6 +501,9 @@ def _host_bytes(shape: ModelShape, run: RunShape) -> int:
 
 
 def estimate(shape: ModelShape, run: RunShape) -> Breakdown:
+    """Peak memory of one GPU for this run, in bytes, term by term as the module docstring
+    derives each (Breakdown.total: the allocated peak plus FRAGMENTATION, the CUDA context and
+    NCCL's buffers). Pure arithmetic: no torch, no GPU, nothing raised."""
     nccl = NCCL_BUFFERS if run.world > 1 else 0
     states = model_states(shape, run)
     if run.method == "inference":
@@ -553,6 +548,7 @@ def estimate(shape: ModelShape, run: RunShape) -> Breakdown:
 
 
 def fits(shape: ModelShape, run: RunShape, memory_bytes: int) -> bool:
+    """estimate's total is at most `memory_bytes` (bytes of one GPU)."""
     return estimate(shape, run).total <= memory_bytes
 
 

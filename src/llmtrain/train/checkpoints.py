@@ -144,6 +144,12 @@ TOPOLOGY_KEYS = (
 
 
 def check_topology(ckpt: Path, now: dict[str, Any], allow_change: bool) -> None:
+    """Compare the run now with the one that saved `ckpt` (TOPOLOGY_KEYS); a change is logged when
+    `allow_change`.
+
+    Raises:
+        ConfigError: a key of TOPOLOGY_KEYS changed and `allow_change` is false: the resume would
+            not be exact (exit 64)."""
     saved = read_marker(ckpt)
     changed = [
         f"{k}: {saved.get(k)} -> {now.get(k)}"
@@ -161,27 +167,12 @@ def check_topology(ckpt: Path, now: dict[str, Any], allow_change: bool) -> None:
         log.warning("resuming with changes (allowed): %s", "; ".join(changed))
 
 
-def trust_own_checkpoints() -> None:
-    """Let torch>=2.6 (weights_only loads by default) read the numpy RNG state that
-    transformers 4.37.2 pickles into rng_state*.pth of our own checkpoints."""
-    import _codecs
-
-    import numpy as np
-    import torch
-
-    if hasattr(torch.serialization, "add_safe_globals"):
-        torch.serialization.add_safe_globals(
-            [
-                np.core.multiarray._reconstruct,  # type: ignore[attr-defined]
-                np.ndarray,
-                np.dtype,
-                _codecs.encode,
-                *(type(np.dtype(t)) for t in ("uint32", "int64", "float64")),
-            ]
-        )
-
-
 def resume_point(output_dir: Path, resume: str) -> Path | None:
+    """The checkpoint to resume from: None for never, the newest complete one for auto (None when
+    there is none), else the path given.
+
+    Raises:
+        ConfigError: output.resume is a path but not a complete llmtrain checkpoint (exit 64)."""
     if resume == "never":
         return None
     if resume != "auto":

@@ -115,7 +115,11 @@ def check_outputs(cfg: RunConfig) -> None:
 
 
 def check_model(cfg: RunConfig, *, gpu: bool | None = None) -> tuple[Any, Any, list[str]]:
-    """The model's config and tokenizer (no weights); `gpu` is the target's, None: this one's."""
+    """The model's config and tokenizer (no weights); `gpu` is the target's, None: this one's.
+
+    Raises:
+        ConfigError: the model cannot be read, its type has no causal-LM class in transformers
+            4.37.2, or the tokenizer has more tokens than the model's vocab_size (exit 64)."""
     config = load_model_config(cfg.model)
     tokenizer = load_tokenizer(cfg.model)
     lines = [f"model: {config.model_type}, {getattr(config, 'num_hidden_layers', '?')} layers"]

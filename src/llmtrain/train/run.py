@@ -15,7 +15,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_callback import PrinterCallback
 
-from llmtrain import manifest
+from llmtrain import compat, manifest
 from llmtrain.config import RunConfig, dump_config
 from llmtrain.data import chat, prepared
 from llmtrain.data.collate import PadCollator
@@ -189,7 +189,7 @@ def train(cfg: RunConfig, world: World, extra_callbacks: Sequence[TrainerCallbac
     resume = checkpoints.resume_point(out, cfg.output.resume)
     if resume is not None:
         checkpoints.check_topology(resume, facts, cfg.distributed.allow_topology_change)
-        checkpoints.trust_own_checkpoints()
+        compat.trust_own_checkpoints()
         log.info("resuming from %s", resume)
     if world.is_main:
         checkpoints.discard_incomplete_after(out, resume)
@@ -268,7 +268,7 @@ def train(cfg: RunConfig, world: World, extra_callbacks: Sequence[TrainerCallbac
     if batch_log:
         trainer.remove_callback(PrinterCallback)  # its raw log dicts; RunReport's lines instead
     strategies.prepare_trainer(trainer, cfg)
-    with strategies.peft_deepspeed_resume(trainer):
+    with compat.peft_deepspeed_resume(trainer):
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     if stop.reason is not None:
         raise StopRequested(f"{stop.reason}; checkpoint at step {trainer.state.global_step}")

@@ -19,13 +19,11 @@ The DeepSpeed configs are the package's deepspeed/*.json (configs/deepspeed/ lin
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-from collections.abc import Iterator
 from importlib import resources
 from typing import Any
 
+from llmtrain import compat
 from llmtrain.config import RunConfig
 from llmtrain.errors import ConfigError
 from llmtrain.plan import STRATEGIES, RunPlan, launcher_strategy
@@ -86,7 +84,7 @@ def prepare_trainer(trainer: Any, cfg: RunConfig) -> None:
     """After the Trainer is built, before it wraps the model: the strategy's missing pieces."""
     plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
     if plugin is None and launcher_strategy() == "fsdp":
-        plugin = _fsdp_on_cpu(trainer)
+        plugin = compat.fsdp_on_cpu(trainer)
     if plugin is not None:
         if cfg.method.name in ("lora", "qlora"):
             from peft.utils.other import fsdp_auto_wrap_policy
@@ -97,26 +95,7 @@ def prepare_trainer(trainer: Any, cfg: RunConfig) -> None:
         # model and optimizer on rank 0 every save_steps). The final save switches to full.
         _sharded_checkpoints(plugin)
     if getattr(trainer.accelerator.state, "deepspeed_plugin", None) is not None:
-        trust_deepspeed_checkpoints()
-
-
-def _fsdp_on_cpu(trainer: Any) -> Any:
-    """accelerate 0.26 turns FSDP on only for GPU worlds and silently runs DDP on a CPU (gloo)
-    world; torch's FSDP itself runs there. Set the state as accelerate does on GPUs, so that
-    CPU runs (CI) go through the same sharded path."""
-    from accelerate import FullyShardedDataParallelPlugin, PartialState
-    from accelerate.utils import DistributedType
-
-    state = trainer.accelerator.state
-    if state.distributed_type != DistributedType.MULTI_CPU:
-        return None
-    # Both shared states: each new AcceleratorState() copies the type from PartialState.
-    PartialState().distributed_type = state.distributed_type = DistributedType.FSDP
-    plugin = FullyShardedDataParallelPlugin()  # reads the FSDP_* variables TrainingArguments set
-    plugin.limit_all_gathers = trainer.args.fsdp_config.get("limit_all_gathers", False)
-    state.fsdp_plugin = plugin
-    trainer.is_fsdp_enabled = True
-    return plugin
+        compat.trust_deepspeed_checkpoints()
 
 
 def _reduce_dtype(plugin: Any, args: Any, reduce_dtype: str) -> None:
@@ -152,14 +131,6 @@ def _sharded_checkpoints(plugin: Any) -> None:
     plugin.optim_state_dict_config = ShardedOptimStateDictConfig(offload_to_cpu=offload)
 
 
-def drop_empty_param_groups(optimizer: Any) -> None:
-    """The Trainer always makes a no-weight-decay group; with LoRA it is empty (no norms or
-    biases train). DeepSpeed removes empty groups from the optimizer after the scheduler has
-    counted them, and the schedulers of torch 2.11 then fail zipping groups with their rates
-    (strict zip); LoRA with zero2/zero3 died at the first step."""
-    optimizer.param_groups[:] = [g for g in optimizer.param_groups if g["params"]]
-
-
 def save_model(trainer: Any, out: str) -> None:
     """The final model or adapter as a normal HF directory; called on every rank.
 
@@ -180,52 +151,3 @@ def save_model(trainer: Any, out: str) -> None:
         state_dict = trainer.model.state_dict()
     if trainer.args.should_save:
         trainer._save(out, state_dict=state_dict)
-
-
-def trust_deepspeed_checkpoints() -> None:
-    """DeepSpeed 0.14 torch.load()s its own checkpoints without weights_only=False; from
-    torch 2.6 that default is True and refuses the few Python objects it pickles there."""
-    import torch
-
-    if not hasattr(torch.serialization, "add_safe_globals"):
-        return
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    torch.serialization.add_safe_globals(
-        [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
-    )
-
-
-@contextlib.contextmanager
-def peft_deepspeed_resume(trainer: Any) -> Iterator[None]:
-    """transformers 4.37.2 saves a PEFT model's DeepSpeed checkpoint without the frozen base
-    weights (exclude_frozen_parameters) and then loads it strictly: every LoRA/QLoRA resume
-    under ZeRO died with "Missing key(s) ... base_layer.weight". transformers 4.38 loads with
-    load_module_strict=False for PEFT models; this is that fix, for the span of train()."""
-    import transformers.trainer as hf_trainer
-    from peft import PeftModel
-
-    if not isinstance(trainer.model, PeftModel) or trainer.args.deepspeed is None:
-        yield
-        return
-
-    def load(engine: Any, checkpoint: str) -> None:
-        if not any(name.startswith("global_step") for name in os.listdir(checkpoint)):
-            raise ValueError(f"Can't find a valid checkpoint at {checkpoint}")
-        load_path, _ = engine.load_checkpoint(
-            checkpoint,
-            load_optimizer_states=True,
-            load_lr_scheduler_states=True,
-            load_module_strict=False,  # the frozen base weights are not in it, by design
-        )
-        if load_path is None:
-            raise ValueError(f"[deepspeed] failed to resume from checkpoint {checkpoint}")
-
-    original = hf_trainer.deepspeed_load_checkpoint
-    hf_trainer.deepspeed_load_checkpoint = load
-    try:
-        yield
-    finally:
-        hf_trainer.deepspeed_load_checkpoint = original

@@ -9,7 +9,8 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback
 
-from llmtrain.train import loss_weighting, strategies
+from llmtrain import compat
+from llmtrain.train import loss_weighting
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +106,7 @@ class LlmtrainTrainer(Trainer):
 
     def create_optimizer(self) -> torch.optim.Optimizer:
         optimizer = super().create_optimizer()
-        strategies.drop_empty_param_groups(optimizer)
+        compat.drop_empty_param_groups(optimizer)
         return optimizer
 
     def _get_train_sampler(self) -> loss_weighting.StepTokenSampler:

@@ -34,6 +34,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def read_prompts(path: Path) -> list[str]:
+    """Prompts from a .jsonl file (one {"prompt": ...} object per line) or a text file (one prompt
+    per non-empty line).
+
+    Raises:
+        ConfigError: the file does not exist (exit 64).
+        DataError: a JSONL line is not an object with a 'prompt' field (exit 65)."""
     if not path.is_file():
         raise ConfigError(f"--prompts {path} does not exist", "pass a JSONL or text file")
     if path.suffix != ".jsonl":
@@ -63,6 +69,12 @@ def _tokenizer_source(cfg_model: ModelSection, args: argparse.Namespace) -> Mode
 
 
 def run(args: argparse.Namespace) -> int:
+    """Generate an answer to each prompt with the trained model and write them as JSONL.
+
+    Raises:
+        ConfigError: --model and --adapter are both given, or the config, model or adapter cannot be
+            loaded (exit 64).
+        DataError: a prompt file line is malformed (exit 65)."""
     from llmtrain.data import prompts
     from llmtrain.data.rows import load_rows
     from llmtrain.model.export import load_for_inference

@@ -47,7 +47,10 @@ _EMPTY_BPE: dict[str, Any] = {
 
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
-    """A fast tokenizer from a model or tokenizer directory (offline)."""
+    """A fast tokenizer from a model or tokenizer directory (offline).
+
+    Raises:
+        ConfigError: no fast tokenizer can be loaded from `path` (exit 64)."""
     try:
         tok = AutoTokenizer.from_pretrained(str(path), use_fast=True, local_files_only=True)
     except (OSError, ValueError) as err:
@@ -69,7 +72,10 @@ def backend_state(tok: PreTrainedTokenizerFast) -> dict[str, Any]:
 
 
 def tokenizer_kind(tok: PreTrainedTokenizerFast) -> Kind:
-    """SentencePiece style ("▁" word marks) or byte-level BPE, from the pipeline's components."""
+    """SentencePiece style ("▁" word marks) or byte-level BPE, from the pipeline's components.
+
+    Raises:
+        ConfigError: the tokenizer is neither SentencePiece style nor byte-level BPE (exit 64)."""
     state = backend_state(tok)
     pipeline = json.dumps(
         [state.get(k) for k in ("normalizer", "pre_tokenizer", "decoder")], ensure_ascii=False
@@ -125,6 +131,10 @@ def train_sentencepiece(
 
     `vocab_size` counts every piece of the SentencePiece model, bytes and bos/eos/unk included;
     the base's other added tokens (`like`) come on top.
+
+    Raises:
+        DataError: SentencePiece training fails on the corpus (e.g. too little text for vocab_size;
+            exit 65).
     """
     _check_files(files)
     names = {k: getattr(like, k) or v for k, v in LLAMA2_SPECIALS.items()} if like else {}
@@ -268,6 +278,10 @@ def extend_tokenizer(
     New BPE merges rank after all of the base's, so the base's own merges still apply first.
     Returns the saved tokenizer and the appended tokens. No slow tokenizer.model is written:
     the base's would no longer match the vocabulary.
+
+    Raises:
+        ConfigError: the two tokenizers differ in style or model type, or a Unigram base has added
+            tokens after its vocabulary (exit 64).
     """
     kind, new_kind = tokenizer_kind(base), tokenizer_kind(new)
     if kind != new_kind:

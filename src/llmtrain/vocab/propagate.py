@@ -33,7 +33,10 @@ log = logging.getLogger(__name__)
 
 
 def solve_map(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """P minimising ||source @ P - target|| (float64, rank-revealing QR)."""
+    """P minimising ||source @ P - target|| (float64, rank-revealing QR).
+
+    Raises:
+        DataError: `source` has fewer rows than columns: too few tokens to fit the map (exit 65)."""
     x, y = source.to(torch.float64), target.to(torch.float64)
     if x.shape[0] < x.shape[1]:
         raise DataError(
@@ -117,6 +120,12 @@ def propagate_to_instruct(
     special-token map and chat template; the rows of the instruct tokenizer's added and
     special tokens (chat markers, eos, ...) are the instruct model's own, whatever the mode.
     Models are loaded one at a time, so memory holds at most two.
+
+    Raises:
+        ConfigError: the three models' hidden sizes differ, the adapted model has fewer embedding
+            rows than its tokenizer needs, or the instruct model's LM head is untied where the
+            others are tied (exit 64).
+        DataError: too few shared token rows to fit the map (solve_map; exit 65).
     """
     base_tok, adapted_tok, inst_tok = (
         load_tokenizer(d) for d in (base_dir, adapted_dir, instruct_dir)

@@ -87,6 +87,10 @@ def build_vocab_map(
     otherwise match by role (bos to bos, ...); other tokens are split by the old tokenizer's
     model, on the token's own symbols, so "▁привет" or a byte-level "Ġпр" is split exactly as
     the old tokenizer splits the same bytes.
+
+    Raises:
+        ConfigError: the new tokenizer's style (SentencePiece or byte-level BPE) is not the model's
+            (exit 64).
     """
     kind, old_kind = tokenizer_kind(new), tokenizer_kind(old)
     if kind != old_kind:
@@ -119,7 +123,10 @@ def build_vocab_map(
 
 
 def load_model(path: str | Path) -> PreTrainedModel:
-    """A causal LM from a local directory, in its saved dtype."""
+    """A causal LM from a local directory, in its saved dtype.
+
+    Raises:
+        ConfigError: no causal LM can be loaded from `path` (exit 64)."""
     try:
         model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(
             str(path), torch_dtype="auto", local_files_only=True, low_cpu_mem_usage=True
@@ -212,7 +219,11 @@ def rows_for(tok: Tok, pad_to_multiple_of: int | None, at_least: Iterable[int] =
 def init_model_dir(
     model_dir: Path, tokenizer_dir: Path, out: Path, pad_to_multiple_of: int | None = None
 ) -> VocabMap:
-    """`vocab init`: the model in `model_dir` resized to `tokenizer_dir`'s vocabulary, saved."""
+    """`vocab init`: the model in `model_dir` resized to `tokenizer_dir`'s vocabulary, saved.
+
+    Raises:
+        ConfigError: the model's tokenizer has ids beyond its embedding rows, or a tokenizer or
+            model cannot be loaded (exit 64)."""
     old, new = load_tokenizer(model_dir), load_tokenizer(tokenizer_dir)
     model = load_model(model_dir)
     old_rows = model.get_input_embeddings().num_embeddings

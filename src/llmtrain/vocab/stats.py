@@ -29,7 +29,11 @@ class TokenizerStats:
 
 
 def read_lines(path: Path) -> list[str]:
-    """Non-empty lines of a UTF-8 text file, without their line ends."""
+    """Non-empty lines of a UTF-8 text file, without their line ends.
+
+    Raises:
+        ConfigError: the file does not exist (exit 64).
+        DataError: it is not UTF-8 or holds no text (exit 65)."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:

@@ -1,0 +1,300 @@
+"""Every patch of the pinned stack (transformers 4.37.2, peft 0.9.0, accelerate 0.26.0,
+DeepSpeed 0.14, bitsandbytes 0.43, on torch >= 2.6) in one place, each applied only where the
+installed versions need it.
+
+Each shim names the upstream issue or PR it backports or works around and the version from
+which it can go; `SHIMS` lists them with their gates, and tests/unit/test_compat.py checks every
+gate against the installed versions. On a stack past a shim's bound its gate is false and the
+shim does nothing, so one package serves the pinned stack and a current one. Upgrading a pin
+means reading this file: a gate that can no longer be true marks a shim to delete.
+
+The module sits on the ground floor (stdlib imports only; each library is imported inside the
+shim that patches it), because model/ needs one shim and train/ the rest.
+
+Two fixes of the pinned stack live elsewhere, on purpose, because they are features of the run
+rather than patches: train/loss_weighting.py backports transformers 4.46's token-weighted step
+loss (`num_items_in_batch`, huggingface/transformers#34191 and #34511; it goes with the 4.46
+pin, and LlmtrainTrainer's `_get_train_sampler` with it), and train/checkpoints.py keeps its
+own retention by step number because 4.37.2 rotates by mtime (huggingface/transformers#26961).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.metadata
+import logging
+import os
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from llmtrain.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+@functools.cache
+def installed(dist: str) -> tuple[int, ...] | None:
+    """The release numbers of an installed distribution, e.g. (4, 37, 2); None if absent.
+
+    Pre-release and local tags are dropped: NGC's torch `2.3.0a0+ebedce2` is (2, 3, 0), which
+    has what 2.3 has (a plain version comparison would put it below 2.3)."""
+    try:
+        version = importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    match = re.match(r"\d+(\.\d+)*", version)
+    return tuple(int(p) for p in match.group(0).split(".")) if match else None
+
+
+def _below(dist: str, *bound: int) -> bool:
+    """`dist` is installed at a release below `bound` (absent: False, nothing to patch)."""
+    version = installed(dist)
+    return version is not None and version < bound
+
+
+def _at_least(dist: str, *bound: int) -> bool:
+    version = installed(dist)
+    return version is not None and version >= bound
+
+
+# --- the gates: one per shim, true where the installed versions need it -----------------------
+
+
+def needs_peft_deepspeed_resume() -> bool:
+    return _below("transformers", 4, 38)
+
+
+def needs_fsdp_on_cpu() -> bool:
+    return _below("accelerate", 1, 0)
+
+
+def needs_trust_deepspeed_checkpoints() -> bool:
+    return _at_least("torch", 2, 6) and _below("deepspeed", 0, 16)
+
+
+def needs_trust_own_checkpoints() -> bool:
+    return _at_least("torch", 2, 6) and _below("transformers", 4, 47)
+
+
+def needs_drop_empty_param_groups() -> bool:
+    return _at_least("torch", 2, 10)
+
+
+def needs_skip_unusable_bitsandbytes() -> bool:
+    return _below("bitsandbytes", 0, 45, 1)
+
+
+@dataclass(frozen=True)
+class Shim:
+    """One patch: what it works around upstream, and the gate that says it is needed here."""
+
+    name: str
+    upstream: str
+    remove_when: str
+    needed: Callable[[], bool]
+
+
+# --- transformers ------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def peft_deepspeed_resume(trainer: Any) -> Iterator[None]:
+    """Resume a PEFT model from a DeepSpeed checkpoint, for the span of train().
+
+    transformers 4.37.2 saves a PEFT model's DeepSpeed checkpoint without the frozen base
+    weights (exclude_frozen_parameters) and then loads it strictly: every LoRA/QLoRA resume
+    under ZeRO died with "Missing key(s) ... base_layer.weight". Backports
+    huggingface/transformers#28746 (load_module_strict=False for PEFT models), released in
+    4.38; goes when transformers >= 4.38. A no-op for full models and without DeepSpeed."""
+    if not needs_peft_deepspeed_resume():
+        yield
+        return
+    import transformers.trainer as hf_trainer
+    from peft import PeftModel
+
+    if not isinstance(trainer.model, PeftModel) or trainer.args.deepspeed is None:
+        yield
+        return
+
+    def load(engine: Any, checkpoint: str) -> None:
+        if not any(name.startswith("global_step") for name in os.listdir(checkpoint)):
+            raise ValueError(f"Can't find a valid checkpoint at {checkpoint}")
+        load_path, _ = engine.load_checkpoint(
+            checkpoint,
+            load_optimizer_states=True,
+            load_lr_scheduler_states=True,
+            load_module_strict=False,  # the frozen base weights are not in it, by design
+        )
+        if load_path is None:
+            raise ValueError(f"[deepspeed] failed to resume from checkpoint {checkpoint}")
+
+    original = hf_trainer.deepspeed_load_checkpoint
+    hf_trainer.deepspeed_load_checkpoint = load
+    try:
+        yield
+    finally:
+        hf_trainer.deepspeed_load_checkpoint = original
+
+
+def trust_own_checkpoints() -> None:
+    """Let torch >= 2.6 (weights_only loads by default) read the numpy RNG state that
+    transformers 4.37.2 pickles into rng_state*.pth of our own checkpoints.
+
+    Backports huggingface/transformers#34632 (Trainer loads the RNG state under an allowlist
+    of numpy globals), released in 4.47; goes when transformers >= 4.47. Needed only from
+    torch 2.6, where the weights_only default flipped (pytorch/pytorch#137602)."""
+    if not needs_trust_own_checkpoints():
+        return
+    import _codecs
+
+    import numpy as np
+    import torch
+
+    torch.serialization.add_safe_globals(
+        [
+            np.core.multiarray._reconstruct,  # type: ignore[attr-defined]
+            np.ndarray,
+            np.dtype,
+            _codecs.encode,
+            *(type(np.dtype(t)) for t in ("uint32", "int64", "float64")),
+        ]
+    )
+
+
+# --- accelerate --------------------------------------------------------------------------------
+
+
+def fsdp_on_cpu(trainer: Any) -> Any:
+    """The FSDP plugin for a CPU (gloo) world, or None on an accelerator world.
+
+    accelerate turns FSDP on only for GPU-like worlds and silently runs DDP on a CPU world
+    (`AcceleratorState`, accelerate/state.py, unchanged up to 1.14); torch's FSDP itself runs
+    there. Set the state as accelerate does on GPUs, so that CPU runs (CI) go through the same
+    sharded path. There is no upstream fix to wait for: the shim is written against accelerate
+    0.26's state and plugin and goes with that pin (accelerate >= 1.0 is not patched).
+
+    Raises ConfigError when FSDP was asked for on a CPU world whose accelerate this shim does
+    not cover: accelerate would train with DDP while the run says FSDP."""
+    from accelerate import FullyShardedDataParallelPlugin, PartialState
+    from accelerate.utils import DistributedType
+
+    state = trainer.accelerator.state
+    if state.distributed_type != DistributedType.MULTI_CPU:
+        return None
+    if not needs_fsdp_on_cpu():
+        raise ConfigError(
+            "distributed.strategy=fsdp on a CPU world needs llmtrain's patch of accelerate "
+            f"0.x; accelerate {'.'.join(map(str, installed('accelerate') or ()))} would run DDP",
+            "use distributed.strategy=ddp on CPU, or run FSDP on GPUs",
+        )
+    # Both shared states: each new AcceleratorState() copies the type from PartialState.
+    PartialState().distributed_type = state.distributed_type = DistributedType.FSDP
+    plugin = FullyShardedDataParallelPlugin()  # reads the FSDP_* variables TrainingArguments set
+    plugin.limit_all_gathers = trainer.args.fsdp_config.get("limit_all_gathers", False)
+    state.fsdp_plugin = plugin
+    trainer.is_fsdp_enabled = True
+    return plugin
+
+
+# --- DeepSpeed ---------------------------------------------------------------------------------
+
+
+def trust_deepspeed_checkpoints() -> None:
+    """Let DeepSpeed read its own checkpoints under torch >= 2.6.
+
+    DeepSpeed 0.14 torch.load()s them without weights_only=False; from torch 2.6 that default
+    is True (pytorch/pytorch#137602) and refuses the few Python objects it pickles there.
+    DeepSpeed passes weights_only=False itself from 0.16.0 (deepspeedai/DeepSpeed#6751);
+    goes when deepspeed >= 0.16."""
+    if not needs_trust_deepspeed_checkpoints():
+        return
+    import torch
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    torch.serialization.add_safe_globals(
+        [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
+    )
+
+
+def drop_empty_param_groups(optimizer: Any) -> None:
+    """Remove empty parameter groups from a freshly built optimizer, before its scheduler.
+
+    The Trainer always makes a no-weight-decay group; with LoRA it is empty (no norms or
+    biases train). DeepSpeed removes empty groups from the optimizer after the scheduler has
+    counted them (deepspeed/runtime/engine.py, since deepspeedai/DeepSpeed#827, still so in
+    0.18), and torch's schedulers zip groups with their rates strictly from torch 2.10: LoRA
+    with zero2/zero3 died at the first step (seen on torch 2.11; OpenRLHF/OpenRLHF#1234 is the
+    same failure). Needed from torch 2.10, harmless without DeepSpeed; no upstream fix yet: it
+    goes when the Trainer stops making empty groups or DeepSpeed stops dropping them."""
+    if needs_drop_empty_param_groups():
+        optimizer.param_groups[:] = [g for g in optimizer.param_groups if g["params"]]
+
+
+# --- bitsandbytes (with peft) ------------------------------------------------------------------
+
+
+def skip_unusable_bitsandbytes() -> None:
+    """Keep peft away from a bitsandbytes that is installed but cannot be imported.
+
+    peft (0.9.0, and still 0.17) decides from `find_spec("bitsandbytes")` alone, then imports
+    it while wrapping any LoRA model. bitsandbytes 0.43 imports `triton.ops`, which triton
+    3.2+ (shipped with PyPI's CUDA torch wheels) no longer has, so plain LoRA on a CPU machine
+    failed with `No module named 'triton.ops'`. Where the import fails, peft is told that
+    bitsandbytes is absent; QLoRA still needs a working one and says so itself.
+    bitsandbytes dropped `triton.ops` in 0.45.1 (bitsandbytes-foundation/bitsandbytes#1413);
+    goes when bitsandbytes >= 0.45.1."""
+    if not needs_skip_unusable_bitsandbytes():
+        return
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception as exc:  # any import-time failure of bitsandbytes or its triton
+        import peft.tuners.lora.model as lora_model
+
+        log.info("bitsandbytes cannot be imported (%s): LoRA without it", exc)
+        lora_model.is_bnb_available = lambda: False
+        lora_model.is_bnb_4bit_available = lambda: False
+
+
+SHIMS = (
+    Shim(
+        "peft_deepspeed_resume",
+        "huggingface/transformers#28746",
+        "transformers >= 4.38",
+        needs_peft_deepspeed_resume,
+    ),
+    Shim(
+        "trust_own_checkpoints",
+        "huggingface/transformers#34632",
+        "transformers >= 4.47 (or torch < 2.6)",
+        needs_trust_own_checkpoints,
+    ),
+    Shim(
+        "fsdp_on_cpu",
+        "no upstream fix (accelerate/state.py)",
+        "the accelerate 0.x pin goes (not applied from accelerate 1.0)",
+        needs_fsdp_on_cpu,
+    ),
+    Shim(
+        "trust_deepspeed_checkpoints",
+        "deepspeedai/DeepSpeed#6751",
+        "deepspeed >= 0.16 (or torch < 2.6)",
+        needs_trust_deepspeed_checkpoints,
+    ),
+    Shim(
+        "drop_empty_param_groups",
+        "deepspeedai/DeepSpeed#827 with torch's strict zip",
+        "the Trainer or DeepSpeed stops leaving an empty group (open upstream)",
+        needs_drop_empty_param_groups,
+    ),
+    Shim(
+        "skip_unusable_bitsandbytes",
+        "bitsandbytes-foundation/bitsandbytes#1413",
+        "bitsandbytes >= 0.45.1",
+        needs_skip_unusable_bitsandbytes,
+    ),
+)
