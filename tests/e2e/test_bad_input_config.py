@@ -133,6 +133,13 @@ CASES: dict[str, Case] = {
                         64, "wandb cannot be used: not installed"),
     "report_to mlflow": (lambda t: [config(t), "training.report_to=[mlflow]"],
                          64, "mlflow cannot be used: not installed"),
+    # a token budget packs micro-batches: padding-free packing only, and a whole sample fits
+    "token budget without padding-free packing": (
+        lambda t: [config(t), "training.tokens_per_batch=4096"],
+        64, "needs data.packing=padding_free (it is none)"),
+    "token budget below max_length": (
+        lambda t: [config(t), "training.tokens_per_batch=32", "data.packing=padding_free"],
+        64, "training.tokens_per_batch=32 is smaller than data.max_length=64"),
     "report_to with wandb in the file": (
         lambda t: [config(t, training={"report_to": ["tensorboard", "wandb"]})],
         64, "training.report_to: wandb cannot be used"),
