@@ -8,6 +8,7 @@ import re
 from typing import Any
 
 from llmtrain.config import RunConfig
+from llmtrain.sizing import tokens
 from llmtrain.sizing.gpus import Gpu, get_gpu
 from llmtrain.sizing.memory import (
     LINEARS,
@@ -63,18 +64,31 @@ def run_shape(
     nodes: int = 1,
     gpus_per_node: int = 1,
     attention: str | None = None,
+    measured: tokens.Measured | None = None,
 ) -> RunShape:
-    """The run as finetune will set it up on a bf16-capable GPU (see finetune.weights_dtype)."""
+    """The run as finetune will set it up on a bf16-capable GPU (see finetune.weights_dtype).
+    `measured`: the data's sample lengths; without them every sample is data.max_length long
+    (and a token budget full)."""
     method, t = cfg.method.name, cfg.training
     fp32 = t.precision == "fp32"
     targets = LINEARS if cfg.lora.target_modules == "auto" else tuple(cfg.lora.target_modules)
     strategy = cfg.distributed.strategy
-    extra = _layers(cfg.method.layers, shape) if method == "layers" else {}
+    extra: dict[str, Any] = _layers(cfg.method.layers, shape) if method == "layers" else {}
+    seq_len = cfg.data.max_length
+    packed = cfg.data.packing == "padding_free"
+    if measured is not None and len(measured.lengths):
+        seq_len = min(seq_len, tokens.padded_width(measured.lengths))
+        if packed:
+            extra["batch_tokens"] = tokens.largest_micro_batch_tokens(
+                cfg, measured.lengths, nodes * gpus_per_node
+            )
+    elif t.tokens_per_batch is not None:
+        extra["batch_tokens"] = t.tokens_per_batch
     return RunShape(
         method=method,
         strategy="ddp" if strategy == "auto" else strategy,
         micro_batch=t.per_device_train_batch_size,
-        seq_len=cfg.data.max_length,
+        seq_len=seq_len,
         gpus_per_node=gpus_per_node,
         nodes=nodes,
         gradient_checkpointing=t.gradient_checkpointing,
@@ -94,24 +108,43 @@ def run_shape(
     )
 
 
-def summary(cfg: RunConfig, gpu: str = "h100", nodes: int = 1, gpus_per_node: int = 1) -> list[str]:
+def micro_batch_words(run: RunShape, measured: tokens.Measured | None) -> str:
+    """How the estimate counted a micro-batch's tokens, for the report lines."""
+    source = f"lengths of {measured.source}" if measured is not None else "data.max_length"
+    if run.batch_tokens is not None:
+        return f"largest packed micro-batch {run.batch_tokens} tokens, from the {source}"
+    return f"micro-batch {run.micro_batch} x {run.seq_len} tokens, from the {source}"
+
+
+def summary(
+    cfg: RunConfig,
+    gpu: str = "h100",
+    nodes: int = 1,
+    gpus_per_node: int = 1,
+    measured: tokens.Measured | None = None,
+) -> list[str]:
     """The short form `validate` prints."""
     shape = model_shape(cfg)
-    run = run_shape(cfg, shape, nodes=nodes, gpus_per_node=gpus_per_node)
+    run = run_shape(cfg, shape, nodes=nodes, gpus_per_node=gpus_per_node, measured=measured)
     b = estimate(shape, run)
     device = get_gpu(gpu)
     verdict = "fits" if b.total <= device.memory_bytes else "DOES NOT FIT"
     return [
-        f"memory per GPU ({run.method}, {run.strategy}, micro-batch {run.micro_batch} x "
-        f"{run.seq_len} tokens): {gib(b.total)} GiB, {verdict} on {device.name} "
-        f"({device.memory_gib:.0f} GiB)",
+        f"memory per GPU ({run.method}, {run.strategy}, {micro_batch_words(run, measured)}): "
+        f"{gib(b.total)} GiB, {verdict} on {device.name} ({device.memory_gib:.0f} GiB)",
         f"  weights {gib(b.weights)}, grads {gib(b.gradients)}, optimizer {gib(b.optimizer)}, "
         f"activations {gib(b.activations + b.recompute)}, logits {gib(b.logits)} GiB",
     ]
 
 
-def fits(cfg: RunConfig, gpu: Gpu | str, nodes: int = 1, gpus_per_node: int = 1) -> bool:
+def fits(
+    cfg: RunConfig,
+    gpu: Gpu | str,
+    nodes: int = 1,
+    gpus_per_node: int = 1,
+    measured: tokens.Measured | None = None,
+) -> bool:
     device = get_gpu(gpu) if isinstance(gpu, str) else gpu
     shape = model_shape(cfg)
-    run = run_shape(cfg, shape, nodes=nodes, gpus_per_node=gpus_per_node)
+    run = run_shape(cfg, shape, nodes=nodes, gpus_per_node=gpus_per_node, measured=measured)
     return estimate(shape, run).total <= device.memory_bytes

@@ -8,8 +8,9 @@ from dataclasses import asdict, replace
 from typing import Any
 
 from llmtrain.config import RunConfig, load_config
+from llmtrain.sizing import tokens as measured_tokens
 from llmtrain.sizing.compute import DEFAULT_MFU, estimate_compute
-from llmtrain.sizing.from_config import model_shape, run_shape, weight_bytes
+from llmtrain.sizing.from_config import micro_batch_words, model_shape, run_shape, weight_bytes
 from llmtrain.sizing.gpus import PRESETS, get_gpu
 from llmtrain.sizing.memory import (
     FRAGMENTATION,
@@ -40,21 +41,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="machine-readable output")
 
 
-def _tokens(cfg: RunConfig, run: RunShape, given: float | None) -> float | None:
+def _tokens(
+    cfg: RunConfig, run: RunShape, given: float | None, measured: measured_tokens.Measured | None
+) -> float | None:
+    """Training tokens: given, else max_steps x samples per step x the measured mean sample
+    length (data.max_length without measured lengths)."""
     if given:
         return given
     t = cfg.training
+    mean = float(measured.lengths.mean()) if measured and len(measured.lengths) else run.seq_len
     if t.max_steps > 0:
-        return float(
-            t.max_steps * run.micro_batch * t.gradient_accumulation_steps * run.world * run.seq_len
-        )
+        return t.max_steps * run.micro_batch * t.gradient_accumulation_steps * run.world * mean
     return None
 
 
 def report(cfg: RunConfig, args: argparse.Namespace) -> dict[str, Any]:
     shape = model_shape(cfg)
+    measured = measured_tokens.from_prepared(cfg)
     run = run_shape(
-        cfg, shape, nodes=args.nodes, gpus_per_node=args.gpus_per_node, attention=args.attention
+        cfg,
+        shape,
+        nodes=args.nodes,
+        gpus_per_node=args.gpus_per_node,
+        attention=args.attention,
+        measured=measured,
     )
     device = get_gpu(args.gpu)
 
@@ -91,7 +101,7 @@ def report(cfg: RunConfig, args: argparse.Namespace) -> dict[str, Any]:
         )
         and not (m == "inference" and (s != "ddp" or c))
     ]
-    tokens = _tokens(cfg, run, args.tokens)
+    tokens = _tokens(cfg, run, args.tokens, measured)
     compute = None
     if tokens:
         c = estimate_compute(shape, run, tokens, device.peak_tflops, args.mfu)
@@ -107,7 +117,9 @@ def report(cfg: RunConfig, args: argparse.Namespace) -> dict[str, Any]:
         }
     return {
         "model": {**asdict(shape), "params": shape.params},
-        "run": {**asdict(run), "world": run.world},
+        "run": {**asdict(run), "world": run.world, "tokens": run.tokens},
+        "tokens_from": measured.source if measured else "data.max_length",
+        "micro_batch": micro_batch_words(run, measured),
         "gpu": {"name": device.name, "memory_bytes": device.memory_bytes},
         "fragmentation_margin": FRAGMENTATION,
         "this_run": row(run),
@@ -124,8 +136,7 @@ def _print_table(rep: dict[str, Any]) -> None:
     )
     print(
         f"run: {r['method']}, {r['strategy']}, {r['nodes']} node(s) x"
-        f" {r['gpus_per_node']} GPU(s), micro-batch {r['micro_batch']} x {r['seq_len']} tokens,"
-        f" attention {r['attention']},"
+        f" {r['gpus_per_node']} GPU(s), {rep['micro_batch']}, attention {r['attention']},"
         f" checkpointing {'on' if r['gradient_checkpointing'] else 'off'}"
     )
     print(f"\nmemory per GPU (GiB; fragmentation margin {rep['fragmentation_margin']:.0%}):")

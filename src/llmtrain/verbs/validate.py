@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 
+import numpy as np
 import torch
 
 from llmtrain.config import RunConfig, load_config
 from llmtrain.sizing import from_config as sizing
+from llmtrain.sizing import tokens
 from llmtrain.sizing.gpus import PRESETS
 from llmtrain.sizing.memory import NotEstimable
 from llmtrain.train.checks import needs_gpu, run_checks
@@ -52,13 +54,19 @@ def _target_line(cfg: RunConfig, args: argparse.Namespace) -> tuple[bool, str]:
     )
 
 
-def _memory(cfg: RunConfig, args: argparse.Namespace) -> tuple[list[str], list[str]]:
+def _memory(
+    cfg: RunConfig, args: argparse.Namespace, sampled: list[int]
+) -> tuple[list[str], list[str]]:
     """The memory estimate's lines and warnings; an architecture the estimator does not cover
-    is reported, not refused: finetune trains it all the same."""
+    is reported, not refused: finetune trains it all the same. Tokens per micro-batch come
+    from the prepared data's lengths, else from those of the rows the checks tokenized."""
     gpu = args.gpu or DEFAULT_GPU
+    measured = tokens.from_prepared(cfg)
+    if measured is None and sampled:
+        measured = tokens.Measured(np.asarray(sampled), f"{len(sampled)} tokenized sample rows")
     try:
-        lines = sizing.summary(cfg, gpu, args.nodes, args.gpus_per_node)
-        fits = sizing.fits(cfg, gpu, args.nodes, args.gpus_per_node)
+        lines = sizing.summary(cfg, gpu, args.nodes, args.gpus_per_node, measured)
+        fits = sizing.fits(cfg, gpu, args.nodes, args.gpus_per_node, measured)
     except NotEstimable as exc:
         return [f"memory per GPU: the estimate is not available for this architecture "
                 f"({exc.problem}; {exc.fix})"], []
@@ -73,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     gpu, target = _target_line(cfg, args)
     report = run_checks(cfg, gpu=gpu)
-    lines, warnings = _memory(cfg, args)
+    lines, warnings = _memory(cfg, args, report.lengths)
     for line in [target, *report.lines, *lines]:
         print(line)
     for warning in report.warnings + warnings:
