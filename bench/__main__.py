@@ -8,6 +8,8 @@ the same samples as the baseline's is refused, and the command then exits 1.
   python -m bench                                   # every workload, on a GPU
   python -m bench --workloads fixed-1b-full --ablation
   python -m bench --smoke                           # tiny model, CPU, a minute
+  python -m bench --workloads var-1b-full --accumulation 8 --tokens-per-batch 16384
+                      # 64 samples per step on both sides; llmtrain also re-cut by a budget
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import shutil
 import sys
 import tempfile
 import traceback
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +36,7 @@ from llmtrain import manifest
 # llmtrain as a user gets it (fused AdamW on CUDA, chunked loss, 2 DataLoader workers, and for
 # instruction data padding-free packing), then with torch.compile of the block pieces.
 VARIANTS = {"llmtrain": [], "llmtrain+compile": ["training.compile=true"]}
+BUDGET = "training.tokens_per_batch"  # --tokens-per-batch: the variant "llmtrain+budget"
 # The same path with only fused AdamW differing from the baseline: what the other levers add.
 ABLATION = {
     "llmtrain fused-AdamW only": [
@@ -73,9 +77,12 @@ def run_workload(
     warmup: int,
     steps: int,
     profile_dir: Path | None = None,
+    accumulation: int = 1,
 ) -> tuple[list[dict[str, Any]], bool]:
-    work = (SMOKE if smoke else WORKLOADS)[name]
-    rows = build_rows(work, work.batch * (warmup + steps), seed=0)
+    work = replace((SMOKE if smoke else WORKLOADS)[name], accumulation=accumulation)
+    if not work.variable:  # a token budget packs instruction samples (padding-free) only
+        variants = {k: v for k, v in variants.items() if not any(BUDGET in o for o in v)}
+    rows = build_rows(work, work.step_samples * (warmup + steps), seed=0)
     model_dir, shape = build_model(work.model, root)
     print(f"== {name}: {work.describe}, {len(rows)} rows", file=sys.stderr, flush=True)
     out: list[dict[str, Any]] = []
@@ -117,6 +124,7 @@ def run_workload(
         try:
             run_llmtrain(work, model_dir, rows, run_dir, probe, overrides)
             row.update(compare(base.result, probe.result, shape))
+            row["predicted_peak_gib"] = probe.result.notes["predicted_allocated_bytes"] / 2**30
         except NotComparable as exc:
             row["error"] = f"refused: {exc}"
             refused = True
@@ -166,6 +174,15 @@ def main(argv: list[str] | None = None) -> int:
         "--profile", action="store_true", help="write each run's top kernels (skews timing)"
     )
     parser.add_argument("--work-dir", type=Path, default=None, help="models and run outputs")
+    parser.add_argument(
+        "--accumulation", type=int, default=1,
+        help="micro-batches per optimizer step on both sides (samples per step: batch x this)",
+    )
+    parser.add_argument(
+        "--tokens-per-batch", type=int, default=None,
+        help="also run llmtrain+budget on var-* workloads: each step's samples re-cut into "
+        "packed micro-batches of at most this many tokens (training.tokens_per_batch)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
     # One process compiles the block pieces for every model and shape of the run.
@@ -180,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
             f"unknown workloads/variants: {', '.join(unknown)} (known: {', '.join(known)})"
         )
     chosen = {v: every[v] for v in [*(ABLATION if args.ablation else []), *asked]}
+    if args.tokens_per_batch is not None:
+        chosen["llmtrain+budget"] = [f"{BUDGET}={args.tokens_per_batch}"]
     warmup, steps = (1, 2) if args.smoke else (args.warmup, args.steps)
     root = args.work_dir or Path(tempfile.mkdtemp(prefix="llmtrain-bench-"))
     root.mkdir(parents=True, exist_ok=True)
@@ -189,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for name in names:
             got, was_refused = run_workload(
-                name, args.smoke, chosen, root, warmup, steps, args.out if args.profile else None
+                name, args.smoke, chosen, root, warmup, steps,
+                args.out if args.profile else None, args.accumulation,
             )
             rows += got
             refused |= was_refused

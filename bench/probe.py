@@ -4,8 +4,10 @@ A forward pre-hook on the model counts, for every micro-batch as the model recei
 tokens (padding included), the real tokens, the tokens that carry loss, the samples, the sum of
 squared sample lengths (for attention FLOPs) and a checksum of the samples' content; a forward
 hook keeps the loss. All stay on the device until the run ends, so measuring adds no host sync.
-The clock runs from the end of the last warm-up step to the end of the last timed step, with
-torch.cuda.synchronize() at both ends.
+An empty micro-batch (one token: llmtrain's filler of a token-budget step, training.
+tokens_per_batch) counts as nothing, and a step's loss is the token-weighted mean over its
+micro-batches. The clock runs from the end of the last warm-up step to the end of the last timed
+step, with torch.cuda.synchronize() at both ends.
 """
 
 from __future__ import annotations
@@ -85,14 +87,18 @@ class Probe(TrainerCallback):
 
         def before(module: Any, a: tuple[Any, ...], kw: dict[str, Any]) -> None:
             if module.training:
-                self.stats.append(batch_stats(kw))
+                stats = batch_stats(kw)
+                self.stats.append(stats if kw["input_ids"].numel() > 1 else stats * 0)
 
         def after(module: Any, a: tuple[Any, ...], kw: dict[str, Any], out: Any) -> None:
             if module.training:
                 loss = out["loss"].detach().float()
-                if kw.get("loss_reduction") == "sum":  # llmtrain's token-weighted loss
-                    loss = loss / (kw["labels"][..., 1:] != IGNORE_INDEX).sum().clamp(min=1)
-                self.losses.append(loss)
+                tokens = (kw["labels"][..., 1:] != IGNORE_INDEX).sum().float()
+                if kw.get("loss_reduction") != "sum":  # a mean; llmtrain's loss is the sum
+                    loss = loss * tokens
+                if kw["input_ids"].numel() == 1:
+                    loss = loss * 0
+                self.losses.append(torch.stack([loss, tokens]))
 
         self.handles = [
             model.register_forward_pre_hook(before, with_kwargs=True),
@@ -132,7 +138,7 @@ class Probe(TrainerCallback):
         per_step = table.view(-1, accumulation, table.shape[1]).sum(1)
         r.samples_per_step = per_step[:, 3].tolist()
         r.checksums = per_step[:, 5].tolist()
-        losses = torch.stack(self.losses).cpu().view(-1, accumulation).mean(1)
-        r.losses = losses.tolist()
+        sums = torch.stack(self.losses).cpu().view(-1, accumulation, 2).sum(1)
+        r.losses = (sums[:, 0] / sums[:, 1].clamp(min=1)).tolist()
         if torch.cuda.is_available():
             r.peak_bytes = torch.cuda.max_memory_allocated()

@@ -80,17 +80,20 @@ def _fmt(value: Any, spec: str) -> str:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    """One markdown row per run: workload, run, and the measured numbers."""
+    """One markdown row per run: workload, run, and the measured numbers; beside the measured
+    allocator peak, `llmtrain estimate`'s allocated peak for llmtrain's runs."""
     head = (
         "| workload | run | tokens/s | effective tokens/s | padding | step ms | MFU | peak GiB "
-        "| x baseline tokens/s | x baseline effective | first-step loss (rel. diff) |"
+        "| predicted GiB | x baseline tokens/s | x baseline effective "
+        "| first-step loss (rel. diff) |"
     )
-    lines = [head, "|" + "---|" * 11]
+    lines = [head, "|" + "---|" * 12]
     for r in rows:
         lines.append(
             f"| {r['workload']} | {r['run']} | {r['tokens_per_s']:,.0f} "
             f"| {r['effective_tokens_per_s']:,.0f} | {r['padding_share']:.0%} "
             f"| {r['step_ms']:.0f} | {r['mfu']:.1%} | {_fmt(r['peak_gib'], '.1f')} "
+            f"| {_fmt(r.get('predicted_peak_gib'), '.1f')} "
             f"| {_fmt(r.get('tokens_ratio'), '.2f')} | {_fmt(r.get('effective_ratio'), '.2f')} "
             f"| {r['first_loss']:.4f} ({_fmt(r.get('first_loss_rel_diff'), '.1e')}) |"
         )

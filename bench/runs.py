@@ -34,6 +34,9 @@ from llmtrain.data import prepared
 from llmtrain.data.sampling import EpochSeededSampler
 from llmtrain.model.load import load_tokenizer
 from llmtrain.plan import World
+from llmtrain.sizing import from_config as sizing
+from llmtrain.sizing import tokens
+from llmtrain.sizing.memory import estimate
 from llmtrain.train.run import train
 
 SEED = 42
@@ -87,6 +90,7 @@ def run_baseline(
     args = TrainingArguments(
         output_dir=str(out),
         per_device_train_batch_size=work.batch,
+        gradient_accumulation_steps=work.accumulation,
         max_steps=probe.warmup + probe.steps,
         learning_rate=work.learning_rate,
         optim="adamw_torch",
@@ -124,6 +128,7 @@ def llmtrain_config(work: Workload, model_dir: Path, out: Path) -> dict[str, Any
         "lora": LORA,
         "training": {
             "per_device_train_batch_size": work.batch,
+            "gradient_accumulation_steps": work.accumulation,
             "learning_rate": work.learning_rate,
             "lr_scheduler_type": "linear",
             "logging_steps": 10_000,
@@ -165,6 +170,10 @@ def run_llmtrain(
     raw["training"]["max_steps"] = probe.warmup + probe.steps
     cfg = RunConfig.model_validate(raw)
     write_prepared(cfg, rows, work)
+    shape = sizing.model_shape(cfg)
+    # as `llmtrain estimate` predicts it, from the prepared rows' lengths
+    predicted = estimate(shape, sizing.run_shape(cfg, shape, measured=tokens.from_prepared(cfg)))
+    probe.result.notes["predicted_allocated_bytes"] = predicted.allocated
     trainer = train(cfg, World(rank=0, local_rank=0, world_size=1), extra_callbacks=[probe])
     attention = {getattr(m, "_llmtrain_kernel", None) for m in trainer.model.modules()} - {None}
     probe.result.notes["attention"] = ", ".join(sorted(attention)) or "sdpa"  # type: ignore[arg-type]

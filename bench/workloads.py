@@ -50,16 +50,23 @@ class Workload:
     name: str
     model: str
     method: str  # full | lora
-    batch: int  # samples per optimizer step, for the baseline and for llmtrain
+    batch: int  # samples per micro-batch (llmtrain: unless a token budget re-cuts the step)
     variable: bool  # instruction samples of LENGTH_DISTRIBUTION, else fixed-length rows
     seq_len: int  # the row length, or the cap of variable lengths
     median: int = MEDIAN
     learning_rate: float = 1e-5
+    accumulation: int = 1  # micro-batches per optimizer step, both sides
+
+    @property
+    def step_samples(self) -> int:
+        """Samples per optimizer step, the same for the baseline and every llmtrain run."""
+        return self.batch * self.accumulation
 
     @property
     def describe(self) -> str:
         lengths = "variable-length instruction" if self.variable else f"fixed {self.seq_len}"
-        return f"{self.model} {self.method}, {lengths}, batch {self.batch}"
+        accumulated = f" x {self.accumulation} accumulated" if self.accumulation > 1 else ""
+        return f"{self.model} {self.method}, {lengths}, batch {self.batch}{accumulated}"
 
 
 WORKLOADS = {

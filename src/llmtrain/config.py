@@ -256,6 +256,13 @@ class TrainingSection(Section):
     per_device_train_batch_size: int = Field(4, ge=1)
     per_device_eval_batch_size: int = Field(8, ge=1)
     gradient_accumulation_steps: int = Field(1, ge=1)
+    tokens_per_batch: int | None = Field(
+        None,
+        ge=1,
+        description="data.packing=padding_free: cut each optimizer step's samples (batch x "
+        "ranks x accumulation, unchanged) into packed micro-batches of at most this many "
+        "tokens, no sample split (fairseq's --max-tokens); same loss, other speed and memory",
+    )
     learning_rate: float = Field(2e-4, gt=0)
     num_train_epochs: float = Field(1.0, gt=0)
     max_steps: int = -1
@@ -371,6 +378,25 @@ class RunConfig(Section):
 
     def prepared_dir(self) -> Path:
         return Path(self.data.prepared_dir or Path(self.output.dir) / "prepared")
+
+    @model_validator(mode="after")
+    def _token_budget(self) -> RunConfig:
+        budget = self.training.tokens_per_batch
+        if budget is None:
+            return self
+        if self.data.packing != "padding_free":
+            raise ValueError(
+                f"training.tokens_per_batch={budget} packs micro-batches up to a token budget, "
+                f"which needs data.packing=padding_free (it is {self.data.packing}): set "
+                "data.packing=padding_free, or remove training.tokens_per_batch"
+            )
+        if budget < self.data.max_length:
+            raise ValueError(
+                f"training.tokens_per_batch={budget} is smaller than data.max_length="
+                f"{self.data.max_length}: a sample that long would not fit a micro-batch; "
+                f"set training.tokens_per_batch >= {self.data.max_length}"
+            )
+        return self
 
 
 def _field_annotation(keys: list[str]) -> Any:

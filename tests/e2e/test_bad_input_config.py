@@ -133,6 +133,13 @@ CASES: dict[str, Case] = {
                         64, "wandb cannot be used: not installed"),
     "report_to mlflow": (lambda t: [config(t), "training.report_to=[mlflow]"],
                          64, "mlflow cannot be used: not installed"),
+    # a token budget packs micro-batches: padding-free packing only, and a whole sample fits
+    "token budget without padding-free packing": (
+        lambda t: [config(t), "training.tokens_per_batch=4096"],
+        64, "needs data.packing=padding_free (it is none)"),
+    "token budget below max_length": (
+        lambda t: [config(t), "training.tokens_per_batch=32", "data.packing=padding_free"],
+        64, "training.tokens_per_batch=32 is smaller than data.max_length=64"),
     "report_to with wandb in the file": (
         lambda t: [config(t, training={"report_to": ["tensorboard", "wandb"]})],
         64, "training.report_to: wandb cannot be used"),
@@ -271,9 +278,12 @@ def test_validate_passes_models_the_estimator_does_not_cover(arch: str, tmp_path
 def test_overrides_and_options_in_any_order(tmp_path: Path) -> None:
     path = config(tmp_path)
     result = run_cli("validate", path, "--gpu", "h100", "lora.r=4", "--nodes", "2",
-                     "data.max_length=48", cwd=tmp_path)
+                     "training.per_device_train_batch_size=12", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert "micro-batch 16 x 48 tokens" in result.stdout
+    # the demo's rows are 21-22 tokens: padded batches 24 wide, not max_length (64)
+    assert "micro-batch 12 x 24 tokens, from the lengths of 155 tokenized sample rows" in (
+        result.stdout
+    )
     # generate reads the override after --out (it used to be "unrecognized arguments")
     gen = run_cli("generate", path, "--out", str(tmp_path / "o.jsonl"), "lora.r=[1",
                   cwd=tmp_path)

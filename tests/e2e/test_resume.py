@@ -129,3 +129,50 @@ def test_half_written_newest_checkpoint_resumes_from_the_one_before(tmp_path: Pa
     from llmtrain.train.checkpoints import latest_complete
 
     assert latest_complete(out) == newest
+
+
+def test_token_budget_keeps_the_losses_and_resumes_exactly(tmp_path: Path) -> None:
+    """Padding-free packing with token-budget micro-batches: the per-step losses of a run
+    without a budget, a budget that cuts each step into several micro-batches, and that run
+    stopped and resumed are the same (the budget changes speed, not the objective)."""
+    budget_args = ["data.packing=padding_free", "training.per_device_train_batch_size=8",
+                   f"training.max_steps={STEPS // 4}", "training.save_steps=2"]
+
+    def run(out: Path, extra: list[str], env: dict[str, str] | None = None) -> (
+        subprocess.Popen[str]
+    ):
+        return subprocess.Popen(
+            [sys.executable, "-m", "llmtrain.cli", "finetune", *ARGS, *budget_args, *extra,
+             f"output.dir={out}"],
+            cwd=REPO, env={**os.environ, **(env or {})}, text=True,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        )
+
+    plain = run(tmp_path / "plain", [])
+    assert plain.wait() == 0, plain.communicate()[0][-3000:]
+    reference = per_step_losses(tmp_path / "plain")
+    assert sorted(reference) == list(range(1, STEPS // 4 + 1))
+
+    budget = ["training.tokens_per_batch=64"]  # 8 samples of 21-22 tokens: 2-3 per chunk
+    whole = run(tmp_path / "budget", budget)
+    output = whole.communicate()[0]
+    assert whole.returncode == 0, output[-3000:]
+    assert "8 samples per optimizer step in 4 micro-batch(es) of at most 64 tokens" in output
+    budgeted = per_step_losses(tmp_path / "budget")
+    assert sorted(budgeted) == sorted(reference)
+    for step in reference:
+        assert budgeted[step] == pytest.approx(reference[step], rel=1e-5), step
+
+    out, stop_file = tmp_path / "resumed", tmp_path / "STOP"
+    env = {"LLMTRAIN_STOP_FILE": str(stop_file)}
+    proc = run(out, budget, env)
+    wait_for_step(proc, out, 2)
+    stop_file.write_text("stop\n")
+    assert proc.wait(timeout=300) == 75
+    stop_file.unlink()
+    proc = run(out, budget, env)
+    assert proc.wait(timeout=300) == 0, proc.communicate()[0][-3000:]
+    resumed = per_step_losses(out)
+    assert sorted(resumed) == sorted(budgeted)
+    for step in budgeted:
+        assert abs(resumed[step] - budgeted[step]) <= 1e-6, (step, resumed[step], budgeted[step])

@@ -109,6 +109,29 @@ def test_smoke_run_compares_padding_free_with_the_baseline(tmp_path: Path, repo:
     assert (tmp_path / "results.md").read_text().startswith("| workload | run |")
 
 
+@pytest.mark.slow
+def test_smoke_run_with_a_token_budget_holds_the_baseline_steps(tmp_path: Path, repo: Path) -> None:
+    """--accumulation 2 --tokens-per-batch 64: 8 samples per step on both sides, llmtrain's cut
+    into several packed micro-batches of at most 64 tokens; the steps hold the same samples
+    (else the run is refused, exit 1) and the losses agree."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--smoke", "--workloads", "var-tiny-full",
+         "--variants", "llmtrain", "--accumulation", "2", "--tokens-per-batch", "64",
+         "--out", str(tmp_path)],
+        cwd=repo, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "8 samples per optimizer step in 4 micro-batch(es) of at most 64 tokens" in proc.stderr
+    report = json.loads((tmp_path / "results.json").read_text())
+    base, plain, budget = report["runs"]
+    assert budget["run"] == "llmtrain+budget" and "error" not in budget
+    assert budget["raw"]["samples_per_step"] == base["raw"]["samples_per_step"] == [8, 8, 8]
+    assert budget["raw"]["checksums"] == plain["raw"]["checksums"] == base["raw"]["checksums"]
+    assert budget["max_loss_rel_diff"] < 1e-5 and plain["max_loss_rel_diff"] < 1e-5
+    assert budget["predicted_peak_gib"] > 0
+    assert "| llmtrain+budget |" in (tmp_path / "results.md").read_text()
+
+
 def test_memory_report_predicts_measured_rows_again(tmp_path: Path, repo: Path) -> None:
     """`python -m bench.memory_validation --report` re-predicts stored measurements on a CPU: the
     error column follows the current estimator, not the one of the run."""

@@ -13,6 +13,14 @@ import torch
 from torch.utils.data import Sampler
 
 
+def seeded_order(length: int, seed: int, epoch: int) -> list[int]:
+    """The training order of epoch `epoch`: a permutation of range(length), a pure function of
+    (seed, epoch)."""
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    order: list[int] = torch.randperm(length, generator=g).tolist()
+    return order
+
+
 class EpochSeededSampler(Sampler[int]):
     def __init__(self, length: int, seed: int) -> None:
         self.length = length
@@ -27,8 +35,7 @@ class EpochSeededSampler(Sampler[int]):
         return self.length
 
     def __iter__(self) -> Iterator[int]:
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        order = torch.randperm(self.length, generator=g).tolist()
+        order = seeded_order(self.length, self.seed, self.epoch)
         # An iteration without set_epoch (HF replays finished epochs that way) moves on too.
         self.epoch += 1
         return iter(order)

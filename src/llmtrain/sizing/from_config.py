@@ -6,7 +6,7 @@ import fnmatch
 import importlib.util
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from llmtrain.config import RunConfig
 from llmtrain.plan import Hardware, RunPlan, World, weight_dtype
@@ -18,6 +18,9 @@ from llmtrain.sizing.memory import (
     estimate,
     gib,
 )
+
+if TYPE_CHECKING:  # tokens reads prepared data (numpy, datasets): imported when used
+    from llmtrain.sizing import tokens
 
 
 def model_shape(cfg: RunConfig) -> ModelShape:
@@ -78,21 +81,35 @@ def run_shape(
     gpus_per_node: int = 1,
     attention: str | None = None,
     plan: RunPlan | None = None,
+    measured: tokens.Measured | None = None,
 ) -> RunShape:
     """The run as finetune will set it up on bf16-capable GPUs: `plan` (default: target_plan)
     decides strategy, dtypes, autocast, attention (`attention` overrides it: a what-if) and
-    the optimizer."""
+    the optimizer. `measured`: the data's sample lengths; without them every sample is
+    data.max_length long (and a token budget full)."""
     plan = plan or target_plan(cfg, nodes=nodes, gpus_per_node=gpus_per_node)
     method, t = cfg.method.name, cfg.training
     fp32 = plan.precision == "fp32"
     targets = LINEARS if cfg.lora.target_modules == "auto" else tuple(cfg.lora.target_modules)
-    extra = _layers(cfg.method.layers, shape) if method == "layers" else {}
+    extra: dict[str, Any] = _layers(cfg.method.layers, shape) if method == "layers" else {}
+    seq_len = cfg.data.max_length
+    packed = cfg.data.packing == "padding_free"
+    if measured is not None and len(measured.lengths):
+        from llmtrain.sizing import tokens
+
+        seq_len = min(seq_len, tokens.padded_width(measured.lengths))
+        if packed:
+            extra["batch_tokens"] = tokens.largest_micro_batch_tokens(
+                cfg, measured.lengths, nodes * gpus_per_node
+            )
+    elif t.tokens_per_batch is not None:
+        extra["batch_tokens"] = t.tokens_per_batch
     return RunShape(
         method=method,
         # one process is a DDP world of one to the estimator
         strategy="ddp" if plan.strategy == "single" else plan.strategy,
         micro_batch=t.per_device_train_batch_size,
-        seq_len=cfg.data.max_length,
+        seq_len=seq_len,
         gpus_per_node=gpus_per_node,
         nodes=nodes,
         gradient_checkpointing=t.gradient_checkpointing,
@@ -112,23 +129,33 @@ def run_shape(
     )
 
 
+def micro_batch_words(run: RunShape, measured: tokens.Measured | None) -> str:
+    """How the estimate counted a micro-batch's tokens, for the report lines."""
+    source = f"lengths of {measured.source}" if measured is not None else "data.max_length"
+    if run.batch_tokens is not None:
+        return f"largest packed micro-batch {run.batch_tokens} tokens, from the {source}"
+    return f"micro-batch {run.micro_batch} x {run.seq_len} tokens, from the {source}"
+
+
 def summary(
     cfg: RunConfig,
     gpu: str = "h100",
     nodes: int = 1,
     gpus_per_node: int = 1,
     plan: RunPlan | None = None,
+    measured: tokens.Measured | None = None,
 ) -> list[str]:
     """The short form `validate` prints."""
     shape = model_shape(cfg)
-    run = run_shape(cfg, shape, nodes=nodes, gpus_per_node=gpus_per_node, plan=plan)
+    run = run_shape(
+        cfg, shape, nodes=nodes, gpus_per_node=gpus_per_node, plan=plan, measured=measured
+    )
     b = estimate(shape, run)
     device = get_gpu(gpu)
     verdict = "fits" if b.total <= device.memory_bytes else "DOES NOT FIT"
     return [
-        f"memory per GPU ({run.method}, {run.strategy}, micro-batch {run.micro_batch} x "
-        f"{run.seq_len} tokens): {gib(b.total)} GiB, {verdict} on {device.name} "
-        f"({device.memory_gib:.0f} GiB)",
+        f"memory per GPU ({run.method}, {run.strategy}, {micro_batch_words(run, measured)}): "
+        f"{gib(b.total)} GiB, {verdict} on {device.name} ({device.memory_gib:.0f} GiB)",
         f"  weights {gib(b.weights)}, grads {gib(b.gradients)}, optimizer {gib(b.optimizer)}, "
         f"activations {gib(b.activations + b.recompute)}, logits {gib(b.logits)} GiB",
     ]
@@ -140,8 +167,11 @@ def fits(
     nodes: int = 1,
     gpus_per_node: int = 1,
     plan: RunPlan | None = None,
+    measured: tokens.Measured | None = None,
 ) -> bool:
     device = get_gpu(gpu) if isinstance(gpu, str) else gpu
     shape = model_shape(cfg)
-    run = run_shape(cfg, shape, nodes=nodes, gpus_per_node=gpus_per_node, plan=plan)
+    run = run_shape(
+        cfg, shape, nodes=nodes, gpus_per_node=gpus_per_node, plan=plan, measured=measured
+    )
     return estimate(shape, run).total <= device.memory_bytes

@@ -167,6 +167,9 @@ class RunShape:
     padded: bool = True  # batches carry padding, so SDPA gets a materialised (b,1,s,s) mask
     # DeepSpeed buffers; None = what the HF integration's "auto" resolves to (hidden^2 elements)
     ds_bucket_elements: int | None = None
+    # Tokens of the largest packed micro-batch, from the data's measured lengths or the token
+    # budget (sizing/tokens.py); None: micro_batch x seq_len
+    batch_tokens: int | None = None
 
     @property
     def wbytes(self) -> int:
@@ -185,7 +188,8 @@ class RunShape:
 
     @property
     def tokens(self) -> int:
-        return self.micro_batch * self.seq_len
+        """Tokens of the largest micro-batch: what activations and logits scale with."""
+        return self.batch_tokens or self.micro_batch * self.seq_len
 
 
 @dataclass(frozen=True)
@@ -556,7 +560,9 @@ def largest_micro_batch(shape: ModelShape, run: RunShape, memory_bytes: int) -> 
     """Largest micro-batch that fits (0 if even 1 does not); memory grows with the batch."""
 
     def ok(b: int) -> bool:
-        return fits(shape, replace(run, micro_batch=b), memory_bytes)
+        # measured tokens grow with the samples in the micro-batch, at their measured mean
+        tokens = run.batch_tokens and -(-run.batch_tokens * b // run.micro_batch)
+        return fits(shape, replace(run, micro_batch=b, batch_tokens=tokens), memory_bytes)
 
     if not ok(1):
         return 0

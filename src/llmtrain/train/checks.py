@@ -15,6 +15,7 @@ from llmtrain import plan
 from llmtrain.config import RunConfig
 from llmtrain.data import mixture
 from llmtrain.data.rows import check_templates, load_rows
+from llmtrain.data.token_budget import row_lengths
 from llmtrain.data.tokenize import tokenize
 from llmtrain.errors import ConfigError, NeedsGpuError
 from llmtrain.model.load import load_model_config, load_tokenizer, model_class, pick_attention
@@ -29,6 +30,7 @@ SAMPLE_ROWS = 2000
 class Report:
     lines: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    lengths: list[int] = field(default_factory=list)  # tokens per sampled sample (check_data)
 
 
 def needs_gpu(cfg: RunConfig) -> bool:
@@ -172,7 +174,8 @@ def check_data(cfg: RunConfig, tokenizer: Any, report: Report) -> None:
         check_templates(section, rows)
         mixture.check_eval_split(cfg.data, k, len(rows))
         sample = rows.select(range(min(SAMPLE_ROWS, len(rows))))
-        _, stats = tokenize(sample, tokenizer, section)
+        tokenized, stats = tokenize(sample, tokenizer, section)
+        report.lengths += row_lengths(tokenized).tolist()
         scope = "all" if len(sample) == len(rows) else f"first {len(sample)} of {len(rows)}"
         name = f"data.sources[{k}]" if cfg.data.sources else "data"
         report.lines.append(f"{name} ({scope} rows): {stats.summary()}")

@@ -35,9 +35,11 @@ import torch.nn.functional as F
 
 from llmtrain.data.sampling import EpochSeededSampler
 from llmtrain.labels import IGNORE_INDEX
+from llmtrain.train.token_budget import StepChunk
 
 STEP_TOKENS = "num_items_in_batch"  # transformers 4.46's name for the step's loss-token count
 FILLER = -1  # sampler index of an empty sample
+SAMPLES = "samples"  # a token-budget chunk's samples (token_budget.StepChunk), before collation
 
 
 def loss_tokens(labels: torch.Tensor) -> torch.Tensor:
@@ -93,7 +95,9 @@ class StepTokenSampler(EpochSeededSampler):
 
 class StepTokenDataset(torch.utils.data.Dataset[dict[str, Any]]):
     """The training split read through StepItems: each sample carries its step's count;
-    FILLER is a one-token sample without a loss token (it changes no gradient)."""
+    FILLER is a one-token sample without a loss token (it changes no gradient). Read through
+    a StepChunk (a token-budget micro-batch), an item is the chunk's samples under SAMPLES (an
+    empty chunk: one FILLER sample), each with the step's count."""
 
     def __init__(self, base: Any) -> None:
         self.base = base
@@ -103,7 +107,10 @@ class StepTokenDataset(torch.utils.data.Dataset[dict[str, Any]]):
     def __len__(self) -> int:
         return len(self.base)
 
-    def __getitem__(self, item: StepItem) -> dict[str, Any]:
+    def __getitem__(self, item: StepItem | StepChunk) -> dict[str, Any]:
+        if isinstance(item, StepChunk):
+            rows = [self[StepItem(r, item.step_tokens)] for r in item.rows or (FILLER,)]
+            return {SAMPLES: rows, STEP_TOKENS: item.step_tokens}
         if item.row == FILLER:
             row: dict[str, Any] = {"input_ids": [self.filler_id], "labels": [IGNORE_INDEX]}
         else:
@@ -115,11 +122,13 @@ class StepTokenDataset(torch.utils.data.Dataset[dict[str, Any]]):
 @dataclass
 class StepTokenCollator:
     """Batches with `inner`, adding the step's loss-token count (int) when the samples carry
-    one (training); evaluation batches pass through unchanged."""
+    one (training); evaluation batches pass through unchanged. Token-budget chunks (SAMPLES)
+    are batched as their samples."""
 
     inner: Callable[[list[dict[str, Any]]], dict[str, Any]]
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        features = [s for f in features for s in f.get(SAMPLES, [f])]
         counts = {f.pop(STEP_TOKENS) for f in features if STEP_TOKENS in f}
         batch = self.inner(features)
         if counts:

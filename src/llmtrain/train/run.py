@@ -19,6 +19,7 @@ from llmtrain import compat, manifest
 from llmtrain.config import RunConfig, dump_config
 from llmtrain.data import chat, prepared
 from llmtrain.data.collate import PadCollator
+from llmtrain.data.token_budget import row_lengths
 from llmtrain.errors import StopRequested
 from llmtrain.kernels import lora as fused_lora
 from llmtrain.kernels import loss as fused_loss
@@ -44,6 +45,7 @@ from llmtrain.train.callbacks import (
     truncate_metrics,
 )
 from llmtrain.train.post_run import post_run
+from llmtrain.train.token_budget import TokenBudget
 from llmtrain.train.trainer import LlmtrainTrainer, LossRecorder, StepBoundary
 from llmtrain.vocab import special_tokens
 
@@ -81,15 +83,21 @@ def training_arguments(
     output_dir: Path,
     has_eval: bool,
     block_class: str | None,
+    budget: TokenBudget | None = None,
 ) -> TrainingArguments:
+    """`budget`: token-budget micro-batches, one chunk per DataLoader batch, the plan's count
+    of them per step (the configured batch and accumulation then only set samples per step)."""
     t = cfg.training
+    batch, accumulation = t.per_device_train_batch_size, t.gradient_accumulation_steps
+    if budget is not None:
+        batch, accumulation = 1, budget.accumulation
     # Held-out data is evaluated by default, at every checkpoint (so the best one is known).
     eval_on = has_eval
     args = TrainingArguments(
         output_dir=str(output_dir),
-        per_device_train_batch_size=t.per_device_train_batch_size,
+        per_device_train_batch_size=batch,
         per_device_eval_batch_size=t.per_device_eval_batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        gradient_accumulation_steps=accumulation,
         learning_rate=t.learning_rate,
         num_train_epochs=t.num_train_epochs,
         max_steps=t.max_steps,
@@ -228,7 +236,12 @@ def train(cfg: RunConfig, world: World, extra_callbacks: Sequence[TrainerCallbac
     if plan.fused_lora:
         fused_lora.patch(model)
 
-    args = training_arguments(cfg, world, plan, out, "eval" in splits, block_class)
+    train_split = loss_weighting.StepTokenDataset(splits["train"])
+    budget = None
+    if cfg.training.tokens_per_batch is not None:
+        lengths = row_lengths(splits["train"])
+        budget = TokenBudget.for_run(cfg, world.world_size, lengths, train_split.counts)
+    args = training_arguments(cfg, world, plan, out, "eval" in splits, block_class, budget)
     stop = StopCallback(
         stop_file=Path(world.stop_file) if world.stop_file else None,
         deadline=world.deadline,
@@ -245,7 +258,7 @@ def train(cfg: RunConfig, world: World, extra_callbacks: Sequence[TrainerCallbac
     trainer = LlmtrainTrainer(
         model=model,
         args=args,
-        train_dataset=loss_weighting.StepTokenDataset(splits["train"]),
+        train_dataset=train_split,
         eval_dataset=splits.get("eval"),
         data_collator=loss_weighting.StepTokenCollator(
             varlen_attention.PackingCollator()
@@ -264,6 +277,7 @@ def train(cfg: RunConfig, world: World, extra_callbacks: Sequence[TrainerCallbac
         ],
         recorder=recorder,
         chunked_loss=chunked_loss,
+        token_budget=budget,
     )
     if batch_log:
         trainer.remove_callback(PrinterCallback)  # its raw log dicts; RunReport's lines instead

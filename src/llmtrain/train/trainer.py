@@ -11,6 +11,7 @@ from transformers import Trainer, TrainerCallback
 
 from llmtrain import compat
 from llmtrain.train import loss_weighting
+from llmtrain.train.token_budget import TokenBudget
 
 log = logging.getLogger(__name__)
 
@@ -76,14 +77,22 @@ class LlmtrainTrainer(Trainer):
     exact loss record; everything else goes through callbacks.
 
     The training split must be a loss_weighting.StepTokenDataset and the collator a
-    StepTokenCollator; `chunked_loss`: the model's forward is fused_loss's (it can sum)."""
+    StepTokenCollator; `chunked_loss`: the model's forward is fused_loss's (it can sum);
+    `token_budget`: the plan of token-budget micro-batches (training.tokens_per_batch), whose
+    args must then carry per_device_train_batch_size=1 and its gradient_accumulation_steps."""
 
     def __init__(
-        self, *args: Any, recorder: LossRecorder, chunked_loss: bool, **kwargs: Any
+        self,
+        *args: Any,
+        recorder: LossRecorder,
+        chunked_loss: bool,
+        token_budget: TokenBudget | None = None,
+        **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self.recorder = recorder
         self.chunked_loss = chunked_loss
+        self.token_budget = token_budget
 
     def training_step(self, model: Any, inputs: dict[str, Any]) -> torch.Tensor:
         loss = super().training_step(model, inputs)
@@ -109,9 +118,11 @@ class LlmtrainTrainer(Trainer):
         compat.drop_empty_param_groups(optimizer)
         return optimizer
 
-    def _get_train_sampler(self) -> loss_weighting.StepTokenSampler:
+    def _get_train_sampler(self) -> torch.utils.data.Sampler[Any]:
         dataset = self.train_dataset
         assert isinstance(dataset, loss_weighting.StepTokenDataset)
+        if self.token_budget is not None:
+            return self.token_budget.sampler()
         step_samples = (
             self._train_batch_size * self.args.world_size * self.args.gradient_accumulation_steps
         )

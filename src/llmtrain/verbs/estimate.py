@@ -5,13 +5,19 @@ from __future__ import annotations
 import argparse
 import json
 from dataclasses import asdict, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from llmtrain.config import RunConfig, load_config
 from llmtrain.plan import STRATEGIES as TABLE
 from llmtrain.plan import refusal
 from llmtrain.sizing.compute import DEFAULT_MFU, estimate_compute
-from llmtrain.sizing.from_config import model_shape, run_shape, target_plan, weight_bytes
+from llmtrain.sizing.from_config import (
+    micro_batch_words,
+    model_shape,
+    run_shape,
+    target_plan,
+    weight_bytes,
+)
 from llmtrain.sizing.gpus import PRESETS, get_gpu
 from llmtrain.sizing.memory import (
     FRAGMENTATION,
@@ -22,6 +28,9 @@ from llmtrain.sizing.memory import (
     gib,
     largest_micro_batch,
 )
+
+if TYPE_CHECKING:
+    from llmtrain.sizing import tokens as measured_tokens
 
 EXAMPLE = "llmtrain estimate configs/lora.yaml --gpus-per-node 4 --nodes 2 --gpu h100 --json"
 
@@ -42,20 +51,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="machine-readable output")
 
 
-def _tokens(cfg: RunConfig, run: RunShape, given: float | None) -> float | None:
+def _tokens(
+    cfg: RunConfig, run: RunShape, given: float | None, measured: measured_tokens.Measured | None
+) -> float | None:
+    """Training tokens: given, else max_steps x samples per step x the measured mean sample
+    length (data.max_length without measured lengths)."""
     if given:
         return given
     t = cfg.training
+    mean = float(measured.lengths.mean()) if measured and len(measured.lengths) else run.seq_len
     if t.max_steps > 0:
-        return float(
-            t.max_steps * run.micro_batch * t.gradient_accumulation_steps * run.world * run.seq_len
-        )
+        return t.max_steps * run.micro_batch * t.gradient_accumulation_steps * run.world * mean
     return None
 
 
 def report(cfg: RunConfig, args: argparse.Namespace) -> dict[str, Any]:
     shape = model_shape(cfg)
     plan = target_plan(cfg, nodes=args.nodes, gpus_per_node=args.gpus_per_node)
+    from llmtrain.sizing import tokens as measured_tokens
+
+    measured = measured_tokens.from_prepared(cfg)
     run = run_shape(
         cfg,
         shape,
@@ -63,6 +78,7 @@ def report(cfg: RunConfig, args: argparse.Namespace) -> dict[str, Any]:
         gpus_per_node=args.gpus_per_node,
         attention=args.attention,
         plan=plan,
+        measured=measured,
     )
     device = get_gpu(args.gpu)
 
@@ -102,7 +118,7 @@ def report(cfg: RunConfig, args: argparse.Namespace) -> dict[str, Any]:
         for c in (False, True)
         if allowed(m, s, c)
     ]
-    tokens = _tokens(cfg, run, args.tokens)
+    tokens = _tokens(cfg, run, args.tokens, measured)
     compute = None
     if tokens:
         c = estimate_compute(shape, run, tokens, device.peak_tflops, args.mfu)
@@ -118,8 +134,10 @@ def report(cfg: RunConfig, args: argparse.Namespace) -> dict[str, Any]:
         }
     return {
         "model": {**asdict(shape), "params": shape.params},
-        "run": {**asdict(run), "world": run.world},
+        "run": {**asdict(run), "world": run.world, "tokens": run.tokens},
         "plan": plan.to_dict(),
+        "tokens_from": measured.source if measured else "data.max_length",
+        "micro_batch": micro_batch_words(run, measured),
         "gpu": {"name": device.name, "memory_bytes": device.memory_bytes},
         "fragmentation_margin": FRAGMENTATION,
         "this_run": row(run),
@@ -136,8 +154,7 @@ def _print_table(rep: dict[str, Any]) -> None:
     )
     print(
         f"run: {r['method']}, {r['strategy']}, {r['nodes']} node(s) x"
-        f" {r['gpus_per_node']} GPU(s), micro-batch {r['micro_batch']} x {r['seq_len']} tokens,"
-        f" attention {r['attention']},"
+        f" {r['gpus_per_node']} GPU(s), {rep['micro_batch']}, attention {r['attention']},"
         f" checkpointing {'on' if r['gradient_checkpointing'] else 'off'}"
     )
     print("plan (as finetune would decide on these GPUs):")

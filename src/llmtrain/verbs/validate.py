@@ -70,18 +70,25 @@ def _plan(cfg: RunConfig, args: argparse.Namespace, gpu: bool) -> RunPlan:
 
 
 def _memory(
-    cfg: RunConfig, args: argparse.Namespace, plan: RunPlan | None
+    cfg: RunConfig, args: argparse.Namespace, plan: RunPlan | None, sampled: list[int]
 ) -> tuple[list[str], list[str]]:
     """The memory estimate's lines and warnings (on a GPU node: `plan`, else the GPU node's);
     an architecture the estimator does not cover is reported, not refused: finetune trains it
-    all the same."""
+    all the same. Tokens per micro-batch come from the prepared data's lengths, else from
+    those of the rows the checks tokenized."""
+    import numpy as np
+
     from llmtrain.sizing import from_config as sizing
+    from llmtrain.sizing import tokens
     from llmtrain.sizing.memory import NotEstimable
 
     gpu = args.gpu or DEFAULT_GPU
+    measured = tokens.from_prepared(cfg)
+    if measured is None and sampled:
+        measured = tokens.Measured(np.asarray(sampled), f"{len(sampled)} tokenized sample rows")
     try:
-        lines = sizing.summary(cfg, gpu, args.nodes, args.gpus_per_node, plan)
-        fits = sizing.fits(cfg, gpu, args.nodes, args.gpus_per_node, plan)
+        lines = sizing.summary(cfg, gpu, args.nodes, args.gpus_per_node, plan, measured)
+        fits = sizing.fits(cfg, gpu, args.nodes, args.gpus_per_node, plan, measured)
     except NotEstimable as exc:
         return [f"memory per GPU: the estimate is not available for this architecture "
                 f"({exc.problem}; {exc.fix})"], []
@@ -99,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     gpu, target = _target_line(cfg, args)
     report = run_checks(cfg, gpu=gpu)
     plan = _plan(cfg, args, gpu)
-    lines, warnings = _memory(cfg, args, plan if gpu else None)
+    lines, warnings = _memory(cfg, args, plan if gpu else None, report.lengths)
     plan_lines = ["plan (as finetune would decide on the target):", *plan.lines()]
     for line in [target, *report.lines, *plan_lines, *lines]:
         print(line)
