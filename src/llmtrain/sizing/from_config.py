@@ -7,7 +7,7 @@ import importlib.util
 import re
 from typing import Any
 
-from llmtrain.config import RunConfig
+from llmtrain.config import PREFERENCE_METHODS, RunConfig
 from llmtrain.sizing.gpus import Gpu, get_gpu
 from llmtrain.sizing.memory import (
     LINEARS,
@@ -65,7 +65,11 @@ def run_shape(
     attention: str | None = None,
 ) -> RunShape:
     """The run as finetune will set it up on a bf16-capable GPU (see finetune.weights_dtype)."""
-    method, t = cfg.method.name, cfg.training
+    name, t = cfg.method.name, cfg.training
+    # dpo and orpo: the trained weights' method; each micro-batch holds the chosen and the
+    # rejected sample of every pair.
+    pairs = name in PREFERENCE_METHODS
+    method = cfg.preference.weights if name == "dpo" or name == "orpo" else name
     fp32 = t.precision == "fp32"
     targets = LINEARS if cfg.lora.target_modules == "auto" else tuple(cfg.lora.target_modules)
     strategy = cfg.distributed.strategy
@@ -73,7 +77,7 @@ def run_shape(
     return RunShape(
         method=method,
         strategy="ddp" if strategy == "auto" else strategy,
-        micro_batch=t.per_device_train_batch_size,
+        micro_batch=t.per_device_train_batch_size * (2 if pairs else 1),
         seq_len=cfg.data.max_length,
         gpus_per_node=gpus_per_node,
         nodes=nodes,
@@ -90,6 +94,7 @@ def run_shape(
         use_dora=cfg.lora.use_dora,
         attention=attention or _attention(cfg),  # type: ignore[arg-type]
         padded=cfg.data.packing == "none",
+        reference_copy=cfg.method.name == "dpo" and cfg.preference.weights == "full",
         **extra,
     )
 

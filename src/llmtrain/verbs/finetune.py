@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from llmtrain.config import load_config
+from llmtrain.config import PREFERENCE_METHODS, load_config
 from llmtrain.errors import StopRequested
 
 EXAMPLE = "llmtrain finetune configs/lora.yaml training.learning_rate=1e-4 output.dir=runs/lora"
@@ -20,7 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from llmtrain.train import strategies
+    from llmtrain.train import preference, strategies
     from llmtrain.train.checks import run_checks
     from llmtrain.train.run import close_process_group, train
     from llmtrain.train.strategies import World
@@ -30,12 +30,13 @@ def run(args: argparse.Namespace) -> int:
     # validate's check list, for this machine, before anything is written or loaded; the data
     # is read by the main rank only (the others wait for its prepared data anyway).
     report = run_checks(cfg, gpu=torch.cuda.is_available(), data=world.is_main)
-    strategies.check_world(strategies.resolve(cfg, world), world)
+    strategies.check_world(strategies.resolve(preference.policy_config(cfg), world), world)
     for warning in report.warnings:
         log.warning("%s", warning)
     stopped: str | None = None
     try:
-        train(cfg, world)
+        # dpo and orpo: the same build -> train -> save around a pair loss (train/preference.py)
+        (preference.train if cfg.method.name in PREFERENCE_METHODS else train)(cfg, world)
     except StopRequested as exc:
         # Keep the message only: the traceback's frames hold the Trainer, whose (FSDP or DDP)
         # model holds the process group, which must be gone before the interpreter exits.
