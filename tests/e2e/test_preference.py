@@ -175,3 +175,18 @@ def test_orpo_trains_without_a_reference(pairs: Path, tmp_path: Path) -> None:
     assert sum(losses[-4:]) / 4 < 0.8 * sum(losses[:4]) / 4, losses
     assert all("nll_loss" in r and "rewards/accuracies" in r for r in logged)
     assert logged[-1]["rewards/margins"] > logged[0]["rewards/margins"]
+
+
+@pytest.mark.parametrize("verb", ["validate", "finetune"])
+def test_bad_pairs_and_settings_exit_before_anything_is_written(tmp_path: Path, verb: str) -> None:
+    good = {"prompt": "What is 1 plus 1?", "chosen": "2", "rejected": "3"}
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in [good, good, {**good, "rejected": "2"}]))
+    out = tmp_path / "out"
+    result = run_cli(verb, "configs/dpo.yaml", f"data.path={data}", f"output.dir={out}")
+    assert result.returncode == 65, result.stderr[-2000:]
+    assert "pairs.jsonl line 3: chosen and rejected are the same text" in result.stderr
+    result = run_cli(verb, "configs/dpo.yaml", f"output.dir={out}", "data.packing=padding_free")
+    assert result.returncode == 64, result.stderr[-2000:]
+    assert "not supported for method dpo" in result.stderr
+    assert not out.exists()
