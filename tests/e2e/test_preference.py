@@ -183,7 +183,8 @@ def test_bad_pairs_and_settings_exit_before_anything_is_written(tmp_path: Path, 
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in [good, good, {**good, "rejected": "2"}]))
     out = tmp_path / "out"
-    result = run_cli(verb, "configs/dpo.yaml", f"data.path={data}", f"output.dir={out}")
+    result = run_cli(verb, "configs/dpo.yaml", f"data.path={data}", f"output.dir={out}",
+                     "data.eval_fraction=0")
     assert result.returncode == 65, result.stderr[-2000:]
     assert "pairs.jsonl line 3: chosen and rejected are the same text" in result.stderr
     result = run_cli(verb, "configs/dpo.yaml", f"output.dir={out}", "data.packing=padding_free")

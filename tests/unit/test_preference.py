@@ -261,3 +261,18 @@ def test_memory_estimate_counts_the_reference_copy_of_full_weight_dpo(tmp_path: 
     without = estimate(shape, replace(full_dpo, reference_copy=False))
     with_ref = estimate(shape, full_dpo)
     assert with_ref.weights - without.weights == shape.params * full_dpo.dtype_bytes
+
+
+def test_conversation_pairs_become_generation_prompts_of_the_shared_turns(
+    tmp_path: Path, tok
+) -> None:
+    from llmtrain.data import prompts
+
+    shared = [{"role": "user", "content": "What is 3 plus 3?"}]
+    path = jsonl(tmp_path / "chat.jsonl", [{"prompt": shared, "chosen": "6", "rejected": "7"}])
+    cfg = DataSection(path=str(path), shape="chat", chat_template="chatml")
+    asked = prompts.from_rows(load_rows(cfg), cfg, tok)
+    assert asked.prompts == [
+        "<|im_start|>user\nWhat is 3 plus 3?<|im_end|>\n<|im_start|>assistant\n"
+    ]
+    assert asked.references == ["6"] and asked.conversations == [shared]

@@ -148,6 +148,22 @@ def _chat_pair(
     return convs
 
 
+def chat_prompts(
+    rows: datasets.Dataset, cfg: DataSection
+) -> list[tuple[list[chat.Message], str]]:
+    """Conversation pairs as generation prompts: (the shared turns, the chosen answer) per row.
+
+    Raises:
+        DataError: as tokenize_pairs, for a row that is no pair (exit 65).
+    """
+    shared = shared_field(cfg, rows.column_names)
+    out = []
+    for i, row in enumerate(rows):
+        chosen, _ = _chat_pair(row, shared, cfg, functools.partial(row_location, cfg, row, i))
+        out.append((chosen[:-1], chosen[-1]["content"]))
+    return out
+
+
 def _fit(ex: Encoded, cfg: DataSection) -> Encoded | str:
     """data.max_length and data.overflow on one side; a string says why it is dropped."""
     if ex.first_trained >= min(len(ex.input_ids), cfg.max_length):
