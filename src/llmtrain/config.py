@@ -192,8 +192,12 @@ class DataSection(Section):
             )
 
 
+# Preference tuning on (prompt, chosen, rejected) pairs: train/preference.py.
+PREFERENCE_METHODS = ("dpo", "orpo")
+
+
 class MethodSection(Section):
-    name: Literal["full", "layers", "lora", "qlora"] = "lora"
+    name: Literal["full", "layers", "lora", "qlora", "dpo", "orpo"] = "lora"
     layers: list[str] = Field(
         default_factory=list,
         description="for name=layers: 'last:N', 'embeddings', 'lm_head' or parameter-name globs",
@@ -248,6 +252,29 @@ class LoraSection(Section):
                 "the original base; use true or gaussian (with method qlora, plain QLoRA)"
             )
         raise ValueError(f"{value!r} is not one of true, false, gaussian")
+
+
+class PreferenceSection(Section):
+    """method.name dpo or orpo: which weights train and the loss's constants (TRL 0.8.6's)."""
+
+    weights: Literal["lora", "full"] = Field(
+        "lora",
+        description="lora: an adapter, the base model with the adapter disabled is DPO's "
+        "reference (no second copy); full: every weight, with a frozen reference copy",
+    )
+    beta: float = Field(
+        0.1,
+        gt=0,
+        description="dpo: the KL strength (the temperature of the reward margin); orpo: the "
+        "weight lambda of the odds-ratio term",
+    )
+    loss_type: Literal["sigmoid", "hinge", "ipo"] = Field(
+        "sigmoid",
+        description="dpo: sigmoid (the DPO paper), hinge (SLiC), ipo (IPO); TRL's names",
+    )
+    label_smoothing: float = Field(
+        0.0, ge=0.0, lt=0.5, description="dpo sigmoid: the assumed share of flipped pairs (cDPO)"
+    )
 
 
 class TrainingSection(Section):
@@ -371,6 +398,7 @@ class RunConfig(Section):
     data: DataSection
     method: MethodSection = Field(default_factory=MethodSection)
     lora: LoraSection = Field(default_factory=LoraSection)
+    preference: PreferenceSection = Field(default_factory=PreferenceSection)
     training: TrainingSection = Field(default_factory=TrainingSection)
     generation: GenerationSection = Field(default_factory=GenerationSection)
     output: OutputSection = Field(default_factory=OutputSection)
@@ -396,6 +424,24 @@ class RunConfig(Section):
                 f"{self.data.max_length}: a sample that long would not fit a micro-batch; "
                 f"set training.tokens_per_batch >= {self.data.max_length}"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _preference_keys(self) -> RunConfig:
+        method = self.method.name
+        if method not in PREFERENCE_METHODS and "preference" in self.model_fields_set:
+            raise ValueError(
+                f"the preference section is used only with method.name=dpo or orpo, not {method}"
+            )
+        if method == "orpo" and "preference" in self.model_fields_set:
+            dpo_only = sorted(
+                {"loss_type", "label_smoothing"} & self.preference.model_fields_set
+            )
+            if dpo_only:
+                raise ValueError(
+                    f"preference.{', preference.'.join(dpo_only)} belong to dpo; orpo's loss "
+                    "is the NLL of the chosen answer minus beta x log sigmoid(log odds ratio)"
+                )
         return self
 
 

@@ -15,13 +15,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, cast, get_args
 
-from llmtrain.config import RunConfig
+from llmtrain.config import PREFERENCE_METHODS, RunConfig
 from llmtrain.errors import ConfigError
 
 Strategy = Literal["single", "ddp", "fsdp", "zero2", "zero3", "zero3_offload"]
 Method = Literal["full", "layers", "lora", "qlora"]
 METHODS: tuple[Method, ...] = get_args(Method)
 ADAPTER_METHODS: tuple[Method, ...] = ("lora", "qlora")
+# Every method.name: the weight methods, and dpo/orpo, pair losses around LoRA or full weights
+# (preference.weights) that are validated with one process and DDP only (train/preference.py).
+ALL_METHODS: tuple[str, ...] = (*METHODS, *PREFERENCE_METHODS)
 ATTENTIONS = ("flash_attention_2", "sdpa", "eager")
 
 
@@ -42,14 +45,14 @@ class StrategySpec:
     computes_in_16bit: bool
     # The methods that train, resume and save with it, each run on H200s by tests/gpu and
     # bench/strategies.py (bench/STRATEGIES.md); `check` refuses every other pair.
-    methods: tuple[Method, ...]
+    methods: tuple[str, ...]
 
 
 # Keyed by Strategy (a test holds them equal). Columns: shards_parameters, deepspeed_json,
 # fused_lora, needs_cuda, computes_in_16bit, methods.
 STRATEGIES: dict[str, StrategySpec] = {
-    "single": StrategySpec(False, None, True, False, False, METHODS),
-    "ddp": StrategySpec(False, None, True, False, False, METHODS),
+    "single": StrategySpec(False, None, True, False, False, ALL_METHODS),
+    "ddp": StrategySpec(False, None, True, False, False, ALL_METHODS),
     "fsdp": StrategySpec(True, None, False, False, True, ("full", "lora")),
     "zero2": StrategySpec(False, "zero2.json", True, True, True, ("full", "layers", "lora")),
     "zero3": StrategySpec(True, "zero3.json", False, True, True, ("full", "lora")),
@@ -62,7 +65,7 @@ STRATEGIES: dict[str, StrategySpec] = {
 KNOWINGLY_ALLOWED: dict[tuple[str, str], str] = {}
 # method -> the strategies it is validated with (the table read by method)
 VALIDATED: dict[str, tuple[str, ...]] = {
-    m: tuple(s for s, spec in STRATEGIES.items() if m in spec.methods) for m in METHODS
+    m: tuple(s for s, spec in STRATEGIES.items() if m in spec.methods) for m in ALL_METHODS
 }
 
 
@@ -395,7 +398,11 @@ class RunPlan:
             ConfigError: a launcher contradicting the config (resolve_strategy), or an
                 attention implementation that cannot run (choose_attention) (exit 64).
         """
-        method, t = cfg.method.name, cfg.training
+        t = cfg.training
+        # dpo and orpo train preference.weights (lora or full): the plan is that method's, with
+        # the chunked loss off (pair losses need per-token log-probs, not a loss).
+        pairs = cfg.method.name in PREFERENCE_METHODS
+        method = cfg.preference.weights if pairs else cfg.method.name
         strategy, why_strategy = resolve_strategy(cfg, world)
         spec = STRATEGIES[strategy]
         prec, why_prec = precision(t.precision, hw)
@@ -420,9 +427,10 @@ class RunPlan:
             why_optim = "auto: fused AdamW on CUDA" if hw.cuda else "auto: no CUDA GPU"
         else:
             why_optim = f"training.optim={optim}"
-        chunked = t.chunked_loss and not spec.shards_parameters
+        chunked = t.chunked_loss and not spec.shards_parameters and not pairs
         why_chunked = (
-            "training.chunked_loss=false" if not t.chunked_loss
+            f"off for {cfg.method.name}: its pair loss needs per-token log-probs" if pairs
+            else "training.chunked_loss=false" if not t.chunked_loss
             else f"off under {strategy}, whose lm_head weight is sharded" if not chunked
             else "training.chunked_loss=true"
         )

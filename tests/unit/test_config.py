@@ -17,7 +17,7 @@ def test_every_shipped_config_validates_against_the_schema(path: Path) -> None:
 
 def test_shipped_configs_cover_every_method() -> None:
     methods = {load_config(p).method.name for p in CONFIGS}
-    assert {"full", "layers", "lora", "qlora"} <= methods
+    assert {"full", "layers", "lora", "qlora", "dpo", "orpo"} <= methods
 
 
 def write(tmp_path: Path, data: dict) -> Path:

@@ -18,8 +18,8 @@ from typing import Any
 
 import datasets
 
-from llmtrain.config import RunConfig
-from llmtrain.data import chat, mixture
+from llmtrain.config import PREFERENCE_METHODS, RunConfig
+from llmtrain.data import chat, mixture, preference
 from llmtrain.data.rows import detect_format, source_files
 from llmtrain.data.tokenize import TokenizeStats, tokenize
 from llmtrain.errors import DataError
@@ -44,6 +44,8 @@ def fingerprint(cfg: RunConfig, tokenizer: Any) -> str:
     h = hashlib.sha256()
     data = cfg.data.model_dump(mode="json", exclude={"prepared_dir"})
     h.update(json.dumps({"v": FORMAT_VERSION, "data": data}, sort_keys=True).encode())
+    if cfg.method.name in PREFERENCE_METHODS:
+        h.update(b"preference pairs")  # the same rows prepare to other columns
     for section in cfg.data.for_sources():
         fmt = detect_format(section)
         if fmt == "hub":
@@ -80,8 +82,10 @@ def prepare(cfg: RunConfig, tokenizer: Any, fp: str | None = None) -> dict[str, 
     target = cfg.prepared_dir()
     fp = fp or fingerprint(cfg, tokenizer)
     train_parts, eval_parts, per_source = [], [], []
+    pairs = cfg.method.name in PREFERENCE_METHODS
+    tokenize_rows = preference.tokenize_pairs if pairs else tokenize
     for src in mixture.split_sources(cfg.data, cfg.training.seed):
-        tokenized, stats = tokenize(src.train, tokenizer, src.section)
+        tokenized, stats = tokenize_rows(src.train, tokenizer, src.section)
         log.info("data, %s: %s", src.label, stats.summary())
         entry: dict[str, Any] = {"path": src.section.path, "train": asdict(stats)}
         if cfg.data.eval_fraction > 0 and not mixture.splits_rows(src.section):
@@ -101,7 +105,7 @@ def prepare(cfg: RunConfig, tokenizer: Any, fp: str | None = None) -> dict[str, 
         train_parts.append(tokenized)
         if src.held_out is not None:
             try:
-                held_out, eval_stats = tokenize(src.held_out, tokenizer, src.section)
+                held_out, eval_stats = tokenize_rows(src.held_out, tokenizer, src.section)
             except DataError as exc:
                 raise DataError(
                     f"held-out rows of {src.label} (data.eval_fraction): {exc.problem}", exc.fix

@@ -15,7 +15,7 @@ from typing import Any
 import datasets
 
 from llmtrain.config import DataSection, RunConfig
-from llmtrain.data import chat, prepared
+from llmtrain.data import chat, preference, prepared
 from llmtrain.data.rows import load_rows, row_location
 from llmtrain.data.templates import TemplateError, render
 from llmtrain.errors import DataError
@@ -41,6 +41,15 @@ def held_out_rows(cfg: RunConfig) -> tuple[list[tuple[DataSection, datasets.Data
 
 def from_rows(rows: datasets.Dataset, data: DataSection, tokenizer: Any) -> Prompts:
     """Raises: DataError (a row does not render), ConfigError (no usable chat template)."""
+    if data.shape == "chat" and set(preference.SIDES) <= set(rows.column_names):
+        # Preference pairs (dpo, orpo): the shared turns, answered; the chosen answer.
+        template = tokenizer.chat_template or chat.resolve_template(tokenizer, data)
+        pairs = preference.chat_prompts(rows, data)
+        return Prompts(
+            [chat.render(tokenizer, template, turns, generation_prompt=True) for turns, _ in pairs],
+            [answer for _, answer in pairs],
+            [turns for turns, _ in pairs],
+        )
     if data.shape == "chat":
         template = tokenizer.chat_template or chat.resolve_template(tokenizer, data)
         field = chat.messages_field(data, rows.column_names)

@@ -8,7 +8,7 @@ import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from llmtrain.config import RunConfig
+from llmtrain.config import PREFERENCE_METHODS, RunConfig
 from llmtrain.plan import Hardware, RunPlan, World, weight_dtype
 from llmtrain.sizing.gpus import Gpu, get_gpu
 from llmtrain.sizing.memory import (
@@ -88,7 +88,11 @@ def run_shape(
     the optimizer. `measured`: the data's sample lengths; without them every sample is
     data.max_length long (and a token budget full)."""
     plan = plan or target_plan(cfg, nodes=nodes, gpus_per_node=gpus_per_node)
-    method, t = cfg.method.name, cfg.training
+    name, t = cfg.method.name, cfg.training
+    # dpo and orpo: the trained weights' method; each micro-batch holds the chosen and the
+    # rejected sample of every pair.
+    pairs = name in PREFERENCE_METHODS
+    method = cfg.preference.weights if name == "dpo" or name == "orpo" else name
     fp32 = plan.precision == "fp32"
     targets = LINEARS if cfg.lora.target_modules == "auto" else tuple(cfg.lora.target_modules)
     extra: dict[str, Any] = _layers(cfg.method.layers, shape) if method == "layers" else {}
@@ -108,7 +112,7 @@ def run_shape(
         method=method,
         # one process is a DDP world of one to the estimator
         strategy="ddp" if plan.strategy == "single" else plan.strategy,
-        micro_batch=t.per_device_train_batch_size,
+        micro_batch=t.per_device_train_batch_size * (2 if pairs else 1),
         seq_len=seq_len,
         gpus_per_node=gpus_per_node,
         nodes=nodes,
@@ -125,6 +129,7 @@ def run_shape(
         use_dora=cfg.lora.use_dora,
         attention=attention or plan.attention,  # type: ignore[arg-type]
         padded=cfg.data.packing == "none",
+        reference_copy=cfg.method.name == "dpo" and cfg.preference.weights == "full",
         **extra,
     )
 

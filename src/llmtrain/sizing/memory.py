@@ -165,6 +165,9 @@ class RunShape:
     train_lm_head: bool = False
     attention: Literal["sdpa", "flash_attention_2", "eager"] = "sdpa"
     padded: bool = True  # batches carry padding, so SDPA gets a materialised (b,1,s,s) mask
+    # DPO with full weights: a frozen copy of the base model as the reference, in the compute
+    # dtype (LoRA's reference is the same model with the adapter disabled: no copy)
+    reference_copy: bool = False
     # DeepSpeed buffers; None = what the HF integration's "auto" resolves to (hidden^2 elements)
     ds_bucket_elements: int | None = None
     # Tokens of the largest packed micro-batch, from the data's measured lengths or the token
@@ -534,8 +537,9 @@ def estimate(shape: ModelShape, run: RunShape) -> Breakdown:
         "zero3": "zero3: the largest layer gathered (4 bytes/param, DeepSpeed's figure)",
         "zero3_offload": "zero3_offload: 16-bit weights and fp32 states on the CPU",
     }
+    reference = shape.params * run.dtype_bytes if run.reference_copy else 0
     return Breakdown(
-        weights=states.weights,
+        weights=states.weights + reference,
         gradients=states.gradients,
         optimizer=states.optimizer,
         activations=activation_bytes(shape, run, checkpointing=run.gradient_checkpointing),
@@ -547,7 +551,8 @@ def estimate(shape: ModelShape, run: RunShape) -> Breakdown:
         nccl=nccl,
         grads_held=zero or run.gradient_accumulation > 1,
         host_per_node=_host_bytes(shape, run),
-        notes=(notes[run.strategy],) if run.strategy in notes else (),
+        notes=((notes[run.strategy],) if run.strategy in notes else ())
+        + (("weights include the DPO reference copy",) if reference else ()),
     )
 
 

@@ -12,14 +12,15 @@ from pathlib import Path
 from typing import Any
 
 from llmtrain import plan
-from llmtrain.config import RunConfig
-from llmtrain.data import mixture
+from llmtrain.config import PREFERENCE_METHODS, RunConfig
+from llmtrain.data import mixture, preference
 from llmtrain.data.rows import check_templates, load_rows
 from llmtrain.data.token_budget import row_lengths
 from llmtrain.data.tokenize import tokenize
 from llmtrain.errors import ConfigError, NeedsGpuError
 from llmtrain.model.load import load_model_config, load_tokenizer, model_class, pick_attention
 from llmtrain.train import checkpoints
+from llmtrain.train import preference as preference_training
 from llmtrain.vocab import special_tokens
 
 log = logging.getLogger(__name__)
@@ -169,13 +170,20 @@ def check_method(cfg: RunConfig, config: Any) -> None:
 def check_data(cfg: RunConfig, tokenizer: Any, report: Report) -> None:
     """Each source's rows load, the templates fit them, data.eval_fraction leaves rows on both
     sides, and a sample tokenizes to usable samples."""
+    pairs = cfg.method.name in PREFERENCE_METHODS
     for k, section in enumerate(cfg.data.for_sources()):
         rows = load_rows(section)
-        check_templates(section, rows)
+        if pairs:
+            preference.check_columns(section, rows.column_names)
+        if not (pairs and section.shape == "chat"):  # pairs name their own turn columns
+            check_templates(section, rows)
         mixture.check_eval_split(cfg.data, k, len(rows))
         sample = rows.select(range(min(SAMPLE_ROWS, len(rows))))
-        tokenized, stats = tokenize(sample, tokenizer, section)
-        report.lengths += row_lengths(tokenized).tolist()
+        if pairs:
+            _, stats = preference.tokenize_pairs(sample, tokenizer, section)
+        else:
+            tokenized, stats = tokenize(sample, tokenizer, section)
+            report.lengths += row_lengths(tokenized).tolist()
         scope = "all" if len(sample) == len(rows) else f"first {len(sample)} of {len(rows)}"
         name = f"data.sources[{k}]" if cfg.data.sources else "data"
         report.lines.append(f"{name} ({scope} rows): {stats.summary()}")
@@ -200,11 +208,14 @@ def run_checks(cfg: RunConfig, *, gpu: bool, data: bool = True) -> Report:
         ConfigError: exit 64. DataError: exit 65.
     """
     report = Report()
-    check_hardware(cfg, gpu=gpu)
+    preference_training.check(cfg)
+    # dpo and orpo train LoRA or full weights: the checks of that method hold for them.
+    policy = preference_training.policy_config(cfg)
+    check_hardware(policy, gpu=gpu)
     check_outputs(cfg)
     config, tokenizer, lines = check_model(cfg, gpu=gpu)
     report.lines += lines
-    check_method(cfg, config)
+    check_method(policy, config)
     report.warnings += token_warnings(cfg, config, tokenizer)
     if data:
         check_data(cfg, tokenizer, report)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from llmtrain.config import load_config
+from llmtrain.config import PREFERENCE_METHODS, load_config
 from llmtrain.errors import StopRequested
 from llmtrain.plan import World
 
@@ -21,6 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from llmtrain.train import preference
     from llmtrain.train.checks import run_checks
     from llmtrain.train.run import close_process_group, train
 
@@ -34,7 +35,8 @@ def run(args: argparse.Namespace) -> int:
         log.warning("%s", warning)
     stopped: str | None = None
     try:
-        train(cfg, world)
+        # dpo and orpo: the same build -> train -> save around a pair loss (train/preference.py)
+        (preference.train if cfg.method.name in PREFERENCE_METHODS else train)(cfg, world)
     except StopRequested as exc:
         # Keep the message only: the traceback's frames hold the Trainer, whose (FSDP or DDP)
         # model holds the process group, which must be gone before the interpreter exits.
