@@ -20,6 +20,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from llmtrain.config import ModelSection
 from llmtrain.errors import ConfigError
+from llmtrain.model import support
 from llmtrain.vocab import special_tokens
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,12 @@ def _looks_local(path: str) -> bool:
 
 
 def load_model_config(cfg: ModelSection) -> PretrainedConfig:
-    """The model's config.json only: cheap, runs on a login node."""
+    """The model's config.json only: cheap, runs on a login node.
+
+    Raises:
+        ConfigError: it cannot be read, or the installed transformers would not read it as
+            written (a newer model type or math key: model/support.py), exit 64.
+    """
     path = cfg.resolved_path()
     if _looks_local(path) and not Path(path).expanduser().is_dir():
         raise ConfigError(
@@ -41,6 +47,7 @@ def load_model_config(cfg: ModelSection) -> PretrainedConfig:
             "cached under HF_HOME",
         )
     try:
+        support.check_model_config(support.config_dict(path, revision=cfg.revision), path=cfg.path)
         return AutoConfig.from_pretrained(
             path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
         )
@@ -114,15 +121,20 @@ def load_tokenizer(cfg: ModelSection) -> PreTrainedTokenizerBase:
     """The tokenizer with `model.eos_token`/`model.pad_token` applied and padding decided.
 
     Raises:
-        ConfigError: it cannot be loaded, or it has no EOS token (see special_tokens).
+        ConfigError: it cannot be loaded, its tokenizer.json does not parse with the installed
+            tokenizers, or it has no EOS token (see special_tokens).
     """
+    where = cfg.tokenizer or cfg.path
+    support.check_tokenizer_file(
+        support.tokenizer_file(cfg.resolved_tokenizer(), revision=cfg.revision), where=where
+    )
     try:
         tok = AutoTokenizer.from_pretrained(
             cfg.resolved_tokenizer(), revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
         )
     except (OSError, ValueError) as exc:
         raise ConfigError(
-            f"tokenizer for {cfg.tokenizer or cfg.path!r} could not be loaded: "
+            f"tokenizer for {where!r} could not be loaded: "
             f"{str(exc).splitlines()[0]}",
             "check model.path / model.tokenizer and that the tokenizer files are cached",
         ) from None
