@@ -12,6 +12,7 @@ from transformers import TrainerControl, TrainerState
 
 from llmtrain.config import load_config
 from llmtrain.data.tokenize import TokenizeStats
+from llmtrain.train import hf_names
 from llmtrain.train.callbacks import METRICS, RunReport
 from llmtrain.train.run import training_arguments
 from llmtrain.train.strategies import World
@@ -38,7 +39,7 @@ def test_held_out_data_is_evaluated_by_default_at_the_save_interval(
 ) -> None:
     cfg = load_config(REPO / "configs" / "demo.yaml", overrides)
     args = training_arguments(cfg, ONE, tmp_path, has_eval, None)
-    assert args.evaluation_strategy == strategy
+    assert hf_names.eval_strategy(args) == strategy
     assert args.eval_steps == steps
 
 

@@ -27,7 +27,7 @@ from llmtrain.kernels import ops as fused_ops
 from llmtrain.kernels import varlen_attention
 from llmtrain.model.load import DTYPES, load_model, load_tokenizer
 from llmtrain.model.methods import count_parameters, quantization_config, wrap
-from llmtrain.train import checkpoints, loss_weighting, strategies
+from llmtrain.train import checkpoints, hf_names, loss_weighting, strategies
 from llmtrain.train.callbacks import (
     METRICS,
     CommitCheckpointCallback,
@@ -75,7 +75,7 @@ def training_arguments(
         optim = "adamw_torch_fused" if torch.cuda.is_available() else "adamw_torch"
     # Held-out data is evaluated by default, at every checkpoint (so the best one is known).
     eval_on = has_eval
-    args = TrainingArguments(
+    kwargs: dict[str, Any] = dict(
         output_dir=str(output_dir),
         per_device_train_batch_size=t.per_device_train_batch_size,
         per_device_eval_batch_size=t.per_device_eval_batch_size,
@@ -113,6 +113,7 @@ def training_arguments(
         **strategies.training_kwargs(cfg, world, block_class),
         **t.args,
     )
+    args = TrainingArguments(**hf_names.training_arguments(kwargs))
     if not world.distributed and args.n_gpu > 1:
         # HF would wrap the model in torch.nn.DataParallel: measured 7x slower than one GPU.
         log.warning(
