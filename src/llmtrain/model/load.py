@@ -18,6 +18,7 @@ from transformers import (
 )
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
+from llmtrain import stack
 from llmtrain.config import ModelSection
 from llmtrain.errors import ConfigError
 from llmtrain.model import support
@@ -88,7 +89,11 @@ def pick_attention(cfg: ModelSection, config: PretrainedConfig, *, gpu: bool | N
     GPU node); None: this machine."""
     cls = model_class(config)
     supports = {
-        "flash_attention_2": bool(cls and cls._supports_flash_attn_2),
+        # 5.x renamed the flag (_supports_flash_attn); 4.37.2 has only _supports_flash_attn_2.
+        "flash_attention_2": bool(
+            cls
+            and getattr(cls, "_supports_flash_attn_2", getattr(cls, "_supports_flash_attn", False))
+        ),
         "sdpa": bool(cls and cls._supports_sdpa),
         "eager": True,
     }
@@ -96,7 +101,7 @@ def pick_attention(cfg: ModelSection, config: PretrainedConfig, *, gpu: bool | N
         if not supports[cfg.attn_implementation]:
             raise ConfigError(
                 f"model.attn_implementation={cfg.attn_implementation} is not supported for "
-                f"{config.model_type} by transformers 4.37.2",
+                f"{config.model_type} by transformers {stack.transformers_version()}",
                 "use model.attn_implementation=auto",
             )
         if cfg.attn_implementation == "flash_attention_2" and not flash_attn_available(gpu):
@@ -152,7 +157,8 @@ def load_model(
     kwargs: dict[str, Any] = {
         "revision": cfg.revision,
         "trust_remote_code": cfg.trust_remote_code,
-        "torch_dtype": dtype or pick_dtype(cfg),
+        # 5.x renamed torch_dtype to dtype (the old name warns).
+        ("dtype" if stack.is_current() else "torch_dtype"): dtype or pick_dtype(cfg),
         "attn_implementation": pick_attention(cfg, config),
         **(extra or {}),
     }

@@ -129,7 +129,10 @@ def training_arguments(
 
 def _block_class(model: Any) -> str | None:
     classes = getattr(model, "_no_split_modules", None) or []
-    return classes[0] if classes else None
+    # A list in 4.37.2, a set in 5.x: the first by name, so every rank picks the same one.
+    if not classes:
+        return None
+    return classes[0] if isinstance(classes, list) else sorted(classes)[0]
 
 
 def _upcast_trainable(model: Any) -> None:
