@@ -1,6 +1,8 @@
 # llmtrain image: NGC PyTorch base -> flash-attn -> locked deps -> llmtrain -> build-time checks.
 # Build with `make image` (docs/image.md). The base's torch is never touched: every other package
 # comes from requirements/lock.txt, installed under constraints frozen from the base.
+# STACK=current (make image STACK=current) passes a current NGC base, LOCK=requirements/
+# lock-current.txt and a newer FLASH_ATTN_VERSION: one Dockerfile for both stacks.
 ARG BASE_IMAGE=nvcr.io/nvidia/pytorch:24.04-py3
 FROM ${BASE_IMAGE}
 
@@ -40,7 +42,8 @@ RUN if [ "$BUILD_FLASH_ATTN" = 1 ]; then \
 #    sdist: built without isolation (isolation would pull a CUDA torch from PyPI), its fused
 #    ops JIT-compiled at run time unless DS_BUILD_OPS=1 prebuilds them here.
 ARG DS_BUILD_OPS=0
-COPY requirements/lock.txt /opt/llmtrain/requirements/lock.txt
+ARG LOCK=requirements/lock.txt
+COPY ${LOCK} /opt/llmtrain/requirements/lock.txt
 RUN cd /opt/llmtrain \
     && python build/image_packages.py constraints --lock requirements/lock.txt \
         --own flash-attn einops --out build/base-constraints.txt \
@@ -71,6 +74,7 @@ ARG BASE_IMAGE
 ARG BASE_DIGEST=""
 ARG GIT_SHA=unknown
 ARG LLMTRAIN_VERSION=unknown
+ARG LLMTRAIN_STACK=pinned
 LABEL org.opencontainers.image.title="llmtrain" \
       org.opencontainers.image.description="Container-first LLM fine-tuning for Slurm and PBS" \
       org.opencontainers.image.version="${LLMTRAIN_VERSION}" \
@@ -81,6 +85,7 @@ RUN python /opt/llmtrain/build/image_packages.py manifest --out /opt/llmtrain/ma
         --base-packages /opt/llmtrain/build/base-packages.txt \
         --base-image "$BASE_IMAGE" --base-digest "$BASE_DIGEST" --git-sha "$GIT_SHA" \
         --flash-attn "$BUILD_FLASH_ATTN" --deepspeed-ops "$DS_BUILD_OPS" \
+        --stack "$LLMTRAIN_STACK" \
     && chmod -R a+rX /opt/llmtrain
 
 # 7. A broken image fails its build: import everything, pip check, llmtrain env.

@@ -155,6 +155,7 @@ def manifest(args: argparse.Namespace) -> int:
     # Flat, because `llmtrain env` nests the whole file under its "image" key.
     data = {
         "llmtrain_version": now.get("llmtrain", ""),
+        "stack": args.stack,
         "git_sha": args.git_sha,
         "base_image": args.base_image,
         "base_digest": args.base_digest,
@@ -197,6 +198,7 @@ def main() -> int:
     p.add_argument("--git-sha", default="")
     p.add_argument("--flash-attn", choices=["0", "1"], default="0")
     p.add_argument("--deepspeed-ops", choices=["0", "1"], default="0")
+    p.add_argument("--stack", choices=["pinned", "current"], default="pinned")
     p.set_defaults(func=manifest)
     args = parser.parse_args()
     result: int = args.func(args)

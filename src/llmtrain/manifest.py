@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import llmtrain
+from llmtrain import stack
 
 # Written into the image at build time (pip freeze, git sha, base image).
 IMAGE_MANIFEST = "/opt/llmtrain/manifest.json"
@@ -111,6 +112,8 @@ def build(**run: Any) -> dict[str, Any]:
         "host": socket.gethostname(),
         "python": platform.python_version(),
         "platform": platform.platform(),
+        # pinned (transformers 4.37.2, the default image) or current (make image STACK=current)
+        "stack": stack.name(),
         "packages": package_versions(),
         "cuda": torch.version.cuda,
         "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]

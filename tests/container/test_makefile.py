@@ -43,8 +43,23 @@ def test_image_with_docker(version: str) -> None:
         "--build-arg 'BASE_IMAGE=nvcr.io/nvidia/pytorch:24.04-py3' "
         "--build-arg 'BASE_DIGEST=sha256:feed' --build-arg 'GIT_SHA=0123abc' "
         f"--build-arg 'LLMTRAIN_VERSION={version}' --build-arg 'BUILD_FLASH_ATTN=1' "
-        "--build-arg 'MAX_JOBS=8' --build-arg 'DS_BUILD_OPS=0' ."
+        "--build-arg 'MAX_JOBS=8' --build-arg 'DS_BUILD_OPS=0' "
+        "--build-arg 'LOCK=requirements/lock.txt' --build-arg 'LLMTRAIN_STACK=pinned' "
+        "--build-arg 'FLASH_ATTN_VERSION=2.5.8' ."
     ]
+
+
+def test_current_stack_selects_its_base_lock_and_outputs() -> None:
+    """STACK=current: the current NGC base, lock-current.txt, its own image, sif and sqsh."""
+    current = ["STACK=current", "CONTAINER_ENGINE=docker"]
+    (image,) = dry_run("image", *current, "BASE_IMAGE=nvcr.io/nvidia/pytorch:25.10-py3")
+    assert "--build-arg 'LOCK=requirements/lock-current.txt'" in image
+    assert "--build-arg 'LLMTRAIN_STACK=current'" in image
+    assert make_var("BASE_IMAGE", "STACK=current") == "nvcr.io/nvidia/pytorch:25.10-py3"
+    assert make_var("IMAGE", "STACK=current") == "llmtrain:current"
+    assert make_var("SQSH", "STACK=current") == f"{REPO}/out/llmtrain-current.sqsh"
+    assert make_var("SIF", "STACK=current") == f"{REPO}/out/llmtrain-current.sif"
+    assert make_var("VENV", "STACK=current") == ".venv-current"
 
 
 def test_image_with_podman_and_buildah_differ_only_in_the_builder() -> None:
@@ -140,10 +155,11 @@ def test_no_engine_is_an_error_naming_the_choices() -> None:
     assert "no container engine" in proc.stderr and "CONTAINER_ENGINE" in proc.stderr
 
 
-def test_lock_is_the_one_command_that_wrote_the_lock() -> None:
-    (command,) = dry_run("lock")
-    header = (REPO / "requirements/lock.txt").read_text().splitlines()[1]
-    assert command == "uv " + header.lstrip("# ").removeprefix("uv ")
+def test_lock_is_the_one_command_that_wrote_each_lock() -> None:
+    pinned, current = dry_run("lock")
+    for command, lock in ((pinned, "lock.txt"), (current, "lock-current.txt")):
+        header = (REPO / "requirements" / lock).read_text().splitlines()[1]
+        assert command == "uv " + header.lstrip("# ").removeprefix("uv ")
 
 
 def test_venv_installs_torch_only_when_missing_then_the_lock_then_the_package() -> None:

@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "src" / "llmtrain"
 # Top-level unit (a folder or a module of src/llmtrain) -> floor; higher floors stand above.
 FLOORS: dict[str, int] = {
     "__init__": -1,  # the package root: its version only
-    "errors": 0, "labels": 0,
+    "errors": 0, "labels": 0, "stack": 0,  # stack: which HF stack is installed (pinned or current)
     "compat": 1, "manifest": 1,  # pinned-stack shims (each gated by version); provenance
     "config": 2,
     "plan": 3,  # the config resolved for this world and hardware: config and errors only
@@ -92,7 +92,7 @@ def test_the_layers_are_not_flat_again() -> None:
     """Only the ground, config, plan and the two entry points sit beside the folders."""
     flat = {p.stem for p in PACKAGE.glob("*.py")}
     assert flat <= {"__init__", "__main__", "cli", "compat", "config", "errors", "labels",
-                    "launch", "manifest", "plan"}
+                    "launch", "manifest", "plan", "stack"}
 
 
 def _loaded_after_import(module: str, heavy: tuple[str, ...]) -> list[str]:

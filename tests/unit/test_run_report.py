@@ -13,6 +13,7 @@ from transformers import TrainerControl, TrainerState
 from llmtrain.config import RunConfig, load_config
 from llmtrain.data.tokenize import TokenizeStats
 from llmtrain.plan import World
+from llmtrain.train import hf_names
 from llmtrain.train.callbacks import METRICS, RunReport
 from llmtrain.train.run import plan_run, training_arguments
 
@@ -42,7 +43,7 @@ def test_held_out_data_is_evaluated_by_default_at_the_save_interval(
 ) -> None:
     cfg = load_config(REPO / "configs" / "demo.yaml", overrides)
     args = _arguments(cfg, tmp_path, has_eval)
-    assert args.evaluation_strategy == strategy
+    assert hf_names.eval_strategy(args) == strategy
     assert args.eval_steps == steps
 
 

@@ -438,7 +438,9 @@ def concatenate(files: Sequence[Path], parts: Sequence[datasets.Dataset]) -> dat
 
 
 def _feature_name(feature: Any) -> str:
-    return str(getattr(feature, "dtype", feature))
+    # datasets >= 4 reads text as Arrow large_string (64-bit offsets): to the user, a string.
+    name = str(getattr(feature, "dtype", feature))
+    return {"large_string": "string"}.get(name, name)
 
 
 def read_files(value: str, files: Sequence[Path], fmt: str, field: str | None) -> datasets.Dataset:

@@ -18,8 +18,10 @@ from transformers import (
 )
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
+from llmtrain import stack
 from llmtrain.config import ModelSection
 from llmtrain.errors import ConfigError
+from llmtrain.model import support
 from llmtrain.plan import choose_attention
 from llmtrain.vocab import special_tokens
 
@@ -36,8 +38,9 @@ def load_model_config(cfg: ModelSection) -> PretrainedConfig:
     """The model's config.json only: cheap, runs on a login node.
 
     Raises:
-        ConfigError: model.path is not a directory (a local path) or its config cannot be read
-            (exit 64)."""
+        ConfigError: it cannot be read, or the installed transformers would not read it as
+            written (a newer model type or math key: model/support.py), exit 64.
+    """
     path = cfg.resolved_path()
     if _looks_local(path) and not Path(path).expanduser().is_dir():
         raise ConfigError(
@@ -46,6 +49,7 @@ def load_model_config(cfg: ModelSection) -> PretrainedConfig:
             "cached under HF_HOME",
         )
     try:
+        support.check_model_config(support.config_dict(path, revision=cfg.revision), path=cfg.path)
         return AutoConfig.from_pretrained(
             path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
         )
@@ -83,7 +87,11 @@ def attention_support(config: PretrainedConfig) -> dict[str, bool]:
     """Attention implementation -> the architecture has it in transformers 4.37.2."""
     cls = model_class(config)
     return {
-        "flash_attention_2": bool(cls and cls._supports_flash_attn_2),
+        # 5.x renamed the flag (_supports_flash_attn); 4.37.2 has only _supports_flash_attn_2.
+        "flash_attention_2": bool(
+            cls
+            and getattr(cls, "_supports_flash_attn_2", getattr(cls, "_supports_flash_attn", False))
+        ),
         "sdpa": bool(cls and cls._supports_sdpa),
         "eager": True,
     }
@@ -112,15 +120,20 @@ def load_tokenizer(cfg: ModelSection) -> PreTrainedTokenizerBase:
     """The tokenizer with `model.eos_token`/`model.pad_token` applied and padding decided.
 
     Raises:
-        ConfigError: it cannot be loaded, or it has no EOS token (see special_tokens).
+        ConfigError: it cannot be loaded, its tokenizer.json does not parse with the installed
+            tokenizers, or it has no EOS token (see special_tokens).
     """
+    where = cfg.tokenizer or cfg.path
+    support.check_tokenizer_file(
+        support.tokenizer_file(cfg.resolved_tokenizer(), revision=cfg.revision), where=where
+    )
     try:
         tok = AutoTokenizer.from_pretrained(
             cfg.resolved_tokenizer(), revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
         )
     except (OSError, ValueError) as exc:
         raise ConfigError(
-            f"tokenizer for {cfg.tokenizer or cfg.path!r} could not be loaded: "
+            f"tokenizer for {where!r} could not be loaded: "
             f"{str(exc).splitlines()[0]}",
             "check model.path / model.tokenizer and that the tokenizer files are cached",
         ) from None
@@ -140,7 +153,8 @@ def load_model(
     kwargs: dict[str, Any] = {
         "revision": cfg.revision,
         "trust_remote_code": cfg.trust_remote_code,
-        "torch_dtype": dtype or pick_dtype(cfg),
+        # 5.x renamed torch_dtype to dtype (the old name warns).
+        ("dtype" if stack.is_current() else "torch_dtype"): dtype or pick_dtype(cfg),
         "attn_implementation": attn_implementation
         or pick_attention(cfg, load_model_config(cfg)),
         **(extra or {}),

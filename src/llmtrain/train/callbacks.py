@@ -16,7 +16,7 @@ import torch.distributed as dist
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from llmtrain.data.tokenize import TokenizeStats
-from llmtrain.train import checkpoints
+from llmtrain.train import checkpoints, hf_names
 
 log = logging.getLogger(__name__)
 METRICS = "metrics.jsonl"
@@ -210,7 +210,7 @@ class RunReport(TrainerCallback):
     ) -> None:
         # After a resume the Trainer has restored state.global_step and state.epoch here.
         self.start = (time.monotonic(), state.global_step, state.epoch or 0.0)
-        self.evaluates = args.evaluation_strategy != "no"
+        self.evaluates = hf_names.eval_strategy(args) != "no"
 
     def on_step_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any

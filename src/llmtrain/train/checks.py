@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llmtrain import plan
+from llmtrain import plan, stack
 from llmtrain.config import PREFERENCE_METHODS, RunConfig
 from llmtrain.data import mixture, preference
 from llmtrain.data.rows import check_templates, load_rows
@@ -128,7 +128,8 @@ def check_model(cfg: RunConfig, *, gpu: bool | None = None) -> tuple[Any, Any, l
     lines = [f"model: {config.model_type}, {getattr(config, 'num_hidden_layers', '?')} layers"]
     if model_class(config) is None:
         raise ConfigError(
-            f"model type {config.model_type!r} has no causal-LM class in transformers 4.37.2",
+            f"model type {config.model_type!r} has no causal-LM class in transformers "
+            f"{stack.transformers_version()}",
             "use a decoder-only model, or model.trust_remote_code=true for custom code",
         )
     vocab = getattr(config, "vocab_size", None)

@@ -242,7 +242,9 @@ class PreferenceTrainer(LlmtrainTrainer):
                     logits = unwrapped(**batch).logits
             return sequence_logps(logits, labels, average=False)
 
-    def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False) -> Any:
+    def compute_loss(
+        self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, **kwargs: Any
+    ) -> Any:
         """Training: the sum of the micro-batch's pair losses, scaled so that the step's
         gradient is that of their mean over the step's pairs (all micro-batches and ranks).
         Evaluation (no step count): the batch's mean pair loss."""

@@ -35,7 +35,7 @@ from llmtrain.model.load import (
 )
 from llmtrain.model.methods import count_parameters, quantization_config, wrap
 from llmtrain.plan import Hardware, RunPlan, World, check_world
-from llmtrain.train import checkpoints, loss_weighting, strategies
+from llmtrain.train import checkpoints, hf_names, loss_weighting, strategies
 from llmtrain.train.callbacks import (
     METRICS,
     CommitCheckpointCallback,
@@ -93,7 +93,7 @@ def training_arguments(
         batch, accumulation = 1, budget.accumulation
     # Held-out data is evaluated by default, at every checkpoint (so the best one is known).
     eval_on = has_eval
-    args = TrainingArguments(
+    kwargs: dict[str, Any] = dict(
         output_dir=str(output_dir),
         per_device_train_batch_size=batch,
         per_device_eval_batch_size=t.per_device_eval_batch_size,
@@ -131,6 +131,7 @@ def training_arguments(
         **strategies.training_kwargs(cfg, plan, block_class),
         **t.args,
     )
+    args = TrainingArguments(**hf_names.training_arguments(kwargs))
     if not world.distributed and args.n_gpu > 1:
         # HF would wrap the model in torch.nn.DataParallel: measured 7x slower than one GPU.
         log.warning(
@@ -146,7 +147,10 @@ def training_arguments(
 
 def _block_class(model: Any) -> str | None:
     classes = getattr(model, "_no_split_modules", None) or []
-    return classes[0] if classes else None
+    # A list in 4.37.2, a set in 5.x: the first by name, so every rank picks the same one.
+    if not classes:
+        return None
+    return classes[0] if isinstance(classes, list) else sorted(classes)[0]
 
 
 def _upcast_trainable(model: Any) -> None:

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback
 
-from llmtrain import compat
+from llmtrain import compat, stack
 from llmtrain.train import loss_weighting
 from llmtrain.train.token_budget import TokenBudget
 
@@ -81,6 +81,11 @@ class LlmtrainTrainer(Trainer):
     `token_budget`: the plan of token-budget micro-batches (training.tokens_per_batch), whose
     args must then carry per_device_train_batch_size=1 and its gradient_accumulation_steps."""
 
+    # transformers >= 4.46 divides compute_loss's result by the accumulation steps unless told
+    # it is scaled already; ours is (backward_scale), on the current stack without the division
+    # (5.x also turns off accelerate's and DeepSpeed's own division). 4.37.2 ignores this flag.
+    loss_is_scaled_for_ga = True
+
     def __init__(
         self,
         *args: Any,
@@ -94,23 +99,28 @@ class LlmtrainTrainer(Trainer):
         self.chunked_loss = chunked_loss
         self.token_budget = token_budget
 
-    def training_step(self, model: Any, inputs: dict[str, Any]) -> torch.Tensor:
-        loss = super().training_step(model, inputs)
+    def training_step(self, model: Any, inputs: dict[str, Any], *args: Any) -> torch.Tensor:
+        loss = super().training_step(model, inputs, *args)  # 5.x passes num_items_in_batch
         # Already divided by gradient_accumulation_steps: this rank's share of the step's loss.
         tokens = loss_weighting.loss_tokens(inputs["labels"])
         self.recorder.add(loss, tokens, inputs.get(loss_weighting.STEP_TOKENS))
         return loss
 
-    def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False) -> Any:
+    def compute_loss(
+        self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, **kwargs: Any
+    ) -> Any:
         """Training: sum of the micro-batch's token losses, scaled so that the step's gradient
         is that of (sum over its micro-batches and ranks) / (its loss tokens). Evaluation
         batches carry no step count and keep transformers' per-batch mean."""
         step_tokens = inputs.pop(loss_weighting.STEP_TOKENS, None)
         if step_tokens is None or return_outputs:
-            return super().compute_loss(model, inputs, return_outputs)
+            return super().compute_loss(model, inputs, return_outputs, **kwargs)
         total = loss_weighting.token_loss_sum(model, inputs, self.chunked_loss)
+        # Pinned: accelerate (or DeepSpeed) divides by the accumulation steps; current: nothing
+        # does (loss_is_scaled_for_ga), so the factor that undoes that division is 1.
+        accumulation = 1 if stack.is_current() else self.args.gradient_accumulation_steps
         return total * loss_weighting.backward_scale(
-            step_tokens, self.args.gradient_accumulation_steps, self.args.world_size
+            step_tokens, accumulation, self.args.world_size
         )
 
     def create_optimizer(self) -> torch.optim.Optimizer:
@@ -118,8 +128,8 @@ class LlmtrainTrainer(Trainer):
         compat.drop_empty_param_groups(optimizer)
         return optimizer
 
-    def _get_train_sampler(self) -> torch.utils.data.Sampler[Any]:
-        dataset = self.train_dataset
+    def _get_train_sampler(self, *args: Any) -> torch.utils.data.Sampler[Any]:
+        dataset = self.train_dataset  # 5.x passes it; it is always this one
         assert isinstance(dataset, loss_weighting.StepTokenDataset)
         if self.token_budget is not None:
             return self.token_budget.sampler()
