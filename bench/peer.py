@@ -105,7 +105,8 @@ def packed_check(
 ) -> dict[str, Any]:
     """Per-sample logits and losses of the packed row against each sample run alone.
 
-    `collate` is the training collator (one row [1, L] with input_ids, labels, position_ids).
+    `collate` is the training collator (one row [1, L] with input_ids, labels, position_ids and
+    whatever else it gives the model, which gets all of it but the labels).
     Returns max_loss_rel_diff, max_logit_diff (packed vs alone), leak_logit_diff (the same row
     with an all-ones attention mask, where samples do attend to earlier ones) and ok: the losses
     agree within `tolerance` and the packed logits are closer to the lone ones than the leaking
@@ -121,8 +122,9 @@ def packed_check(
     bounds = [0]
     for n in lengths:
         bounds.append(bounds[-1] + n)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
     with autocast:
-        packed = model(input_ids=ids, position_ids=batch["position_ids"]).logits[0]
+        packed = model(**inputs).logits[0]  # all the collator gives the model, as in training
         leak = model(
             input_ids=ids, position_ids=batch["position_ids"], attention_mask=torch.ones_like(ids)
         ).logits[0]
@@ -174,6 +176,9 @@ def load_model(spec: dict[str, Any], attention: str, gpu: bool) -> Any:
                 task_type="CAUSAL_LM",
             ),
         )
+    # Training keeps no KV cache; with one, transformers 5.x keeps no packed sample apart (the
+    # Trainer sets this too, but not in every 5.x release).
+    model.config.use_cache = False
     return model.to("cuda" if gpu else "cpu")
 
 
@@ -215,8 +220,7 @@ def run_variant(spec: dict[str, Any], rows: Rows, name: str, out: Path, probe: P
         model=model, args=args, train_dataset=rows, data_collator=collate, callbacks=[probe]
     )
     if work["variable"]:
-        # After the Trainer is made: it sets config.use_cache=False, without which transformers
-        # 5.x makes a cache and then keeps no packed sample apart (the check sees that leak).
+        # On the model as the Trainer will train it (after it has set its config).
         first = [rows[i] for i in spec["order"][: min(work["batch"], CHECK_SAMPLES)]]
         check = packed_check(model, collate, first, tolerance=1e-2 if gpu else 1e-4)
         probe.result.notes["packed_check"] = check
