@@ -226,6 +226,7 @@ def run_variant(spec: dict[str, Any], rows: Rows, name: str, out: Path, probe: P
         probe.result.notes["packed_check"] = check
         if not check["ok"]:
             raise PackedLeak(f"packed samples attend to each other: {check}")
+        fresh_memory()  # the check's logits are not the training's peak
     trainer.train()
     probe.result.notes.update(
         attention=model.config._attn_implementation,
