@@ -10,6 +10,7 @@ import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -137,7 +138,7 @@ def test_memory_report_predicts_measured_rows_again(tmp_path: Path, repo: Path) 
     assert "| lora-7b-ddp | lora | ddp | 1 | 4 x 1024 |" in table
 
 
-def run_row(run: str, tokens: float, effective: float, peak: float | None) -> dict[str, object]:
+def run_row(run: str, tokens: float, effective: float, peak: float | None) -> dict[str, Any]:
     return {
         "workload": "w", "run": run, "tokens_per_s": tokens, "effective_tokens_per_s": effective,
         "padding_share": 0.0, "step_ms": 1.0, "mfu": 0.1, "peak_gib": peak, "first_loss": 2.0,
