@@ -91,7 +91,7 @@ NO_EMIT := torch triton sympy mpmath networkx setuptools nvidia-cublas nvidia-cu
 SHELL_FILES = $(shell find . \( -path ./.venv -o -path ./.venv-current -o -path ./.git -o -path ./runs -o -path ./out \) \
     -prune -o -type f \( -name '*.sh' -o -name '*.sbatch' -o -name '*.pbs' \) -print | sort)
 
-.PHONY: help image sif sqsh smoke venv test lock lint bench embedded smollm2
+.PHONY: help image sif sqsh smoke venv test lock lint bench peer embedded smollm2
 
 help: ## this list
 	@echo "usage: make TARGET [VAR=value ...]   (engine: $(or $(CONTAINER_ENGINE),none found))"
@@ -199,8 +199,29 @@ lint: ## shellcheck every shell file, ruff, mypy
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy src
 
-bench: ## benchmarks (python -m bench)
-	$(VENV)/bin/python -m bench
+# The bench's peer (bench/peer.py) runs in its own Python with transformers 5.x, peft and
+# accelerate; wheels it lacks (liger-kernel) may wait in PEER_WHEELS, installed with --target into
+# PEER_WHEELS/site, which goes first on the peer's PYTHONPATH and on no other.
+BENCH_PYTHON ?= $(VENV)/bin/python
+PEER_VENV    ?= .venv-peer
+PEER_PYTHON  ?= $(or $(BENCH_PEER_PYTHON),$(wildcard $(PEER_VENV)/bin/python))
+PEER_WHEELS  ?= .whl-peer
+BENCH_ARGS   ?=
+
+bench: ## llmtrain, the plain HF baseline and the peer in one call, one table (BENCH_ARGS=--smoke)
+	@test -n "$(PEER_PYTHON)" || { echo "make bench: no Python for the peer: set" \
+	    "PEER_PYTHON=... (transformers 5.x, peft, accelerate) or run make peer" >&2; exit 64; }
+	if ls $(PEER_WHEELS)/*.whl >/dev/null 2>&1; then \
+	    env -u PYTHONPATH $(PEER_PYTHON) -m pip install --quiet --no-deps --no-index --upgrade \
+	        --target $(PEER_WHEELS)/site $(PEER_WHEELS)/*.whl; fi
+	$(BENCH_PYTHON) -m bench --peer-python $(PEER_PYTHON) --peer-path $(PEER_WHEELS)/site \
+	    $(BENCH_ARGS)
+
+peer: ## PEER_VENV for the bench's peer: the newest transformers, peft, accelerate, liger-kernel
+	test -x $(PEER_VENV)/bin/python || $(PYTHON) -m venv $(PEER_VENV)
+	$(PEER_VENV)/bin/python -c 'import torch' 2>/dev/null \
+	    || $(PEER_VENV)/bin/pip install 'torch==$(TORCH_VERSION)'
+	$(PEER_VENV)/bin/pip install --upgrade transformers peft accelerate liger-kernel
 
 embedded: ## rebuild the embedded tiny Llama, tokenizer and task (src/llmtrain/embedded)
 	$(VENV)/bin/python tools/build_embedded.py

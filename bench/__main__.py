@@ -2,14 +2,18 @@
 
 For each workload it builds the random-init model and the rows once, runs the baseline, then
 each llmtrain variant on the same model, rows, sample order, sequence length and batch, and
-writes results.json and results.md (and prints the table). A variant whose steps did not hold
-the same samples as the baseline's is refused, and the command then exits 1.
+writes results.json and results.md (and prints the table). With --peer-python it also runs the
+strongest peer (bench/peer.py: transformers 5.x, Liger, padding-free packing) in that Python,
+on the same rows and order, and gives every row its ratio to the best peer run. A run whose
+steps did not hold the same samples as the baseline's, or a peer whose packed samples attended
+to each other, is refused, and the command then exits 1.
 
   python -m bench                                   # every workload, on a GPU
   python -m bench --workloads fixed-1b-full --ablation
   python -m bench --smoke                           # tiny model, CPU, a minute
   python -m bench --workloads var-1b-full --accumulation 8 --tokens-per-batch 16384
                       # 64 samples per step on both sides; llmtrain also re-cut by a budget
+  python -m bench --peer-python PEER/bin/python     # and the peer (or env BENCH_PEER_PYTHON)
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shutil
 import sys
 import tempfile
@@ -27,8 +32,10 @@ from typing import Any
 
 import torch
 
+from bench.peer import VARIANTS as PEER_VARIANTS
+from bench.peer_launch import PeerOptions, peer_rows
 from bench.probe import Probe
-from bench.report import MFU_FORMULA, NotComparable, compare, metrics, table
+from bench.report import MFU_FORMULA, NotComparable, add_peer_ratios, compare, metrics, table
 from bench.runs import run_baseline, run_llmtrain
 from bench.workloads import LENGTH_DISTRIBUTION, SMOKE, WORKLOADS, build_model, build_rows
 from llmtrain import manifest
@@ -48,7 +55,7 @@ ABLATION = {
 
 
 def targets(work_name: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
-    ours = [r for r in rows if r["run"] != "baseline" and "error" not in r]
+    ours = [r for r in rows if r["run"].startswith("llmtrain") and "error" not in r]
     if not ours:
         return {}
     if work_name.startswith("var-"):
@@ -57,6 +64,7 @@ def targets(work_name: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
             "best": best["run"],
             "effective_ratio>=2.0": best["effective_ratio"] >= 2.0,
             "first_loss_rel_diff<1e-2": best["first_loss_rel_diff"] < 1e-2,
+            **peer_targets(ours, "peer_effective_ratio", 1.5),
         }
     best = max(ours, key=lambda r: r["tokens_ratio"])
     out = {
@@ -66,7 +74,18 @@ def targets(work_name: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
     }
     if work_name == "fixed-1b-full":
         out["mfu>=0.45"] = best["mfu"] >= 0.45
+    out.update(peer_targets(ours, "peer_tokens_ratio", 1.25 if "lora" in work_name else 1.2))
+    if "lora" in work_name and "peer_memory_ratio" in best:
+        out["peak_memory<=peer"] = (best["peer_memory_ratio"] or 2.0) <= 1.0
     return out
+
+
+def peer_targets(ours: list[dict[str, Any]], ratio: str, target: float) -> dict[str, Any]:
+    """Issue 21's targets against the best peer run, where the peer ran."""
+    if not any(ratio in r for r in ours):
+        return {}
+    best = max(ours, key=lambda r: r[ratio])
+    return {"best_vs_peer": best["run"], f"{ratio}>={target}": best[ratio] >= target}
 
 
 def run_workload(
@@ -78,6 +97,7 @@ def run_workload(
     steps: int,
     profile_dir: Path | None = None,
     accumulation: int = 1,
+    peer: PeerOptions | None = None,
 ) -> tuple[list[dict[str, Any]], bool]:
     work = replace((SMOKE if smoke else WORKLOADS)[name], accumulation=accumulation)
     if not work.variable:  # a token budget packs instruction samples (padding-free) only
@@ -108,6 +128,11 @@ def run_workload(
             "raw": base.result.as_dict(),
         }
     )
+    if peer is not None:
+        got, refused = peer_rows(
+            work, model_dir, rows, root / f"{name}-peer", warmup, steps, peer, base.result, shape
+        )
+        out += got
     compiled = [o for o in variants.values() if "training.compile=true" in o]
     if work.variable and compiled:
         # Each new row length class (dynamic shapes, Triton's divisible-by-16 variants) compiles
@@ -134,6 +159,7 @@ def run_workload(
         row["raw"] = probe.result.as_dict()
         out.append(row)
         shutil.rmtree(run_dir, ignore_errors=True)
+    add_peer_ratios(out)
     return out, refused
 
 
@@ -156,6 +182,8 @@ def write_report(
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(report, indent=1) + "\n")
     md = table([r for r in rows if "error" not in r])
+    stacks = sorted({r["peer_stack"] for r in rows if "peer_stack" in r})
+    md += "".join(f"\n\npeer: {s}" for s in stacks)
     (out / "results.md").write_text(md + ("\n\n" + errors if errors else "") + "\n")
 
 
@@ -183,6 +211,27 @@ def main(argv: list[str] | None = None) -> int:
         help="also run llmtrain+budget on var-* workloads: each step's samples re-cut into "
         "packed micro-batches of at most this many tokens (training.tokens_per_batch)",
     )
+    parser.add_argument(
+        "--peer-python",
+        default=os.environ.get("BENCH_PEER_PYTHON"),
+        help="a Python with transformers 5.x, peft, accelerate and liger-kernel: also run the "
+        "peer (bench/peer.py) in it (default: env BENCH_PEER_PYTHON; unset: no peer)",
+    )
+    parser.add_argument(
+        "--peer-variants",
+        default="",
+        help=f"comma-separated, of {', '.join(PEER_VARIANTS)} (flex only runs on packed rows); "
+        "default: peer,peer+compile on fixed rows, peer,peer flex,peer flex+compile on packed",
+    )
+    parser.add_argument(
+        "--peer-path",
+        default=os.environ.get("BENCH_PEER_PATH", ""),
+        help=f"folders ({os.pathsep}-separated) first on the peer's PYTHONPATH, e.g. its wheels "
+        "installed with pip install --target (default: env BENCH_PEER_PATH)",
+    )
+    parser.add_argument(
+        "--no-peer-liger", action="store_true", help="run the peer without Liger's kernels"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
     # One process compiles the block pieces for every model and shape of the run.
@@ -191,11 +240,29 @@ def main(argv: list[str] | None = None) -> int:
     names = args.workloads.split(",") if args.workloads else list(known)
     every = {**ABLATION, **VARIANTS}
     asked = [v for v in args.variants.split(",") if v]
+    peer_asked = [v for v in args.peer_variants.split(",") if v]
     unknown = [n for n in names if n not in known] + [v for v in asked if v not in every]
+    unknown += [v for v in peer_asked if v not in PEER_VARIANTS]
     if unknown:
         parser.error(
-            f"unknown workloads/variants: {', '.join(unknown)} (known: {', '.join(known)})"
+            f"unknown workloads/variants: {', '.join(unknown)} (known: {', '.join(known)}; "
+            f"variants {', '.join(every)}; peer variants {', '.join(PEER_VARIANTS)})"
         )
+    peer = None
+    if args.peer_python:
+        gpu = torch.cuda.is_available()
+        liger = gpu and not args.no_peer_liger
+        note = (
+            "--no-peer-liger" if args.no_peer_liger
+            else "rope, rms_norm, swiglu, fused_linear_cross_entropy" if gpu
+            else "no CUDA device: Liger's kernels are Triton GPU kernels"
+        )  # fmt: skip
+        # Absolute, since the peer starts in the repository root; links kept (a venv's python
+        # is one, and only through it does the interpreter find its venv).
+        python = args.peer_python
+        python = os.path.abspath(python) if os.sep in python else python
+        paths = [os.path.abspath(p) for p in args.peer_path.split(os.pathsep) if p]
+        peer = PeerOptions(python, peer_asked, liger, note, paths)
     chosen = {v: every[v] for v in [*(ABLATION if args.ablation else []), *asked]}
     if args.tokens_per_batch is not None:
         chosen["llmtrain+budget"] = [f"{BUDGET}={args.tokens_per_batch}"]
@@ -209,8 +276,8 @@ def main(argv: list[str] | None = None) -> int:
         for name in names:
             got, was_refused = run_workload(
                 name, args.smoke, chosen, root, warmup, steps,
-                args.out if args.profile else None, args.accumulation,
-            )
+                args.out if args.profile else None, args.accumulation, peer,
+            )  # fmt: skip
             rows += got
             refused |= was_refused
             summary[name] = targets(name, got)

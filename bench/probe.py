@@ -12,6 +12,7 @@ step, with torch.cuda.synchronize() at both ends.
 
 from __future__ import annotations
 
+import gc
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -41,6 +42,14 @@ class RunResult:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def fresh_memory() -> None:
+    """Before a run: collect garbage, release cached blocks, restart the peak count."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
 
 
 def _sync() -> None:

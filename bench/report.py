@@ -75,19 +75,39 @@ def compare(base: RunResult, other: RunResult, shape: dict[str, int]) -> dict[st
     }
 
 
+def add_peer_ratios(rows: list[dict[str, Any]]) -> None:
+    """Gives every measured row but the baseline its ratios to the best peer run of its
+    workload (highest effective tokens/s): peer_tokens_ratio, peer_effective_ratio,
+    peer_memory_ratio, and peer_best, its name. Leaves rows as they are without a peer run."""
+    peers = [r for r in rows if r["run"].startswith("peer") and "error" not in r]
+    if not peers:
+        return
+    best = max(peers, key=lambda r: r["effective_tokens_per_s"])
+    for r in rows:
+        if r["run"] == "baseline" or "error" in r:
+            continue
+        r["peer_best"] = best["run"]
+        r["peer_tokens_ratio"] = r["tokens_per_s"] / best["tokens_per_s"]
+        r["peer_effective_ratio"] = r["effective_tokens_per_s"] / best["effective_tokens_per_s"]
+        r["peer_memory_ratio"] = (
+            r["peak_gib"] / best["peak_gib"] if r["peak_gib"] and best["peak_gib"] else None
+        )
+
+
 def _fmt(value: Any, spec: str) -> str:
     return "n/a" if value is None else format(value, spec)
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    """One markdown row per run: workload, run, and the measured numbers; beside the measured
-    allocator peak, `llmtrain estimate`'s allocated peak for llmtrain's runs."""
+    """One markdown row per run: workload, run, the measured numbers, `llmtrain estimate`'s
+    allocated peak beside the measured one (llmtrain's runs), the ratios to the baseline and to
+    the best peer run (add_peer_ratios)."""
     head = (
         "| workload | run | tokens/s | effective tokens/s | padding | step ms | MFU | peak GiB "
-        "| predicted GiB | x baseline tokens/s | x baseline effective "
-        "| first-step loss (rel. diff) |"
+        "| predicted GiB | x baseline tokens/s | x baseline effective | x peer tokens/s "
+        "| x peer effective | first-step loss (rel. diff) |"
     )
-    lines = [head, "|" + "---|" * 12]
+    lines = [head, "|" + "---|" * 14]
     for r in rows:
         lines.append(
             f"| {r['workload']} | {r['run']} | {r['tokens_per_s']:,.0f} "
@@ -95,6 +115,8 @@ def table(rows: list[dict[str, Any]]) -> str:
             f"| {r['step_ms']:.0f} | {r['mfu']:.1%} | {_fmt(r['peak_gib'], '.1f')} "
             f"| {_fmt(r.get('predicted_peak_gib'), '.1f')} "
             f"| {_fmt(r.get('tokens_ratio'), '.2f')} | {_fmt(r.get('effective_ratio'), '.2f')} "
+            f"| {_fmt(r.get('peer_tokens_ratio'), '.2f')} "
+            f"| {_fmt(r.get('peer_effective_ratio'), '.2f')} "
             f"| {r['first_loss']:.4f} ({_fmt(r.get('first_loss_rel_diff'), '.1e')}) |"
         )
     return "\n".join(lines)

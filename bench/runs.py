@@ -12,7 +12,6 @@ dataset written from the same rows; `overrides` choose which of its levers are o
 
 from __future__ import annotations
 
-import gc
 import json
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ from transformers import (
     TrainingArguments,
 )
 
-from bench.probe import Probe
+from bench.probe import Probe, fresh_memory
 from bench.workloads import LENGTH_DISTRIBUTION, Workload
 from llmtrain.config import RunConfig, apply_overrides
 from llmtrain.data import prepared
@@ -46,13 +45,6 @@ LORA: dict[str, Any] = {
     "dropout": 0.0,
     "target_modules": ["q_proj", "v_proj"],
 }
-
-
-def fresh_memory() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
 
 
 class BaselineTrainer(Trainer):

@@ -1,19 +1,24 @@
 """The benchmark's bookkeeping: the same samples counted alike padded or packed, refusal of runs
-that saw other data or batches, the stated length distribution, and a CPU smoke run."""
+that saw other data or batches, the stated length distribution, the ratios to the peer, and CPU
+smoke runs (with the peer where a Python for it is found)."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from bench.peer import variants_for
+from bench.peer_launch import peer_env
 from bench.probe import RunResult, batch_stats
-from bench.report import NotComparable, check_comparable, metrics
-from bench.workloads import CAP, MEDIAN, WORKLOADS, build_rows, sample_lengths
+from bench.report import NotComparable, add_peer_ratios, check_comparable, metrics, table
+from bench.workloads import CAP, MEDIAN, MODELS, WORKLOADS, build_rows, sample_lengths
 
 from llmtrain.data.collate import PadCollator
 from llmtrain.kernels.varlen_attention import PackingCollator
@@ -154,3 +159,133 @@ def test_memory_report_predicts_measured_rows_again(tmp_path: Path, repo: Path) 
     assert got["error_pct"] == pytest.approx(100 * (got["predicted_allocated_gib"] / 40 - 1))
     table = (out / "memory_validation.md").read_text()
     assert "| lora-7b-ddp | lora | ddp | 1 | 4 x 1024 |" in table
+
+
+def run_row(run: str, tokens: float, effective: float, peak: float | None) -> dict[str, Any]:
+    return {
+        "workload": "w", "run": run, "tokens_per_s": tokens, "effective_tokens_per_s": effective,
+        "padding_share": 0.0, "step_ms": 1.0, "mfu": 0.1, "peak_gib": peak, "first_loss": 2.0,
+    }  # fmt: skip
+
+
+def test_ratios_are_to_the_best_peer_run() -> None:
+    """The best peer is the one with the most effective tokens/s, whatever its tokens/s."""
+    rows = [
+        run_row("baseline", 100, 50, 40.0),
+        run_row("peer", 300, 100, 20.0),
+        run_row("peer flex", 200, 150, 10.0),
+        {"workload": "w", "run": "peer flex+compile", "error": "compile failed"},
+        run_row("llmtrain", 400, 300, 5.0),
+    ]
+    add_peer_ratios(rows)
+    ours = rows[-1]
+    assert ours["peer_best"] == "peer flex"
+    assert ours["peer_tokens_ratio"] == 2.0 and ours["peer_effective_ratio"] == 2.0
+    assert ours["peer_memory_ratio"] == 0.5
+    assert rows[1]["peer_effective_ratio"] == pytest.approx(2 / 3)
+    assert "peer_tokens_ratio" not in rows[0] and "peer_best" not in rows[3]
+    assert "| w | llmtrain | 400 | 300 | 0% | 1 | 10.0% | 5.0 | n/a | n/a | n/a | 2.00 | 2.00 |" in table(
+        [rows[0], rows[-1]]
+    )
+
+
+def test_the_peer_sees_none_of_the_pinned_python_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(["/pinned/site", "/other"]))
+    path = peer_env(["/peer/site"])["PYTHONPATH"].split(os.pathsep)
+    assert path[0] == "/peer/site" and "/pinned/site" not in path and "/other" not in path
+    assert [Path(p).name for p in path[1:]] == [Path(path[1]).name, "src"]
+
+
+def test_flex_runs_only_on_packed_rows() -> None:
+    asked = ["peer", "peer flex", "peer+compile", "peer flex+compile"]
+    assert variants_for(asked, packed=False) == ["peer", "peer+compile"]
+    assert variants_for(asked, packed=True) == asked
+
+
+def peer_python(repo: Path) -> str:
+    """BENCH_PEER_PYTHON, else the repository's .venv-peer (`make venv-peer`); skips without."""
+    found = os.environ.get("BENCH_PEER_PYTHON") or str(repo / ".venv-peer" / "bin" / "python")
+    if not Path(found).is_file():
+        pytest.skip(
+            "no Python for the peer (transformers 5.x, peft, accelerate): set BENCH_PEER_PYTHON "
+            "or run `make venv-peer`"
+        )
+    return found
+
+
+@pytest.mark.slow
+def test_smoke_run_with_the_peer(tmp_path: Path, repo: Path) -> None:
+    """The peer in its own Python on the smoke workloads: same samples in every step as the
+    baseline, its packed samples shown apart, Liger off on a CPU and said so.
+
+    Needs a second Python with transformers 5.x (BENCH_PEER_PYTHON or .venv-peer); CI has none,
+    so there this skips."""
+    python = peer_python(repo)
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--smoke", "--workloads", "var-tiny-full,fixed-tiny-lora",
+         "--variants", "llmtrain", "--peer-variants", "peer", "--peer-python", python,
+         "--out", str(tmp_path)],
+        cwd=repo, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = json.loads((tmp_path / "results.json").read_text())["runs"]
+    assert [(r["workload"], r["run"]) for r in runs] == [
+        (w, r)
+        for w in ("var-tiny-full", "fixed-tiny-lora")
+        for r in ("baseline", "peer", "llmtrain")
+    ]
+    for base, peer, ours in (runs[:3], runs[3:]):
+        assert "error" not in peer and "error" not in ours
+        assert peer["raw"]["checksums"] == base["raw"]["checksums"]
+        assert peer["max_loss_rel_diff"] < 1e-4
+        assert peer["raw"]["notes"]["liger"] is False
+        assert ours["peer_best"] == "peer" and ours["peer_tokens_ratio"] > 0
+    packed = runs[1]
+    assert packed["padding_share"] == 0
+    assert packed["raw"]["notes"]["collator"] == "DataCollatorWithFlattening"
+    check = packed["raw"]["notes"]["packed_check"]
+    assert check["ok"] and check["max_logit_diff"] < 1e-4 < check["leak_logit_diff"]
+    md = (tmp_path / "results.md").read_text()
+    assert "liger off (no CUDA device" in md and "transformers 5." in md
+
+
+@pytest.mark.slow
+def test_packed_check_sees_samples_that_attend_to_each_other(repo: Path) -> None:
+    """The check passes the peer's collator and fails a collator that lets packed samples attend
+    to each other, and a model that keeps a KV cache (transformers 5.x then keeps no packed
+    sample apart). Needs the peer's Python (see test_smoke_run_with_the_peer); CI skips it."""
+    python = peer_python(repo)
+    proc = subprocess.run(
+        [python, "-c", PACKED_CHECK, json.dumps(MODELS["tiny"])],
+        cwd=repo, env=peer_env([]), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.splitlines()[-1])
+    assert got["flat"]["ok"] and got["flat"]["max_logit_diff"] < 1e-4
+    for leak in ("leaking", "cache"):
+        assert not got[leak]["ok"], got[leak]
+        assert got[leak]["max_logit_diff"] == pytest.approx(got[leak]["leak_logit_diff"])
+
+
+# Runs in the peer's Python (transformers 5.x) on the tiny shape given as argv[1].
+PACKED_CHECK = """
+import json, sys, torch
+from transformers import DataCollatorWithFlattening, LlamaConfig, LlamaForCausalLM
+from bench.peer import packed_check
+torch.manual_seed(0)
+model = LlamaForCausalLM(LlamaConfig(**json.loads(sys.argv[1]), attn_implementation="sdpa"))
+model.config.use_cache = False
+features = [
+    {"input_ids": ids, "labels": [-100] * 3 + ids[3:]}
+    for ids in (torch.randint(3, 512, (n,)).tolist() for n in (11, 7, 20))
+]
+flat = DataCollatorWithFlattening()
+def leaking(f):
+    batch = flat(f)
+    return {**batch, "attention_mask": torch.ones_like(batch["input_ids"])}
+out = {"flat": packed_check(model, flat, features, 1e-4)}
+out["leaking"] = packed_check(model, leaking, features, 1e-4)
+model.config.use_cache = True
+out["cache"] = packed_check(model, flat, features, 1e-4)
+print(json.dumps(out))
+"""
