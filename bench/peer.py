@@ -203,6 +203,7 @@ def run_variant(spec: dict[str, Any], rows: Rows, name: str, out: Path, probe: P
     args = TrainingArguments(
         output_dir=str(out),
         per_device_train_batch_size=work["batch"],
+        gradient_accumulation_steps=work["accumulation"],
         max_steps=probe.warmup + probe.steps,
         learning_rate=work["learning_rate"],
         optim="adamw_torch_fused",

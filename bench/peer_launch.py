@@ -74,6 +74,7 @@ def run_peer(
             "name": work.name,
             "method": work.method,
             "batch": work.batch,
+            "accumulation": work.accumulation,
             "variable": work.variable,
             "learning_rate": work.learning_rate,
         },
