@@ -209,3 +209,30 @@ def test_load_tokenizer_checks_the_file_before_loading(tmp_path: Path) -> None:
     (tmp_path / "tokenizer.json").write_text("{not json")
     with pytest.raises(ConfigError, match="cannot be read by tokenizers"):
         load_tokenizer(ModelSection(path=str(tmp_path)))
+
+
+@pytest.mark.parametrize(
+    ("config", "overrides", "key"),
+    [
+        ("dpo.yaml", [], "method.name=dpo"),
+        ("demo.yaml", ["data.packing=padding_free", "training.tokens_per_batch=4096"],
+         "training.tokens_per_batch"),
+    ],
+)
+def test_pinned_only_keys_are_refused_on_the_current_stack(
+    monkeypatch: pytest.MonkeyPatch, config: str, overrides: list[str], key: str
+) -> None:
+    """A key validated on one stack only is refused on the other, with the reason (exit 64)."""
+    from llmtrain import stack
+    from llmtrain.config import load_config
+    from llmtrain.errors import ConfigError
+    from llmtrain.train.checks import check_stack
+    from tests.conftest import REPO
+
+    cfg = load_config(REPO / "configs" / config, overrides)
+    monkeypatch.setattr(stack, "is_current", lambda: False)
+    check_stack(cfg)  # the pinned stack takes them
+    monkeypatch.setattr(stack, "is_current", lambda: True)
+    with pytest.raises(ConfigError) as info:
+        check_stack(cfg)
+    assert key in info.value.problem and info.value.exit_code == 64
