@@ -56,7 +56,12 @@ def fsdp_settings(block_class: str) -> dict[str, Any]:
 
 
 def training_kwargs(cfg: RunConfig, plan: RunPlan, block_class: str | None) -> dict[str, Any]:
-    """The TrainingArguments entries that select the plan's strategy."""
+    """The TrainingArguments entries that select the plan's strategy.
+
+    Raises:
+        ConfigError: fsdp for a model that names no transformer block class to wrap
+            (`_no_split_modules`), exit 64.
+    """
     strategy = plan.strategy
     kwargs: dict[str, Any] = {
         "ddp_timeout": int(cfg.distributed.timeout_minutes * 60),
