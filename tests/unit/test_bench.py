@@ -207,7 +207,7 @@ def peer_python(repo: Path) -> str:
     if not Path(found).is_file():
         pytest.skip(
             "no Python for the peer (transformers 5.x, peft, accelerate): set BENCH_PEER_PYTHON "
-            "or run `make venv-peer`"
+            "or run `make peer`"
         )
     return found
 
