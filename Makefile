@@ -152,6 +152,7 @@ else
 endif
 else
 	$(VENV)/bin/llmtrain finetune configs/demo.yaml 'output.dir=$(SMOKE_DIR)'
+	$(VENV)/bin/python -m llmtrain.image_check smoke '$(SMOKE_DIR)'
 endif
 
 venv: ## VENV (.venv; .venv-current for STACK=current) from the STACK's lock (installs torch==TORCH_VERSION only when none is importable)

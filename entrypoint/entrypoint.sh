@@ -37,21 +37,7 @@ ensure_writable_home() {
 }
 
 check() {
-    python3 - <<'EOF'
-import importlib
-from importlib import metadata
-
-modules = ["torch", "transformers", "peft", "accelerate", "datasets", "deepspeed",
-           "sentencepiece", "llmtrain"]
-try:  # flash-attn is built only on CUDA bases; when installed it must import
-    metadata.version("flash-attn")
-    modules.append("flash_attn")
-except metadata.PackageNotFoundError:
-    print("check: flash_attn not installed (BUILD_FLASH_ATTN=0)")
-for name in modules:
-    module = importlib.import_module(name)
-    print(f"check: import {name} {getattr(module, '__version__', '')}")
-EOF
+    python3 -m llmtrain.image_check imports
     python3 "$root/build/image_packages.py" pip-check
     llmtrain env >/dev/null
     echo "check: llmtrain env ok"
@@ -68,25 +54,7 @@ smoke() {
     fi
     echo "smoke: llmtrain finetune $root/configs/demo.yaml output.dir=$dir $*" >&2
     llmtrain finetune "$root/configs/demo.yaml" "output.dir=$dir" "$@"
-    python3 - "$dir" <<'EOF'
-import json
-import sys
-from pathlib import Path
-
-out = Path(sys.argv[1])
-rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
-losses = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-adapter = out / "final" / "adapter" / "adapter_model.safetensors"
-problems = []
-if len(losses) < 2 or losses[-1][1] >= losses[0][1]:
-    problems.append(f"loss did not fall: {losses}")
-if not adapter.is_file():
-    problems.append(f"no adapter at {adapter}")
-if problems:
-    sys.exit("smoke: FAILED: " + "; ".join(problems))
-print(f"smoke: ok: loss {losses[0][1]:.3f} (step {losses[0][0]}) -> {losses[-1][1]:.3f} "
-      f"(step {losses[-1][0]}); adapter {adapter}")
-EOF
+    python3 -m llmtrain.image_check smoke "$dir"
 }
 
 if [[ $# -eq 0 ]]; then

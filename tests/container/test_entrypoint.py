@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -81,7 +82,11 @@ def test_smoke_fails_when_the_loss_did_not_fall(copied: Path, tmp_path: Path) ->
     proc = run(
         "smoke",
         script=copied,
-        env={"PATH": f"{bin_dir}:{os.environ['PATH']}", "SMOKE_DIR": str(out)},
+        # The check is `python3 -m llmtrain.image_check`: this interpreter's python3 has llmtrain.
+        env={
+            "PATH": f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}",
+            "SMOKE_DIR": str(out),
+        },
     )
     assert proc.returncode != 0
     assert "smoke: FAILED: loss did not fall" in proc.stderr

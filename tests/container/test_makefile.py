@@ -140,9 +140,13 @@ def test_smoke_with_docker_passes_the_flags_nccl_needs() -> None:
 
 def test_smoke_without_the_image_runs_in_the_venv() -> None:
     commands = dry_run("smoke", "CONTAINER_ENGINE=docker", "IMAGE_EXISTS=", "SMOKE_DIR=/s")
-    # On a fresh machine the venv is made from the lock first, then the job runs in it.
-    assert commands[-1] == ".venv/bin/llmtrain finetune configs/demo.yaml 'output.dir=/s'"
-    assert commands[:-1] == dry_run("venv")
+    # On a fresh machine the venv is made from the lock first, then the job runs in it and its
+    # result is checked.
+    assert commands[-2:] == [
+        ".venv/bin/llmtrain finetune configs/demo.yaml 'output.dir=/s'",
+        ".venv/bin/python -m llmtrain.image_check smoke '/s'",
+    ]
+    assert commands[:-2] == dry_run("venv")
 
 
 def test_no_engine_is_an_error_naming_the_choices() -> None:

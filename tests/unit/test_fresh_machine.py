@@ -90,9 +90,13 @@ def test_smoke_runs_in_the_venv(bin_dir: Path) -> None:
     venv = make(bin_dir, "-n", "venv")
     assert venv.returncode == 0, venv.stderr
     smoke = commands(proc.stdout)
-    # The venv is made from the lock first, then the job runs in it; no engine is called.
-    assert smoke[-1] == ".venv/bin/llmtrain finetune configs/demo.yaml 'output.dir=/s'"
-    assert smoke[:-1] == commands(venv.stdout)
+    # The venv is made from the lock first, then the job runs in it and its result is checked
+    # (the image's entrypoint runs the same check); no engine is called.
+    assert smoke[-2:] == [
+        ".venv/bin/llmtrain finetune configs/demo.yaml 'output.dir=/s'",
+        ".venv/bin/python -m llmtrain.image_check smoke '/s'",
+    ]
+    assert smoke[:-2] == commands(venv.stdout)
     assert not any(re.search(r"\b(docker|podman|buildah)\b", c) for c in smoke)
 
 

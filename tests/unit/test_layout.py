@@ -24,7 +24,8 @@ FLOORS: dict[str, int] = {
     "model": 5, "data": 5,
     "train": 6, "sizing": 6,
     "verbs": 7,
-    "cli": 8, "launch": 8,  # the two entry points: the verbs, and launch.sh's worker wrapper
+    # the entry points: the verbs; launch.sh's worker wrapper; the smoke and image checks
+    "cli": 8, "launch": 8, "image_check": 8,
     "__main__": 9,
 }
 
@@ -89,10 +90,11 @@ def test_a_verb_never_imports_another_verb() -> None:
 
 
 def test_the_layers_are_not_flat_again() -> None:
-    """Only the ground, config, plan and the two entry points sit beside the folders."""
+    """Only the ground, config, plan and the entry points (cli, and the two that shell scripts
+    call: launch, image_check) sit beside the folders."""
     flat = {p.stem for p in PACKAGE.glob("*.py")}
-    assert flat <= {"__init__", "__main__", "cli", "compat", "config", "errors", "labels",
-                    "launch", "manifest", "plan", "stack"}
+    assert flat <= {"__init__", "__main__", "cli", "compat", "config", "errors", "image_check",
+                    "labels", "launch", "manifest", "plan", "stack"}
 
 
 def _loaded_after_import(module: str, heavy: tuple[str, ...]) -> list[str]:

@@ -37,7 +37,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 def add_rms_norm(
     residual: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The residual add and the next RMSNorm in one pass: (residual + delta, its norm)."""
+    """The residual add and the next RMSNorm in one pass: (residual + delta, its norm).
+
+    residual and delta: [..., hidden], one dtype; weight: [hidden]. Both results have the
+    inputs' shape; the norm follows rms_norm's dtype rule."""
     total = residual + delta
     return total, rms_norm(total, weight, eps)
 

@@ -71,7 +71,9 @@ class PackingCollator:
 
 @dataclass(frozen=True)
 class Segments:
-    """The samples of a flattened batch: offsets (int32, on the device), lengths, longest."""
+    """The samples of a flattened batch of T tokens holding S samples: cu_seqlens [S + 1]
+    int32 on the device (sample i is tokens cu_seqlens[i]:cu_seqlens[i+1]), lengths (S ints,
+    tokens) and max_len (tokens, the longest)."""
 
     cu_seqlens: torch.Tensor
     lengths: list[int]
@@ -323,6 +325,7 @@ def _attention_modules(model: nn.Module) -> list[Any]:
 
 
 def supports(model: PreTrainedModel) -> bool:
+    """Whether patch_attention can patch this model: a SUPPORTED type, non-eager attention."""
     return model.config.model_type in SUPPORTED and model.config._attn_implementation != "eager"
 
 

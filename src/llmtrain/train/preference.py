@@ -325,7 +325,11 @@ def load_reference(cfg: RunConfig, plan: RunPlan) -> torch.nn.Module | None:
 
 def train(cfg: RunConfig, world: World, extra_callbacks: Sequence[TrainerCallback] = ()) -> Any:
     """run.train for method dpo and orpo: the same build -> train -> save, with pairs, the
-    PreferenceTrainer and DPO's reference model. Returns the Trainer."""
+    PreferenceTrainer and DPO's reference model. Returns the Trainer.
+
+    Raises:
+        ConfigError, DataError, StopRequested: as run.train (exit 64, 65, 75).
+    """
     policy = policy_config(cfg)
     plan = run.plan_run(policy, world)
     out = Path(cfg.output.dir)

@@ -180,6 +180,9 @@ def train(cfg: RunConfig, world: World, extra_callbacks: Sequence[TrainerCallbac
     Raises:
         ConfigError: the plan cannot run in this world on this machine (exit 64), before
             anything is written.
+        DataError: a data file cannot be read or holds a bad row (exit 65), before training.
+        StopRequested: a stop signal or the wall-time guard ended training early, after the
+            checkpoint it names was saved (exit 75: requeue and resume).
     """
     plan = plan_run(cfg, world)
     out = Path(cfg.output.dir)

@@ -19,6 +19,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Check the config and data, then train (SFT, or dpo/orpo); returns 0.
+
+    Raises:
+        ConfigError, DataError: bad input (exit 64, 65), before anything is written.
+        StopRequested: stopped on purpose after a checkpoint (exit 75), once the process
+            group is closed.
+    """
     import torch
 
     from llmtrain.train import preference
