@@ -79,6 +79,32 @@ def batch_stats(kwargs: dict[str, Any]) -> torch.Tensor:
     return torch.stack([torch.as_tensor(v, device=ids.device, dtype=torch.long) for v in values])
 
 
+# Kernel names -> what they do, first match wins (cuBLAS/CUTLASS GEMMs, the attention kernels,
+# Triton's generated kernels: compiled norms, SwiGLU, RoPE, loss chunks; the optimizer).
+KERNEL_KINDS = (
+    ("attention", ("flash", "fmha", "attention", "cudnn", "sdpa")),
+    ("gemm", ("gemm", "cutlass", "xmma", "nvjet", "matmul", "sm90_", "sm100_")),
+    ("optimizer", ("adam", "multi_tensor", "foreach")),
+    ("triton", ("triton",)),
+    ("copy", ("memcpy", "memset", "copy")),
+    ("nccl", ("nccl",)),
+)
+
+
+def kernel_seconds(averages: Any) -> dict[str, float]:
+    """Device seconds by kind of kernel (KERNEL_KINDS, the rest "other") over the profiled
+    steps, and "total": the sum, which against the steps' wall time is the GPU's busy share."""
+    out: dict[str, float] = {}
+    for evt in averages:
+        if evt.device_type != torch.autograd.DeviceType.CUDA:
+            continue  # CPU ops: their kernels are counted as the kernels' own entries
+        name = evt.key.lower()
+        kind = next((k for k, words in KERNEL_KINDS if any(w in name for w in words)), "other")
+        out[kind] = out.get(kind, 0.0) + evt.device_time_total / 1e6
+    out["total"] = sum(out.values())
+    return out
+
+
 class Probe(TrainerCallback):
     def __init__(self, name: str, warmup: int, steps: int, profile: Path | None = None) -> None:
         self.result = RunResult(name)
@@ -129,12 +155,12 @@ class Probe(TrainerCallback):
             if self.profiler is not None:
                 self.profiler.__exit__(None, None, None)
                 assert self.profile is not None
+                averages = self.profiler.key_averages()
                 self.profile.write_text(
-                    self.profiler.key_averages().table(
-                        sort_by="self_device_time_total", row_limit=40
-                    )
+                    averages.table(sort_by="self_device_time_total", row_limit=40)
                 )
                 self.result.notes["profiled"] = str(self.profile.name)
+                self.result.notes["kernel_seconds"] = kernel_seconds(averages)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         for h in self.handles:

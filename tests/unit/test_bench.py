@@ -16,7 +16,7 @@ import pytest
 import torch
 from bench.peer import variants_for
 from bench.peer_launch import peer_env
-from bench.probe import RunResult, batch_stats
+from bench.probe import RunResult, batch_stats, kernel_seconds
 from bench.report import NotComparable, add_peer_ratios, check_comparable, metrics, table
 from bench.workloads import CAP, MEDIAN, MODELS, WORKLOADS, build_rows, sample_lengths
 
@@ -77,6 +77,29 @@ def test_refuses_runs_with_other_data_or_batch(change: dict[str, object]) -> Non
     check_comparable(result(), result(name="y", seconds=1.0))
     with pytest.raises(NotComparable):
         check_comparable(result(), result(name="y", **change))
+
+
+def test_profiled_kernels_are_summed_by_kind_and_cpu_ops_are_not_counted_twice() -> None:
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+
+    def evt(key: str, us: float, device: torch.autograd.DeviceType = cuda) -> Any:
+        return type("Evt", (), {"key": key, "device_time_total": us, "device_type": device})()
+
+    got = kernel_seconds([
+        evt("sm90_xmma_gemm_bf16bf16_bf16f32", 4e6),
+        evt("nvjet_tst_128x256_64x4", 1e6),
+        evt("flash_fwd_kernel", 2e6),
+        evt("cudnn_generated_fort_native_sdpa_sm90", 1e6),
+        evt("triton_per_fused_rms_norm_0", 5e5),
+        evt("void at::native::multi_tensor_apply_kernel<FusedAdamMathFunctor>", 3e5),
+        evt("Memcpy DtoD (Device -> Device)", 1e5),
+        evt("void at::native::elementwise_kernel<128, 2>", 1e5),
+        evt("aten::mm", 5e6, cpu),  # its kernels are the gemm entries above
+    ])  # fmt: skip
+    assert got == pytest.approx({
+        "gemm": 5.0, "attention": 3.0, "triton": 0.5, "optimizer": 0.3, "copy": 0.1,
+        "other": 0.1, "total": 9.0,
+    })  # fmt: skip
 
 
 def test_mfu_formula() -> None:
