@@ -98,6 +98,8 @@ def kernel_seconds(averages: Any) -> dict[str, float]:
     for evt in averages:
         if evt.device_type != torch.autograd.DeviceType.CUDA:
             continue  # CPU ops: their kernels are counted as the kernels' own entries
+        if getattr(evt, "is_user_annotation", False):
+            continue  # a span on the GPU's timeline (Optimizer.step#AdamW.step), not a kernel
         name = evt.key.lower()
         kind = next((k for k, words in KERNEL_KINDS if any(w in name for w in words)), "other")
         out[kind] = out.get(kind, 0.0) + evt.device_time_total / 1e6

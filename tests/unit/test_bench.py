@@ -82,8 +82,11 @@ def test_refuses_runs_with_other_data_or_batch(change: dict[str, object]) -> Non
 def test_profiled_kernels_are_summed_by_kind_and_cpu_ops_are_not_counted_twice() -> None:
     cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
 
-    def evt(key: str, us: float, device: torch.autograd.DeviceType = cuda) -> Any:
-        return type("Evt", (), {"key": key, "device_time_total": us, "device_type": device})()
+    def evt(
+        key: str, us: float, device: torch.autograd.DeviceType = cuda, span: bool = False
+    ) -> Any:
+        fields = {"key": key, "device_time_total": us, "device_type": device}
+        return type("Evt", (), {**fields, "is_user_annotation": span})()
 
     got = kernel_seconds([
         evt("sm90_xmma_gemm_bf16bf16_bf16f32", 4e6),
@@ -95,6 +98,7 @@ def test_profiled_kernels_are_summed_by_kind_and_cpu_ops_are_not_counted_twice()
         evt("Memcpy DtoD (Device -> Device)", 1e5),
         evt("void at::native::elementwise_kernel<128, 2>", 1e5),
         evt("aten::mm", 5e6, cpu),  # its kernels are the gemm entries above
+        evt("Optimizer.step#AdamW.step", 3e5, span=True),  # its kernel is the Adam entry
     ])  # fmt: skip
     assert got == pytest.approx({
         "gemm": 5.0, "attention": 3.0, "triton": 0.5, "optimizer": 0.3, "copy": 0.1,
