@@ -52,6 +52,13 @@ ABLATION = {
     ],
     "llmtrain+compile peft-LoRA": ["training.compile=true", "training.fused_lora=false"],
 }
+# Levers that only a full fine-tune has (dropped on LoRA workloads): bf16 parameters with fp32
+# master weights in the optimizer, against the fp32 parameters under autocast of the runs above.
+BF16_PARAMS = "training.param_dtype=bfloat16"
+FULL_ONLY = {
+    "llmtrain bf16-params": [BF16_PARAMS],
+    "llmtrain+compile bf16-params": ["training.compile=true", BF16_PARAMS],
+}
 
 
 def targets(work_name: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -102,6 +109,8 @@ def run_workload(
     work = replace((SMOKE if smoke else WORKLOADS)[name], accumulation=accumulation)
     if not work.variable:  # a token budget packs instruction samples (padding-free) only
         variants = {k: v for k, v in variants.items() if not any(BUDGET in o for o in v)}
+    if work.method != "full":
+        variants = {k: v for k, v in variants.items() if BF16_PARAMS not in v}
     rows = build_rows(work, work.step_samples * (warmup + steps), seed=0)
     model_dir, shape = build_model(work.model, root)
     print(f"== {name}: {work.describe}, {len(rows)} rows", file=sys.stderr, flush=True)
@@ -238,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     torch._dynamo.config.cache_size_limit = 64
     known = SMOKE if args.smoke else WORKLOADS
     names = args.workloads.split(",") if args.workloads else list(known)
-    every = {**ABLATION, **VARIANTS}
+    every = {**ABLATION, **FULL_ONLY, **VARIANTS}
     asked = [v for v in args.variants.split(",") if v]
     peer_asked = [v for v in args.peer_variants.split(",") if v]
     unknown = [n for n in names if n not in known] + [v for v in asked if v not in every]
@@ -265,7 +274,11 @@ def main(argv: list[str] | None = None) -> int:
         peer = PeerOptions(python, peer_asked, liger, note, paths)
     chosen = {v: every[v] for v in [*(ABLATION if args.ablation else []), *asked]}
     if args.tokens_per_batch is not None:
-        chosen["llmtrain+budget"] = [f"{BUDGET}={args.tokens_per_batch}"]
+        budget = f"{BUDGET}={args.tokens_per_batch}"
+        for label, overrides in list(chosen.items()):  # each bf16-params run, also re-cut
+            if BF16_PARAMS in overrides:
+                chosen[label.replace("llmtrain", "llmtrain+budget", 1)] = [*overrides, budget]
+        chosen["llmtrain+budget"] = [budget]
     warmup, steps = (1, 2) if args.smoke else (args.warmup, args.steps)
     root = args.work_dir or Path(tempfile.mkdtemp(prefix="llmtrain-bench-"))
     root.mkdir(parents=True, exist_ok=True)

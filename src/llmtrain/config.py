@@ -303,6 +303,12 @@ class TrainingSection(Section):
     max_grad_norm: float = Field(1.0, ge=0)
     optim: str = "auto"
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    param_dtype: Literal["float32", "bfloat16"] = Field(
+        "float32",
+        description="full/layers under bf16, one process: float32 keeps fp32 weights under "
+        "autocast (exact); bfloat16 keeps bf16 weights and fp32 master weights in the optimizer "
+        "(no per-forward weight casts; FSDP's term)",
+    )
     gradient_checkpointing: bool = False
     chunked_loss: bool = Field(
         True, description="loss over the vocabulary in token chunks, no full fp32 logits"

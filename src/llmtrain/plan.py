@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, cast, get_args
 
 from llmtrain.config import PREFERENCE_METHODS, RunConfig
-from llmtrain.errors import ConfigError
+from llmtrain.errors import ConfigError, NeedsGpuError
 
 Strategy = Literal["single", "ddp", "fsdp", "zero2", "zero3", "zero3_offload"]
 Method = Literal["full", "layers", "lora", "qlora"]
@@ -232,11 +232,53 @@ def check(cfg: RunConfig) -> None:
             "ZeRO-3 hold only this rank's shard",
             "use distributed.strategy=ddp or zero2 with DoRA, or lora.use_dora=false",
         )
+    check_param_dtype(cfg)
     owned = sorted(set(cfg.training.args) & set(OWNED_ARGS))
     if owned:
         raise ConfigError(
             f"training.args sets {', '.join(owned)}, which distributed.strategy owns",
             "remove them and choose distributed.strategy (ddp, fsdp, zero2, zero3, zero3_offload)",
+        )
+
+
+def check_param_dtype(cfg: RunConfig) -> None:
+    """training.param_dtype=bfloat16 (bf16 weights, fp32 master weights in the optimizer) where
+    it applies: trained full weights (method full or layers), bf16 compute, one process.
+
+    Raises:
+        ConfigError: another method, precision, model.dtype or an explicit multi-process
+            strategy (exit 64).
+    """
+    if cfg.training.param_dtype != "bfloat16":
+        return
+    name = cfg.method.name
+    if name not in ("full", "layers"):
+        raise ConfigError(
+            f"training.param_dtype=bfloat16 with method.name={name}: master weights are for "
+            "trained full weights; "
+            + ("LoRA adapters train in fp32 over 16-bit frozen weights already"
+               if name in ADAPTER_METHODS else f"{name} is not ported to them yet"),
+            "use method.name=full or layers, or remove training.param_dtype",
+        )
+    if cfg.training.precision in ("fp16", "fp32"):
+        raise ConfigError(
+            f"training.param_dtype=bfloat16 with training.precision={cfg.training.precision}: "
+            "bf16 weights compute in bf16",
+            "set training.precision=bf16 (or auto on a bf16 GPU), or remove training.param_dtype",
+        )
+    if cfg.model.dtype not in ("auto", "bfloat16"):
+        raise ConfigError(
+            f"training.param_dtype=bfloat16 with model.dtype={cfg.model.dtype}: the weights "
+            "would load in one dtype and train in another",
+            "set model.dtype=auto, or remove training.param_dtype",
+        )
+    if cfg.distributed.strategy != "auto":
+        raise ConfigError(
+            f"training.param_dtype=bfloat16 with distributed.strategy="
+            f"{cfg.distributed.strategy}: master weights run in one process only for now (under "
+            "DDP the gradients of earlier micro-batches would leave the model before the "
+            "all-reduce; FSDP and DeepSpeed keep fp32 master weights themselves)",
+            "train on one GPU, or remove training.param_dtype",
         )
 
 
@@ -356,6 +398,7 @@ class RunPlan:
     fused_lora: bool  # LoRA layers through the fused function (kernels/lora.py)
     adapter: bool  # the trained result is a peft adapter (final/adapter), not a model
     quantized: bool  # 4-bit NF4 base weights (bitsandbytes)
+    master_weights: bool = False  # bf16 weights, fp32 master weights in the optimizer
     reasons: Mapping[str, str] = field(default_factory=dict)
 
     @property
@@ -395,8 +438,11 @@ class RunPlan:
         architecture has it (model/load.attention_support); None: a Llama-style decoder.
 
         Raises:
-            ConfigError: a launcher contradicting the config (resolve_strategy), or an
-                attention implementation that cannot run (choose_attention) (exit 64).
+            ConfigError: a launcher contradicting the config (resolve_strategy), an
+                attention implementation that cannot run (choose_attention), or
+                training.param_dtype=bfloat16 where it does not apply (check_param_dtype,
+                more than one process) (exit 64).
+            NeedsGpuError: training.param_dtype=bfloat16 without bf16 compute (exit 64).
         """
         t = cfg.training
         # dpo and orpo train preference.weights (lora or full): the plan is that method's, with
@@ -407,6 +453,22 @@ class RunPlan:
         spec = STRATEGIES[strategy]
         prec, why_prec = precision(t.precision, hw)
         dtype, why_dtype = weight_dtype(cfg.model.dtype, prec, method)
+        masters = t.param_dtype == "bfloat16"
+        if masters:
+            check_param_dtype(cfg)
+            if prec != "bf16":
+                raise NeedsGpuError(
+                    f"training.param_dtype=bfloat16 needs bf16 compute and this machine has "
+                    f"{'no CUDA GPU' if not hw.cuda else 'a GPU without bf16'} (precision {prec})",
+                    "run on a bf16 GPU (Ampere or later), or remove training.param_dtype",
+                )
+            if strategy != "single":
+                raise ConfigError(
+                    f"training.param_dtype=bfloat16 in a world of {world.world_size} "
+                    "processes: master weights run in one process only for now",
+                    "train on one GPU, or remove training.param_dtype",
+                )
+            dtype, why_dtype = "bfloat16", "training.param_dtype=bfloat16"
         adapter = method in ADAPTER_METHODS
         fp32_trained = dtype == "float32" or adapter
         autocast = uses_autocast(prec != "fp32", fp32_trained, strategy)
@@ -416,6 +478,8 @@ class RunPlan:
             why_autocast = "fp32 training"
         elif spec.computes_in_16bit:
             why_autocast = f"{strategy} computes in 16 bits itself"
+        elif masters:
+            why_autocast = "bf16 weights: nothing to cast"
         else:
             why_autocast = "16-bit weights throughout"
         attention, why_attention = choose_attention(
@@ -453,6 +517,7 @@ class RunPlan:
             fused_lora=fused,
             adapter=adapter,
             quantized=method == "qlora",
+            master_weights=masters,
             reasons={
                 "strategy": why_strategy,
                 "precision": why_prec,
@@ -465,13 +530,15 @@ class RunPlan:
                 "adapter": f"method {method}",
                 "quantized": f"method {method}"
                 + (": 4-bit NF4 base weights (bitsandbytes)" if method == "qlora" else ""),
+                "master_weights": "training.param_dtype=bfloat16: fp32 copies in the optimizer"
+                if masters else f"training.param_dtype={t.param_dtype}",
             },
         )
 
 
 _FIELDS = (
     "strategy", "precision", "weight_dtype", "autocast", "attention", "optim",
-    "chunked_loss", "fused_lora", "adapter", "quantized",
+    "chunked_loss", "fused_lora", "adapter", "quantized", "master_weights",
 )
 
 

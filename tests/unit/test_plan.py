@@ -132,7 +132,7 @@ def test_plan_decides(
     recorded = json.loads(json.dumps(p.to_dict()))  # what manifest.json holds
     assert set(recorded) == {
         "strategy", "precision", "weight_dtype", "autocast", "attention", "optim",
-        "chunked_loss", "fused_lora", "adapter", "quantized",
+        "chunked_loss", "fused_lora", "adapter", "quantized", "master_weights",
     }
     assert all(d["reason"] for d in recorded.values()), recorded
     assert len(p.lines()) == len(recorded)

@@ -127,6 +127,7 @@ def run_shape(
         lora_dropout=cfg.lora.dropout,
         fused_lora=t.fused_lora,
         use_dora=cfg.lora.use_dora,
+        master_weights=plan.master_weights,
         attention=attention or plan.attention,  # type: ignore[arg-type]
         padded=cfg.data.packing == "none",
         reference_copy=cfg.method.name == "dpo" and cfg.preference.weights == "full",

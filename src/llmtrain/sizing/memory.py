@@ -159,6 +159,9 @@ class RunShape:
     lora_dropout: float = 0.05
     fused_lora: bool = True  # training.fused_lora, where plan.fused_lora_applies
     use_dora: bool = False  # lora.use_dora: a trained magnitude per output feature (method lora)
+    # training.param_dtype=bfloat16: 16-bit weights (weight_bytes 2), fp32 master weights, master
+    # gradients and Adam moments (plan.master_weights; one process)
+    master_weights: bool = False
     # method=layers: which decoder blocks train, and whether embeddings / lm_head train
     trainable_blocks: tuple[int, ...] = ()
     train_embeddings: bool = False
@@ -283,6 +286,10 @@ def model_states(shape: ModelShape, run: RunShape) -> ModelStates:
         # torch AdamW keeps exp_avg and exp_avg_sq in the parameter's dtype.
         a = 4 if adapters and run.autocast else run.wbytes
         weights = _base_weight_bytes(shape, run) + (nt * a if adapters else 0)
+        if run.master_weights:
+            # train/master_weights.py: an fp32 master per trained weight, its fp32 gradient
+            # (each micro-batch's 16-bit one is freed into it), fp32 Adam moments on the master.
+            return ModelStates(weights + 4 * nt, 4 * nt, 8 * nt)
         return ModelStates(weights, nt * a, 2 * nt * a)
     if adapters:
         n += nt

@@ -140,6 +140,7 @@ TOPOLOGY_KEYS = (
     "gradient_accumulation_steps",
     "seed",
     "data_fingerprint",
+    "param_dtype",  # the optimizer state holds master weights with bfloat16 only
 )
 
 

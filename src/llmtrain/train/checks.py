@@ -39,6 +39,7 @@ def needs_gpu(cfg: RunConfig) -> bool:
     return (
         cfg.method.name == "qlora"
         or cfg.training.precision in ("bf16", "fp16")
+        or cfg.training.param_dtype == "bfloat16"
         or cfg.model.attn_implementation == "flash_attention_2"
         or _needs_cuda(cfg.distributed.strategy)
     )
@@ -66,6 +67,11 @@ def check_hardware(cfg: RunConfig, *, gpu: bool) -> None:
             f"training.precision={cfg.training.precision} needs a CUDA GPU and this machine "
             "has none",
             "use training.precision=auto (fp32 on CPU) or run on a GPU node",
+        )
+    if cfg.training.param_dtype == "bfloat16" and not gpu:
+        raise NeedsGpuError(
+            "training.param_dtype=bfloat16 needs a bf16 CUDA GPU and this machine has none",
+            "remove training.param_dtype on CPU, or run on a GPU node",
         )
     plan.check(cfg)
     if _needs_cuda(cfg.distributed.strategy) and not gpu:

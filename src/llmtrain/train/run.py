@@ -44,6 +44,7 @@ from llmtrain.train.callbacks import (
     StopCallback,
     truncate_metrics,
 )
+from llmtrain.train.master_weights import MasterWeights
 from llmtrain.train.post_run import post_run
 from llmtrain.train.token_budget import TokenBudget
 from llmtrain.train.trainer import LlmtrainTrainer, LossRecorder, StepBoundary
@@ -108,7 +109,9 @@ def training_arguments(
         adam_beta1=t.adam_beta1,
         adam_beta2=t.adam_beta2,
         adam_epsilon=t.adam_epsilon,
-        max_grad_norm=t.max_grad_norm,
+        # With master weights the gradients are on the masters when the Trainer would clip:
+        # MasterWeights clips them itself.
+        max_grad_norm=0.0 if plan.master_weights else t.max_grad_norm,
         optim=plan.optim,
         gradient_checkpointing=t.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False}
@@ -200,6 +203,7 @@ def train(cfg: RunConfig, world: World, extra_callbacks: Sequence[TrainerCallbac
         "gradient_accumulation_steps": cfg.training.gradient_accumulation_steps,
         "seed": cfg.training.seed,
         "data_fingerprint": data_fp,
+        "param_dtype": cfg.training.param_dtype,
     }
     resume = checkpoints.resume_point(out, cfg.output.resume)
     if resume is not None:
@@ -285,6 +289,10 @@ def train(cfg: RunConfig, world: World, extra_callbacks: Sequence[TrainerCallbac
         recorder=recorder,
         chunked_loss=chunked_loss,
         token_budget=budget,
+        master_weights=(
+            MasterWeights(model.parameters(), cfg.training.max_grad_norm)
+            if plan.master_weights else None
+        ),
     )
     if batch_log:
         trainer.remove_callback(PrinterCallback)  # its raw log dicts; RunReport's lines instead

@@ -11,6 +11,7 @@ from transformers import Trainer, TrainerCallback
 
 from llmtrain import compat, stack
 from llmtrain.train import loss_weighting
+from llmtrain.train.master_weights import MasterWeights
 from llmtrain.train.token_budget import TokenBudget
 
 log = logging.getLogger(__name__)
@@ -92,15 +93,19 @@ class LlmtrainTrainer(Trainer):
         recorder: LossRecorder,
         chunked_loss: bool,
         token_budget: TokenBudget | None = None,
+        master_weights: MasterWeights | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self.recorder = recorder
         self.chunked_loss = chunked_loss
         self.token_budget = token_budget
+        self.master_weights = master_weights
 
     def training_step(self, model: Any, inputs: dict[str, Any], *args: Any) -> torch.Tensor:
         loss = super().training_step(model, inputs, *args)  # 5.x passes num_items_in_batch
+        if self.master_weights is not None:
+            self.master_weights.accumulate()  # this micro-batch's bf16 grads, summed in fp32
         # Already divided by gradient_accumulation_steps: this rank's share of the step's loss.
         tokens = loss_weighting.loss_tokens(inputs["labels"])
         self.recorder.add(loss, tokens, inputs.get(loss_weighting.STEP_TOKENS))
@@ -126,6 +131,8 @@ class LlmtrainTrainer(Trainer):
     def create_optimizer(self) -> torch.optim.Optimizer:
         optimizer = super().create_optimizer()
         compat.drop_empty_param_groups(optimizer)
+        if self.master_weights is not None:
+            self.master_weights.attach(optimizer)
         return optimizer
 
     def _get_train_sampler(self, *args: Any) -> torch.utils.data.Sampler[Any]:

@@ -1,0 +1,120 @@
+"""bf16 parameters with fp32 master weights in the optimizer (training.param_dtype=bfloat16).
+
+The default full fine-tune keeps fp32 parameters and lets autocast cast every weight to bf16 in
+every forward (and again in a checkpointed recompute): on an H200 those casts were 5% of a
+fixed-length step and 14% of a variable-length one (bench/RESULTS.md, the profile of
+2026-12-01). Here the model holds bf16 weights, so no cast runs, and the optimizer steps an fp32
+copy of each (the master weight), the scheme of mixed-precision training (Micikevicius et al.
+2018, "Mixed Precision Training", section 3.1) as Megatron-LM keeps it for bf16 (main params and
+main grads in fp32):
+
+- after each micro-batch's backward, `accumulate` adds each bf16 gradient into an fp32 master
+  gradient and frees it, so accumulation over micro-batches sums in fp32 as the fp32 path does;
+- before the optimizer step the master gradients are clipped to `max_grad_norm` (the Trainer's
+  own clipping sees no gradients: run.py turns it off);
+- after it, each bf16 parameter becomes its master weight rounded to bf16, and the master
+  gradients are freed;
+- the optimizer's state_dict carries the master weights, so a resumed run continues from the
+  fp32 values, not from the rounded bf16 ones (exact resume).
+
+One process only (plan.py refuses the rest): under DDP the gradients of earlier micro-batches
+would leave the model before the all-reduce of the last one.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+STATE_KEY = "llmtrain_master_weights"  # in the optimizer's state_dict: the fp32 masters, in order
+
+
+class MasterWeights:
+    """fp32 master copies of a model's trained 16-bit parameters, stepped by `optimizer`.
+
+    Args:
+        params: the trained parameters (bf16; any shape), in a fixed order.
+        max_grad_norm: clip the master gradients to this total L2 norm before each step; 0: off.
+    """
+
+    def __init__(self, params: Iterable[nn.Parameter], max_grad_norm: float) -> None:
+        self.params = [p for p in params if p.requires_grad]
+        self.masters = [p.detach().float().requires_grad_(True) for p in self.params]
+        self.master_of = {id(p): m for p, m in zip(self.params, self.masters, strict=True)}
+        self.max_grad_norm = max_grad_norm
+        self.last_grad_norm: torch.Tensor | None = None
+
+    def attach(self, optimizer: torch.optim.Optimizer) -> None:
+        """Point `optimizer` (made over the bf16 parameters, before its first step) at the
+        masters instead, and hook its step and state_dict.
+
+        Raises:
+            ValueError: the optimizer already has state (it must not have stepped).
+        """
+        if optimizer.state:
+            raise ValueError("attach master weights before the optimizer's first step")
+        for group in optimizer.param_groups:
+            group["params"] = [self.master_of[id(p)] for p in group["params"]]
+        optimizer.register_step_pre_hook(lambda *_: self._clip())
+        optimizer.register_step_post_hook(lambda *_: self._publish())
+        optimizer.register_state_dict_post_hook(self._save)
+        optimizer.register_load_state_dict_pre_hook(self._load)
+        n = sum(m.numel() for m in self.masters)
+        log.info("bf16 parameters, fp32 master weights in the optimizer: %d tensors, %d values",
+                 len(self.masters), n)
+
+    @torch.no_grad()
+    def accumulate(self) -> None:
+        """Move each parameter's 16-bit gradient into its master's fp32 gradient (summed)."""
+        for p, m in zip(self.params, self.masters, strict=True):
+            if p.grad is None:
+                continue
+            if m.grad is None:
+                m.grad = p.grad.float()
+            else:
+                m.grad.add_(p.grad)
+            p.grad = None
+
+    def _clip(self) -> None:
+        self.accumulate()  # a gradient left by a backward that training_step did not see
+        if self.max_grad_norm > 0:
+            grads = [m for m in self.masters if m.grad is not None]
+            self.last_grad_norm = nn.utils.clip_grad_norm_(grads, self.max_grad_norm)
+
+    @torch.no_grad()
+    def _publish(self) -> None:
+        for p, m in zip(self.params, self.masters, strict=True):
+            p.copy_(m)
+            m.grad = None
+
+    def _save(self, optimizer: Any, state_dict: dict[str, Any]) -> dict[str, Any]:
+        state_dict[STATE_KEY] = [m.detach() for m in self.masters]
+        return state_dict
+
+    @torch.no_grad()
+    def _load(self, optimizer: Any, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """Restore the masters (and their bf16 parameters) from a saved state. A state saved
+        with fp32 parameters has none (checkpoints.check_topology stops that resume unless
+        distributed.allow_topology_change): the masters then stay the loaded weights.
+
+        Raises:
+            ValueError: the saved masters have other shapes than this model's parameters.
+        """
+        state_dict = dict(state_dict)
+        saved = state_dict.pop(STATE_KEY, None)
+        if saved is None:
+            log.warning("the checkpoint holds no master weights (saved with fp32 parameters): "
+                        "the masters start from its weights")
+            return state_dict
+        if [t.shape for t in saved] != [m.shape for m in self.masters]:
+            raise ValueError("the checkpoint's master weights do not fit this model")
+        for p, m, s in zip(self.params, self.masters, saved, strict=True):
+            m.copy_(s)
+            p.copy_(m)
+        return state_dict

@@ -1,0 +1,221 @@
+"""training.param_dtype=bfloat16: bf16 parameters with fp32 master weights in the optimizer
+(train/master_weights.py), against the fp32 path's numbers; the plan's refusals; the estimate.
+
+The CPU has bf16 autocast, so the run tests below train the embedded model through run.train
+with the machine reported as a bf16 GPU (this_machine patched): the Trainer then runs under
+CPU bf16 autocast, the path a GPU takes with CUDA autocast."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from llmtrain.config import RunConfig, load_config
+from llmtrain.errors import ConfigError, NeedsGpuError
+from llmtrain.plan import Hardware, RunPlan, World
+from llmtrain.sizing.memory import ModelShape, RunShape, model_states
+from llmtrain.train import run
+from llmtrain.train.master_weights import STATE_KEY, MasterWeights
+from tests.conftest import REPO
+
+ONE = World(rank=0, local_rank=0, world_size=1)
+GPU = Hardware(cuda=True, bf16=True, flash_attn=False)
+
+
+def bf16_linear(seed: int = 0) -> nn.Linear:
+    torch.manual_seed(seed)
+    return nn.Linear(8, 4).to(torch.bfloat16)
+
+
+def backward(model: nn.Module, seed: int) -> None:
+    torch.manual_seed(100 + seed)
+    x = torch.randn(3, 8, dtype=torch.bfloat16)
+    model(x).float().pow(2).sum().backward()
+
+
+def test_micro_batch_gradients_are_summed_in_fp32() -> None:
+    model = bf16_linear()
+    masters = MasterWeights(model.parameters(), max_grad_norm=0)
+    expected = [torch.zeros_like(p, dtype=torch.float32) for p in model.parameters()]
+    for k in range(3):
+        backward(model, k)
+        for e, p in zip(expected, model.parameters(), strict=True):
+            assert p.grad is not None
+            e += p.grad.float()
+        masters.accumulate()
+        assert all(p.grad is None for p in model.parameters())  # the bf16 grads are freed
+    for e, m in zip(expected, masters.masters, strict=True):
+        assert m.grad is not None and m.grad.dtype == torch.float32
+        assert torch.equal(m.grad, e)
+
+
+def test_a_step_is_adamw_on_the_fp32_masters_then_rounded_to_bf16() -> None:
+    model = bf16_linear()
+    reference = [p.detach().float().clone().requires_grad_(True) for p in model.parameters()]
+    masters = MasterWeights(model.parameters(), max_grad_norm=0.5)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.01)
+    masters.attach(optimizer)
+    ref_opt = torch.optim.AdamW(reference, lr=0.1, weight_decay=0.01)
+    for k in range(3):
+        backward(model, k)
+        for r, p in zip(reference, model.parameters(), strict=True):
+            r.grad = p.grad.float()
+        norm = nn.utils.clip_grad_norm_(reference, 0.5)
+        ref_opt.step()
+        optimizer.step()
+        assert masters.last_grad_norm is not None
+        assert torch.equal(masters.last_grad_norm, norm)
+        for r, m, p in zip(reference, masters.masters, model.parameters(), strict=True):
+            assert torch.equal(m, r)  # the update is fp32 AdamW's, bit for bit
+            assert p.dtype == torch.bfloat16 and torch.equal(p, r.to(torch.bfloat16))
+            assert m.grad is None
+        assert norm > 0.5  # the clip did something
+
+
+def test_the_state_dict_carries_the_masters_for_an_exact_resume() -> None:
+    model = bf16_linear()
+    masters = MasterWeights(model.parameters(), max_grad_norm=1.0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.05)
+    masters.attach(optimizer)
+    for k in range(2):
+        backward(model, k)
+        optimizer.step()
+    saved = copy.deepcopy(optimizer.state_dict())  # as torch.save to optimizer.pt writes it
+    assert [t.dtype for t in saved[STATE_KEY]] == [torch.float32, torch.float32]
+    # A new process: the model comes back from the checkpoint's bf16 weights.
+    again = bf16_linear(seed=1)
+    again.load_state_dict(model.state_dict())
+    masters2 = MasterWeights(again.parameters(), max_grad_norm=1.0)
+    optimizer2 = torch.optim.AdamW(again.parameters(), lr=0.05)
+    masters2.attach(optimizer2)
+    optimizer2.load_state_dict(saved)
+    for a, b in zip(masters.masters, masters2.masters, strict=True):
+        assert torch.equal(a, b)
+    for opt, net in ((optimizer, model), (optimizer2, again)):
+        backward(net, 7)
+        opt.step()
+    for a, b in zip(masters.masters, masters2.masters, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_attaching_after_a_step_is_refused() -> None:
+    model = bf16_linear()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    backward(model, 0)
+    optimizer.step()
+    with pytest.raises(ValueError, match="before the optimizer's first step"):
+        MasterWeights(model.parameters(), 0).attach(optimizer)
+
+
+# --- the plan ---------------------------------------------------------------------------
+
+
+def cfg(*overrides: str) -> RunConfig:
+    return load_config(REPO / "configs/demo.yaml", ["method.name=full", *overrides])
+
+
+def test_the_plan_loads_bf16_weights_without_autocast() -> None:
+    plan = RunPlan.build(cfg("training.param_dtype=bfloat16"), ONE, GPU)
+    assert (plan.weight_dtype, plan.autocast, plan.master_weights) == ("bfloat16", False, True)
+    assert plan.reasons["weight_dtype"] == "training.param_dtype=bfloat16"
+    default = RunPlan.build(cfg(), ONE, GPU)
+    assert (default.weight_dtype, default.autocast, default.master_weights) == (
+        "float32", True, False,
+    )  # fmt: skip
+    assert run.training_arguments(
+        cfg("training.param_dtype=bfloat16"), ONE, plan, Path("/tmp/x"), False, None
+    ).max_grad_norm == 0  # MasterWeights clips
+
+
+@pytest.mark.parametrize(
+    ("overrides", "error", "words"),
+    [
+        (["method.name=lora"], ConfigError, "LoRA adapters train in fp32"),
+        (["method.name=dpo"], ConfigError, "not ported"),
+        (["training.precision=fp16"], ConfigError, "training.precision=fp16"),
+        (["model.dtype=float32"], ConfigError, "model.dtype=float32"),
+        (["distributed.strategy=ddp"], ConfigError, "one process only"),
+        (["distributed.strategy=zero2"], ConfigError, "DeepSpeed keep fp32 master"),
+    ],
+)
+def test_where_it_does_not_apply_it_is_refused(
+    overrides: list[str], error: type[Exception], words: str
+) -> None:
+    with pytest.raises(error, match=words) as got:
+        RunPlan.build(cfg("training.param_dtype=bfloat16", *overrides), ONE, GPU)
+    assert "remove training.param_dtype" in str(got.value)
+
+
+def test_more_than_one_process_or_no_bf16_is_refused() -> None:
+    two = World(rank=0, local_rank=0, world_size=2)
+    with pytest.raises(ConfigError, match="world of 2 processes"):
+        RunPlan.build(cfg("training.param_dtype=bfloat16"), two, GPU)
+    for hw in (Hardware(cuda=False, bf16=False, flash_attn=False),
+               Hardware(cuda=True, bf16=False, flash_attn=False)):
+        with pytest.raises(NeedsGpuError, match="needs bf16 compute"):
+            RunPlan.build(cfg("training.param_dtype=bfloat16"), ONE, hw)
+
+
+def test_the_estimate_counts_masters_their_grads_and_fp32_moments() -> None:
+    shape = ModelShape(vocab=32000, hidden=2048, intermediate=5632, layers=22, heads=32,
+                       kv_heads=4)
+    n = shape.params
+    fp32 = model_states(shape, RunShape(method="full", weight_bytes=4))
+    masters = model_states(shape, RunShape(method="full", weight_bytes=2, master_weights=True))
+    assert (fp32.weights, fp32.gradients, fp32.optimizer) == (4 * n, 4 * n, 8 * n)
+    assert (masters.weights, masters.gradients, masters.optimizer) == (6 * n, 4 * n, 8 * n)
+    assert not RunShape(method="full", weight_bytes=2, master_weights=True).autocast
+
+
+# --- training through run.train ---------------------------------------------------------
+
+
+def train(out: Path, param_dtype: str, max_steps: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(run, "this_machine", lambda: GPU)
+    config = load_config(REPO / "configs/demo.yaml", [
+        "method.name=full", "training.precision=bf16", f"training.param_dtype={param_dtype}",
+        f"training.max_steps={max_steps}", "training.logging_steps=1", "training.save_steps=4",
+        "training.learning_rate=1e-3", "training.lr_scheduler_type=constant",
+        "training.optim=adamw_torch", "training.per_device_train_batch_size=8",
+        "training.gradient_accumulation_steps=2", "training.report_to=[none]",
+        "data.eval_fraction=0", "generation.samples=0", "output.merge=false",
+        f"output.dir={out}",
+    ])  # fmt: skip
+    run.train(config, ONE)
+
+
+def losses(out: Path) -> list[float]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "loss" in r]
+
+
+def test_training_tracks_the_fp32_path_and_resumes_exactly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    train(tmp_path / "fp32", "float32", 8, monkeypatch)
+    train(tmp_path / "bf16", "bfloat16", 8, monkeypatch)
+    fp32, bf16 = losses(tmp_path / "fp32"), losses(tmp_path / "bf16")
+    assert len(bf16) == 8 and bf16[-1] < 0.5 * bf16[0]  # it learns
+    assert bf16 == pytest.approx(fp32, rel=3e-2)  # measured: within 1.2% of fp32 autocast
+    weights = load_file(tmp_path / "bf16/final/model/model.safetensors")
+    assert {t.dtype for t in weights.values()} == {torch.bfloat16}
+    # Stopped after step 4 (a new process: run.train again on the same output.dir), resumed.
+    train(tmp_path / "cut", "bfloat16", 4, monkeypatch)
+    train(tmp_path / "cut", "bfloat16", 8, monkeypatch)
+    assert losses(tmp_path / "cut") == bf16  # every step's loss, bit for bit
+    resumed = load_file(tmp_path / "cut/final/model/model.safetensors")
+    assert all(torch.equal(resumed[k], weights[k]) for k in weights)
+
+
+def test_a_checkpoint_of_the_other_param_dtype_is_not_resumed_silently(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    train(tmp_path / "run", "float32", 4, monkeypatch)
+    with pytest.raises(ConfigError, match="param_dtype: float32 -> bfloat16"):
+        train(tmp_path / "run", "bfloat16", 8, monkeypatch)
