@@ -41,7 +41,8 @@ def backward(model: nn.Module, seed: int) -> None:
 
 def test_micro_batch_gradients_are_summed_in_fp32() -> None:
     model = bf16_linear()
-    masters = MasterWeights(model.parameters(), max_grad_norm=0)
+    masters = MasterWeights(max_grad_norm=0)
+    masters.attach(torch.optim.AdamW(model.parameters()))
     expected = [torch.zeros_like(p, dtype=torch.float32) for p in model.parameters()]
     for k in range(3):
         backward(model, k)
@@ -58,7 +59,7 @@ def test_micro_batch_gradients_are_summed_in_fp32() -> None:
 def test_a_step_is_adamw_on_the_fp32_masters_then_rounded_to_bf16() -> None:
     model = bf16_linear()
     reference = [p.detach().float().clone().requires_grad_(True) for p in model.parameters()]
-    masters = MasterWeights(model.parameters(), max_grad_norm=0.5)
+    masters = MasterWeights(max_grad_norm=0.5)
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.01)
     masters.attach(optimizer)
     ref_opt = torch.optim.AdamW(reference, lr=0.1, weight_decay=0.01)
@@ -80,7 +81,7 @@ def test_a_step_is_adamw_on_the_fp32_masters_then_rounded_to_bf16() -> None:
 
 def test_the_state_dict_carries_the_masters_for_an_exact_resume() -> None:
     model = bf16_linear()
-    masters = MasterWeights(model.parameters(), max_grad_norm=1.0)
+    masters = MasterWeights(max_grad_norm=1.0)
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.05)
     masters.attach(optimizer)
     for k in range(2):
@@ -91,7 +92,7 @@ def test_the_state_dict_carries_the_masters_for_an_exact_resume() -> None:
     # A new process: the model comes back from the checkpoint's bf16 weights.
     again = bf16_linear(seed=1)
     again.load_state_dict(model.state_dict())
-    masters2 = MasterWeights(again.parameters(), max_grad_norm=1.0)
+    masters2 = MasterWeights(max_grad_norm=1.0)
     optimizer2 = torch.optim.AdamW(again.parameters(), lr=0.05)
     masters2.attach(optimizer2)
     optimizer2.load_state_dict(saved)
@@ -104,13 +105,25 @@ def test_the_state_dict_carries_the_masters_for_an_exact_resume() -> None:
         assert torch.equal(a, b)
 
 
+def test_the_masters_are_made_at_attach_from_the_parameters_as_they_are_then() -> None:
+    """The Trainer moves the model to its device between building it and create_optimizer: a
+    master made earlier would stay behind on the CPU (seen on the GPU before this test)."""
+    model = bf16_linear()
+    masters = MasterWeights(max_grad_norm=0)
+    with torch.no_grad():
+        model.weight.add_(1.0)  # stands in for the move: the parameter changes after __init__
+    masters.attach(torch.optim.AdamW(model.parameters()))
+    assert torch.equal(masters.masters[0], model.weight.float())
+    assert all(m.device == p.device for m, p in zip(masters.masters, masters.params, strict=True))
+
+
 def test_attaching_after_a_step_is_refused() -> None:
     model = bf16_linear()
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
     backward(model, 0)
     optimizer.step()
     with pytest.raises(ValueError, match="before the optimizer's first step"):
-        MasterWeights(model.parameters(), 0).attach(optimizer)
+        MasterWeights(0).attach(optimizer)
 
 
 # --- the plan ---------------------------------------------------------------------------

@@ -24,7 +24,6 @@ would leave the model before the all-reduce of the last one.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -36,23 +35,23 @@ STATE_KEY = "llmtrain_master_weights"  # in the optimizer's state_dict: the fp32
 
 
 class MasterWeights:
-    """fp32 master copies of a model's trained 16-bit parameters, stepped by `optimizer`.
+    """fp32 master copies of the 16-bit parameters an optimizer trains (made by `attach`).
 
     Args:
-        params: the trained parameters (bf16; any shape), in a fixed order.
         max_grad_norm: clip the master gradients to this total L2 norm before each step; 0: off.
     """
 
-    def __init__(self, params: Iterable[nn.Parameter], max_grad_norm: float) -> None:
-        self.params = [p for p in params if p.requires_grad]
-        self.masters = [p.detach().float().requires_grad_(True) for p in self.params]
-        self.master_of = {id(p): m for p, m in zip(self.params, self.masters, strict=True)}
+    def __init__(self, max_grad_norm: float) -> None:
+        self.params: list[nn.Parameter] = []
+        self.masters: list[torch.Tensor] = []
         self.max_grad_norm = max_grad_norm
         self.last_grad_norm: torch.Tensor | None = None
 
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
-        """Point `optimizer` (made over the bf16 parameters, before its first step) at the
-        masters instead, and hook its step and state_dict.
+        """Copy each parameter of `optimizer` (made over the bf16 parameters, before its first
+        step) to an fp32 master on the same device, point the optimizer at the masters, and
+        hook its step and state_dict. The Trainer calls create_optimizer after it has moved the
+        model to its device, so the masters are made there.
 
         Raises:
             ValueError: the optimizer already has state (it must not have stepped).
@@ -60,7 +59,10 @@ class MasterWeights:
         if optimizer.state:
             raise ValueError("attach master weights before the optimizer's first step")
         for group in optimizer.param_groups:
-            group["params"] = [self.master_of[id(p)] for p in group["params"]]
+            masters = [p.detach().float().requires_grad_(True) for p in group["params"]]
+            self.params += group["params"]
+            self.masters += masters
+            group["params"] = masters
         optimizer.register_step_pre_hook(lambda *_: self._clip())
         optimizer.register_step_post_hook(lambda *_: self._publish())
         optimizer.register_state_dict_post_hook(self._save)

@@ -290,7 +290,7 @@ def train(cfg: RunConfig, world: World, extra_callbacks: Sequence[TrainerCallbac
         chunked_loss=chunked_loss,
         token_budget=budget,
         master_weights=(
-            MasterWeights(model.parameters(), cfg.training.max_grad_norm)
+            MasterWeights(cfg.training.max_grad_norm)
             if plan.master_weights else None
         ),
     )
