@@ -39,6 +39,17 @@ def backward(model: nn.Module, seed: int) -> None:
     model(x).float().pow(2).sum().backward()
 
 
+def assert_tracks(bf16: list[float], fp32: list[float]) -> None:
+    """bf16 weights against fp32 weights under autocast, from the same start: the first
+    forward differs only by the weights' rounding; later steps drift apart as two trajectories
+    do (the fp32 paths of transformers 4.37.2 and 5.24 themselves differ by 2% at step 8 on
+    the CPU), so each step is held to 5% and the last four steps' mean to 2% (measured: 0.1%
+    on 4.37.2, 0.6% on 5.24)."""
+    assert bf16[0] == pytest.approx(fp32[0], rel=1e-3)
+    assert bf16 == pytest.approx(fp32, rel=5e-2)
+    assert sum(bf16[-4:]) == pytest.approx(sum(fp32[-4:]), rel=2e-2)
+
+
 def test_micro_batch_gradients_are_summed_in_fp32() -> None:
     model = bf16_linear()
     masters = MasterWeights(max_grad_norm=0)
@@ -141,9 +152,9 @@ def test_the_plan_loads_bf16_weights_without_autocast() -> None:
     assert (default.weight_dtype, default.autocast, default.master_weights) == (
         "float32", True, False,
     )  # fmt: skip
-    assert run.training_arguments(
-        cfg("training.param_dtype=bfloat16"), ONE, plan, Path("/tmp/x"), False, None
-    ).max_grad_norm == 0  # MasterWeights clips
+    on_cpu = cfg("training.param_dtype=bfloat16", "training.args.use_cpu=true")
+    args = run.training_arguments(on_cpu, ONE, plan, Path("/tmp/x"), False, None)
+    assert args.max_grad_norm == 0  # MasterWeights clips
 
 
 @pytest.mark.parametrize(
@@ -198,7 +209,8 @@ def train(out: Path, param_dtype: str, max_steps: int, monkeypatch: pytest.Monke
         "training.optim=adamw_torch", "training.per_device_train_batch_size=8",
         "training.gradient_accumulation_steps=2", "training.report_to=[none]",
         "data.eval_fraction=0", "generation.samples=0", "output.merge=false",
-        f"output.dir={out}",
+        # transformers 5.x refuses bf16 without CUDA unless told the run is on the CPU
+        "training.args.use_cpu=true", f"output.dir={out}",
     ])  # fmt: skip
     run.train(config, ONE)
 
@@ -215,7 +227,7 @@ def test_training_tracks_the_fp32_path_and_resumes_exactly(
     train(tmp_path / "bf16", "bfloat16", 8, monkeypatch)
     fp32, bf16 = losses(tmp_path / "fp32"), losses(tmp_path / "bf16")
     assert len(bf16) == 8 and bf16[-1] < 0.5 * bf16[0]  # it learns
-    assert bf16 == pytest.approx(fp32, rel=3e-2)  # measured: within 1.2% of fp32 autocast
+    assert_tracks(bf16, fp32)
     weights = load_file(tmp_path / "bf16/final/model/model.safetensors")
     assert {t.dtype for t in weights.values()} == {torch.bfloat16}
     # Stopped after step 4 (a new process: run.train again on the same output.dir), resumed.
