@@ -171,8 +171,7 @@ venv: ## VENV (.venv; .venv-current for STACK=current) from the STACK's lock (in
 # stack (the fused LoRA and packed-attention kernels against peft 0.2x / transformers 5.x, and two
 # tokenizer-facing tests; dpo/orpo and the token budget, which check_stack refuses there; the
 # bitsandbytes shim, gated off there), deselected by name so that the list shrinks as they are ported.
-# test_finetune_cli.py (LoRA/full, merge, generate) joins once it is confirmed on the current stack.
-CURRENT_E2E ?= tests/e2e/test_newer_checkpoint_cli.py
+CURRENT_E2E ?= tests/e2e/test_newer_checkpoint_cli.py tests/e2e/test_finetune_cli.py
 CURRENT_PENDING ?= tests/unit/test_fused_lora.py tests/unit/test_packing.py \
     tests/unit/test_lora_variants.py::test_variants_reach_peft \
     tests/unit/test_lora_variants.py::test_rslora_stays_fused_and_matches_peft_forward_and_gradients \

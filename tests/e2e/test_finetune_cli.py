@@ -10,9 +10,18 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_cli
+from llmtrain import stack
+from tests.conftest import REPO, run_cli
 
 pytestmark = pytest.mark.slow
+
+
+def locked(package: str) -> str:
+    """The version the installed stack's lock file pins for `package`."""
+    lock = REPO / "requirements" / ("lock-current.txt" if stack.is_current() else "lock.txt")
+    found = re.search(rf"^{package}==(\S+)", lock.read_text(), re.MULTILINE)
+    assert found, f"{package} is not in {lock.name}"
+    return found.group(1)
 
 
 def losses(out: Path) -> list[float]:
@@ -52,7 +61,8 @@ def test_loss_falls_by_half_and_artifacts_exist(runs: dict[str, Path], method: s
     assert list((out / "tensorboard").rglob("events.out.tfevents.*"))
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["world_size"] == 1 and manifest["seed"] == 42
-    assert manifest["packages"]["transformers"] == "4.37.2"
+    # the locked release of the stack this runs on (pinned: lock.txt; current: lock-current.txt)
+    assert manifest["packages"]["transformers"] == locked("transformers")
     # the run's plan, each decision with its reason (CPU: fp32, one process)
     decided = manifest["plan"]
     assert decided["strategy"] == {"value": "single", "reason": "auto: one process"}
