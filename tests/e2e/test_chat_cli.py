@@ -67,8 +67,11 @@ def test_chat_run_learns_and_saves_its_template_and_stop_token(run: Path) -> Non
     marker = json.loads((run / "checkpoint-40" / "llmtrain-complete.json").read_text())
     assert marker["eval_loss"] == [r["eval_loss"] for r in records if "eval_loss" in r][-1]
     adapter = run / "final" / "adapter"
+    # transformers 4.37.2 keeps the template in tokenizer_config.json; 5.x in chat_template.jinja
     tok_cfg = json.loads((adapter / "tokenizer_config.json").read_text())
-    assert tok_cfg["chat_template"] == TEMPLATES["llama-2"]
+    jinja = adapter / "chat_template.jinja"
+    saved = jinja.read_text() if jinja.is_file() else tok_cfg["chat_template"]
+    assert saved == TEMPLATES["llama-2"]
     assert json.loads((adapter / "generation_config.json").read_text())["eos_token_id"] == 2
 
 
