@@ -172,7 +172,9 @@ venv: ## VENV (.venv; .venv-current for STACK=current) from the STACK's lock (in
 # tokenizer-facing tests; dpo/orpo and the token budget, which check_stack refuses there; the
 # bitsandbytes shim, gated off there), deselected by name so that the list shrinks as they are ported.
 # test_finetune_cli.py (LoRA/full, merge, generate) joins once it is confirmed on the current stack.
-CURRENT_E2E ?= tests/e2e/test_newer_checkpoint_cli.py
+# test_model_families.py: LoRA, merge and generate on a tiny checkpoint of each family users fine-tune
+# today (Llama-3.x, Qwen2.5/3, Gemma-2/3, Phi-3/4, Mistral-NeMo, the MoE families), ~4 min on 2 cores.
+CURRENT_E2E ?= tests/e2e/test_newer_checkpoint_cli.py tests/e2e/test_model_families.py
 CURRENT_PENDING ?= tests/unit/test_fused_lora.py tests/unit/test_packing.py \
     tests/unit/test_lora_variants.py::test_variants_reach_peft \
     tests/unit/test_lora_variants.py::test_rslora_stays_fused_and_matches_peft_forward_and_gradients \
