@@ -10,6 +10,7 @@ from transformers import (
     GPTNeoXConfig,
     LlamaConfig,
     MistralConfig,
+    MixtralConfig,
     PretrainedConfig,
     PreTrainedModel,
     Qwen2Config,
@@ -23,6 +24,9 @@ def tiny_config(arch: str) -> PretrainedConfig:
         return LlamaConfig(**COMMON, intermediate_size=64, num_key_value_heads=2)
     if arch == "mistral":
         return MistralConfig(**COMMON, intermediate_size=64, num_key_value_heads=2)
+    if arch == "mixtral":
+        return MixtralConfig(**COMMON, intermediate_size=64, num_key_value_heads=2,
+                             num_local_experts=4, num_experts_per_tok=2)
     if arch == "qwen2":
         return Qwen2Config(**COMMON, intermediate_size=64, num_key_value_heads=2)
     if arch == "gpt_neox":

@@ -265,7 +265,7 @@ def tiny_model_dir(t: Path, arch: str) -> str:
     return str(out)
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "falcon"])
+@pytest.mark.parametrize("arch", ["gpt2", "falcon", "mixtral"])
 def test_validate_passes_models_the_estimator_does_not_cover(arch: str, tmp_path: Path) -> None:
     result = run_cli("validate", config(tmp_path, model={"path": tiny_model_dir(tmp_path, arch)}),
                      cwd=tmp_path)
@@ -273,6 +273,18 @@ def test_validate_passes_models_the_estimator_does_not_cover(arch: str, tmp_path
     assert f"model: {arch}" in result.stdout
     assert "memory per GPU: the estimate is not available for this architecture" in result.stdout
     assert f"model type {arch!r}" in result.stdout
+    if arch == "mixtral":  # a mixture of experts is said to be one, not sized as a dense model
+        assert "is a mixture of experts (num_local_experts=4, 2 per token)" in result.stdout
+
+
+def test_estimate_says_it_does_not_cover_a_mixture_of_experts(tmp_path: Path) -> None:
+    path = config(tmp_path, model={"path": tiny_model_dir(tmp_path, "mixtral")})
+    result = run_cli("estimate", path, cwd=tmp_path)
+    assert result.returncode == 64, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "'mixtral' is a mixture of experts" in result.stderr
+    assert "does not cover this architecture" in result.stderr
+    assert "GiB" not in result.stdout  # no number
 
 
 def test_overrides_and_options_in_any_order(tmp_path: Path) -> None:

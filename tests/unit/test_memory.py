@@ -17,6 +17,7 @@ from llmtrain.kernels import lora as fused_lora
 from llmtrain.sizing.gpus import get_gpu
 from llmtrain.sizing.memory import (
     ModelShape,
+    NotEstimable,
     RunShape,
     estimate,
     fits,
@@ -55,6 +56,30 @@ def test_parameter_count_and_largest_layer_match_the_built_model() -> None:
     assert shape.params == model_to_params(model)
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
     assert shape.largest_layer_params == largest
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {**MISTRAL_7B, "model_type": "mixtral", "num_local_experts": 8, "num_experts_per_tok": 2},
+        {**MISTRAL_7B, "model_type": "qwen2_moe", "num_experts": 60, "num_experts_per_tok": 4,
+         "moe_intermediate_size": 1408, "shared_expert_intermediate_size": 5632},
+        {**MISTRAL_7B, "model_type": "qwen3_moe", "num_experts": 128, "num_experts_per_tok": 8,
+         "moe_intermediate_size": 768, "head_dim": 128},
+    ],
+    ids=lambda c: c["model_type"],
+)
+def test_a_mixture_of_experts_is_not_estimated_as_a_dense_decoder(config: dict[str, Any]) -> None:
+    """Its sizes read like a dense decoder's (intermediate_size is there), but the experts'
+    weights, the router and the tokens each expert sees are not in the model: no number."""
+    with pytest.raises(NotEstimable) as info:
+        ModelShape.from_config(config)
+    problem = info.value.problem
+    assert f"model type {config['model_type']!r} is a mixture of experts" in problem
+    assert "does not cover this architecture" in problem and "per token" in problem
+    assert info.value.exit_code == 64
+    # a dense config that names no experts (or one) is estimated as before
+    assert ModelShape.from_config({**MISTRAL_7B, "num_experts": 1}).params > 0
 
 
 @pytest.mark.parametrize(("gpus", "nodes"), [(1, 1), (2, 1), (8, 1), (8, 4)])

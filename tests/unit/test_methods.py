@@ -23,6 +23,22 @@ def test_lora_auto_targets_the_attention_and_mlp_linears(arch: str) -> None:
     assert trainable and all("lora_" in n for n in trainable)
 
 
+def test_lora_auto_adapts_the_linears_a_release_has() -> None:
+    """Mixtral's experts are nn.Linear w1, w2, w3 in transformers 4.37.2 and fused 3-D parameters
+    in 5.x: auto adapts the experts where they are linears, else the attention alone."""
+    from llmtrain import stack
+
+    model = wrap(tiny_model("mixtral"), MethodSection(name="lora"), LoraSection(r=4),
+                 gradient_checkpointing=False)
+    wrapped = {
+        name.rsplit(".", 1)[-1]
+        for name, module in model.named_modules()
+        if hasattr(module, "lora_A") and len(module.lora_A)
+    }
+    attention = {"q_proj", "k_proj", "v_proj", "o_proj"}
+    assert wrapped == (attention if stack.is_current() else attention | {"w1", "w2", "w3"})
+
+
 def test_unknown_architecture_lists_its_linear_layers() -> None:
     model = tiny_model("llama")
     model.config.model_type = "mystery"

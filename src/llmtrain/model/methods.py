@@ -17,13 +17,32 @@ from llmtrain.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-# The attention and MLP linear layers per architecture (module names as in transformers 4.37.2).
+# The attention and MLP linear layers per architecture, as transformers names the modules (4.37.2
+# and 5.x alike where the family exists in both). `auto` adapts the ones a loaded model has, so
+# one entry serves both stacks where a release renamed or fused layers (lora_targets).
+_ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
+_GATED_MLP = ["gate_proj", "up_proj", "down_proj"]
 LORA_TARGETS: dict[str, list[str]] = {
-    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "mixtral": ["q_proj", "k_proj", "v_proj", "o_proj", "w1", "w2", "w3"],
-    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "gemma": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "llama": _ATTN + _GATED_MLP,  # Llama 1-3.3 (rope_scaling llama3 changes no module)
+    "mistral": _ATTN + _GATED_MLP,  # also Mistral-NeMo (head_dim 128 changes only the shapes)
+    # Mixture of experts. transformers 4.37.2 keeps each expert as nn.Linear modules w1, w2, w3;
+    # 5.x fuses a layer's experts into 3-D parameters (MixtralExperts.gate_up_proj, .down_proj)
+    # that LoRA cannot adapt as a Linear, so there auto adapts the attention only (the router,
+    # `gate`, is never a target).
+    "mixtral": [*_ATTN, "w1", "w2", "w3"],
+    "qwen2": _ATTN + _GATED_MLP,  # Qwen2 and Qwen2.5 (q, k, v with bias)
+    "qwen3": _ATTN + _GATED_MLP,  # Qwen3 (q_norm and k_norm are not linears)
+    # Qwen1.5-MoE / Qwen2-MoE and Qwen3-MoE: the routed experts are fused 3-D parameters in 5.x
+    # (as Mixtral's), so auto adapts the attention and the dense linears that remain: the shared
+    # expert's gate/up/down_proj (qwen2_moe) and the MLPs of mlp_only_layers (both).
+    "qwen2_moe": _ATTN + _GATED_MLP,
+    "qwen3_moe": _ATTN + _GATED_MLP,
+    "gemma": _ATTN + _GATED_MLP,
+    "gemma2": _ATTN + _GATED_MLP,
+    "gemma3_text": _ATTN + _GATED_MLP,  # Gemma-3 1B and the text tower of Gemma3ForCausalLM
+    # Phi-3, Phi-3.5 and Phi-4 (model type phi3): q, k, v fused in qkv_proj, gate and up in
+    # gate_up_proj.
+    "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
     "phi": ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"],
     "gpt_neox": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
     "falcon": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
@@ -64,7 +83,24 @@ def lora_targets(config: PretrainedConfig, lora: LoraSection, model: nn.Module) 
             "set lora.target_modules to a list of its linear layers: "
             + ", ".join(linear_module_names(model)),
         )
-    return LORA_TARGETS[config.model_type]
+    present = set(linear_module_names(model))
+    targets = [t for t in LORA_TARGETS[config.model_type] if t in present]
+    if not targets:
+        raise ConfigError(
+            f"lora.target_modules=auto: this {config.model_type} model has none of the linear "
+            f"layers {LORA_TARGETS[config.model_type]}",
+            "set lora.target_modules to a list of its linear layers: " + ", ".join(sorted(present)),
+        )
+    absent = [t for t in LORA_TARGETS[config.model_type] if t not in present]
+    if absent:
+        log.info(
+            "lora.target_modules=auto: %s has no linear layers %s (fused or absent in this "
+            "release); adapting %s",
+            config.model_type,
+            absent,
+            targets,
+        )
+    return targets
 
 
 def check_dora_targets(model: nn.Module, targets: list[str]) -> None:

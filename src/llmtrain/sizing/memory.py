@@ -42,8 +42,9 @@ NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
 
 
 class NotEstimable(ConfigError):
-    """The model is not a Llama-style decoder, so its memory cannot be estimated (exit 64 for
-    `estimate`; `validate` reports it and goes on, since finetune trains such models)."""
+    """The model is not a dense Llama-style decoder (another layout, or a mixture of experts), so
+    its memory cannot be estimated (exit 64 for `estimate`; `validate` reports it and goes on,
+    since finetune trains such models)."""
 
 
 @dataclass(frozen=True)
@@ -73,8 +74,17 @@ class ModelShape:
         """The shape from a parsed config.json (a dict, as transformers writes it).
 
         Raises:
-            NotEstimable: a size the estimator needs is missing: not a Llama-style decoder
-                (exit 64)."""
+            NotEstimable: a size the estimator needs is missing, or the model is a mixture of
+                experts: not a Llama-style dense decoder (exit 64)."""
+        experts = _experts(config)
+        if experts:
+            raise NotEstimable(
+                f"config.json of model type {config.get('model_type')!r} is a mixture of experts "
+                f"({experts}): the estimator counts a dense Llama-style decoder and does not "
+                "cover this architecture (experts, router, the tokens each expert sees)",
+                "size it by a short trial run on the target GPU (e.g. training.max_steps=5); the "
+                "estimator covers dense Llama-style decoders (llama, mistral, qwen2, gemma)",
+            )
         keys = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads")
         missing = [k for k in (*keys, "vocab_size") if k not in config]
         if missing:
@@ -134,6 +144,21 @@ class ModelShape:
     def largest_layer_params(self) -> int:
         """Largest single module's own parameters, as DeepSpeed's ZeRO-3 estimator takes it."""
         return max(self.embedding_params, *(a * b for a, b in self.linear_dims().values()))
+
+
+# config.json keys that count the routed experts of a mixture-of-experts model: Mixtral
+# (num_local_experts), Qwen2-MoE, Qwen3-MoE and OLMoE (num_experts), DeepSeek (n_routed_experts).
+EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
+
+
+def _experts(config: dict[str, Any]) -> str | None:
+    """'N experts, K per token' when the config describes routed experts, else None."""
+    for key in EXPERT_KEYS:
+        count = config.get(key)
+        if isinstance(count, int) and count > 1:
+            per_token = config.get("num_experts_per_tok")
+            return f"{key}={count}" + (f", {per_token} per token" if per_token else "")
+    return None
 
 
 @dataclass(frozen=True)
