@@ -4,8 +4,10 @@ on CPU by a tracker of every tensor storage a real training step allocates."""
 from __future__ import annotations
 
 import weakref
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -16,11 +18,13 @@ from llmtrain import plan
 from llmtrain.kernels import lora as fused_lora
 from llmtrain.sizing.gpus import get_gpu
 from llmtrain.sizing.memory import (
+    GIB,
     ModelShape,
     RunShape,
     estimate,
     fits,
     largest_micro_batch,
+    loss_chunk_tokens,
     trainable_params,
 )
 
@@ -246,3 +250,67 @@ def test_predicted_peak_matches_a_measured_cpu_step(
     predicted = estimate(ModelShape.from_config(TINY), run).allocated
     measured = _measured_peak(run)
     assert predicted == pytest.approx(measured, rel=0.05)
+
+
+# Allocated peaks of bench/workloads.py's fixed-1b-full (TinyLlama-1.1B shape, full fine-tune,
+# 8 x 2048 rows of one length, fused AdamW, SDPA) on one H200, by bench/runs.py's overrides:
+# results/h200-fused-lora.json and h200-ablation.json.
+H200_FIXED_1B_FULL = {
+    (): 55.02,
+    ("training.chunked_loss=false",): 59.52,
+}
+
+
+def _bench_run(tmp_path: Path, overrides: tuple[str, ...]) -> tuple[ModelShape, RunShape]:
+    """The estimate bench/runs.py records for fixed-1b-full: its config, through run_shape, with
+    the lengths of its rows."""
+    from bench.runs import llmtrain_config
+    from bench.workloads import MODELS, WORKLOADS
+    from transformers import LlamaConfig
+
+    from llmtrain.config import RunConfig, apply_overrides
+    from llmtrain.sizing import from_config, tokens
+
+    model = tmp_path / "llama-1b"
+    LlamaConfig(**MODELS["1b"], torch_dtype="bfloat16").save_pretrained(model)
+    work = WORKLOADS["fixed-1b-full"]
+    raw = apply_overrides(llmtrain_config(work, model, tmp_path), list(overrides))
+    cfg = RunConfig.model_validate(raw)
+    shape = from_config.model_shape(cfg)
+    rows = tokens.Measured(np.full(13 * work.batch, work.seq_len), "bench rows")
+    return shape, from_config.run_shape(cfg, shape, measured=rows)
+
+
+@pytest.mark.parametrize("overrides", list(H200_FIXED_1B_FULL), ids=lambda o: " ".join(o) or "-")
+def test_fixed_1b_full_within_10_percent_of_the_h200(
+    tmp_path: Path, overrides: tuple[str, ...]
+) -> None:
+    shape, run = _bench_run(tmp_path, overrides)
+    assert run.chunked_loss == ("training.chunked_loss=false" not in overrides)
+    measured = H200_FIXED_1B_FULL[overrides] * GIB
+    assert estimate(shape, run).allocated == pytest.approx(measured, rel=0.10)
+
+
+TINYLLAMA = ModelShape(layers=22, hidden=2048, intermediate=5632, heads=32, kv_heads=4, vocab=32000)
+FIXED_1B_FULL = RunShape(method="full", micro_batch=8, seq_len=2048, weight_bytes=4, padded=False)
+
+
+def test_the_chunked_loss_holds_one_chunk_of_logits() -> None:
+    run = _with(FIXED_1B_FULL, chunked_loss=True)
+    chunk = loss_chunk_tokens(TINYLLAMA.vocab)
+    assert chunk == 4194
+    assert estimate(TINYLLAMA, run).logits == 3 * 4 * chunk * TINYLLAMA.vocab
+    # transformers' loss holds all of the tokens' logits; a chunk never holds more tokens
+    whole = estimate(TINYLLAMA, _with(run, chunked_loss=False)).logits
+    assert whole == 3 * 4 * run.tokens * TINYLLAMA.vocab
+    short = _with(run, micro_batch=1, seq_len=1024)
+    assert estimate(TINYLLAMA, short).logits == 3 * 4 * 1024 * TINYLLAMA.vocab
+
+
+def test_sizing_mirrors_the_kernels() -> None:
+    """The model types and the chunk size sizing/ names without importing the kernels."""
+    from llmtrain.kernels import loss
+    from llmtrain.sizing import from_config, memory
+
+    assert memory.LOSS_CHUNK_ELEMENTS == loss.CHUNK_ELEMENTS
+    assert from_config.CHUNKED_LOSS_MODELS == loss.SUPPORTED

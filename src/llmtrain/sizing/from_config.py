@@ -22,6 +22,10 @@ from llmtrain.sizing.memory import (
 if TYPE_CHECKING:  # tokens reads prepared data (numpy, datasets): imported when used
     from llmtrain.sizing import tokens
 
+# Model types whose loss kernels/loss.py chunks (its SUPPORTED; a test holds them equal), named
+# here so that sizing needs no torch.
+CHUNKED_LOSS_MODELS = ("llama", "mistral", "qwen2", "gemma")
+
 
 def model_shape(cfg: RunConfig) -> ModelShape:
     from llmtrain.model.load import load_model_config  # transformers: only when a config is read
@@ -131,6 +135,7 @@ def run_shape(
         attention=attention or plan.attention,  # type: ignore[arg-type]
         padded=cfg.data.packing == "none",
         reference_copy=cfg.method.name == "dpo" and cfg.preference.weights == "full",
+        chunked_loss=plan.chunked_loss and shape.model_type in CHUNKED_LOSS_MODELS,
         **extra,
     )
 
