@@ -286,7 +286,11 @@ def test_fixed_1b_full_within_10_percent_of_the_h200(
     tmp_path: Path, overrides: tuple[str, ...]
 ) -> None:
     shape, run = _bench_run(tmp_path, overrides)
+    compiled = "training.compile=true" in overrides
+    assert not run.padded  # rows of one length: no mask
     assert run.chunked_loss == ("training.chunked_loss=false" not in overrides)
+    # Compiled, rows without a mask take llmtrain's attention forward (SDPA, k and v unrepeated).
+    assert run.attention_forward == ("rows" if compiled else "transformers")
     measured = H200_FIXED_1B_FULL[overrides] * GIB
     assert estimate(shape, run).allocated == pytest.approx(measured, rel=0.10)
 
@@ -307,10 +311,20 @@ def test_the_chunked_loss_holds_one_chunk_of_logits() -> None:
     assert estimate(TINYLLAMA, short).logits == 3 * 4 * 1024 * TINYLLAMA.vocab
 
 
+def test_whole_rows_give_sdpa_k_and_v_unrepeated() -> None:
+    """Whole rows moving from the varlen kernel (k, v repeated: torch 2.11's varlen_attn takes
+    no enable_gqa) to SDPA with grouped-query heads took fixed-1b-full compiled from 41.57 to
+    39.16 GiB on the H200 (results/h200.json, h200-cudnn.json)."""
+    varlen = estimate(TINYLLAMA, _with(FIXED_1B_FULL, attention_forward="packed"))
+    rows = estimate(TINYLLAMA, _with(FIXED_1B_FULL, attention_forward="rows"))
+    assert (varlen.allocated - rows.allocated) / GIB == pytest.approx(41.57 - 39.16, rel=0.01)
+
+
 def test_sizing_mirrors_the_kernels() -> None:
     """The model types and the chunk size sizing/ names without importing the kernels."""
-    from llmtrain.kernels import loss
+    from llmtrain.kernels import loss, varlen_attention
     from llmtrain.sizing import from_config, memory
 
     assert memory.LOSS_CHUNK_ELEMENTS == loss.CHUNK_ELEMENTS
     assert from_config.CHUNKED_LOSS_MODELS == loss.SUPPORTED
+    assert from_config.LLMTRAIN_ATTENTION_MODELS == varlen_attention.SUPPORTED

@@ -15,6 +15,10 @@ LlamaDecoderLayer with SDPA (tests/unit/test_memory.py measures them again on CP
   MLP          gate output, SiLU output, up output, their product (4 x 2i)
 Eager attention adds the fp32-softmaxed (b, heads, s, s) matrix and its dropout copy.
 
+llmtrain's attention forward (kernels/varlen_attention.py: padding-free packing, or
+training.compile on rows without padding) casts the norm output to 16 bits once for q, k and v,
+gathers RoPE's cos and sin per token (2 x 2 head_dim) and, on whole rows, gives SDPA k and v
+unrepeated (grouped-query heads).
 The chunked loss (kernels/loss.py) holds one chunk's logits at a time (`logits_bytes`).
 """
 
@@ -176,6 +180,12 @@ class RunShape:
     # plan.chunked_loss (kernels/loss.py): the loss over chunks of tokens, each chunk's logits
     # made again in backward; False: transformers' loss over the whole logits
     chunked_loss: bool = False
+    # Which attention forward runs: transformers' (q, k, v each cast their input; SDPA and eager
+    # see k, v after repeat_kv), or llmtrain's (kernels/varlen_attention.py, one cast) on "rows"
+    # that each hold one sample (SDPA with grouped-query heads: k, v unrepeated) or on "packed"
+    # padding-free rows (a varlen kernel: flash-attn takes k, v unrepeated; torch's varlen_attn
+    # without enable_gqa (torch 2.11) and the per-sample SDPA fallback see them repeated)
+    attention_forward: Literal["transformers", "rows", "packed"] = "transformers"
     # DPO with full weights: a frozen copy of the base model as the reference, in the compute
     # dtype (LoRA's reference is the same model with the adapter disabled: no copy)
     reference_copy: bool = False
@@ -403,8 +413,14 @@ def _autocast_weight_copies(shape: ModelShape, run: RunShape, blocks: int) -> in
 
 def _attn_bytes(shape: ModelShape, run: RunShape) -> int:
     """Per token: what the attention kernel keeps (q, k, v, output, fp32 log-sum-exp), always
-    16-bit under autocast (QLoRA's fp32 q, k, v are cast first)."""
+    16-bit under autocast (QLoRA's fp32 q, k, v are cast first). llmtrain's forward also keeps
+    RoPE's cos and sin, gathered per token (transformers' are per position, shared by the
+    batch: not counted)."""
     h, kv, a = shape.hidden, shape.kv_dim, run.dtype_bytes
+    if run.attention_forward != "transformers":
+        grouped = run.attention_forward == "rows" or run.attention == "flash_attention_2"
+        rope = 2 * a * shape.head_dim
+        return a * (2 * h + 2 * (kv if grouped else h)) + 4 * shape.heads + rope
     if run.attention == "flash_attention_2":
         return a * (2 * h + 2 * kv) + 4 * shape.heads  # flash-attn takes k, v unrepeated
     attn = 4 * a * h + 4 * shape.heads  # SDPA and eager see k, v after repeat_kv
@@ -465,9 +481,11 @@ def _autocast_block(shape: ModelShape, run: RunShape, trains: bool) -> int:
         lora = _lora_shared_inputs_bytes(shape, run) if fused else _lora_targets_bytes(shape, run)
         return norms + _attn_bytes(shape, run) + mlp + lora
     # fp32 stream: RMSNorm keeps its fp32 input and (trained weight) its normalised input;
-    # q, k, v (and gate, up) each keep their own 16-bit cast of its output.
+    # q, k, v (and gate, up) each keep their own 16-bit cast of its output, except where
+    # llmtrain's attention forward casts it once for all three.
     norms = 2 * _norm_bytes(run, h, trains)
-    casts = a * h * (3 + 2) if trains else 0
+    qkv_casts = 3 if run.attention_forward == "transformers" else 1
+    casts = a * h * (qkv_casts + 2) if trains else 0
     mlp = _mlp_bytes(shape, run, trains)  # down_proj keeps the 16-bit product
     return norms + casts + _attn_bytes(shape, run) + mlp
 
@@ -505,7 +523,10 @@ def _qlora_block(shape: ModelShape, run: RunShape) -> int:
     ctx.tensors) and returns fp32; the MLP's gate, SiLU and up outputs stay fp32."""
     h, i, a = shape.hidden, shape.intermediate, run.dtype_bytes
     norms = 2 * 4 * h
-    casts = a * (5 * h + i)  # q, k, v, gate, up cast the fp32 norm output; down the product
+    # q, k, v, gate, up cast the fp32 norm output; down the product. llmtrain's attention
+    # forward casts once for q, k and v, which then keep that one 16-bit tensor.
+    qkv_casts = 3 if run.attention_forward == "transformers" else 1
+    casts = a * ((qkv_casts + 2) * h + i)
     mlp = 3 * 4 * i
     return norms + casts + _attn_bytes(shape, run) + mlp + _lora_targets_bytes(shape, run)
 
