@@ -142,6 +142,7 @@ def run_shape(
         attention=attention or plan.attention,  # type: ignore[arg-type]
         padded=padded,
         reference_copy=cfg.method.name == "dpo" and cfg.preference.weights == "full",
+        compiled=t.compile,
         chunked_loss=plan.chunked_loss and shape.model_type in CHUNKED_LOSS_MODELS,
         attention_forward=_attention_forward(
             shape, attention or plan.attention, packed, padded, t.compile

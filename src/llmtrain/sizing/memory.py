@@ -18,7 +18,12 @@ Eager attention adds the fp32-softmaxed (b, heads, s, s) matrix and its dropout 
 llmtrain's attention forward (kernels/varlen_attention.py: padding-free packing, or
 training.compile on rows without padding) casts the norm output to 16 bits once for q, k and v,
 gathers RoPE's cos and sin per token (2 x 2 head_dim) and, on whole rows, gives SDPA k and v
-unrepeated (grouped-query heads).
+unrepeated (grouped-query heads). With training.compile (kernels/ops.py) Inductor's functions
+keep only what their backward cannot recompute (the same CPU test, compiled):
+  RMSNorm      its input (the residual stream, s h) and the fp32 rstd per token: the fp32
+               copy, the normalised input and the product are recomputed
+  add + norm   the sum (the next residual stream, s h) and its rstd; not the attention output
+  SwiGLU       gate and up (2 x 2i): silu(gate) is recomputed; the MLP casts its input once
 The chunked loss (kernels/loss.py) holds one chunk's logits at a time (`logits_bytes`).
 """
 
@@ -177,6 +182,10 @@ class RunShape:
     train_lm_head: bool = False
     attention: Literal["sdpa", "flash_attention_2", "eager"] = "sdpa"
     padded: bool = True  # batches carry padding, so SDPA gets a materialised (b,1,s,s) mask
+    # training.compile (kernels/ops.py): each RMSNorm, the SwiGLU MLP, the residual add with the
+    # second norm, RoPE and the chunked loss's cross-entropy through torch.compile (Llama-style
+    # blocks; Gemma's norms and GELU MLP are not patched, nor modelled apart)
+    compiled: bool = False
     # plan.chunked_loss (kernels/loss.py): the loss over chunks of tokens, each chunk's logits
     # made again in backward; False: transformers' loss over the whole logits
     chunked_loss: bool = False
@@ -386,18 +395,21 @@ def _stream_bytes(run: RunShape) -> int:
 
 def _norm_bytes(run: RunShape, h: int, trains: bool) -> int:
     """Per token, what one RMSNorm keeps (its output apart: the Linears after it keep that).
-    LlamaRMSNorm: the fp32 copy of its input (the input itself when already fp32) and, for a
-    trained weight, the normalised input in the stream's dtype. It also keeps the fp32 rstd
-    per token (4 bytes against 2h or more): not counted."""
-    return 4 * h + (_stream_bytes(run) * h if trains else 0)
+    Eager (LlamaRMSNorm): the fp32 copy of its input (the input itself when already fp32) and,
+    for a trained weight, the normalised input in the stream's dtype. Compiled (ops.rms_norm,
+    ops.add_rms_norm): its input, or the residual sum, in the stream's dtype; the backward
+    recomputes the normalised input from it, for the weight's gradient too. Both also keep the
+    fp32 rstd per token (4 bytes against 2h or more): not counted."""
+    s = _stream_bytes(run)
+    return s * h if run.compiled else 4 * h + (s * h if trains else 0)
 
 
 def _mlp_bytes(shape: ModelShape, run: RunShape, down_keeps: bool) -> int:
-    """Per token, the SwiGLU MLP's [intermediate] tensors in the compute dtype: gate, SiLU's
-    output and up, plus their product when down_proj keeps its input (trained weight, or a
-    LoRA target that keeps it)."""
+    """Per token, the SwiGLU MLP's [intermediate] tensors in the compute dtype: gate and up,
+    plus SiLU's output eagerly (the compiled ops.swiglu recomputes it), plus their product
+    when down_proj keeps its input (trained weight, or a LoRA target that keeps it)."""
     a, i = run.dtype_bytes, shape.intermediate
-    return 3 * a * i + (a * i if down_keeps else 0)
+    return (2 if run.compiled else 3) * a * i + (a * i if down_keeps else 0)
 
 
 def _autocast_weight_copies(shape: ModelShape, run: RunShape, blocks: int) -> int:
@@ -480,12 +492,12 @@ def _autocast_block(shape: ModelShape, run: RunShape, trains: bool) -> int:
         )
         lora = _lora_shared_inputs_bytes(shape, run) if fused else _lora_targets_bytes(shape, run)
         return norms + _attn_bytes(shape, run) + mlp + lora
-    # fp32 stream: RMSNorm keeps its fp32 input and (trained weight) its normalised input;
-    # q, k, v (and gate, up) each keep their own 16-bit cast of its output, except where
-    # llmtrain's attention forward casts it once for all three.
+    # fp32 stream: RMSNorm keeps its fp32 input and (trained weight, eager) its normalised
+    # input; q, k, v (and gate, up) each keep their own 16-bit cast of its output, except where
+    # llmtrain's attention forward (and the compiled MLP) cast it once for all three (two).
     norms = 2 * _norm_bytes(run, h, trains)
     qkv_casts = 3 if run.attention_forward == "transformers" else 1
-    casts = a * h * (qkv_casts + 2) if trains else 0
+    casts = a * h * (qkv_casts + (1 if run.compiled else 2)) if trains else 0
     mlp = _mlp_bytes(shape, run, trains)  # down_proj keeps the 16-bit product
     return norms + casts + _attn_bytes(shape, run) + mlp
 
@@ -520,7 +532,9 @@ def _lora_shared_inputs_bytes(shape: ModelShape, run: RunShape) -> int:
 def _qlora_block(shape: ModelShape, run: RunShape) -> int:
     """prepare_model_for_kbit_training makes embeddings and norms fp32, so the residual stream
     is fp32: Linear4bit casts its input to 16 bits and keeps it (bitsandbytes MatMul4Bit's
-    ctx.tensors) and returns fp32; the MLP's gate, SiLU and up outputs stay fp32."""
+    ctx.tensors) and returns fp32; the MLP's gate, SiLU and up outputs stay fp32. Compiled
+    norms and MLP are not modelled here (the 4-bit layers' dtypes then follow autocast_input's
+    16-bit input): the eager terms, which keep more, stand for them."""
     h, i, a = shape.hidden, shape.intermediate, run.dtype_bytes
     norms = 2 * 4 * h
     # q, k, v, gate, up cast the fp32 norm output; down the product. llmtrain's attention
@@ -547,13 +561,23 @@ def logits_bytes(shape: ModelShape, run: RunShape) -> int:
     outgoing gradients are alive, the same three fp32 tensors over the chunk's tokens. On the
     H200 the chunked loss took 4.50 GiB off fixed-1b-full's peak (bench/results/
     h200-ablation.json, 59.52 to 55.02): 12 bytes per logit of 16384 - 4194 tokens x 32000
-    is 4.37 GiB, and the chunk inputs the checkpoint keeps add 0.06 back."""
+    is 4.37 GiB, and the chunk inputs the checkpoint keeps add 0.06 back.
+
+    Compiled (ops.cross_entropy_sum), Inductor's cross-entropy reads the 16-bit logits without
+    storing their fp32 upcast or log-softmax, keeps them (and a per-token log-sum-exp) and
+    writes their gradient in the logits' dtype: two (chunk x vocab) tensors of the compute
+    dtype. On the H200, compiling the cross-entropy alone took 1.00 GiB off fixed-1b-full's
+    peak (bench/results/h200-cudnn.json to h200-fused-lora.json): 12 - 4 bytes per logit of a
+    4194 x 32000 chunk."""
     if run.method == "inference":
         # generate() prefill: bf16 and fp32 logits for every prompt position.
         return (run.dtype_bytes + 4) * run.tokens * shape.vocab
     if not run.chunked_loss:
         return 3 * 4 * run.tokens * shape.vocab
-    return 3 * 4 * min(run.tokens, loss_chunk_tokens(shape.vocab)) * shape.vocab
+    chunk = min(run.tokens, loss_chunk_tokens(shape.vocab))
+    if run.compiled:
+        return 2 * run.dtype_bytes * chunk * shape.vocab
+    return 3 * 4 * chunk * shape.vocab
 
 
 def kv_cache_bytes(shape: ModelShape, run: RunShape) -> int:
