@@ -3,9 +3,13 @@ on CPU by a tracker of every tensor storage a real training step allocates."""
 
 from __future__ import annotations
 
+import itertools
+import shutil
 import weakref
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -16,12 +20,15 @@ from llmtrain import plan
 from llmtrain.kernels import lora as fused_lora
 from llmtrain.sizing.gpus import get_gpu
 from llmtrain.sizing.memory import (
+    GIB,
+    LINEARS,
     ModelShape,
     NotEstimable,
     RunShape,
     estimate,
     fits,
     largest_micro_batch,
+    loss_chunk_tokens,
     trainable_params,
 )
 
@@ -271,3 +278,217 @@ def test_predicted_peak_matches_a_measured_cpu_step(
     predicted = estimate(ModelShape.from_config(TINY), run).allocated
     measured = _measured_peak(run)
     assert predicted == pytest.approx(measured, rel=0.05)
+
+
+# Allocated peaks of bench/workloads.py's fixed-1b-full (TinyLlama-1.1B shape, full fine-tune,
+# 8 x 2048 rows of one length, fused AdamW, SDPA) on one H200, by bench/runs.py's overrides:
+# results/h200-fused-lora.json, h200-ablation.json and bf16-params-fixed-1b-full-h200.json.
+H200_FIXED_1B_FULL = {
+    (): 55.02,
+    ("training.chunked_loss=false",): 59.52,
+    ("training.compile=true",): 38.16,
+    ("training.compile=true", "training.param_dtype=bfloat16"): 35.31,
+}
+
+
+def _bench_run(tmp_path: Path, overrides: tuple[str, ...]) -> tuple[ModelShape, RunShape]:
+    """The estimate bench/runs.py records for fixed-1b-full: its config, through run_shape, with
+    the lengths of its rows."""
+    from bench.runs import llmtrain_config
+    from bench.workloads import MODELS, WORKLOADS
+    from transformers import LlamaConfig
+
+    from llmtrain.config import RunConfig, apply_overrides
+    from llmtrain.sizing import from_config, tokens
+
+    model = tmp_path / "llama-1b"
+    LlamaConfig(**MODELS["1b"], torch_dtype="bfloat16").save_pretrained(model)
+    work = WORKLOADS["fixed-1b-full"]
+    raw = apply_overrides(llmtrain_config(work, model, tmp_path), list(overrides))
+    cfg = RunConfig.model_validate(raw)
+    shape = from_config.model_shape(cfg)
+    rows = tokens.Measured(np.full(13 * work.batch, work.seq_len), "bench rows")
+    return shape, from_config.run_shape(cfg, shape, measured=rows)
+
+
+@pytest.mark.parametrize("overrides", list(H200_FIXED_1B_FULL), ids=lambda o: " ".join(o) or "-")
+def test_fixed_1b_full_within_10_percent_of_the_h200(
+    tmp_path: Path, overrides: tuple[str, ...]
+) -> None:
+    shape, run = _bench_run(tmp_path, overrides)
+    compiled = "training.compile=true" in overrides
+    assert run.compiled == compiled and not run.padded  # rows of one length: no mask
+    assert run.chunked_loss == ("training.chunked_loss=false" not in overrides)
+    # Compiled, rows without a mask take llmtrain's attention forward (SDPA, k and v unrepeated).
+    assert run.attention_forward == ("rows" if compiled else "transformers")
+    measured = H200_FIXED_1B_FULL[overrides] * GIB
+    assert estimate(shape, run).allocated == pytest.approx(measured, rel=0.10)
+
+
+TINYLLAMA = ModelShape(layers=22, hidden=2048, intermediate=5632, heads=32, kv_heads=4, vocab=32000)
+FIXED_1B_FULL = RunShape(method="full", micro_batch=8, seq_len=2048, weight_bytes=4, padded=False)
+
+
+def test_the_chunked_loss_holds_one_chunk_of_logits() -> None:
+    run = _with(FIXED_1B_FULL, chunked_loss=True)
+    chunk = loss_chunk_tokens(TINYLLAMA.vocab)
+    assert chunk == 4194
+    assert estimate(TINYLLAMA, run).logits == 3 * 4 * chunk * TINYLLAMA.vocab
+    # transformers' loss holds all of the tokens' logits; a chunk never holds more tokens
+    whole = estimate(TINYLLAMA, _with(run, chunked_loss=False)).logits
+    assert whole == 3 * 4 * run.tokens * TINYLLAMA.vocab
+    short = _with(run, micro_batch=1, seq_len=1024)
+    assert estimate(TINYLLAMA, short).logits == 3 * 4 * 1024 * TINYLLAMA.vocab
+
+
+def test_whole_rows_give_sdpa_k_and_v_unrepeated() -> None:
+    """Whole rows moving from the varlen kernel (k, v repeated: torch 2.11's varlen_attn takes
+    no enable_gqa) to SDPA with grouped-query heads took fixed-1b-full compiled from 41.57 to
+    39.16 GiB on the H200 (results/h200.json, h200-cudnn.json)."""
+    varlen = estimate(TINYLLAMA, _with(FIXED_1B_FULL, attention_forward="packed"))
+    rows = estimate(TINYLLAMA, _with(FIXED_1B_FULL, attention_forward="rows"))
+    assert (varlen.allocated - rows.allocated) / GIB == pytest.approx(41.57 - 39.16, rel=0.01)
+
+
+def test_compiled_cross_entropy_keeps_eight_bytes_less_per_logit_of_a_chunk() -> None:
+    """Compiling each chunk's cross-entropy alone took fixed-1b-full from 39.16 to 38.16 GiB on
+    the H200 (results/h200-cudnn.json, h200-fused-lora.json): the fp32 log-softmax and its two
+    fp32 gradients against the 16-bit logits and their 16-bit gradient."""
+    run = _with(FIXED_1B_FULL, chunked_loss=True)
+    eager, compiled = estimate(TINYLLAMA, run), estimate(TINYLLAMA, _with(run, compiled=True))
+    assert eager.logits - compiled.logits == 8 * loss_chunk_tokens(TINYLLAMA.vocab) * 32000
+    assert (eager.logits - compiled.logits) / GIB == pytest.approx(39.16 - 38.16, rel=0.01)
+
+
+def test_compile_never_predicts_more_than_no_compile() -> None:
+    shapes = [ModelShape.from_config(LLAMA2_7B), ModelShape.from_config(MISTRAL_7B)]
+    checked = 0
+    for shape, method, strategy, ckpt, attention, forward, chunked, wbytes, mixed in (
+        itertools.product(
+            shapes, ["full", "layers", "lora", "qlora"], ["ddp", "fsdp", "zero2", "zero3"],
+            [False, True], ["sdpa", "flash_attention_2"], ["transformers", "rows", "packed"],
+            [False, True], [2, 4], [True, False],
+        )
+    ):  # fmt: skip
+        run = RunShape(
+            method=method, strategy=strategy, gpus_per_node=1 if strategy == "ddp" else 2,
+            gradient_checkpointing=ckpt, attention=attention, attention_forward=forward,
+            chunked_loss=chunked, weight_bytes=wbytes, mixed_precision=mixed, micro_batch=4,
+            seq_len=2048, trainable_blocks=(20, 31) if method == "layers" else (),
+        )  # fmt: skip
+        eager = estimate(shape, run)
+        # compile alone, and compile with llmtrain's attention forward on unpadded rows
+        for compiled in (
+            _with(run, compiled=True),
+            _with(run, compiled=True, padded=False, attention_forward="rows"),
+        ):
+            if compiled.attention_forward == "rows" and forward != "transformers":
+                continue
+            assert estimate(shape, compiled).allocated <= eager.allocated, run
+            checked += 1
+    assert checked > 1000
+
+
+def test_sizing_mirrors_the_kernels() -> None:
+    """The model types and the chunk size sizing/ names without importing the kernels."""
+    from llmtrain.kernels import loss, varlen_attention
+    from llmtrain.sizing import from_config, memory
+
+    assert memory.LOSS_CHUNK_ELEMENTS == loss.CHUNK_ELEMENTS
+    assert from_config.CHUNKED_LOSS_MODELS == loss.SUPPORTED
+    assert from_config.LLMTRAIN_ATTENTION_MODELS == varlen_attention.SUPPORTED
+
+
+def _saved_per_layer(run: RunShape) -> list[int]:
+    """Bytes of the distinct tensors autograd saves in each decoder layer of TINY, compiled as
+    finetune compiles it (weights and their 16-bit casts apart: the estimate counts those
+    elsewhere). Whole rows take SDPA with grouped-query heads, as they do on CUDA."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from llmtrain.kernels import loss, ops, varlen_attention
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        **{k: v for k, v in TINY.items() if k != "model_type"}, attn_implementation="sdpa"
+    )
+    model: Any = LlamaForCausalLM(cfg).to(torch.float32 if run.wbytes == 4 else torch.bfloat16)
+    varlen_attention.patch_attention(model, compiled_rope=True)
+    ops.compile_blocks(model)
+    loss.patch_causal_lm_loss(model, compiled=True)
+    layers = list(model.model.layers)
+    if run.method == "lora":
+        model.enable_input_require_grads()  # as _measured_peak: the first block counts too
+        model = get_peft_model(
+            model, LoraConfig(r=run.lora_r, target_modules=list(LINEARS), lora_dropout=0.0)
+        )
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+        fused_lora.patch(model)
+    model.train()
+    weights = {tuple(p.shape) for p in model.parameters()}
+    weights |= {s[::-1] for s in weights}
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    where: list[int] = [-1]
+    saved: list[dict[int, int]] = [{} for _ in layers]
+
+    def leave(module: Any, args: Any, out: Any) -> None:
+        where.pop()
+
+    for k, layer in enumerate(layers):
+        layer.register_forward_pre_hook(lambda m, a, k=k: where.append(k))
+        layer.register_forward_hook(leave)
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        st = t.untyped_storage()
+        if where[-1] >= 0 and st.data_ptr() not in params and tuple(t.shape) not in weights:
+            saved[where[-1]][st.data_ptr()] = st.nbytes()
+        return t
+
+    ids = torch.randint(0, TINY["vocab_size"], (run.micro_batch, run.seq_len))
+    for _ in range(2):  # the first step compiles
+        saved = [{} for _ in layers]
+        with (
+            torch.autocast("cpu", dtype=torch.bfloat16, enabled=run.autocast),
+            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+        ):
+            out = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids)
+        out.loss.backward()
+        model.zero_grad(set_to_none=True)
+    return [sum(s.values()) for s in saved]
+
+
+COMPILED = [
+    RunShape(method="full", weight_bytes=4),  # fp32 weights under autocast: an fp32 stream
+    RunShape(method="lora", lora_dropout=0.0),  # bf16 weights, fp32 adapters: a bf16 stream
+]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not any(shutil.which(c) for c in ("c++", "g++", "clang++")),
+    reason="torch.compile on CPU needs a C++ compiler",
+)
+@pytest.mark.parametrize("run", COMPILED, ids=["full-autocast", "lora-autocast"])
+def test_compiled_blocks_keep_what_the_estimate_counts(
+    run: RunShape, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from llmtrain.kernels import varlen_attention
+    from llmtrain.sizing import memory
+
+    monkeypatch.setattr(varlen_attention, "ranked_sdpa", lambda device: True)
+    run = _with(
+        run,
+        micro_batch=2,
+        seq_len=96,
+        lora_r=8,
+        compiled=True,
+        chunked_loss=True,
+        padded=False,
+        attention_forward="rows",
+    )
+    shape = ModelShape.from_config(TINY)
+    for k, measured in enumerate(_saved_per_layer(run)):
+        # the estimate leaves out each norm's fp32 rstd per token
+        assert memory._block_bytes(shape, run, k) == pytest.approx(measured, rel=0.01)

@@ -6,7 +6,7 @@ import fnmatch
 import importlib.util
 import re
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from llmtrain.config import PREFERENCE_METHODS, RunConfig
 from llmtrain.plan import Hardware, RunPlan, World, weight_dtype
@@ -21,6 +21,12 @@ from llmtrain.sizing.memory import (
 
 if TYPE_CHECKING:  # tokens reads prepared data (numpy, datasets): imported when used
     from llmtrain.sizing import tokens
+
+# Model types whose attention modules kernels/varlen_attention.py patches (its SUPPORTED), and
+# those whose loss kernels/loss.py chunks (its SUPPORTED); tests hold them equal. Named here so
+# that sizing needs no torch.
+LLMTRAIN_ATTENTION_MODELS = ("llama", "mistral")
+CHUNKED_LOSS_MODELS = ("llama", "mistral", "qwen2", "gemma")
 
 
 def model_shape(cfg: RunConfig) -> ModelShape:
@@ -98,10 +104,15 @@ def run_shape(
     extra: dict[str, Any] = _layers(cfg.method.layers, shape) if method == "layers" else {}
     seq_len = cfg.data.max_length
     packed = cfg.data.packing == "padding_free"
+    padded = cfg.data.packing == "none"
     if measured is not None and len(measured.lengths):
         from llmtrain.sizing import tokens
 
-        seq_len = min(seq_len, tokens.padded_width(measured.lengths))
+        width = tokens.padded_width(measured.lengths)
+        seq_len = min(seq_len, width)
+        # Samples all of one length, a multiple of 8 (PadCollator's): no batch is padded, and
+        # transformers drops the all-ones mask (SDPA gets none; llmtrain's attention forward runs).
+        padded = padded and (pairs or width > int(measured.lengths.min()))
         if packed:
             extra["batch_tokens"] = tokens.largest_micro_batch_tokens(
                 cfg, measured.lengths, nodes * gpus_per_node
@@ -129,10 +140,27 @@ def run_shape(
         use_dora=cfg.lora.use_dora,
         master_weights=plan.master_weights,
         attention=attention or plan.attention,  # type: ignore[arg-type]
-        padded=cfg.data.packing == "none",
+        padded=padded,
         reference_copy=cfg.method.name == "dpo" and cfg.preference.weights == "full",
+        compiled=t.compile,
+        chunked_loss=plan.chunked_loss and shape.model_type in CHUNKED_LOSS_MODELS,
+        attention_forward=_attention_forward(
+            shape, attention or plan.attention, packed, padded, t.compile
+        ),
         **extra,
     )
+
+
+def _attention_forward(
+    shape: ModelShape, attention: str, packed: bool, padded: bool, compiled: bool
+) -> Literal["transformers", "rows", "packed"]:
+    """Which attention forward train/run.apply_speed_levers leaves the model: llmtrain's for
+    padding-free packing, and under training.compile for rows that carry no attention mask
+    (varlen_attention.supports: not eager attention); transformers' otherwise."""
+    if packed:
+        return "packed"
+    ours = shape.model_type in LLMTRAIN_ATTENTION_MODELS and attention != "eager"
+    return "rows" if compiled and ours and not padded else "transformers"
 
 
 def micro_batch_words(run: RunShape, measured: tokens.Measured | None) -> str:

@@ -14,6 +14,17 @@ LlamaDecoderLayer with SDPA (tests/unit/test_memory.py measures them again on CP
                fp32 log-sum-exp (4 x heads)
   MLP          gate output, SiLU output, up output, their product (4 x 2i)
 Eager attention adds the fp32-softmaxed (b, heads, s, s) matrix and its dropout copy.
+
+llmtrain's attention forward (kernels/varlen_attention.py: padding-free packing, or
+training.compile on rows without padding) casts the norm output to 16 bits once for q, k and v,
+gathers RoPE's cos and sin per token (2 x 2 head_dim) and, on whole rows, gives SDPA k and v
+unrepeated (grouped-query heads). With training.compile (kernels/ops.py) Inductor's functions
+keep only what their backward cannot recompute (the same CPU test, compiled):
+  RMSNorm      its input (the residual stream, s h) and the fp32 rstd per token: the fp32
+               copy, the normalised input and the product are recomputed
+  add + norm   the sum (the next residual stream, s h) and its rstd; not the attention output
+  SwiGLU       gate and up (2 x 2i): silu(gate) is recomputed; the MLP casts its input once
+The chunked loss (kernels/loss.py) holds one chunk's logits at a time (`logits_bytes`).
 """
 
 from __future__ import annotations
@@ -39,6 +50,7 @@ NCCL_BUFFERS = int(0.5 * GIB)  # channels x peers x NCCL_BUFFSIZE (4 MiB), only 
 FRAGMENTATION = 0.10  # caching-allocator slack on top of the allocated peak, stated not measured
 # NF4 with double quantisation: 4 bits + 8-bit absmax per 64 values + fp32 per 256 absmaxes.
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
+LOSS_CHUNK_ELEMENTS = 1 << 27  # kernels/loss.py's CHUNK_ELEMENTS (a test holds them equal)
 
 
 class NotEstimable(ConfigError):
@@ -60,6 +72,7 @@ class ModelShape:
     tied_embeddings: bool = False
     qkv_bias: bool = False
     torch_dtype: str = "float32"
+    model_type: str = "llama"  # which of llmtrain's kernels patch it (sizing/from_config.py)
 
     @property
     def head_dim(self) -> int:
@@ -103,6 +116,7 @@ class ModelShape:
             tied_embeddings=bool(config.get("tie_word_embeddings", False)),
             qkv_bias=bool(config.get("attention_bias") or config.get("model_type") == "qwen2"),
             torch_dtype=str(config.get("torch_dtype") or "float32"),
+            model_type=str(config.get("model_type") or "llama"),
         )
 
     def linear_dims(self) -> dict[str, tuple[int, int]]:
@@ -193,6 +207,19 @@ class RunShape:
     train_lm_head: bool = False
     attention: Literal["sdpa", "flash_attention_2", "eager"] = "sdpa"
     padded: bool = True  # batches carry padding, so SDPA gets a materialised (b,1,s,s) mask
+    # training.compile (kernels/ops.py): each RMSNorm, the SwiGLU MLP, the residual add with the
+    # second norm, RoPE and the chunked loss's cross-entropy through torch.compile (Llama-style
+    # blocks; Gemma's norms and GELU MLP are not patched, nor modelled apart)
+    compiled: bool = False
+    # plan.chunked_loss (kernels/loss.py): the loss over chunks of tokens, each chunk's logits
+    # made again in backward; False: transformers' loss over the whole logits
+    chunked_loss: bool = False
+    # Which attention forward runs: transformers' (q, k, v each cast their input; SDPA and eager
+    # see k, v after repeat_kv), or llmtrain's (kernels/varlen_attention.py, one cast) on "rows"
+    # that each hold one sample (SDPA with grouped-query heads: k, v unrepeated) or on "packed"
+    # padding-free rows (a varlen kernel: flash-attn takes k, v unrepeated; torch's varlen_attn
+    # without enable_gqa (torch 2.11) and the per-sample SDPA fallback see them repeated)
+    attention_forward: Literal["transformers", "rows", "packed"] = "transformers"
     # DPO with full weights: a frozen copy of the base model as the reference, in the compute
     # dtype (LoRA's reference is the same model with the adapter disabled: no copy)
     reference_copy: bool = False
@@ -361,8 +388,15 @@ def activation_bytes(shape: ModelShape, run: RunShape, *, checkpointing: bool) -
     mask = 2 * run.micro_batch * run.seq_len**2 if dense_mask else 0
     stream = _stream_bytes(run)
     head_trains = run.method == "full" or (run.method == "layers" and run.train_lm_head)
-    # final norm: fp32 copy; with lm_head training also its normalised input and lm_head's input
-    head = (4 + (stream + (2 if run.autocast else stream) if head_trains else 0)) * h * t
+    # The final norm, then what keeps its output: the chunked loss's checkpoint (each chunk's
+    # input, whatever trains), or else lm_head's matmul when its weight trains (under autocast
+    # its 16-bit cast).
+    head = _norm_bytes(run, h, head_trains)
+    if run.chunked_loss:
+        head += stream * h
+    elif head_trains:
+        head += (2 if run.autocast else stream) * h
+    head *= t
     if checkpointing:
         return shape.layers * stream * h * t + mask + head + _autocast_weight_copies(shape, run, 0)
     return sum(blocks) + mask + head + _autocast_weight_copies(shape, run, shape.layers)
@@ -384,6 +418,25 @@ def _stream_bytes(run: RunShape) -> int:
     return run.wbytes if run.autocast and run.method in ("full", "layers") else run.dtype_bytes
 
 
+def _norm_bytes(run: RunShape, h: int, trains: bool) -> int:
+    """Per token, what one RMSNorm keeps (its output apart: the Linears after it keep that).
+    Eager (LlamaRMSNorm): the fp32 copy of its input (the input itself when already fp32) and,
+    for a trained weight, the normalised input in the stream's dtype. Compiled (ops.rms_norm,
+    ops.add_rms_norm): its input, or the residual sum, in the stream's dtype; the backward
+    recomputes the normalised input from it, for the weight's gradient too. Both also keep the
+    fp32 rstd per token (4 bytes against 2h or more): not counted."""
+    s = _stream_bytes(run)
+    return s * h if run.compiled else 4 * h + (s * h if trains else 0)
+
+
+def _mlp_bytes(shape: ModelShape, run: RunShape, down_keeps: bool) -> int:
+    """Per token, the SwiGLU MLP's [intermediate] tensors in the compute dtype: gate and up,
+    plus SiLU's output eagerly (the compiled ops.swiglu recomputes it), plus their product
+    when down_proj keeps its input (trained weight, or a LoRA target that keeps it)."""
+    a, i = run.dtype_bytes, shape.intermediate
+    return (2 if run.compiled else 3) * a * i + (a * i if down_keeps else 0)
+
+
 def _autocast_weight_copies(shape: ModelShape, run: RunShape, blocks: int) -> int:
     """Autocast's 16-bit copies of fp32 linear weights that backward needs: lm_head's and those
     of `blocks` blocks (all without checkpointing, the recomputed one with it); cached for
@@ -397,8 +450,14 @@ def _autocast_weight_copies(shape: ModelShape, run: RunShape, blocks: int) -> in
 
 def _attn_bytes(shape: ModelShape, run: RunShape) -> int:
     """Per token: what the attention kernel keeps (q, k, v, output, fp32 log-sum-exp), always
-    16-bit under autocast (QLoRA's fp32 q, k, v are cast first)."""
+    16-bit under autocast (QLoRA's fp32 q, k, v are cast first). llmtrain's forward also keeps
+    RoPE's cos and sin, gathered per token (transformers' are per position, shared by the
+    batch: not counted)."""
     h, kv, a = shape.hidden, shape.kv_dim, run.dtype_bytes
+    if run.attention_forward != "transformers":
+        grouped = run.attention_forward == "rows" or run.attention == "flash_attention_2"
+        rope = 2 * a * shape.head_dim
+        return a * (2 * h + 2 * (kv if grouped else h)) + 4 * shape.heads + rope
     if run.attention == "flash_attention_2":
         return a * (2 * h + 2 * kv) + 4 * shape.heads  # flash-attn takes k, v unrepeated
     attn = 4 * a * h + 4 * shape.heads  # SDPA and eager see k, v after repeat_kv
@@ -422,17 +481,17 @@ def _block_bytes(shape: ModelShape, run: RunShape, index: int) -> int:
 
 def _plain_block(shape: ModelShape, run: RunShape, trains: bool) -> int:
     """One dtype throughout (CPU fp32, pure bf16, DeepSpeed's 16-bit module)."""
-    h, i, a = shape.hidden, shape.intermediate, run.dtype_bytes
+    h, a = shape.hidden, run.dtype_bytes
     lora = set(run.lora_targets) if run.method == "lora" else set()
     # Inputs that LoRA's lora_A keeps itself; with dropout it keeps the dropped copy instead
     # (counted below), and the frozen base Linear keeps nothing.
     kept = lora if run.lora_dropout == 0 else set()
-    # RMSNorm: fp32 input copy; normalised input for the weight grad; output for the Linears.
-    norm_attn = 4 * h + (a * h if trains else 0)
+    # RMSNorm (_norm_bytes), and its output for the Linears.
+    norm_attn = _norm_bytes(run, h, trains)
     norm_attn += a * h if trains or kept & {"q_proj", "k_proj", "v_proj"} else 0
-    norm_mlp = 4 * h + (a * h if trains else 0)
+    norm_mlp = _norm_bytes(run, h, trains)
     norm_mlp += a * h if trains or kept & {"gate_proj", "up_proj"} else 0
-    mlp = 3 * a * i + (a * i if trains or "down_proj" in kept else 0)
+    mlp = _mlp_bytes(shape, run, trains or "down_proj" in kept)
     extra = 0
     for t in lora:  # lora_A's output; with dropout the dropped input and its bool mask
         fan_in = shape.linear_dims()[t][0]
@@ -442,13 +501,13 @@ def _plain_block(shape: ModelShape, run: RunShape, trains: bool) -> int:
 
 def _autocast_block(shape: ModelShape, run: RunShape, trains: bool) -> int:
     """16-bit autocast: each Linear keeps its own 16-bit cast of an fp32 input."""
-    h, i, a, s = shape.hidden, shape.intermediate, run.dtype_bytes, _stream_bytes(run)
+    h, a = shape.hidden, run.dtype_bytes
     if run.method == "lora":
         # 16-bit stream; base Linears keep nothing (frozen weight). peft casts x to the fp32
         # adapter and autocast back to 16 bits for lora_A, which keeps that copy; without
         # dropout, the fused layer (fused_lora.py, DDP) keeps x itself, once for its readers.
-        norms = 2 * 4 * h
-        mlp = 3 * a * i
+        norms = 2 * _norm_bytes(run, h, False)
+        mlp = _mlp_bytes(shape, run, False)
         # DoRA layers keep peft's forward (fused_lora.patch); what DoRA's own extra terms
         # keep for backward is not counted.
         fused = (
@@ -458,11 +517,13 @@ def _autocast_block(shape: ModelShape, run: RunShape, trains: bool) -> int:
         )
         lora = _lora_shared_inputs_bytes(shape, run) if fused else _lora_targets_bytes(shape, run)
         return norms + _attn_bytes(shape, run) + mlp + lora
-    # fp32 stream: RMSNorm keeps its fp32 input and (trained weight) its normalised input;
-    # q, k, v (and gate, up) each keep their own 16-bit cast of its output.
-    norms = 2 * 4 * h + (2 * s * h if trains else 0)
-    casts = a * h * (3 + 2) if trains else 0
-    mlp = 3 * a * i + (a * i if trains else 0)  # down_proj keeps the 16-bit product
+    # fp32 stream: RMSNorm keeps its fp32 input and (trained weight, eager) its normalised
+    # input; q, k, v (and gate, up) each keep their own 16-bit cast of its output, except where
+    # llmtrain's attention forward (and the compiled MLP) cast it once for all three (two).
+    norms = 2 * _norm_bytes(run, h, trains)
+    qkv_casts = 3 if run.attention_forward == "transformers" else 1
+    casts = a * h * (qkv_casts + (1 if run.compiled else 2)) if trains else 0
+    mlp = _mlp_bytes(shape, run, trains)  # down_proj keeps the 16-bit product
     return norms + casts + _attn_bytes(shape, run) + mlp
 
 
@@ -496,22 +557,52 @@ def _lora_shared_inputs_bytes(shape: ModelShape, run: RunShape) -> int:
 def _qlora_block(shape: ModelShape, run: RunShape) -> int:
     """prepare_model_for_kbit_training makes embeddings and norms fp32, so the residual stream
     is fp32: Linear4bit casts its input to 16 bits and keeps it (bitsandbytes MatMul4Bit's
-    ctx.tensors) and returns fp32; the MLP's gate, SiLU and up outputs stay fp32."""
+    ctx.tensors) and returns fp32; the MLP's gate, SiLU and up outputs stay fp32. Compiled
+    norms and MLP are not modelled here (the 4-bit layers' dtypes then follow autocast_input's
+    16-bit input): the eager terms, which keep more, stand for them."""
     h, i, a = shape.hidden, shape.intermediate, run.dtype_bytes
     norms = 2 * 4 * h
-    casts = a * (5 * h + i)  # q, k, v, gate, up cast the fp32 norm output; down the product
+    # q, k, v, gate, up cast the fp32 norm output; down the product. llmtrain's attention
+    # forward casts once for q, k and v, which then keep that one 16-bit tensor.
+    qkv_casts = 3 if run.attention_forward == "transformers" else 1
+    casts = a * ((qkv_casts + 2) * h + i)
     mlp = 3 * 4 * i
     return norms + casts + _attn_bytes(shape, run) + mlp + _lora_targets_bytes(shape, run)
+
+
+def loss_chunk_tokens(vocab: int) -> int:
+    """Tokens per chunk of the chunked loss (kernels/loss.patch_causal_lm_loss)."""
+    return max(256, LOSS_CHUNK_ELEMENTS // vocab)
 
 
 def logits_bytes(shape: ModelShape, run: RunShape) -> int:
     """LlamaForCausalLM upcasts logits to fp32, copies the shifted slice, and cross entropy
     keeps its fp32 log-softmax: three fp32 (tokens x vocab) tensors live at the loss (the bf16
-    logits are freed by then, and backward's gradient buffers replace them one for one)."""
+    logits are freed by then, and backward's gradient buffers replace them one for one).
+
+    The chunked loss holds one chunk's logits at a time, and all of them at the start of
+    backward, when every activation is still alive: the chunk's checkpoint makes them again,
+    and at the backward of its log-softmax the saved fp32 log-softmax and its incoming and
+    outgoing gradients are alive, the same three fp32 tensors over the chunk's tokens. On the
+    H200 the chunked loss took 4.50 GiB off fixed-1b-full's peak (bench/results/
+    h200-ablation.json, 59.52 to 55.02): 12 bytes per logit of 16384 - 4194 tokens x 32000
+    is 4.37 GiB, and the chunk inputs the checkpoint keeps add 0.06 back.
+
+    Compiled (ops.cross_entropy_sum), Inductor's cross-entropy reads the 16-bit logits without
+    storing their fp32 upcast or log-softmax, keeps them (and a per-token log-sum-exp) and
+    writes their gradient in the logits' dtype: two (chunk x vocab) tensors of the compute
+    dtype. On the H200, compiling the cross-entropy alone took 1.00 GiB off fixed-1b-full's
+    peak (bench/results/h200-cudnn.json to h200-fused-lora.json): 12 - 4 bytes per logit of a
+    4194 x 32000 chunk."""
     if run.method == "inference":
         # generate() prefill: bf16 and fp32 logits for every prompt position.
         return (run.dtype_bytes + 4) * run.tokens * shape.vocab
-    return 3 * 4 * run.tokens * shape.vocab
+    if not run.chunked_loss:
+        return 3 * 4 * run.tokens * shape.vocab
+    chunk = min(run.tokens, loss_chunk_tokens(shape.vocab))
+    if run.compiled:
+        return 2 * run.dtype_bytes * chunk * shape.vocab
+    return 3 * 4 * chunk * shape.vocab
 
 
 def kv_cache_bytes(shape: ModelShape, run: RunShape) -> int:
