@@ -82,6 +82,9 @@ GPU_FLAGS ?= $(if $(shell command -v nvidia-smi),--gpus all)
 # --- virtual environment and lock ------------------------------------------------------------
 PYTHON        ?= python3
 TORCH_VERSION ?= 2.13.0
+# Where that torch comes from: PyPI by default (a CUDA build, about 2 GB with its CUDA wheels); a
+# machine without a GPU can take the CPU build, e.g. TORCH_INDEX=https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?=
 # Left to the base image (NGC's torch and its CUDA stack): never in the lock.
 NO_EMIT := torch triton sympy mpmath networkx setuptools nvidia-cublas nvidia-cuda-cccl \
     nvidia-cuda-cupti nvidia-cuda-nvrtc nvidia-cuda-runtime nvidia-cudnn-cu13 nvidia-cufft \
@@ -158,7 +161,7 @@ endif
 venv: ## VENV (.venv; .venv-current for STACK=current) from the STACK's lock (installs torch==TORCH_VERSION only when none is importable)
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -c 'import torch' 2>/dev/null \
-	    || $(VENV)/bin/pip install 'torch==$(TORCH_VERSION)'
+	    || $(VENV)/bin/pip install 'torch==$(TORCH_VERSION)'$(if $(TORCH_INDEX), --index-url '$(TORCH_INDEX)')
 	$(VENV)/bin/python -c 'import setuptools, wheel' 2>/dev/null \
 	    || $(VENV)/bin/pip install setuptools wheel
 	DS_BUILD_OPS=0 $(VENV)/bin/pip install --no-deps --require-hashes --no-build-isolation \

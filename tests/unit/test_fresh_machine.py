@@ -100,6 +100,18 @@ def test_smoke_runs_in_the_venv(bin_dir: Path) -> None:
     assert not any(re.search(r"\b(docker|podman|buildah)\b", c) for c in smoke)
 
 
+def test_torch_comes_from_pypi_unless_an_index_is_named(bin_dir: Path) -> None:
+    """README: a machine without a GPU can take torch's CPU build instead of PyPI's CUDA one."""
+    pypi = make(bin_dir, "-n", "venv")
+    assert "|| .venv/bin/pip install 'torch==2.13.0'\n" in pypi.stdout
+    cpu = make(bin_dir, "-n", "smoke", "TORCH_INDEX=https://download.pytorch.org/whl/cpu")
+    assert cpu.returncode == 0, cpu.stderr
+    assert (
+        "|| .venv/bin/pip install 'torch==2.13.0' --index-url "
+        "'https://download.pytorch.org/whl/cpu'\n"
+    ) in cpu.stdout
+
+
 def test_test_target_makes_the_venv_then_runs_pytest(bin_dir: Path) -> None:
     proc = make(bin_dir, "-n", "test")
     assert proc.returncode == 0, proc.stderr
