@@ -492,3 +492,21 @@ def test_compiled_blocks_keep_what_the_estimate_counts(
     for k, measured in enumerate(_saved_per_layer(run)):
         # the estimate leaves out each norm's fp32 rstd per token
         assert memory._block_bytes(shape, run, k) == pytest.approx(measured, rel=0.01)
+
+
+def test_validate_summary_names_the_plan_strategy_and_sums_to_its_total() -> None:
+    """One process is a DDP world of one to the estimator, but `validate` shows the plan's word
+    (single); the shown terms add up to the total (the CUDA context and margin included)."""
+    import re
+
+    from llmtrain.config import load_config
+    from llmtrain.sizing import from_config
+    from tests.conftest import REPO
+
+    cfg = load_config(REPO / "configs" / "demo.yaml", [])
+    head, terms = from_config.summary(cfg, "h100")
+    assert head.startswith("memory per GPU (lora, single, ")
+    total = float(re.search(r"\): ([\d.]+) GiB", head).group(1))  # type: ignore[union-attr]
+    shown = [float(x) for x in re.findall(r"[\d.]+", terms)]
+    assert len(shown) == 6 and "CUDA context and margin" in terms
+    assert sum(shown) == pytest.approx(total, abs=0.01 * len(shown))

@@ -187,11 +187,15 @@ def summary(
     b = estimate(shape, run)
     device = get_gpu(gpu)
     verdict = "fits" if b.total <= device.memory_bytes else "DOES NOT FIT"
+    # The estimator treats one process as a DDP world of one; the user's plan calls it single.
+    strategy = "single" if run.world == 1 and run.strategy == "ddp" else run.strategy
+    overhead = b.total - b.allocated  # the CUDA context, NCCL buffers, fragmentation margin
     return [
-        f"memory per GPU ({run.method}, {run.strategy}, {micro_batch_words(run, measured)}): "
+        f"memory per GPU ({run.method}, {strategy}, {micro_batch_words(run, measured)}): "
         f"{gib(b.total)} GiB, {verdict} on {device.name} ({device.memory_gib:.0f} GiB)",
         f"  weights {gib(b.weights)}, grads {gib(b.gradients)}, optimizer {gib(b.optimizer)}, "
-        f"activations {gib(b.activations + b.recompute)}, logits {gib(b.logits)} GiB",
+        f"activations {gib(b.activations + b.recompute)}, logits {gib(b.logits)}, "
+        f"CUDA context and margin {gib(overhead)} GiB",
     ]
 
 
