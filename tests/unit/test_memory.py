@@ -89,6 +89,24 @@ def test_a_mixture_of_experts_is_not_estimated_as_a_dense_decoder(config: dict[s
     assert ModelShape.from_config({**MISTRAL_7B, "num_experts": 1}).params > 0
 
 
+@pytest.mark.parametrize(
+    ("model_type", "head_dim"),
+    [("qwen3", 128), ("gemma2", 256), ("mistral", 128)],  # 32 heads x head_dim != hidden 4096
+)
+def test_attention_wider_or_narrower_than_hidden_is_not_estimated(
+    model_type: str, head_dim: int
+) -> None:
+    """Qwen3, Gemma-2/3 and Mistral-NeMo set head_dim apart from hidden/heads: every attention
+    term assumes hidden-wide q, k, v and output, so the number would be wrong: none is given."""
+    config = {**MISTRAL_7B, "model_type": model_type, "head_dim": head_dim, "hidden_size": 3072}
+    with pytest.raises(NotEstimable, match=f"head_dim {head_dim} x 32 heads != hidden_size 3072"):
+        ModelShape.from_config(config)
+    # head_dim that equals hidden/heads (as many Llama configs state it) changes nothing
+    assert ModelShape.from_config({**MISTRAL_7B, "head_dim": 128}) == ModelShape.from_config(
+        MISTRAL_7B
+    )
+
+
 @pytest.mark.parametrize(("gpus", "nodes"), [(1, 1), (2, 1), (8, 1), (8, 4)])
 def test_zero_model_states_agree_with_deepspeed(gpus: int, nodes: int) -> None:
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs

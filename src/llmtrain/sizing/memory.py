@@ -87,8 +87,9 @@ class ModelShape:
         """The shape from a parsed config.json (a dict, as transformers writes it).
 
         Raises:
-            NotEstimable: a size the estimator needs is missing, or the model is a mixture of
-                experts: not a Llama-style dense decoder (exit 64)."""
+            NotEstimable: a size the estimator needs is missing, the model is a mixture of
+                experts, or its attention is not hidden wide (head_dim x heads != hidden): not
+                a Llama-style dense decoder as the estimator counts one (exit 64)."""
         experts = _experts(config)
         if experts:
             raise NotEstimable(
@@ -104,6 +105,17 @@ class ModelShape:
             raise NotEstimable(
                 f"config.json of model type {config.get('model_type')!r} lacks {missing}",
                 "the estimator covers Llama-style decoders (llama, mistral, qwen2, gemma)",
+            )
+        head_dim = config.get("head_dim")
+        if head_dim and head_dim * config["num_attention_heads"] != config["hidden_size"]:
+            # Qwen3, Gemma-2/3, Mistral-NeMo: q, k, v and the attention output are
+            # heads x head_dim wide, not hidden; every attention term here assumes hidden.
+            raise NotEstimable(
+                f"config.json of model type {config.get('model_type')!r} has head_dim "
+                f"{head_dim} x {config['num_attention_heads']} heads != hidden_size "
+                f"{config['hidden_size']}: the estimator counts attention as hidden wide and "
+                "would give a wrong number",
+                "size it by a short trial run on the target GPU (e.g. training.max_steps=5)",
             )
         return cls(
             layers=config["num_hidden_layers"],
