@@ -67,8 +67,8 @@ def lora_targets(config: PretrainedConfig, lora: LoraSection, model: nn.Module) 
     Raises:
         ConfigError: a listed target is not a linear layer of the model, or auto meets an
             architecture it does not know (exit 64)."""
+    present = set(linear_module_names(model))
     if lora.target_modules != "auto":
-        present = set(linear_module_names(model))
         missing = [t for t in lora.target_modules if t not in present]
         if missing:
             raise ConfigError(
@@ -80,10 +80,8 @@ def lora_targets(config: PretrainedConfig, lora: LoraSection, model: nn.Module) 
     if config.model_type not in LORA_TARGETS:
         raise ConfigError(
             f"lora.target_modules=auto does not know the architecture {config.model_type!r}",
-            "set lora.target_modules to a list of its linear layers: "
-            + ", ".join(linear_module_names(model)),
+            "set lora.target_modules to a list of its linear layers: " + ", ".join(sorted(present)),
         )
-    present = set(linear_module_names(model))
     targets = [t for t in LORA_TARGETS[config.model_type] if t in present]
     if not targets:
         raise ConfigError(
