@@ -181,17 +181,16 @@ def summary(
 ) -> list[str]:
     """The short form `validate` prints."""
     shape = model_shape(cfg)
+    plan = plan or target_plan(cfg, nodes=nodes, gpus_per_node=gpus_per_node)
     run = run_shape(
         cfg, shape, nodes=nodes, gpus_per_node=gpus_per_node, plan=plan, measured=measured
     )
     b = estimate(shape, run)
     device = get_gpu(gpu)
     verdict = "fits" if b.total <= device.memory_bytes else "DOES NOT FIT"
-    # The estimator treats one process as a DDP world of one; the user's plan calls it single.
-    strategy = "single" if run.world == 1 and run.strategy == "ddp" else run.strategy
     overhead = b.total - b.allocated  # the CUDA context, NCCL buffers, fragmentation margin
     return [
-        f"memory per GPU ({run.method}, {strategy}, {micro_batch_words(run, measured)}): "
+        f"memory per GPU ({run.method}, {plan.strategy}, {micro_batch_words(run, measured)}): "
         f"{gib(b.total)} GiB, {verdict} on {device.name} ({device.memory_gib:.0f} GiB)",
         f"  weights {gib(b.weights)}, grads {gib(b.gradients)}, optimizer {gib(b.optimizer)}, "
         f"activations {gib(b.activations + b.recompute)}, logits {gib(b.logits)}, "
