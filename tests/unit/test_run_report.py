@@ -93,14 +93,23 @@ def test_the_last_step_is_evaluated(tmp_path: Path) -> None:
 def test_summary_names_method_data_losses_time_and_outputs(tmp_path: Path) -> None:
     r = report(tmp_path)
     records = [
-        {"step": 2, "loss": 3.0}, {"step": 4, "loss": 2.0}, {"step": 4, "eval_loss": 2.5},
-        {"step": 6, "loss": 1.0}, {"step": 6, "eval_loss": 2.75},
+        {"step": 2, "loss": 3.0},
+        {"step": 4, "loss": 2.0},
+        {"step": 4, "eval_loss": 2.5},
+        {"step": 6, "loss": 1.0},
+        {"step": 6, "eval_loss": 2.75},
     ]
     (tmp_path / METRICS).write_text("".join(json.dumps(x) + "\n" for x in records))
     r.on_train_end(None, TrainerState(max_steps=6, global_step=6, epoch=2.0), TrainerControl())  # type: ignore[arg-type]
     (tmp_path / "final").mkdir()
-    text = r.summary("lora", {"final adapter": tmp_path / "final", "merged": tmp_path / "absent",
-                              "metrics": tmp_path / METRICS})
+    text = r.summary(
+        "lora",
+        {
+            "final adapter": tmp_path / "final",
+            "merged": tmp_path / "absent",
+            "metrics": tmp_path / METRICS,
+        },
+    )
     lines = text.splitlines()
     assert lines[0] == "run summary"
     assert "  method: lora, 100 of 1,000 parameters trained (10.000%)" in lines
@@ -111,3 +120,15 @@ def test_summary_names_method_data_losses_time_and_outputs(tmp_path: Path) -> No
     assert f"    final adapter: {tmp_path / 'final'}" in lines
     assert f"    metrics: {tmp_path / METRICS}" in lines
     assert "merged" not in text  # outputs that do not exist are not listed
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"), [([], False), (["training.args.logging_nan_inf_filter=true"], True)]
+)
+def test_hf_nan_filter_is_off_unless_asked_for(
+    tmp_path: Path, overrides: list[str], expected: bool
+) -> None:
+    """HF's NaN filter reads each micro-batch's loss on the host, a sync per micro-batch
+    (bench/RESULTS.md, 2026-12-01); LossRecorder keeps the exact losses instead."""
+    cfg = load_config(REPO / "configs" / "demo.yaml", overrides)
+    assert _arguments(cfg, tmp_path, False).logging_nan_inf_filter is expected

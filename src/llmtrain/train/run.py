@@ -132,7 +132,11 @@ def training_arguments(
         disable_tqdm=not sys.stderr.isatty(),
         **plan.flags,
         **strategies.training_kwargs(cfg, plan, block_class),
-        **t.args,
+        # HF's NaN filter reads every micro-batch's loss on the host (a sync that idles the
+        # GPU while the host queues the optimizer step); LossRecorder keeps the exact losses,
+        # and a NaN then shows in the log instead of being replaced by the running mean.
+        # training.args may still turn it on.
+        **{"logging_nan_inf_filter": False, **t.args},
     )
     args = TrainingArguments(**hf_names.training_arguments(kwargs))
     if not world.distributed and args.n_gpu > 1:

@@ -135,6 +135,22 @@ class LlmtrainTrainer(Trainer):
             self.master_weights.attach(optimizer)
         return optimizer
 
+    def get_train_dataloader(self) -> Any:
+        """The Trainer's loader, except that its batches stay on the host (pinned) for
+        _prepare_input to copy: accelerate's device placement copies them with a blocking
+        `.to(device)`, a host sync that lets the GPU's queue run dry at every micro-batch."""
+        loader = super().get_train_dataloader()
+        if self.args.dataloader_pin_memory and self.args.device.type == "cuda":
+            loader.device = None  # accelerate's DataLoaderShard: None keeps batches where they are
+        return loader
+
+    def _prepare_input(self, data: Any) -> Any:
+        """A pinned integer tensor goes to the GPU without a host sync (non_blocking); the
+        copy is stream-ordered before the forward that reads it. Everything else as HF does."""
+        if isinstance(data, torch.Tensor) and data.is_pinned() and not data.is_floating_point():
+            return data.to(self.args.device, non_blocking=True)
+        return super()._prepare_input(data)
+
     def _get_train_sampler(self, *args: Any) -> torch.utils.data.Sampler[Any]:
         dataset = self.train_dataset  # 5.x passes it; it is always this one
         assert isinstance(dataset, loss_weighting.StepTokenDataset)
