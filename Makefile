@@ -180,10 +180,7 @@ CURRENT_E2E ?= tests/e2e/test_newer_checkpoint_cli.py tests/e2e/test_finetune_cl
     tests/e2e/test_model_families.py tests/e2e/test_chat_cli.py tests/e2e/test_demo.py \
     tests/e2e/test_reload.py tests/e2e/test_post_run.py tests/e2e/test_resume.py
 CURRENT_PENDING ?= tests/unit/test_packing.py \
-    tests/unit/test_generation.py::test_a_tokenizer_that_returns_token_type_ids_generates \
-    tests/unit/test_inspect.py::test_inspect_prints_masked_and_trained_spans_with_bos_and_eos \
-    tests/unit/test_preference.py \
-    tests/unit/test_unusable_bitsandbytes.py::test_lora_wraps_when_bitsandbytes_is_installed_but_does_not_import
+    tests/unit/test_preference.py
 test: venv ## every tier of STACK (plain pytest: the fast tier only; cluster and container need root)
 ifeq ($(STACK),current)
 	$(VENV)/bin/pytest tests/unit $(addprefix --deselect ,$(CURRENT_PENDING))
