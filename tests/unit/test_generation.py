@@ -16,12 +16,15 @@ from tests.tiny_models import tiny_model
 
 def plain_fast_tokenizer(tmp_path: Path) -> PreTrainedTokenizerFast:
     """A word-level tokenizer behind a plain PreTrainedTokenizerFast, as tiny test models and
-    some hub models ship: its model_input_names include token_type_ids."""
+    some hub models ship: its model_input_names include token_type_ids (the class's default in
+    transformers 4.37.2; 5.x's default leaves them out, so they are named, as such models'
+    tokenizer_config.json does)."""
     words = ["<unk>", "<pad>", "</s>", "Q:", "A:", "one", "two", "three", "plus", "is"]
     backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     PreTrainedTokenizerFast(
-        tokenizer_object=backend, eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+        tokenizer_object=backend, eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+        model_input_names=["input_ids", "token_type_ids", "attention_mask"],
     ).save_pretrained(tmp_path)
     return load_tokenizer(ModelSection(path=str(tmp_path)))
 

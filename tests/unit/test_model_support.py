@@ -215,8 +215,6 @@ def test_load_tokenizer_checks_the_file_before_loading(tmp_path: Path) -> None:
     ("config", "overrides", "key"),
     [
         ("dpo.yaml", [], "method.name=dpo"),
-        ("demo.yaml", ["data.packing=padding_free", "training.tokens_per_batch=4096"],
-         "training.tokens_per_batch"),
     ],
 )
 def test_pinned_only_keys_are_refused_on_the_current_stack(
@@ -236,3 +234,20 @@ def test_pinned_only_keys_are_refused_on_the_current_stack(
     with pytest.raises(ConfigError) as info:
         check_stack(cfg)
     assert key in info.value.problem and info.value.exit_code == 64
+
+
+def test_the_token_budget_is_taken_on_both_stacks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its step's loss is the token-weighted mean over the step on both stacks
+    (test_token_budget.py, e2e test_resume.py), so neither refuses it."""
+    from llmtrain import stack
+    from llmtrain.config import load_config
+    from llmtrain.train.checks import check_stack
+    from tests.conftest import REPO
+
+    cfg = load_config(
+        REPO / "configs" / "demo.yaml",
+        ["data.packing=padding_free", "training.tokens_per_batch=4096"],
+    )
+    for current in (False, True):
+        monkeypatch.setattr(stack, "is_current", lambda current=current: current)
+        check_stack(cfg)

@@ -8,11 +8,17 @@ import sys
 
 import pytest
 
+from llmtrain import stack
 from llmtrain.config import LoraSection, MethodSection
 from llmtrain.model.methods import wrap
 from tests.tiny_models import tiny_model
 
 
+@pytest.mark.skipif(
+    stack.is_current(),
+    reason="the pinned stack's fault: the current stack locks bitsandbytes >= 0.45.1, which has "
+    "no triton.ops import, so compat.skip_unusable_bitsandbytes is gated off there by design",
+)
 def test_lora_wraps_when_bitsandbytes_is_installed_but_does_not_import(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

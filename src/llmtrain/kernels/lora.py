@@ -1,6 +1,7 @@
 """A LoRA linear layer's base and adapter matmuls as one autograd function.
 
-peft 0.9.0 computes `base(x) + lora_B(lora_A(dropout(x.to(A.dtype)))) * scaling`. With the fp32
+peft (0.9.0 on the pinned stack, 0.2x on the current one) computes
+`base(x) + lora_B(lora_A(dropout(x.to(A.dtype)))) * scaling` for a plain adapter. With the fp32
 adapter weights llmtrain trains, that casts every activation to fp32 and back to bf16 (and its
 gradient the same way), then scales, adds, and in the backward adds the two input gradients:
 each one more pass over a [tokens, features] tensor, in every adapted layer. Here the adapter
@@ -11,9 +12,11 @@ The arithmetic is autocast's (matmuls in its dtype, fp32 accumulation) with fewe
 Used where every weight is whole on the GPU when the layer runs (one GPU, DDP, ZeRO-2: the
 `fused_lora` column of plan.STRATEGIES); under FSDP and ZeRO-3 the sub-modules' own forward
 hooks gather the weights, so peft's forward stays.
-Anything else peft's layer can do (several or mixed adapters, DoRA, merged or disabled
-adapters, a quantized base) also takes peft's forward; rsLoRA is only another `scaling`, which
-the fused function reads from the layer.
+Anything else peft's layer can do takes peft's forward, decided per call by `_adapter`: several
+or mixed adapters (`adapter_names`), any other keyword (aLoRA's `alora_offsets`), merged or
+disabled adapters, DoRA and peft 0.2x's other `lora_variant`s, a bias on lora_B (`lora_bias`), a
+quantized or hooked base, and mixed dtypes without autocast. rsLoRA is only another `scaling`,
+which the fused function reads from the layer.
 """
 
 from __future__ import annotations
@@ -74,28 +77,44 @@ class _LoraLinear(torch.autograd.Function):
         return grad_x, grad_xd, None, grad_bias, grad_a, grad_b, None
 
 
-def _adapter(layer: Any) -> str | None:
-    """The one adapter this call can fuse, or None when peft's forward must run."""
+def _adapter(layer: Any, x: torch.Tensor) -> str | None:
+    """The one adapter this call of `layer` (a peft LoRA Linear) on `x` can fuse, or None when
+    peft's forward must run because the fused function would compute something else."""
     if layer.disable_adapters or layer.merged:
         return None
     names = [n for n in layer.active_adapters if n in layer.lora_A]
     if len(names) != 1:
         return None
     name: str = names[0]
-    base = layer.base_layer
+    base, a, b = layer.base_layer, layer.lora_A[name], layer.lora_B[name]
     if (
         layer.use_dora.get(name, False)
+        # peft 0.2x: DoRA, aLoRA, Arrow, BD-LoRA, ... each replace the adapter term
+        or name in getattr(layer, "lora_variant", {})
         or type(base) is not nn.Linear  # quantized or Conv1D bases subclass or differ
         or base.weight.requires_grad
-        or type(layer.lora_A[name]) is not nn.Linear
-        or type(layer.lora_B[name]) is not nn.Linear
+        # a hook or an instance forward (accelerate's offload) must see the base layer's call
+        or base._forward_hooks
+        or base._forward_pre_hooks
+        or "forward" in vars(base)
+        or type(a) is not nn.Linear
+        or type(b) is not nn.Linear
+        or a.bias is not None
+        or b.bias is not None  # peft 0.2x's lora_bias: a term the fused matmuls lack
+        or type(layer.lora_dropout[name]) not in (nn.Dropout, nn.Identity)
     ):
+        return None
+    if autocast_dtype(x.device.type) is None and any(
+        t.dtype != x.dtype for t in (base.weight, a.weight, b.weight)
+    ):
+        # peft computes the adapter in its weights' dtype and adds it to the base output in the
+        # wider of the two; the fused function has one dtype, which only autocast gives.
         return None
     return name
 
 
 def _forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-    name = None if args or kwargs else _adapter(self)
+    name = None if args or kwargs else _adapter(self, x)
     if name is None:
         out: torch.Tensor = type(self).forward(self, x, *args, **kwargs)  # peft's
         return out

@@ -204,8 +204,7 @@ def check_data(cfg: RunConfig, tokenizer: Any, report: Report) -> None:
 
 def check_stack(cfg: RunConfig) -> None:
     """Keys validated on the pinned stack only are refused on the current one (transformers
-    5.x), with the reason, until they are ported: dpo/orpo use TRL 0.8.6's loss functions, and
-    the token budget's equal-objective test does not hold on 5.x's Trainer yet.
+    5.x), with the reason, until they are ported: dpo/orpo use TRL 0.8.6's loss functions.
 
     Raises:
         ConfigError: such a key on the current stack (exit 64).
@@ -215,11 +214,6 @@ def check_stack(cfg: RunConfig) -> None:
     pinned_only = []
     if cfg.method.name in PREFERENCE_METHODS:
         pinned_only.append(f"method.name={cfg.method.name} (built on TRL 0.8.6's loss functions)")
-    if cfg.training.tokens_per_batch is not None:
-        pinned_only.append(
-            "training.tokens_per_batch (its loss equals the unbudgeted step's on the pinned "
-            "stack only so far)"
-        )
     if pinned_only:
         raise ConfigError(
             f"{'; '.join(pinned_only)}: validated on the pinned stack only, and this is the "

@@ -140,12 +140,19 @@ class StepTokenCollator:
 
 def token_loss_sum(model: Any, inputs: dict[str, Any], chunked: bool) -> torch.Tensor:
     """Summed next-token cross-entropy of a batch (fp32 scalar), through the chunked loss when
-    it is patched in (fused_loss), else from the logits the model returns."""
+    it is patched in (fused_loss), else from the logits the model returns.
+
+    Training never reads a KV cache, so none is built, whatever the model's config says (the
+    chunked loss does the same; transformers 5.x's Trainer also sets config.use_cache from its
+    arguments, other callers do not). On transformers 5.x a cache also switches off the mask
+    that keeps the samples of a packed row (restarting position_ids, no attention_mask) apart:
+    a row's loss would depend on which samples share it, and a token-budget step's on its
+    budget."""
     if chunked:
         loss: torch.Tensor = model(**inputs, loss_reduction="sum").loss
         return loss
     labels = inputs["labels"]
-    logits = model(**{k: v for k, v in inputs.items() if k != "labels"}).logits
+    logits = model(**{k: v for k, v in inputs.items() if k != "labels"}, use_cache=False).logits
     return F.cross_entropy(
         logits[..., :-1, :].reshape(-1, logits.shape[-1]).float(),
         labels[..., 1:].reshape(-1).to(logits.device),
