@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from llmtrain import stack
 from llmtrain.config import resolve_path
 from llmtrain.data.collate import PadCollator
 from llmtrain.errors import ConfigError
@@ -160,7 +161,10 @@ def test_kernel_choice_is_logged_at_first_use(caplog: pytest.LogCaptureFixture) 
         packed_logits(model, samples(model.config.vocab_size))
     assert "padding-free attention on 4 attention modules" in caplog.text
     assert "padding-free attention: kernel sdpa_per_sample (cpu, torch.float32)" in caplog.text
-    assert model.model.layers[0].self_attn._llmtrain_rope is fused_ops.rope
+    if stack.is_current():  # the registry's function, after transformers' own RoPE
+        assert model.config._attn_implementation == packing.ATTENTION_NAME
+    else:
+        assert model.model.layers[0].self_attn._llmtrain_rope is fused_ops.rope
 
 
 def test_refuses_eager_attention_and_unknown_architectures() -> None:
@@ -202,7 +206,10 @@ def test_fused_ops_match_transformers() -> None:
     q, k = torch.randn(2, 4, 6, 8), torch.randn(2, 2, 6, 8)  # [batch, heads, seq, dim]
     cos, sin = torch.randn(6, 8), torch.randn(6, 8)
     pos = torch.arange(6)[None].expand(2, 6)
-    ref_q, ref_k = apply_rotary_pos_emb(q, k, cos, sin, pos)
+    if stack.is_current():  # 5.x takes cos and sin already gathered at the positions
+        ref_q, ref_k = apply_rotary_pos_emb(q, k, cos[pos], sin[pos])
+    else:
+        ref_q, ref_k = apply_rotary_pos_emb(q, k, cos, sin, pos)
     flat = pos.reshape(-1)
     got_q, got_k = fused_ops.rope(
         q.transpose(1, 2).reshape(12, 4, 8),
@@ -290,3 +297,105 @@ def test_autocast_input_casts_once_under_autocast_only() -> None:
         y = fused_ops.autocast_input(x)
     assert y.dtype == torch.bfloat16
     torch.testing.assert_close(y, x.to(torch.bfloat16), rtol=0, atol=0)
+
+
+def test_generation_keeps_the_librarys_path() -> None:
+    """Generating after patching: a left-padded batch (attention mask) takes transformers'
+    attention throughout, the same greedy tokens and scores. Current stack, without padding:
+    the prompt is one sample (llmtrain's kernel), every later token has cached keys
+    (transformers'); the same tokens, scores within fp32 rounding. (On the pinned stack the
+    patched forward keeps no keys for the cache, so it generates with padding only.)"""
+    model = tiny_llama()
+    padded = torch.tensor([[0, 0, 5, 9, 17, 4], [7, 3, 8, 11, 2, 6]])
+    cases = [padded, padded[1:]] if stack.is_current() else [padded]
+    kwargs = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": 0, "eos_token_id": None}
+
+    def greedy(prompts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = model.generate(
+            input_ids=prompts,
+            attention_mask=(prompts != 0).long(),
+            return_dict_in_generate=True,
+            output_scores=True,
+            **kwargs,
+        )
+        return out.sequences, torch.stack(out.scores)
+
+    with torch.no_grad():
+        before = [greedy(prompts) for prompts in cases]
+        packing.patch_attention(model)
+        after = [greedy(prompts) for prompts in cases]
+    assert torch.equal(after[0][0], before[0][0])
+    torch.testing.assert_close(after[0][1], before[0][1], rtol=0, atol=0)
+    for (tokens, scores), (want_tokens, want_scores) in zip(after[1:], before[1:], strict=True):
+        assert torch.equal(tokens, want_tokens)
+        torch.testing.assert_close(scores, want_scores)
+
+
+def test_sample_longer_than_the_sliding_window_is_refused() -> None:
+    model = tiny_mistral()
+    model.config.sliding_window = 12
+    packing.patch_attention(model)
+    batch = samples(model.config.vocab_size)  # samples of 12, 13, 17 and 18 tokens
+    with pytest.raises(ConfigError, match="longer than the model's sliding window"):
+        packed_logits(model, batch)
+    model.config.sliding_window = 18  # every sample fits: the same losses as unpacked
+    reference = unpacked_losses(model, batch)
+    packed = [
+        per_sample_loss(lg, torch.tensor(s["labels"]))
+        for lg, s in zip(split(packed_logits(model, batch), batch), batch, strict=True)
+    ]
+    assert packed == pytest.approx(reference, abs=1e-5)
+
+
+@pytest.mark.skipif(not stack.is_current(), reason="transformers 5.x's attention registries")
+def test_registered_function_matches_sdpa_with_a_block_mask() -> None:
+    """varlen_attention_forward against transformers' sdpa_attention_forward given the
+    block-diagonal causal mask: two packed rows, grouped KV heads, a non-default softmax
+    scale; forward and input gradients, in transformers' [batch, len, heads, dim] layout."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    torch.manual_seed(0)
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = 2, True  # type: ignore[assignment]
+    lengths = [[5, 9, 2], [16]]
+    position_ids = torch.stack([torch.cat([torch.arange(n) for n in row]) for row in lengths])
+    inputs = [torch.randn(2, h, 16, 8, requires_grad=True) for h in (4, 2, 2)]
+    out, weights = packing.varlen_attention_forward(
+        module, *inputs, None, scaling=0.3, position_ids=position_ids
+    )
+    assert weights is None and out.shape == (2, 16, 4, 8)
+    sample = torch.stack(
+        [torch.repeat_interleave(torch.arange(len(r)), torch.tensor(r)) for r in lengths]
+    )
+    idx = torch.arange(16)
+    allowed = (sample[:, :, None] == sample[:, None, :]) & (idx[:, None] >= idx[None, :])
+    dense, _ = sdpa_attention_forward(module, *inputs, allowed[:, None], scaling=0.3)
+    torch.testing.assert_close(out, dense)
+    for got, want in zip(
+        torch.autograd.grad(out.square().sum(), inputs),
+        torch.autograd.grad(dense.square().sum(), inputs),
+        strict=True,
+    ):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.skipif(not stack.is_current(), reason="transformers 5.x's mask registry")
+def test_packed_row_gets_no_dense_mask_and_padding_keeps_sdpas() -> None:
+    """transformers' create_causal_mask for the switched model: nothing over a packed row
+    (sdpa's would be a [1, 1, len, len] block mask); sdpa's own mask for a padded batch."""
+    from transformers.masking_utils import create_causal_mask
+
+    model = tiny_llama()
+    row = packing.PackingCollator()(samples(model.config.vocab_size))
+    embeds = model.get_input_embeddings()(row["input_ids"])
+    packed = {"attention_mask": None, "cache": None, "position_ids": row["position_ids"]}
+    sdpa_packed = create_causal_mask(model.config, embeds, **packed)
+    assert sdpa_packed is not None and sdpa_packed.shape == (1, 1, 60, 60)
+    padded = torch.ones(2, 30, dtype=torch.long)
+    padded[0, :4] = 0
+    pad = {"attention_mask": padded, "cache": None, "position_ids": None}
+    sdpa_padded = create_causal_mask(model.config, embeds.view(2, 30, -1), **pad)
+    packing.patch_attention(model)
+    assert create_causal_mask(model.config, embeds, **packed) is None
+    mask = create_causal_mask(model.config, embeds.view(2, 30, -1), **pad)
+    assert mask is not None and torch.equal(mask, sdpa_padded)

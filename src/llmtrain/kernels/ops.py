@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
+from llmtrain import stack
 from llmtrain.labels import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
@@ -154,6 +155,36 @@ def _layer_forward(
     )
 
 
+def _current_layer_forward(
+    self: Any,
+    hidden_states: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    cache: Any = None,
+    use_cache: bool | None = False,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+    **kwargs: Any,
+) -> torch.Tensor:
+    """_layer_forward for transformers 5.x (the current stack), whose decoder layers take RoPE's
+    (cos, sin) as position_embeddings and return the hidden states alone: [batch, length,
+    hidden] in, the same shape and dtype out."""
+    attn_out, _ = self.self_attn(
+        hidden_states=self.input_layernorm(hidden_states),
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        cache=cache,
+        use_cache=use_cache,
+        position_embeddings=position_embeddings,
+        **kwargs,
+    )
+    norm = self.post_attention_layernorm
+    hidden_states, normed = compiled("add_rms_norm")(
+        hidden_states, attn_out, norm.weight, norm.variance_epsilon
+    )
+    out: torch.Tensor = hidden_states + self.mlp(normed)
+    return out
+
+
 def _is_rms_norm(m: nn.Module) -> bool:
     return type(m).__name__.endswith("RMSNorm") and hasattr(m, "variance_epsilon")
 
@@ -176,10 +207,11 @@ def _is_decoder_layer(m: nn.Module) -> bool:
 def compile_blocks(model: PreTrainedModel) -> int:
     """Route every RMSNorm, SwiGLU MLP and decoder layer through the compiled functions;
     returns the number of modules changed."""
+    layer_forward = _current_layer_forward if stack.is_current() else _layer_forward
     count = 0
     for m in model.modules():
         if _is_decoder_layer(m):
-            m.forward = types.MethodType(_layer_forward, m)
+            m.forward = types.MethodType(layer_forward, m)
             count += 1
         elif _is_rms_norm(m):
             m.forward = types.MethodType(_norm_forward, m)

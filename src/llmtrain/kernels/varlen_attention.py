@@ -15,6 +15,11 @@ None of them ever attends across samples. The same forward serves unpacked rows 
 attention first where torch can rank its backends (on an H200 1.6-1.8x faster forward and
 backward than the flash kernel, bench/attention.py), falling back per call to flash. A batch that
 carries an attention mask takes the original forward.
+
+That forward is 4.37.2's (the pinned stack). transformers 5.x (the current stack) computes RoPE
+once per model and dispatches attention through its registries, so there the same kernels are
+registered as an attention function (varlen_attention_forward) with a mask function that builds
+no mask over a packed row (varlen_attention_mask), and the model is switched to them.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
+from llmtrain import stack
 from llmtrain.errors import ConfigError
 from llmtrain.kernels import ops as fused_ops
 from llmtrain.labels import IGNORE_INDEX
@@ -40,7 +46,8 @@ from llmtrain.labels import IGNORE_INDEX
 log = logging.getLogger(__name__)
 
 # Attention classes of transformers 4.37.2 whose layout (q/k/v/o_proj, rotary_emb, heads,
-# rotate-half RoPE) the packed forward reproduces.
+# rotate-half RoPE) the packed forward reproduces; on transformers 5.x the same families, whose
+# attention modules hand plain causal attention (no soft cap) to the registry's function.
 SUPPORTED = ("llama", "mistral")
 
 
@@ -183,19 +190,25 @@ def _torch_varlen(
     return out
 
 
+def _sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float) -> torch.Tensor:
+    """Causal attention over whole rows, cuDNN attention ranked first: q [batch, heads, len,
+    dim], k and v [batch, kv_heads, len, dim] -> [batch, heads, len, dim]."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
+    with sdpa_kernel(order, set_priority=True):
+        return F.scaled_dot_product_attention(
+            q, k, v, dropout_p=dropout, is_causal=True, enable_gqa=k.shape[1] != q.shape[1]
+        )
+
+
 def _sdpa_rows(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bsz: int, dropout: float
 ) -> torch.Tensor:
     """Rows that each hold one whole sample: [tokens, heads, dim] -> [bsz, heads, len, dim]
     views, cuDNN attention ranked first."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
     q, k, v = (x.view(bsz, -1, *x.shape[1:]).transpose(1, 2) for x in (q, k, v))
-    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
-    with sdpa_kernel(order, set_priority=True):
-        out = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=dropout, is_causal=True, enable_gqa=k.shape[1] != q.shape[1]
-        )
+    out = _sdpa_causal(q, k, v, dropout)
     batch, heads, length, dim = out.shape
     return out.transpose(1, 2).reshape(batch * length, heads, dim)
 
@@ -258,6 +271,19 @@ def choose_kernel(device: torch.device, dtype: torch.dtype, dropout: float) -> s
     return kernel
 
 
+def _check_window(seg: Segments, window: int | None) -> None:
+    """The kernels attend to a whole sample: refuse one longer than a sliding window.
+
+    Raises:
+        ConfigError: a sample is longer than `window` (tokens) (exit 64)."""
+    if window is not None and seg.max_len > window:
+        raise ConfigError(
+            f"a sample of {seg.max_len} tokens is longer than the model's sliding window "
+            f"({window}), which padding-free attention does not apply",
+            f"set data.max_length to at most {window}, or data.packing=none",
+        )
+
+
 def _packed_forward(
     self: Any,  # an attention module of transformers, with the attributes patch_attention sets
     hidden_states: torch.Tensor,
@@ -291,13 +317,7 @@ def _packed_forward(
         )
     bsz, q_len, _ = hidden_states.shape
     seg = _segment_cache.get(position_ids, bsz, q_len)
-    window = getattr(self.config, "sliding_window", None)
-    if window is not None and seg.max_len > window:
-        raise ConfigError(
-            f"a sample of {seg.max_len} tokens is longer than the model's sliding window "
-            f"({window}), which padding-free attention does not apply",
-            f"set data.max_length to at most {window}, or data.packing=none",
-        )
+    _check_window(seg, getattr(self.config, "sliding_window", None))
     tokens = bsz * q_len
     hidden_states = fused_ops.autocast_input(hidden_states)
     q = self.q_proj(hidden_states).view(tokens, self.num_heads, self.head_dim)
@@ -316,6 +336,148 @@ def _packed_forward(
     return self.o_proj(out.reshape(bsz, q_len, self.hidden_size)), None, past_key_value
 
 
+def varlen_attention_forward(
+    module: Any,  # an attention module of transformers 5.x (layer_idx, is_causal, config)
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    position_ids: torch.Tensor | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """llmtrain's attention function in transformers 5.x's AttentionInterface (the current
+    stack), with the contract of its `sdpa_attention_forward` (integrations/sdpa_attention.py).
+
+    query: [batch, heads, length, head_dim]; key, value: [batch, kv_heads, kv_length, head_dim],
+    RoPE applied (the model's dtype, or mixed under autocast); dropout: probability; scaling: the
+    softmax scale (None: 1/sqrt(head_dim)); sliding_window: this layer's window in tokens;
+    position_ids: int64 [1 or batch, length], restarting at 0 at each sample. Returns
+    (output [batch, length, heads, head_dim], None). Rows of one sample each take cuDNN-first
+    SDPA on a GPU, packed rows the varlen kernel choose_kernel picks. With an attention mask,
+    cached keys (kv_length != length), no position_ids, a soft cap, attention weights asked for
+    or a non-causal module, transformers' sdpa_attention_forward runs instead (it refuses a
+    soft cap with ValueError).
+
+    Raises:
+        ConfigError: a sample is longer than the layer's sliding window (exit 64)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    batch, heads, length, dim = query.shape
+    is_causal = kwargs.get("is_causal")
+    if (
+        attention_mask is not None
+        or position_ids is None
+        or key.shape[2] != length
+        or softcap is not None
+        or kwargs.get("output_attentions", False)
+        or not (is_causal if is_causal is not None else getattr(module, "is_causal", True))
+    ):
+        out: tuple[torch.Tensor, None] = sdpa_attention_forward(
+            module,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=dropout,
+            scaling=scaling,
+            sliding_window=sliding_window,
+            softcap=softcap,
+            position_ids=position_ids,
+            **kwargs,
+        )
+        return out
+    seg = _segment_cache.get(position_ids, batch, length)
+    _check_window(seg, sliding_window)
+    if scaling is not None and scaling != dim**-0.5:  # every kernel scales by 1/sqrt(head_dim)
+        query = query * (scaling * dim**0.5)
+    # Under autocast RoPE's fp32 cos/sin promote q and k but not v; the kernels take one dtype,
+    # autocast's (as transformers' flash_attention_forward casts to it).
+    target = fused_ops.autocast_dtype(query.device.type)
+    if target is not None:
+        query, key, value = (x.to(target) for x in (query, key, value))
+    if len(seg.lengths) == batch and ranked_sdpa(query.device):  # every row is one sample
+        rows = _sdpa_causal(query, key, value, dropout)
+        return rows.transpose(1, 2).contiguous(), None
+    q, k, v = (
+        x.transpose(1, 2).reshape(batch * length, x.shape[1], dim) for x in (query, key, value)
+    )
+    # Chosen where the tensors are: the Trainer moves the model after it was switched.
+    module._llmtrain_kernel = choose_kernel(
+        q.device, q.dtype, getattr(module, "attention_dropout", 0.0)
+    )
+    packed = _KERNEL_FUNCS[module._llmtrain_kernel](q, k, v, seg, dropout)
+    return packed.view(batch, length, heads, dim), None
+
+
+def varlen_attention_mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: Any = 0,
+    kv_offset: int = 0,
+    attention_mask: torch.Tensor | None = None,
+    **kwargs: Any,
+) -> torch.Tensor | None:
+    """llmtrain's entry in transformers 5.x's AttentionMaskInterface, with the signature of
+    its `sdpa_mask` (masking_utils.py).
+
+    No mask (None) for rows without padding or cached keys (attention_mask None, kv_length ==
+    q_length): varlen_attention_forward keeps the samples apart from position_ids, where
+    sdpa_mask would build a dense boolean [batch, 1, q_length, kv_length] block mask over the
+    packed row. Otherwise sdpa_mask's mask, which the SDPA fallback reads."""
+    from transformers.masking_utils import sdpa_mask
+
+    if attention_mask is None and kv_length == q_length and kv_offset == 0:
+        return None
+    mask: torch.Tensor | None = sdpa_mask(
+        batch_size=batch_size,
+        q_length=q_length,
+        kv_length=kv_length,
+        q_offset=q_offset,
+        kv_offset=kv_offset,
+        attention_mask=attention_mask,
+        **kwargs,
+    )
+    return mask
+
+
+# The name of llmtrain's attention in transformers 5.x's attention and mask registries.
+ATTENTION_NAME = "llmtrain_varlen"
+
+
+def _use_registered_attention(model: PreTrainedModel, compiled_rope: bool) -> None:
+    """The current stack: register varlen_attention_forward and varlen_attention_mask under
+    ATTENTION_NAME and switch the model to it (transformers' set_attn_implementation).
+
+    Raises:
+        ConfigError: the model does not dispatch attention through the registry (exit 64)."""
+    from transformers import AttentionInterface, AttentionMaskInterface
+
+    AttentionInterface.register(ATTENTION_NAME, varlen_attention_forward)
+    AttentionMaskInterface.register(ATTENTION_NAME, varlen_attention_mask)
+    model.set_attn_implementation(ATTENTION_NAME)
+    if model.config._attn_implementation != ATTENTION_NAME:  # set_attn_implementation only warns
+        raise ConfigError(
+            f"data.packing=padding_free: {type(model).__name__} does not take its attention "
+            "from transformers' AttentionInterface",
+            "set data.packing=none",
+        )
+    modules = [
+        m for m in model.modules() if all(hasattr(m, a) for a in ("q_proj", "k_proj", "v_proj"))
+    ]
+    log.info(
+        "padding-free attention on %d attention modules (attn_implementation %s)%s",
+        len(modules),
+        ATTENTION_NAME,
+        # RoPE is applied inside transformers' attention modules, before the registry's function.
+        " (RoPE stays transformers' on this stack)" if compiled_rope else "",
+    )
+
+
 def _attention_modules(model: nn.Module) -> list[Any]:
     return [
         m
@@ -330,11 +492,17 @@ def supports(model: PreTrainedModel) -> bool:
 
 
 def patch_attention(model: PreTrainedModel, *, compiled_rope: bool = False) -> None:
-    """Give every attention module the packed forward (_packed_forward).
+    """Padding-free attention for `model`. On the pinned stack every attention module gets the
+    packed forward (_packed_forward; `compiled_rope`: its RoPE through torch.compile). On the
+    current stack the model's attn_implementation becomes ATTENTION_NAME, llmtrain's entry in
+    transformers' attention and mask registries (varlen_attention_forward; RoPE, applied by
+    transformers before the function, is not compiled); masked or cached calls take
+    transformers' SDPA path, also for a model loaded with flash_attention_2 (transformers'
+    flash path looks its kernel up by the config's implementation name).
 
     Raises:
-        ConfigError: the model type is not one of SUPPORTED, or its attention is eager
-            (exit 64)."""
+        ConfigError: the model type is not one of SUPPORTED, its attention is eager, or it
+            does not dispatch through transformers' registry (exit 64)."""
     config = model.config
     if config.model_type not in SUPPORTED:
         raise ConfigError(
@@ -348,6 +516,9 @@ def patch_attention(model: PreTrainedModel, *, compiled_rope: bool = False) -> N
             "flash_attention_2 (eager attention builds a mask over the whole row)",
             "set model.attn_implementation=auto",
         )
+    if stack.is_current():
+        _use_registered_attention(model, compiled_rope)
+        return
     modules = _attention_modules(model)
     rope = fused_ops.compiled("rope") if compiled_rope else fused_ops.rope
     for m in modules:
