@@ -131,7 +131,10 @@ class Probe(TrainerCallback):
             if module.training:
                 loss = out["loss"].detach().float()
                 tokens = (kw["labels"][..., 1:] != IGNORE_INDEX).sum().float()
-                if kw.get("loss_reduction") != "sum":  # a mean; llmtrain's loss is the sum
+                step_items = kw.get("num_items_in_batch")
+                if step_items is not None:  # transformers 5.x: this micro-batch's share of the
+                    loss = loss * step_items  # step's mean, its sum over the step's label tokens
+                elif kw.get("loss_reduction") != "sum":  # a mean; llmtrain's loss is the sum
                     loss = loss * tokens
                 if kw["input_ids"].numel() == 1:
                     loss = loss * 0

@@ -48,7 +48,7 @@ LORA: dict[str, Any] = {
 
 
 class BaselineTrainer(Trainer):
-    def _get_train_sampler(self) -> EpochSeededSampler:
+    def _get_train_sampler(self, *args: Any) -> EpochSeededSampler:  # 5.x passes the dataset
         return EpochSeededSampler(len(self.train_dataset), self.args.seed)
 
 
