@@ -29,7 +29,7 @@ import torch
 from transformers import Trainer, TrainerCallback, set_seed
 from transformers.trainer_callback import PrinterCallback
 
-from llmtrain import compat, manifest
+from llmtrain import compat, manifest, stack
 from llmtrain.config import (
     PREFERENCE_METHODS,
     MethodSection,
@@ -208,8 +208,10 @@ class PreferenceTrainer(LlmtrainTrainer):
         self.reference = reference
         self.sums: dict[str, dict[str, torch.Tensor]] = {}
 
-    def training_step(self, model: Any, inputs: dict[str, Any]) -> torch.Tensor:
-        loss = Trainer.training_step(self, model, inputs)
+    def training_step(self, model: Any, inputs: dict[str, Any], *args: Any) -> torch.Tensor:
+        # Not LlmtrainTrainer's: a step is counted in pairs, not label tokens. `args`: 5.x
+        # passes num_items_in_batch (a label-token count), which the pair loss does not use.
+        loss = Trainer.training_step(self, model, inputs, *args)
         pairs = inputs[WEIGHT].sum().to(torch.int64)
         self.recorder.add(loss, pairs, inputs.get(loss_weighting.STEP_TOKENS))
         return loss
@@ -252,8 +254,11 @@ class PreferenceTrainer(LlmtrainTrainer):
         if step_pairs is None:
             loss = total / weight.sum().clamp(min=1)
         else:
+            # As LlmtrainTrainer.compute_loss: on the pinned stack accelerate divides the loss
+            # by the accumulation steps, on the current one nothing does (loss_is_scaled_for_ga).
+            accumulation = 1 if stack.is_current() else self.args.gradient_accumulation_steps
             loss = total * loss_weighting.backward_scale(
-                step_pairs, self.args.gradient_accumulation_steps, self.args.world_size
+                step_pairs, accumulation, self.args.world_size
             )
         return (loss, None) if return_outputs else loss
 
@@ -275,9 +280,10 @@ class PreferenceTrainer(LlmtrainTrainer):
             value = weight.sum() if key == "pairs" else (metrics[key].float() * weight).sum()
             sums[key] = sums.get(key, 0) + value.detach()
 
-    def log(self, logs: dict[str, float]) -> None:
+    def log(self, logs: dict[str, float], *args: Any) -> None:
         """Adds the reward metrics since the last log line to the Trainer's: training ones to
-        a line with `loss`, evaluation ones (eval_ prefix) to a line with `eval_loss`."""
+        a line with `loss`, evaluation ones (eval_ prefix) to a line with `eval_loss`. `args`:
+        5.x's start_time, passed on."""
         prefix = "eval_" if "eval_loss" in logs else "" if "loss" in logs else None
         sums = self.sums.pop(prefix, None) if prefix is not None else None
         if sums and prefix is not None:
@@ -289,7 +295,7 @@ class PreferenceTrainer(LlmtrainTrainer):
             values = values.cpu()
             pairs = max(float(values[-1]), 1.0)
             logs.update({prefix + k: float(v) / pairs for k, v in zip(keys, values, strict=False)})
-        super().log(logs)
+        super().log(logs, *args)
 
 
 def load_reference(cfg: RunConfig, plan: RunPlan) -> torch.nn.Module | None:
