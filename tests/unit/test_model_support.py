@@ -214,7 +214,6 @@ def test_load_tokenizer_checks_the_file_before_loading(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("config", "overrides", "key"),
     [
-        ("dpo.yaml", [], "method.name=dpo"),
         ("demo.yaml", ["data.packing=padding_free", "training.tokens_per_batch=4096"],
          "training.tokens_per_batch"),
     ],

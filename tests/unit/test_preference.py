@@ -28,6 +28,7 @@ from llmtrain.model.load import load_tokenizer
 from llmtrain.sizing import from_config
 from llmtrain.sizing.memory import ModelShape, estimate
 from llmtrain.train import preference, preference_loss
+from llmtrain.train.checks import check_stack
 from tests.conftest import REPO
 
 
@@ -295,6 +296,17 @@ def test_unsupported_settings_are_refused_with_the_reason(
     with pytest.raises(ConfigError) as exc:
         preference.check(cfg)
     assert exc.value.exit_code == 64 and problem in str(exc.value)
+
+
+@pytest.mark.parametrize("method", ["dpo", "orpo"])
+@pytest.mark.parametrize("current", [False, True])
+def test_both_stacks_take_dpo_and_orpo(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str, current: bool
+) -> None:
+    """check_stack refuses neither on the current stack: preference_loss runs on both."""
+    cfg = load_config(REPO / "configs" / f"{method}.yaml", [f"output.dir={tmp_path}"])
+    monkeypatch.setattr(stack, "is_current", lambda: current)
+    check_stack(cfg)
 
 
 def test_policy_config_is_the_trained_weights_method(tmp_path: Path) -> None:

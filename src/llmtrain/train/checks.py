@@ -204,8 +204,8 @@ def check_data(cfg: RunConfig, tokenizer: Any, report: Report) -> None:
 
 def check_stack(cfg: RunConfig) -> None:
     """Keys validated on the pinned stack only are refused on the current one (transformers
-    5.x), with the reason, until they are ported: dpo/orpo use TRL 0.8.6's loss functions, and
-    the token budget's equal-objective test does not hold on 5.x's Trainer yet.
+    5.x), with the reason, until they are ported: the token budget's equal-objective test does
+    not hold on 5.x's Trainer yet.
 
     Raises:
         ConfigError: such a key on the current stack (exit 64).
@@ -213,8 +213,6 @@ def check_stack(cfg: RunConfig) -> None:
     if not stack.is_current():
         return
     pinned_only = []
-    if cfg.method.name in PREFERENCE_METHODS:
-        pinned_only.append(f"method.name={cfg.method.name} (built on TRL 0.8.6's loss functions)")
     if cfg.training.tokens_per_batch is not None:
         pinned_only.append(
             "training.tokens_per_batch (its loss equals the unbudgeted step's on the pinned "
