@@ -172,19 +172,21 @@ venv: ## VENV (.venv; .venv-current for STACK=current) from the STACK's lock (in
 # merge, generate, resume, the refusals); the launcher, cluster and container tiers do not depend on the
 # HF stack and run once, on the pinned one. CURRENT_PENDING: tests not yet passing on the current
 # stack (the fused LoRA and packed-attention kernels against peft 0.2x / transformers 5.x, and two
-# tokenizer-facing tests; dpo/orpo and the token budget, which check_stack refuses there; the
+# tokenizer-facing tests; the token budget, which check_stack refuses there; the
 # bitsandbytes shim, gated off there), deselected by name so that the list shrinks as they are ported.
 # test_model_families.py: LoRA, merge and generate on a tiny checkpoint of each family users fine-tune
 # today (Llama-3.x, Qwen2.5/3, Gemma-2/3, Phi-3/4, Mistral-NeMo, the MoE families), ~4 min on 2 cores.
+# test_preference.py: DPO and ORPO runs, stop-and-resume, merge and generate, ~5 min on 2 cores.
 CURRENT_E2E ?= tests/e2e/test_newer_checkpoint_cli.py tests/e2e/test_finetune_cli.py \
     tests/e2e/test_model_families.py tests/e2e/test_chat_cli.py tests/e2e/test_demo.py \
-    tests/e2e/test_reload.py tests/e2e/test_post_run.py tests/e2e/test_resume.py
+    tests/e2e/test_reload.py tests/e2e/test_post_run.py tests/e2e/test_resume.py \
+    tests/e2e/test_preference.py
 CURRENT_PENDING ?= tests/unit/test_fused_lora.py tests/unit/test_packing.py \
     tests/unit/test_lora_variants.py::test_variants_reach_peft \
     tests/unit/test_lora_variants.py::test_rslora_stays_fused_and_matches_peft_forward_and_gradients \
     tests/unit/test_generation.py::test_a_tokenizer_that_returns_token_type_ids_generates \
     tests/unit/test_inspect.py::test_inspect_prints_masked_and_trained_spans_with_bos_and_eos \
-    tests/unit/test_preference.py tests/unit/test_token_budget.py::test_two_budgets_give_the_same_step \
+    tests/unit/test_token_budget.py::test_two_budgets_give_the_same_step \
     tests/unit/test_unusable_bitsandbytes.py::test_lora_wraps_when_bitsandbytes_is_installed_but_does_not_import \
     tests/e2e/test_resume.py::test_token_budget_keeps_the_losses_and_resumes_exactly
 test: venv ## every tier of STACK (plain pytest: the fast tier only; cluster and container need root)
