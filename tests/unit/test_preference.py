@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from llmtrain import stack
 from llmtrain.config import (
     DataSection,
     ModelSection,
@@ -26,7 +27,7 @@ from llmtrain.labels import IGNORE_INDEX
 from llmtrain.model.load import load_tokenizer
 from llmtrain.sizing import from_config
 from llmtrain.sizing.memory import ModelShape, estimate
-from llmtrain.train import preference
+from llmtrain.train import preference, preference_loss
 from tests.conftest import REPO
 
 
@@ -111,6 +112,61 @@ def test_sequence_logps_sum_only_the_labelled_shifted_tokens() -> None:
     assert abs(float(preference.sequence_logps(logits, labels, average=False)[0]) - expected) < 1e-6
     mean = float(preference.sequence_logps(logits, labels, average=True)[0])
     assert abs(mean - expected / 2) < 1e-6
+
+
+@pytest.mark.skipif(
+    stack.is_current(),
+    reason="TRL 1.x (the current stack) has no DPOTrainer.dpo_loss, get_batch_logps or "
+    "trl.trainer.orpo_trainer to compare with; the formula tests above run on both stacks",
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(
+    ("loss_type", "label_smoothing"),
+    [("sigmoid", 0.0), ("sigmoid", 0.2), ("hinge", 0.0), ("hinge", 0.2), ("ipo", 0.0),
+     ("ipo", 0.2)],
+)
+def test_losses_equal_trl_0_8_6s_functions(
+    loss_type: str, label_smoothing: float, dtype: torch.dtype
+) -> None:
+    """preference_loss against the TRL 0.8.6 functions it replaces, called as preference.py
+    called them (unbound methods on a namespace of the trainer's attributes): bit for bit."""
+    from types import SimpleNamespace
+
+    from trl.trainer.dpo_trainer import DPOTrainer
+    from trl.trainer.orpo_trainer import ORPOTrainer
+
+    gen = torch.Generator().manual_seed(7)
+    beta = 0.37
+    trl_self = SimpleNamespace(
+        beta=beta, loss_type=loss_type, label_smoothing=label_smoothing, reference_free=False,
+        accelerator=SimpleNamespace(device=torch.device("cpu")),
+    )
+    sums = [-30 * torch.rand(16, generator=gen, dtype=dtype) for _ in range(4)]
+    expected = DPOTrainer.dpo_loss(trl_self, *sums)
+    got = preference_loss.dpo_loss(
+        *sums, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing
+    )
+    for e, g in zip(expected, got, strict=True):
+        assert g.dtype == dtype and torch.equal(e, g)
+
+    means = [-3 * torch.rand(16, generator=gen, dtype=dtype) - 1e-3 for _ in range(2)]
+    term, r_chosen, r_rejected, mean_ratio, mean_log_odds = ORPOTrainer.odds_ratio_loss(
+        trl_self, *means
+    )
+    got_term, got_chosen, got_rejected = preference_loss.odds_ratio_loss(*means, beta=beta)
+    assert torch.equal(term, got_term)
+    assert torch.equal(r_chosen, got_chosen) and torch.equal(r_rejected, got_rejected)
+    log_odds = preference_loss.log_odds_ratio(*means)
+    assert float(log_odds.mean()) == mean_log_odds
+    assert float(torch.log(torch.sigmoid(log_odds)).mean()) == mean_ratio
+
+    logits = torch.randn(6, 9, 11, generator=gen, dtype=dtype)
+    labels = torch.randint(0, 11, (6, 9), generator=gen)
+    labels[torch.rand(6, 9, generator=gen) < 0.4] = IGNORE_INDEX
+    labels[:, 1] = 3  # every row has a labelled token (the mean of none is 0/0)
+    for average in (False, True):
+        want = DPOTrainer.get_batch_logps(logits, labels.clone(), average_log_prob=average)
+        assert torch.equal(preference_loss.sequence_logps(logits, labels, average=average), want)
 
 
 def test_pair_masks_cover_only_the_answers_as_sft_masks_its_response(

@@ -202,26 +202,6 @@ def check_data(cfg: RunConfig, tokenizer: Any, report: Report) -> None:
             )
 
 
-def check_stack(cfg: RunConfig) -> None:
-    """Keys validated on the pinned stack only are refused on the current one (transformers
-    5.x), with the reason, until they are ported: dpo/orpo use TRL 0.8.6's loss functions.
-
-    Raises:
-        ConfigError: such a key on the current stack (exit 64).
-    """
-    if not stack.is_current():
-        return
-    pinned_only = []
-    if cfg.method.name in PREFERENCE_METHODS:
-        pinned_only.append(f"method.name={cfg.method.name} (built on TRL 0.8.6's loss functions)")
-    if pinned_only:
-        raise ConfigError(
-            f"{'; '.join(pinned_only)}: validated on the pinned stack only, and this is the "
-            f"current stack (transformers {stack.transformers_version()})",
-            "use the pinned image (make image), or drop the key on STACK=current",
-        )
-
-
 def run_checks(cfg: RunConfig, *, gpu: bool, data: bool = True) -> Report:
     """Every check, in the order finetune would hit them; raises the first problem found.
 
@@ -235,7 +215,6 @@ def run_checks(cfg: RunConfig, *, gpu: bool, data: bool = True) -> Report:
         ConfigError: exit 64. DataError: exit 65.
     """
     report = Report()
-    check_stack(cfg)
     preference_training.check(cfg)
     # dpo and orpo train LoRA or full weights: the checks of that method hold for them.
     policy = preference_training.policy_config(cfg)

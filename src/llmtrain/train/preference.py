@@ -3,8 +3,9 @@
 TRL's DPOTrainer and ORPOTrainer are not used as trainers: they tokenize prompt and answer
 apart (the boundary piece SentencePiece adds, see data/encode.py), draw batches with
 transformers' RandomSampler from the global RNG (another order after a resume), and average
-each micro-batch's loss on its own. Their loss functions are used as they are
-(`DPOTrainer.dpo_loss`, `ORPOTrainer.odds_ratio_loss`, `get_batch_logps`), inside
+each micro-batch's loss on its own. Their losses (`DPOTrainer.dpo_loss`,
+`ORPOTrainer.odds_ratio_loss`, `get_batch_logps` of TRL 0.8.6) are reproduced in
+preference_loss, which runs on both stacks (TRL 1.x no longer has them as functions), inside
 LlmtrainTrainer: the epoch-seeded sampler, the step-weighted loss (a step's loss is the mean
 over all its pairs, micro-batches and ranks), checkpoints, stop and resume, the manifest and
 the metrics are the SFT path's.
@@ -21,7 +22,6 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -29,8 +29,14 @@ import torch
 from transformers import Trainer, TrainerCallback, set_seed
 from transformers.trainer_callback import PrinterCallback
 
-from llmtrain import compat, manifest
-from llmtrain.config import PREFERENCE_METHODS, MethodSection, RunConfig, dump_config
+from llmtrain import compat, manifest, stack
+from llmtrain.config import (
+    PREFERENCE_METHODS,
+    MethodSection,
+    PreferenceSection,
+    RunConfig,
+    dump_config,
+)
 from llmtrain.data import chat, prepared
 from llmtrain.data.collate import PadCollator
 from llmtrain.data.preference import SIDES
@@ -39,7 +45,7 @@ from llmtrain.kernels import lora as fused_lora
 from llmtrain.model.load import DTYPES, load_model, load_tokenizer
 from llmtrain.model.methods import count_parameters, wrap
 from llmtrain.plan import RunPlan, World, launcher_strategy
-from llmtrain.train import checkpoints, loss_weighting, run, strategies
+from llmtrain.train import checkpoints, loss_weighting, preference_loss, run, strategies
 from llmtrain.train.callbacks import (
     METRICS,
     CommitCheckpointCallback,
@@ -142,50 +148,32 @@ class PairStepDataset(loss_weighting.StepTokenDataset):
 
 def pair_losses(
     method: str,
-    cfg: Any,
+    cfg: PreferenceSection,
     chosen: torch.Tensor,
     rejected: torch.Tensor,
     ref_chosen: torch.Tensor | None,
     ref_rejected: torch.Tensor | None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Per-pair losses (fp32 [B]) and metrics ([B] each), by TRL 0.8.6's loss functions.
+    """Per-pair losses ([B]) and metrics ([B] each), by preference_loss (TRL 0.8.6's math).
 
     Args:
         method: dpo or orpo. cfg: the PreferenceSection.
-        chosen, rejected: the policy's log-probabilities of each answer ([B]); dpo: summed over
-            the answer's tokens, orpo: their mean.
-        ref_chosen, ref_rejected: the reference model's (dpo only).
+        chosen, rejected: the policy's log-probabilities of each answer ([B], float; fp32 in
+            training); dpo: summed over the answer's tokens, orpo: their mean.
+        ref_chosen, ref_rejected: the reference model's (dpo only; None for orpo).
     """
-    from trl.trainer.dpo_trainer import DPOTrainer
-    from trl.trainer.orpo_trainer import ORPOTrainer
-
-    # TRL's losses are methods reading these attributes of the trainer.
-    trl_self = SimpleNamespace(
-        beta=cfg.beta,
-        loss_type=getattr(cfg, "loss_type", "sigmoid"),
-        label_smoothing=getattr(cfg, "label_smoothing", 0.0),
-        reference_free=False,
-        accelerator=SimpleNamespace(device=chosen.device),
-    )
     metrics = {"logps/chosen": chosen.detach(), "logps/rejected": rejected.detach()}
     if method == "dpo":
         assert ref_chosen is not None and ref_rejected is not None
-        losses, r_chosen, r_rejected = DPOTrainer.dpo_loss(
-            trl_self, chosen, rejected, ref_chosen, ref_rejected
+        losses, r_chosen, r_rejected = preference_loss.dpo_loss(
+            chosen, rejected, ref_chosen, ref_rejected,
+            beta=cfg.beta, loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing,
         )
     else:
-        odds, r_chosen, r_rejected, _, _ = ORPOTrainer.odds_ratio_loss(
-            trl_self, chosen, rejected
-        )
-        # ORPO (Hong et al. 2024, eq. 6): the chosen answer's mean token NLL minus
-        # lambda x log sigmoid(log odds ratio); TRL returns the second term as `odds`.
-        nll = -chosen
-        losses = nll - odds
+        losses, r_chosen, r_rejected = preference_loss.orpo_loss(chosen, rejected, beta=cfg.beta)
+        metrics["nll_loss"] = -chosen.detach()
         with torch.no_grad():
-            log_odds = (chosen - rejected) - (
-                torch.log1p(-torch.exp(chosen)) - torch.log1p(-torch.exp(rejected))
-            )
-        metrics["nll_loss"] = nll.detach()
+            log_odds = preference_loss.log_odds_ratio(chosen, rejected)
         metrics["log_odds_ratio"] = torch.nn.functional.logsigmoid(log_odds)
     metrics.update({
         "rewards/chosen": r_chosen,
@@ -197,14 +185,10 @@ def pair_losses(
 
 
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, average: bool) -> torch.Tensor:
-    """Log-probability of each sequence's labelled tokens (fp32 [N]): TRL's get_batch_logps
-    (shift by one, -100 ignored), summed or (`average`) their mean."""
-    from trl.trainer.dpo_trainer import DPOTrainer
-
-    logps: torch.Tensor = DPOTrainer.get_batch_logps(
-        logits.float(), labels, average_log_prob=average
-    )
-    return logps
+    """Log-probability of each sequence's labelled tokens (fp32 [N]) from logits [N, L, V]
+    upcast to fp32: preference_loss.sequence_logps (shift by one, -100 ignored), summed or
+    (`average`) their mean."""
+    return preference_loss.sequence_logps(logits.float(), labels, average=average)
 
 
 class PreferenceTrainer(LlmtrainTrainer):
@@ -224,8 +208,10 @@ class PreferenceTrainer(LlmtrainTrainer):
         self.reference = reference
         self.sums: dict[str, dict[str, torch.Tensor]] = {}
 
-    def training_step(self, model: Any, inputs: dict[str, Any]) -> torch.Tensor:
-        loss = Trainer.training_step(self, model, inputs)
+    def training_step(self, model: Any, inputs: dict[str, Any], *args: Any) -> torch.Tensor:
+        # Not LlmtrainTrainer's: a step is counted in pairs, not label tokens. `args`: 5.x
+        # passes num_items_in_batch (a label-token count), which the pair loss does not use.
+        loss = Trainer.training_step(self, model, inputs, *args)
         pairs = inputs[WEIGHT].sum().to(torch.int64)
         self.recorder.add(loss, pairs, inputs.get(loss_weighting.STEP_TOKENS))
         return loss
@@ -268,8 +254,11 @@ class PreferenceTrainer(LlmtrainTrainer):
         if step_pairs is None:
             loss = total / weight.sum().clamp(min=1)
         else:
+            # As LlmtrainTrainer.compute_loss: on the pinned stack accelerate divides the loss
+            # by the accumulation steps, on the current one nothing does (loss_is_scaled_for_ga).
+            accumulation = 1 if stack.is_current() else self.args.gradient_accumulation_steps
             loss = total * loss_weighting.backward_scale(
-                step_pairs, self.args.gradient_accumulation_steps, self.args.world_size
+                step_pairs, accumulation, self.args.world_size
             )
         return (loss, None) if return_outputs else loss
 
@@ -291,9 +280,10 @@ class PreferenceTrainer(LlmtrainTrainer):
             value = weight.sum() if key == "pairs" else (metrics[key].float() * weight).sum()
             sums[key] = sums.get(key, 0) + value.detach()
 
-    def log(self, logs: dict[str, float]) -> None:
+    def log(self, logs: dict[str, float], *args: Any) -> None:
         """Adds the reward metrics since the last log line to the Trainer's: training ones to
-        a line with `loss`, evaluation ones (eval_ prefix) to a line with `eval_loss`."""
+        a line with `loss`, evaluation ones (eval_ prefix) to a line with `eval_loss`. `args`:
+        5.x's start_time, passed on."""
         prefix = "eval_" if "eval_loss" in logs else "" if "loss" in logs else None
         sums = self.sums.pop(prefix, None) if prefix is not None else None
         if sums and prefix is not None:
@@ -305,7 +295,7 @@ class PreferenceTrainer(LlmtrainTrainer):
             values = values.cpu()
             pairs = max(float(values[-1]), 1.0)
             logs.update({prefix + k: float(v) / pairs for k, v in zip(keys, values, strict=False)})
-        super().log(logs)
+        super().log(logs, *args)
 
 
 def load_reference(cfg: RunConfig, plan: RunPlan) -> torch.nn.Module | None:
