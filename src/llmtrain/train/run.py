@@ -144,6 +144,11 @@ def training_arguments(
         # training.args may still turn it on.
         **{"logging_nan_inf_filter": False, **t.args},
     )
+    if stack.is_current() and not torch.cuda.is_available():
+        # accelerate 1.x counts a CPU process that torchrun started as one of WORLD_SIZE (gloo)
+        # only when told it runs on CPU; 0.26 did so from WORLD_SIZE alone. Untold, each rank
+        # trains alone: all the data on every rank, no DDP, its own update.
+        kwargs.setdefault("use_cpu", True)
     args = TrainingArguments(**hf_names.training_arguments(kwargs))
     if args.world_size != world.world_size:
         raise ConfigError(
