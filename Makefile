@@ -175,10 +175,12 @@ venv: ## VENV (.venv; .venv-current for STACK=current) from the STACK's lock (in
 # test_model_families.py: LoRA, merge and generate on a tiny checkpoint of each family users fine-tune
 # today (Llama-3.x, Qwen2.5/3, Gemma-2/3, Phi-3/4, Mistral-NeMo, the MoE families), ~4 min on 2 cores.
 # test_preference.py: DPO and ORPO runs, stop-and-resume, merge and generate, ~5 min on 2 cores.
+# tests/strategies/test_ddp_sharding.py: each step's samples over 2 gloo ranks, ~25 s; the layout
+# tests there (test_loss_weighting.py ~4 min, test_preference_layouts.py ~2 min) run on the pinned one.
 CURRENT_E2E ?= tests/e2e/test_newer_checkpoint_cli.py tests/e2e/test_finetune_cli.py \
     tests/e2e/test_model_families.py tests/e2e/test_chat_cli.py tests/e2e/test_demo.py \
     tests/e2e/test_reload.py tests/e2e/test_post_run.py tests/e2e/test_resume.py \
-    tests/e2e/test_preference.py
+    tests/e2e/test_preference.py tests/strategies/test_ddp_sharding.py
 CURRENT_PENDING ?=
 test: venv ## every tier of STACK (plain pytest: the fast tier only; cluster and container need root)
 ifeq ($(STACK),current)

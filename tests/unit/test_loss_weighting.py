@@ -5,6 +5,7 @@ through accelerate's own batch sharding, and the loss and gradient of two sample
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import datasets
 import numpy as np
@@ -15,13 +16,17 @@ from peft import LoraConfig, get_peft_model
 from torch.utils.data import BatchSampler
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from llmtrain.config import resolve_path
+from llmtrain.config import load_config, resolve_path
 from llmtrain.data.collate import PadCollator
+from llmtrain.errors import ConfigError
 from llmtrain.kernels import loss as fused_loss
 from llmtrain.kernels.varlen_attention import PackingCollator
 from llmtrain.labels import IGNORE_INDEX
+from llmtrain.plan import World
 from llmtrain.train import loss_weighting
+from llmtrain.train.run import plan_run, training_arguments
 from llmtrain.train.trainer import LossRecorder
+from tests.conftest import REPO
 
 
 @pytest.mark.parametrize(
@@ -183,3 +188,13 @@ def test_4_and_36_tokens(method: str) -> None:
     for name, (loss, grad) in new.items():
         assert loss == pytest.approx(token_mean, rel=1e-5), name
         assert float((grad - reference).norm() / reference.norm()) < 1e-5, name
+
+
+def test_a_trainer_that_counts_another_world_is_refused(tmp_path: Path) -> None:
+    """The sharding above holds only if the Trainer counts the launcher's processes; one that
+    counts fewer (here: one process that claims a world of two) is refused before training.
+    tests/strategies/test_ddp_sharding.py checks a real world of two on CPU."""
+    two = World(rank=0, local_rank=0, world_size=2)
+    cfg = load_config(REPO / "configs" / "full.yaml", ["training.report_to=[none]"])
+    with pytest.raises(ConfigError, match="counts 1 process"):
+        training_arguments(cfg, two, plan_run(cfg, two), tmp_path, False, None)

@@ -15,12 +15,12 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_callback import PrinterCallback
 
-from llmtrain import compat, manifest
+from llmtrain import compat, manifest, stack
 from llmtrain.config import RunConfig, dump_config
 from llmtrain.data import chat, prepared
 from llmtrain.data.collate import PadCollator
 from llmtrain.data.token_budget import row_lengths
-from llmtrain.errors import StopRequested
+from llmtrain.errors import ConfigError, StopRequested
 from llmtrain.kernels import lora as fused_lora
 from llmtrain.kernels import loss as fused_loss
 from llmtrain.kernels import ops as fused_ops
@@ -87,7 +87,13 @@ def training_arguments(
     budget: TokenBudget | None = None,
 ) -> TrainingArguments:
     """`budget`: token-budget micro-batches, one chunk per DataLoader batch, the plan's count
-    of them per step (the configured batch and accumulation then only set samples per step)."""
+    of them per step (the configured batch and accumulation then only set samples per step).
+
+    Raises:
+        ConfigError: the Trainer counts another number of processes than the launcher started
+            (`world`), e.g. training.args sets use_cpu=false on a CPU machine: it would neither
+            shard the data nor average the gradients as loss_weighting weights them (exit 64).
+    """
     t = cfg.training
     batch, accumulation = t.per_device_train_batch_size, t.gradient_accumulation_steps
     if budget is not None:
@@ -138,7 +144,18 @@ def training_arguments(
         # training.args may still turn it on.
         **{"logging_nan_inf_filter": False, **t.args},
     )
+    if stack.is_current() and not torch.cuda.is_available():
+        # accelerate 1.x counts a CPU process that torchrun started as one of WORLD_SIZE (gloo)
+        # only when told it runs on CPU; 0.26 did so from WORLD_SIZE alone. Untold, each rank
+        # trains alone: all the data on every rank, no DDP, its own update.
+        kwargs.setdefault("use_cpu", True)
     args = TrainingArguments(**hf_names.training_arguments(kwargs))
+    if args.world_size != world.world_size:
+        raise ConfigError(
+            f"the Trainer counts {args.world_size} process(es) but the launcher started "
+            f"{world.world_size} ({stack.describe()}): the ranks would train apart",
+            "leave use_cpu out of training.args",
+        )
     if not world.distributed and args.n_gpu > 1:
         # HF would wrap the model in torch.nn.DataParallel: measured 7x slower than one GPU.
         log.warning(
