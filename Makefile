@@ -170,7 +170,7 @@ venv: ## VENV (.venv; .venv-current for STACK=current) from the STACK's lock (in
 
 # STACK=current runs the fast unit tier and the CPU end-to-end runs (LoRA, full and layers, chat,
 # merge, generate, resume, the refusals); the launcher, cluster and container tiers do not depend on the
-# HF stack and run once, on the pinned one. CURRENT_PENDING: tests not yet passing on the current
+# HF stack and run once, on the pinned one (the container tier builds both stacks' images). CURRENT_PENDING: tests not yet passing on the current
 # stack, deselected by name so that the list shrinks as they are ported (none left at present).
 # test_model_families.py: LoRA, merge and generate on a tiny checkpoint of each family users fine-tune
 # today (Llama-3.x, Qwen2.5/3, Gemma-2/3, Phi-3/4, Mistral-NeMo, the MoE families), ~4 min on 2 cores.

@@ -37,26 +37,22 @@ def standin_base(cache_dir: Path) -> str:
     return tag
 
 
+def download_lock(lock: str, path: Path) -> None:
+    """Fetch a lock's files into the wheelhouse, checked against its hashes. Files already there
+    (pins both locks share) are not fetched again."""
+    need(("pip",), "the wheelhouse")
+    version = sh("pip", "--version", capture_output=True).stdout
+    assert "(python 3.11)" in version, f"the host pip must run Python 3.11: {version}"
+    sh("pip", "download", "--quiet", "--no-deps", "--require-hashes", "-r", REPO / lock, "-d", path)
+
+
 @pytest.fixture(scope="session")
 def wheelhouse(cache_dir: Path) -> Path:
     """The lock's files fetched once on the host, so builds run offline: no PyPI TLS inside the
     build, and a rebuild cannot see a different index. The host's pip picks the files, so its
     Python must be the stand-in's (Debian bookworm: 3.11)."""
-    need(("pip",), "the wheelhouse")
-    version = sh("pip", "--version", capture_output=True).stdout
-    assert "(python 3.11)" in version, f"the host pip must run Python 3.11: {version}"
     path = cache_dir / "wheels"
-    sh(
-        "pip",
-        "download",
-        "--quiet",
-        "--no-deps",
-        "--require-hashes",
-        "-r",
-        REPO / "requirements/lock.txt",
-        "-d",
-        path,
-    )
+    download_lock("requirements/lock.txt", path)
     return path
 
 
@@ -76,5 +72,18 @@ def build_flags(wheelhouse: Path, cache_dir: Path) -> str:
 def built_image(standin_base: str, build_flags: str) -> Iterator[Built]:
     tag = f"localhost/llmtrain-test:{uuid.uuid4().hex[:8]}"
     built = make_image(tag, standin_base, build_flags, "0123456789abcdef-test")
+    yield built
+    subprocess.run(["buildah", "rmi", tag], capture_output=True)
+
+
+@pytest.fixture(scope="session")
+def current_image(standin_base: str, wheelhouse: Path, build_flags: str) -> Iterator[Built]:
+    """`make image STACK=current` on the same stand-in base: the current lock resolved from the
+    same offline wheelhouse (its files added beside the pinned lock's) and installed by the same
+    Dockerfile. Only the base differs from a user's build (no NGC 25.10 here: Python 3.11 and CPU
+    torch instead of 3.12 and CUDA torch; the lock is universal for both)."""
+    download_lock("requirements/lock-current.txt", wheelhouse)
+    tag = f"localhost/llmtrain-test:current-{uuid.uuid4().hex[:8]}"
+    built = make_image(tag, standin_base, build_flags, "0123456789abcdef-test", stack="current")
     yield built
     subprocess.run(["buildah", "rmi", tag], capture_output=True)

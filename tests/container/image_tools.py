@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import re
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -11,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from packaging.markers import Marker
 
 REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
@@ -90,13 +93,15 @@ class Built:
     log: str
 
 
-def make_image(tag: str, base: str, flags: str, git_sha: str) -> Built:
+def make_image(tag: str, base: str, flags: str, git_sha: str, stack: str = "pinned") -> Built:
+    """`make image STACK=stack` as a user runs it, on the stand-in base (no CUDA: no flash-attn)."""
     proc = subprocess.run(
         [
             "make",
             "-C",
             str(REPO),
             "image",
+            f"STACK={stack}",
             "CONTAINER_ENGINE=buildah",
             f"IMAGE={tag}",
             f"BASE_IMAGE={base}",
@@ -110,3 +115,35 @@ def make_image(tag: str, base: str, flags: str, git_sha: str) -> Built:
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"make image failed:\n{log[-6000:]}"
     return Built(tag, base, git_sha, log)
+
+
+SITE = "opt/venv/lib/python3.11/site-packages"  # the stand-in base's environment
+
+
+def read_manifest(image: str) -> dict:
+    with mounted(image) as root:
+        return json.loads((root / "opt/llmtrain/manifest.json").read_text())
+
+
+def torch_record(image: str) -> tuple[str, bytes]:
+    with mounted(image) as root:
+        (info,) = (root / SITE).glob("torch-*.dist-info")
+        return info.name, (info / "RECORD").read_bytes()
+
+
+def lock_pins_for(python: str, lock: str) -> dict[str, str]:
+    """The lock's pins that apply to this Python on Linux x86_64 (markers evaluated)."""
+    env = {
+        "python_full_version": python,
+        "python_version": python.rsplit(".", 1)[0],
+        "sys_platform": "linux",
+        "platform_system": "Linux",
+        "platform_machine": "x86_64",
+        "platform_python_implementation": "CPython",
+    }
+    pins = {}
+    for line in (REPO / lock).read_text().splitlines():
+        match = re.match(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^ ;\\]+)\s*(?:;([^\\]*))?", line)
+        if match and (not match.group(3) or Marker(match.group(3)).evaluate(env)):
+            pins[re.sub(r"[-_.]+", "-", match.group(1)).lower()] = match.group(2)
+    return pins

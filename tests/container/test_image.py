@@ -14,42 +14,22 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from packaging.markers import Marker
 
-from .image_tools import REPO, Built, make_image, make_var, mounted, run_in, sh
+from .image_tools import (
+    REPO,
+    SITE,
+    Built,
+    lock_pins_for,
+    make_image,
+    make_var,
+    mounted,
+    read_manifest,
+    run_in,
+    sh,
+    torch_record,
+)
 
 pytestmark = pytest.mark.container
-
-SITE = "opt/venv/lib/python3.11/site-packages"  # the stand-in base's environment
-
-
-def read_manifest(image: str) -> dict:
-    with mounted(image) as root:
-        return json.loads((root / "opt/llmtrain/manifest.json").read_text())
-
-
-def torch_record(image: str) -> tuple[str, bytes]:
-    with mounted(image) as root:
-        (info,) = (root / SITE).glob("torch-*.dist-info")
-        return info.name, (info / "RECORD").read_bytes()
-
-
-def lock_pins_for(python: str) -> dict[str, str]:
-    """The lock's pins that apply to this Python on Linux x86_64 (markers evaluated)."""
-    env = {
-        "python_full_version": python,
-        "python_version": python.rsplit(".", 1)[0],
-        "sys_platform": "linux",
-        "platform_system": "Linux",
-        "platform_machine": "x86_64",
-        "platform_python_implementation": "CPython",
-    }
-    pins = {}
-    for line in (REPO / "requirements/lock.txt").read_text().splitlines():
-        match = re.match(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^ ;\\]+)\s*(?:;([^\\]*))?", line)
-        if match and (not match.group(3) or Marker(match.group(3)).evaluate(env)):
-            pins[re.sub(r"[-_.]+", "-", match.group(1)).lower()] = match.group(2)
-    return pins
 
 
 def test_build_runs_the_import_test_and_pip_check(built_image: Built) -> None:
@@ -85,10 +65,11 @@ def test_torch_is_exactly_the_base_torch(built_image: Built) -> None:
 def test_manifest_records_every_version_the_lock_and_the_base_gave(built_image: Built) -> None:
     manifest = read_manifest(built_image.tag)
     packages = manifest["packages"]
-    for name, version in lock_pins_for(manifest["python"]).items():
+    for name, version in lock_pins_for(manifest["python"], "requirements/lock.txt").items():
         assert packages.get(name) == version, name
     assert packages["torch"] == manifest["base_packages"]["torch"]
     assert packages["llmtrain"] == manifest["llmtrain_version"] == make_var("VERSION")
+    assert manifest["stack"] == "pinned"
     assert manifest["git_sha"] == built_image.git_sha
     assert manifest["base_image"] == built_image.base
     assert manifest["base_digest"].startswith("sha256:")
@@ -100,6 +81,7 @@ def test_llmtrain_env_reads_the_image_manifest(built_image: Built) -> None:
     assert proc.returncode == 0, proc.stderr
     env = json.loads(proc.stdout)
     assert env["image"]["git_sha"] == built_image.git_sha
+    assert env["image"]["stack"] == env["stack"] == "pinned"
     assert env["packages"]["torch"] == env["image"]["packages"]["torch"]
 
 
