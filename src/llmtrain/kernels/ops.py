@@ -123,6 +123,17 @@ def _mlp_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _residual_mlp(self: Any, hidden_states: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
+    """The decoder layer after attention: the residual add fused into the second norm, then the
+    MLP and its residual. [batch, length, hidden] in and out."""
+    norm = self.post_attention_layernorm
+    hidden_states, normed = compiled("add_rms_norm")(
+        hidden_states, attn_out, norm.weight, norm.variance_epsilon
+    )
+    out: torch.Tensor = hidden_states + self.mlp(normed)
+    return out
+
+
 def _layer_forward(
     self: Any,
     hidden_states: torch.Tensor,
@@ -143,11 +154,7 @@ def _layer_forward(
         use_cache=use_cache,
         **kwargs,
     )
-    norm = self.post_attention_layernorm
-    hidden_states, normed = compiled("add_rms_norm")(
-        hidden_states, attn_out, norm.weight, norm.variance_epsilon
-    )
-    hidden_states = hidden_states + self.mlp(normed)
+    hidden_states = _residual_mlp(self, hidden_states, attn_out)
     return (
         hidden_states,
         *([weights] if output_attentions else []),
@@ -177,12 +184,7 @@ def _current_layer_forward(
         position_embeddings=position_embeddings,
         **kwargs,
     )
-    norm = self.post_attention_layernorm
-    hidden_states, normed = compiled("add_rms_norm")(
-        hidden_states, attn_out, norm.weight, norm.variance_epsilon
-    )
-    out: torch.Tensor = hidden_states + self.mlp(normed)
-    return out
+    return _residual_mlp(self, hidden_states, attn_out)
 
 
 def _is_rms_norm(m: nn.Module) -> bool:
