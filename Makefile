@@ -170,9 +170,7 @@ venv: ## VENV (.venv; .venv-current for STACK=current) from the STACK's lock (in
 
 # STACK=current runs the fast unit tier and the CPU end-to-end runs (LoRA, full and layers, chat,
 # merge, generate, resume, the refusals); the launcher, cluster and container tiers do not depend on the
-# HF stack and run once, on the pinned one (the container tier builds both stacks' images). CURRENT_PENDING: tests not yet passing on the current
-# stack, deselected by name so that the list shrinks as they are ported: the preference reward
-# metrics' TensorBoard events, which the current stack's run did not write where the test reads.
+# HF stack and run once, on the pinned one (the container tier builds both stacks' images).
 # test_model_families.py: LoRA, merge and generate on a tiny checkpoint of each family users fine-tune
 # today (Llama-3.x, Qwen2.5/3, Gemma-2/3, Phi-3/4, Mistral-NeMo, the MoE families), ~4 min on 2 cores.
 # test_preference.py: DPO and ORPO runs, stop-and-resume, merge and generate, ~5 min on 2 cores.
@@ -182,11 +180,10 @@ CURRENT_E2E ?= tests/e2e/test_newer_checkpoint_cli.py tests/e2e/test_finetune_cl
     tests/e2e/test_model_families.py tests/e2e/test_chat_cli.py tests/e2e/test_demo.py \
     tests/e2e/test_reload.py tests/e2e/test_post_run.py tests/e2e/test_resume.py \
     tests/e2e/test_preference.py tests/strategies/test_ddp_sharding.py
-CURRENT_PENDING ?= tests/e2e/test_preference.py::test_reward_metrics_reach_tensorboard
 test: venv ## every tier of STACK (plain pytest: the fast tier only; cluster and container need root)
 ifeq ($(STACK),current)
-	$(VENV)/bin/pytest tests/unit $(addprefix --deselect ,$(CURRENT_PENDING))
-	$(VENV)/bin/pytest -m "" $(CURRENT_E2E) $(addprefix --deselect ,$(filter tests/e2e/%,$(CURRENT_PENDING)))
+	$(VENV)/bin/pytest tests/unit
+	$(VENV)/bin/pytest -m "" $(CURRENT_E2E)
 else
 	$(VENV)/bin/pytest -m ""
 endif

@@ -132,3 +132,30 @@ def test_hf_nan_filter_is_off_unless_asked_for(
     (bench/RESULTS.md, 2026-12-01); LossRecorder keeps the exact losses instead."""
     cfg = load_config(REPO / "configs" / "demo.yaml", overrides)
     assert _arguments(cfg, tmp_path, False).logging_nan_inf_filter is expected
+
+
+def test_each_trainer_in_one_process_writes_tensorboard_events_under_its_own_output_dir(
+    tmp_path: Path,
+) -> None:
+    """A second run in the same process (a notebook, a sweep, the test suite) must not write
+    its events into the first run's directory, nor leave a directory in the environment that
+    the programs it starts inherit (found on the current stack: TENSORBOARD_LOGGING_DIR)."""
+    import os
+
+    from transformers import AutoModelForCausalLM
+
+    from llmtrain.train.trainer import TENSORBOARD_DIR, LlmtrainTrainer, LossRecorder
+
+    model = AutoModelForCausalLM.from_pretrained(REPO / "src/llmtrain/embedded/tiny-llama")
+    before = os.environ.get("TENSORBOARD_LOGGING_DIR")
+    for run in ("first", "second"):
+        out = tmp_path / run
+        args = _arguments(load_config(REPO / "configs" / "demo.yaml"), out, False)
+        assert args.report_to == ["tensorboard"]
+        trainer = LlmtrainTrainer(model=model, args=args, recorder=LossRecorder(), chunked_loss=False)
+        state = TrainerState(is_world_process_zero=True)
+        trainer.callback_handler.on_train_begin(args, state, TrainerControl())
+        trainer.callback_handler.on_train_end(args, state, TrainerControl())
+        assert list((out / TENSORBOARD_DIR).glob("events.out.tfevents.*")), run
+        assert os.environ.get("TENSORBOARD_LOGGING_DIR") == before
+    assert not list(tmp_path.rglob("runs"))  # 5.x's default directory, never ours

@@ -4,7 +4,6 @@ removed. The one place such renames live, so that they drop out with the pinned 
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from llmtrain import stack
@@ -14,8 +13,8 @@ def training_arguments(kwargs: dict[str, Any]) -> dict[str, Any]:
     """`kwargs` for TrainingArguments(...) in the installed release's names.
 
     Current stack: evaluation_strategy is eval_strategy (renamed in 4.41); warmup_ratio is
-    gone (5.0), warmup_steps below 1 is the ratio; logging_dir is gone (5.0), the TensorBoard
-    callback reads TENSORBOARD_LOGGING_DIR (set here unless the user set it).
+    gone (5.0), warmup_steps below 1 is the ratio; logging_dir is gone (5.0): see
+    tensorboard_to.
     """
     if not stack.is_current():
         return kwargs
@@ -25,10 +24,25 @@ def training_arguments(kwargs: dict[str, Any]) -> dict[str, Any]:
     ratio = out.pop("warmup_ratio", 0.0) or 0.0
     if ratio and not out.get("warmup_steps"):
         out["warmup_steps"] = float(ratio)
-    logging_dir = out.pop("logging_dir", None)
-    if logging_dir is not None:
-        os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(logging_dir))
+    out.pop("logging_dir", None)
     return out
+
+
+def tensorboard_to(callbacks: list[Any], logging_dir: str) -> None:
+    """Point the Trainer's TensorBoard callback at `logging_dir` on the current stack.
+
+    5.x's TensorBoardCallback reads its directory from TENSORBOARD_LOGGING_DIR when it is built
+    and otherwise writes under output_dir/runs/. Setting that variable in os.environ would
+    outlive the run: a second run in the same process (or any program it starts) would write
+    its events into the first run's directory. A directory the user gave in the variable stays
+    theirs. The pinned stack reads TrainingArguments.logging_dir itself: nothing to do there."""
+    if not stack.is_current():
+        return
+    from transformers.integrations import TensorBoardCallback
+
+    for callback in callbacks:
+        if isinstance(callback, TensorBoardCallback) and callback.logging_dir is None:
+            callback.logging_dir = logging_dir
 
 
 def eval_strategy(args: Any) -> str:

@@ -55,7 +55,7 @@ from llmtrain.train.callbacks import (
     truncate_metrics,
 )
 from llmtrain.train.token_budget import StepChunk
-from llmtrain.train.trainer import LlmtrainTrainer, LossRecorder, StepBoundary
+from llmtrain.train.trainer import TENSORBOARD_DIR, LlmtrainTrainer, LossRecorder, StepBoundary
 
 log = logging.getLogger(__name__)
 WEIGHT = "pair_weight"  # 1 for a pair, 0 for the sampler's filler (loss_weighting.FILLER)
@@ -422,6 +422,6 @@ def train(cfg: RunConfig, world: World, extra_callbacks: Sequence[TrainerCallbac
             f"final {final.name}": final,
             "merged model": out / "final" / "merged",
             "metrics": out / METRICS,
-            "tensorboard": out / "tensorboard",
+            "tensorboard": out / TENSORBOARD_DIR,
         }))
     return trainer

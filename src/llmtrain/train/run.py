@@ -47,7 +47,7 @@ from llmtrain.train.callbacks import (
 from llmtrain.train.master_weights import MasterWeights
 from llmtrain.train.post_run import post_run
 from llmtrain.train.token_budget import TokenBudget
-from llmtrain.train.trainer import LlmtrainTrainer, LossRecorder, StepBoundary
+from llmtrain.train.trainer import TENSORBOARD_DIR, LlmtrainTrainer, LossRecorder, StepBoundary
 from llmtrain.vocab import special_tokens
 
 log = logging.getLogger(__name__)
@@ -124,7 +124,7 @@ def training_arguments(
         if t.gradient_checkpointing
         else None,
         logging_steps=t.logging_steps,
-        logging_dir=str(output_dir / "tensorboard"),
+        logging_dir=str(output_dir / TENSORBOARD_DIR),
         save_strategy="steps",
         save_steps=t.save_steps,
         save_total_limit=None,  # retention is ours, by step number (see checkpoints.py)
@@ -330,7 +330,7 @@ def train(cfg: RunConfig, world: World, extra_callbacks: Sequence[TrainerCallbac
             "merged model": out / "final" / "merged",
             "generations": out / "generations.jsonl",
             "metrics": out / METRICS,
-            "tensorboard": out / "tensorboard",
+            "tensorboard": out / TENSORBOARD_DIR,
         }))
     return trainer
 

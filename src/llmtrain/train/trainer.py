@@ -4,17 +4,20 @@ exact per-step loss record (LossRecorder, closed at each step by StepBoundary)."
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import Trainer, TrainerCallback
 
 from llmtrain import compat, stack
-from llmtrain.train import loss_weighting
+from llmtrain.train import hf_names, loss_weighting
 from llmtrain.train.master_weights import MasterWeights
 from llmtrain.train.token_budget import TokenBudget
 
 log = logging.getLogger(__name__)
+
+TENSORBOARD_DIR = "tensorboard"  # under output.dir: TensorBoard's event files
 
 
 class LossRecorder:
@@ -97,6 +100,9 @@ class LlmtrainTrainer(Trainer):
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        hf_names.tensorboard_to(
+            self.callback_handler.callbacks, str(Path(self.args.output_dir, TENSORBOARD_DIR))
+        )
         self.recorder = recorder
         self.chunked_loss = chunked_loss
         self.token_budget = token_budget
