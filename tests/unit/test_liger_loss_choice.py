@@ -252,3 +252,16 @@ def test_under_autocast_the_hidden_states_go_in_the_matmul_dtype(
     assert under_autocast["flat"].dtype == torch.bfloat16
     assert under_autocast["bias"].dtype == torch.bfloat16
     assert bf16_params["flat"].dtype == torch.bfloat16
+
+
+def test_torch_older_than_the_minimum_takes_the_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """NGC 24.04's torch 2.3 has no torch.addmm out_dtype: Liger's fp32 weight gradients would
+    go through weight-sized temporaries there."""
+    assert fused_loss.torch_release("2.3.0a0+6ddf5cf") == (2, 3)
+    assert fused_loss.torch_release("2.13.0+cpu") == (2, 13)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch, "__version__", "2.3.0a0+6ddf5cf")
+    assert fused_loss.liger_loss_function() == (
+        None,
+        "torch 2.3.0a0+6ddf5cf is older than 2.8",
+    )

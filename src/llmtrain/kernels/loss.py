@@ -17,9 +17,10 @@ whole optimizer step.
   an H200, bench/RESULTS.md 2026-12-01, second session). It keeps [tokens, hidden] (the hidden
   states' gradient, in the matmul dtype) and, when lm_head trains, [vocab, hidden] (its weight's
   gradient, in the weight's dtype) from the forward to the backward, plus one chunk of
-  [tokens / ceil(vocab / hidden), vocab] logits during the forward. Taken on CUDA when
-  liger_kernel and triton import and lm_head is a plain nn.Linear with its whole weight at the
-  call (see `liger_unusable`); otherwise, and for the reason logged once, the chunks below.
+  [tokens / ceil(vocab / hidden), vocab] logits during the forward. Taken on CUDA with torch
+  >= LIGER_MIN_TORCH when liger_kernel and triton import and lm_head is a plain nn.Linear with
+  its whole weight at the call (see `liger_unusable`); otherwise, and for the reason logged
+  once, the chunks below.
 - llmtrain's chunks (`chunked_lm_loss`): the loss summed chunk by chunk, each chunk under
   activation checkpointing (its logits are recomputed in the backward pass, one extra lm_head
   matmul per chunk).
@@ -69,6 +70,10 @@ log = logging.getLogger(__name__)
 # logits -> shifted mean cross-entropy, with no extra loss terms.
 SUPPORTED = ("llama", "mistral", "qwen2", "gemma")
 CHUNK_ELEMENTS = 1 << 27  # logits per chunk: 0.5 GiB in fp32
+# Liger's loss only from this torch on: older torch (NGC 24.04's 2.3) lacks torch.addmm's
+# out_dtype, so Liger 0.8.5 accumulates an fp32 lm_head weight's gradient through a bf16 and an
+# fp32 temporary of the weight's size per chunk, and its kernels were measured on torch 2.11.
+LIGER_MIN_TORCH = (2, 8)
 # Reasons already logged, so that each choice of loss path is logged once per process.
 _ANNOUNCED: set[str] = set()
 
@@ -79,6 +84,12 @@ def _announce(message: str) -> None:
         log.info("%s", message)
 
 
+def torch_release(version: str) -> tuple[int, int]:
+    """(major, minor) of a torch version string such as NGC's '2.3.0a0+6ddf5cf'."""
+    major, minor = version.split(".")[:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+
 @functools.cache
 def liger_loss_function() -> tuple[Callable[..., Any] | None, str]:
     """Liger's fused linear cross-entropy and its version, or None and why not; decided once per
@@ -86,6 +97,8 @@ def liger_loss_function() -> tuple[Callable[..., Any] | None, str]:
     CPU wheel of torch does not bring."""
     if not torch.cuda.is_available():
         return None, "no CUDA device"
+    if torch_release(torch.__version__) < LIGER_MIN_TORCH:
+        return None, f"torch {torch.__version__} is older than %d.%d" % LIGER_MIN_TORCH
     try:
         import triton  # noqa: F401
         from liger_kernel.functional import fused_linear_cross_entropy
