@@ -87,3 +87,30 @@ def test_manifest_lists_every_installed_version(tmp_path: Path) -> None:
     assert manifest["base_packages"] == {"torch": "2.13.0+cpu"}
     assert manifest["flash_attn_built"] is True and manifest["deepspeed_ops_prebuilt"] is False
     assert (manifest["git_sha"], manifest["base_image"]) == ("abc", "nvcr.io/x:1")
+
+
+def test_pip_check_tolerates_a_missing_triton_only_on_a_base_without_one(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """liger-kernel requires triton, which the lock leaves to the base's torch: a CPU stand-in
+    base has none (llmtrain then keeps its own loss); a base that had triton must keep it."""
+    import argparse
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("image_packages", SCRIPT)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    missing = "liger-kernel 0.8.5 requires triton, which is not installed."
+    other = "liger-kernel 0.8.5 requires torch, which is not installed."
+    known, base = tmp_path / "base-pip-check.txt", tmp_path / "base-packages.txt"
+    known.write_text("")
+    args = argparse.Namespace(base=known, base_packages=base)
+    monkeypatch.setattr(module, "pip_check_problems", lambda: [missing])
+    base.write_text("torch==2.13.0+cpu\n")
+    assert module.pip_check(args) == 0
+    base.write_text("torch==2.3.0a0\ntriton==2.2.0\n")
+    assert module.pip_check(args) == 1
+    monkeypatch.setattr(module, "pip_check_problems", lambda: [other])
+    base.write_text("torch==2.13.0+cpu\n")
+    assert module.pip_check(args) == 1

@@ -28,6 +28,7 @@ from llmtrain.sizing.memory import (
     estimate,
     fits,
     largest_micro_batch,
+    liger_chunk_tokens,
     loss_chunk_tokens,
     trainable_params,
 )
@@ -301,6 +302,9 @@ def test_predicted_peak_matches_a_measured_cpu_step(
 # Allocated peaks of bench/workloads.py's fixed-1b-full (TinyLlama-1.1B shape, full fine-tune,
 # 8 x 2048 rows of one length, fused AdamW, SDPA) on one H200, by bench/runs.py's overrides:
 # results/h200-fused-lora.json, h200-ablation.json and bf16-params-fixed-1b-full-h200.json.
+# Measured with llmtrain's chunked loss, before the loss became Liger's on CUDA: run_shape now
+# predicts Liger's terms for them (torch >= 2.8), which stay within the 10% (the bare-loop
+# measurement of Liger's loss is test_liger_loss_keeps_gradients_not_a_large_chunk below).
 H200_FIXED_1B_FULL = {
     (): 55.02,
     ("training.chunked_loss=false",): 59.52,
@@ -359,6 +363,22 @@ def test_the_chunked_loss_holds_one_chunk_of_logits() -> None:
     assert estimate(TINYLLAMA, short).logits == 3 * 4 * 1024 * TINYLLAMA.vocab
 
 
+def test_liger_loss_keeps_gradients_not_a_large_chunk() -> None:
+    """Liger's fused linear cross-entropy in place of the compiled chunks took the bare-loop
+    fixed-1b-full with bf16 parameters from 35.3 to 35.0 GiB on the H200 (bench/RESULTS.md,
+    2026-12-01 second session, bench.kernel_levers `blocks` and `blocks+liger-loss`)."""
+    run = _with(
+        FIXED_1B_FULL, chunked_loss=True, compiled=True, attention_forward="rows",
+        weight_bytes=2, master_weights=True,
+    )  # fmt: skip
+    chunks, liger = estimate(TINYLLAMA, run), estimate(TINYLLAMA, _with(run, liger_loss=True))
+    assert liger_chunk_tokens(run.tokens, TINYLLAMA.vocab, TINYLLAMA.hidden) == 1024
+    # gradient of lm_head's weight, the hidden states in the forward, one 1024-token chunk
+    assert liger.logits == 2 * 32000 * 2048 + 2 * run.tokens * 2048 + 2 * 1024 * 32000
+    assert liger.activations == chunks.activations  # hidden states' gradient for the chunk inputs
+    assert (chunks.allocated - liger.allocated) / GIB == pytest.approx(0.3, abs=0.1)
+
+
 def test_whole_rows_give_sdpa_k_and_v_unrepeated() -> None:
     """Whole rows moving from the varlen kernel (k, v repeated: torch 2.11's varlen_attn takes
     no enable_gqa) to SDPA with grouped-query heads took fixed-1b-full compiled from 41.57 to
@@ -413,6 +433,7 @@ def test_sizing_mirrors_the_kernels() -> None:
     from llmtrain.sizing import from_config, memory
 
     assert memory.LOSS_CHUNK_ELEMENTS == loss.CHUNK_ELEMENTS
+    assert from_config.LIGER_MIN_TORCH == loss.LIGER_MIN_TORCH
     assert from_config.CHUNKED_LOSS_MODELS == loss.SUPPORTED
     assert from_config.LLMTRAIN_ATTENTION_MODELS == varlen_attention.SUPPORTED
 

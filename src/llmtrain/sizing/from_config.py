@@ -6,6 +6,7 @@ import fnmatch
 import importlib.util
 import re
 from collections.abc import Mapping
+from importlib import metadata
 from typing import TYPE_CHECKING, Any, Literal
 
 from llmtrain.config import PREFERENCE_METHODS, RunConfig
@@ -27,6 +28,7 @@ if TYPE_CHECKING:  # tokens reads prepared data (numpy, datasets): imported when
 # that sizing needs no torch.
 LLMTRAIN_ATTENTION_MODELS = ("llama", "mistral")
 CHUNKED_LOSS_MODELS = ("llama", "mistral", "qwen2", "gemma")
+LIGER_MIN_TORCH = (2, 8)  # kernels/loss.py's: its Liger loss from this torch on
 
 
 def model_shape(cfg: RunConfig) -> ModelShape:
@@ -144,11 +146,26 @@ def run_shape(
         reference_copy=cfg.method.name == "dpo" and cfg.preference.weights == "full",
         compiled=t.compile,
         chunked_loss=plan.chunked_loss and shape.model_type in CHUNKED_LOSS_MODELS,
+        # On the GPUs estimated for, the chunked loss is Liger's where this torch allows it (the
+        # image has liger-kernel on Linux x86_64; kernels/loss.py's other fallbacks, not
+        # modelled here, keep the chunks).
+        liger_loss=plan.chunked_loss
+        and shape.model_type in CHUNKED_LOSS_MODELS
+        and _installed_torch() >= LIGER_MIN_TORCH,
         attention_forward=_attention_forward(
             shape, attention or plan.attention, packed, padded, t.compile
         ),
         **extra,
     )
+
+
+def _installed_torch() -> tuple[int, int]:
+    """(major, minor) of the installed torch, read without importing it; (0, 0) if absent."""
+    try:
+        major, minor = metadata.version("torch").split(".")[:2]
+    except metadata.PackageNotFoundError:
+        return (0, 0)
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
 
 
 def _attention_forward(

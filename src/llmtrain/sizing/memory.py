@@ -24,7 +24,9 @@ keep only what their backward cannot recompute (the same CPU test, compiled):
                copy, the normalised input and the product are recomputed
   add + norm   the sum (the next residual stream, s h) and its rstd; not the attention output
   SwiGLU       gate and up (2 x 2i): silu(gate) is recomputed; the MLP casts its input once
-The chunked loss (kernels/loss.py) holds one chunk's logits at a time (`logits_bytes`).
+The chunked loss (kernels/loss.py) holds one chunk's logits at a time (`logits_bytes`); on CUDA
+it is Liger's fused linear cross-entropy (`RunShape.liger_loss`), which keeps gradients from its
+forward instead (`logits_bytes`, `activation_bytes`).
 """
 
 from __future__ import annotations
@@ -226,6 +228,11 @@ class RunShape:
     # plan.chunked_loss (kernels/loss.py): the loss over chunks of tokens, each chunk's logits
     # made again in backward; False: transformers' loss over the whole logits
     chunked_loss: bool = False
+    # The chunked loss runs as Liger's fused linear cross-entropy (kernels/loss.py: on CUDA with
+    # liger-kernel, which the image has on Linux x86_64, and a plain lm_head): no chunk inputs
+    # kept; from its forward to the backward it keeps the hidden states' gradient and, when
+    # lm_head trains, its weight's gradient; one chunk of logits during the forward
+    liger_loss: bool = False
     # Which attention forward runs: transformers' (q, k, v each cast their input; SDPA and eager
     # see k, v after repeat_kv), or llmtrain's (kernels/varlen_attention.py, one cast) on "rows"
     # that each hold one sample (SDPA with grouped-query heads: k, v unrepeated) or on "packed"
@@ -399,12 +406,14 @@ def activation_bytes(shape: ModelShape, run: RunShape, *, checkpointing: bool) -
     dense_mask = run.padded and run.attention != "flash_attention_2"
     mask = 2 * run.micro_batch * run.seq_len**2 if dense_mask else 0
     stream = _stream_bytes(run)
-    head_trains = run.method == "full" or (run.method == "layers" and run.train_lm_head)
+    head_trains = _head_trains(run)
     # The final norm, then what keeps its output: the chunked loss's checkpoint (each chunk's
     # input, whatever trains), or else lm_head's matmul when its weight trains (under autocast
     # its 16-bit cast).
     head = _norm_bytes(run, h, head_trains)
-    if run.chunked_loss:
+    if run.chunked_loss and run.liger_loss:
+        head += run.dtype_bytes * h  # the hidden states' gradient, in the matmul's dtype
+    elif run.chunked_loss:
         head += stream * h
     elif head_trains:
         head += (2 if run.autocast else stream) * h
@@ -587,6 +596,17 @@ def loss_chunk_tokens(vocab: int) -> int:
     return max(256, LOSS_CHUNK_ELEMENTS // vocab)
 
 
+def liger_chunk_tokens(tokens: int, vocab: int, hidden: int) -> int:
+    """Tokens per chunk of Liger's fused linear cross-entropy (liger-kernel 0.8.5,
+    ops/fused_linear_cross_entropy.py): logits of about tokens x hidden elements at a time."""
+    factor = -(-vocab // hidden)
+    return min(tokens, 1 << max(0, (-(-tokens // factor) - 1).bit_length()))
+
+
+def _head_trains(run: RunShape) -> bool:
+    return run.method == "full" or (run.method == "layers" and run.train_lm_head)
+
+
 def logits_bytes(shape: ModelShape, run: RunShape) -> int:
     """LlamaForCausalLM upcasts logits to fp32, copies the shifted slice, and cross entropy
     keeps its fp32 log-softmax: three fp32 (tokens x vocab) tensors live at the loss (the bf16
@@ -605,12 +625,31 @@ def logits_bytes(shape: ModelShape, run: RunShape) -> int:
     writes their gradient in the logits' dtype: two (chunk x vocab) tensors of the compute
     dtype. On the H200, compiling the cross-entropy alone took 1.00 GiB off fixed-1b-full's
     peak (bench/results/h200-cudnn.json to h200-fused-lora.json): 12 - 4 bytes per logit of a
-    4194 x 32000 chunk."""
+    4194 x 32000 chunk.
+
+    Liger's fused linear cross-entropy peaks inside its forward, where every activation is
+    alive (activation_bytes counts the hidden states' gradient it keeps): the hidden states
+    themselves (stream dtype) and their cast to the matmul dtype where that differs, the
+    gradient of lm_head's weight when it trains (the weight's dtype: fp32 under autocast,
+    accumulated by addmm in fp32), one chunk of logits in the compute dtype (the cross-entropy
+    kernel writes their gradient in place), and with fp32 weights under autocast the 16-bit cast
+    of the weight that each of its matmuls makes. Assumed, not measured apart: on the H200 the
+    bare-loop fixed-1b-full with bf16 parameters peaked 0.3 GiB lower with it than with the
+    compiled chunks (bench/RESULTS.md, 2026-12-01 second session: 35.0 against 35.3 GiB);
+    these terms give 0.26 GiB lower."""
     if run.method == "inference":
         # generate() prefill: bf16 and fp32 logits for every prompt position.
         return (run.dtype_bytes + 4) * run.tokens * shape.vocab
     if not run.chunked_loss:
         return 3 * 4 * run.tokens * shape.vocab
+    if run.liger_loss:
+        a, t, h, v = run.dtype_bytes, run.tokens, shape.hidden, shape.vocab
+        stream = _stream_bytes(run)
+        head_weight = 4 if run.method == "qlora" else run.wbytes
+        hidden = stream * t * h + (a * t * h if stream != a else 0)
+        grad_weight = head_weight * v * h if _head_trains(run) else 0
+        weight_cast = a * v * h if run.autocast and head_weight != a else 0
+        return hidden + grad_weight + a * liger_chunk_tokens(t, v, h) * v + weight_cast
     chunk = min(run.tokens, loss_chunk_tokens(shape.vocab))
     if run.compiled:
         return 2 * run.dtype_bytes * chunk * shape.vocab
