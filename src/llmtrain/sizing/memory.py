@@ -632,11 +632,14 @@ def logits_bytes(shape: ModelShape, run: RunShape) -> int:
     themselves (stream dtype) and their cast to the matmul dtype where that differs, the
     gradient of lm_head's weight when it trains (the weight's dtype: fp32 under autocast,
     accumulated by addmm in fp32), one chunk of logits in the compute dtype (the cross-entropy
-    kernel writes their gradient in place), and with fp32 weights under autocast the 16-bit cast
-    of the weight that each of its matmuls makes. Assumed, not measured apart: on the H200 the
-    bare-loop fixed-1b-full with bf16 parameters peaked 0.3 GiB lower with it than with the
-    compiled chunks (bench/RESULTS.md, 2026-12-01 second session: 35.0 against 35.3 GiB);
-    these terms give 0.26 GiB lower."""
+    kernel writes their gradient in place), and with fp32 weights under autocast two 16-bit casts
+    of the weight: autocast caches the cast of the weight itself (a leaf that requires grad) for
+    the input-gradient matmul until the autocast region ends, and casts the view weight.t() of
+    the logits matmul afresh for each chunk (measured on the H200 by tests/gpu/
+    test_gpu_liger_loss.py: with one cast the estimate was 18% under the peak). Assumed, not
+    measured apart: on the H200 the bare-loop fixed-1b-full with bf16 parameters peaked 0.3 GiB
+    lower with it than with the compiled chunks (bench/RESULTS.md, 2026-12-01 second session:
+    35.0 against 35.3 GiB); these terms give 0.26 GiB lower."""
     if run.method == "inference":
         # generate() prefill: bf16 and fp32 logits for every prompt position.
         return (run.dtype_bytes + 4) * run.tokens * shape.vocab
@@ -648,7 +651,7 @@ def logits_bytes(shape: ModelShape, run: RunShape) -> int:
         head_weight = 4 if run.method == "qlora" else run.wbytes
         hidden = stream * t * h + (a * t * h if stream != a else 0)
         grad_weight = head_weight * v * h if _head_trains(run) else 0
-        weight_cast = a * v * h if run.autocast and head_weight != a else 0
+        weight_cast = 2 * a * v * h if run.autocast and head_weight != a else 0
         return hidden + grad_weight + a * liger_chunk_tokens(t, v, h) * v + weight_cast
     chunk = min(run.tokens, loss_chunk_tokens(shape.vocab))
     if run.compiled:
