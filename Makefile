@@ -158,11 +158,13 @@ else
 	$(VENV)/bin/python -m llmtrain.image_check smoke '$(SMOKE_DIR)'
 endif
 
+# `import wheel` comes before setuptools: importing setuptools first puts its vendored copy of
+# wheel on sys.path, which pip does not count, and deepspeed's sdist then installs the legacy way.
 venv: ## VENV (.venv; .venv-current for STACK=current) from the STACK's lock (installs torch==TORCH_VERSION only when none is importable)
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -c 'import torch' 2>/dev/null \
 	    || $(VENV)/bin/pip install 'torch==$(TORCH_VERSION)'$(if $(TORCH_INDEX), --index-url '$(TORCH_INDEX)')
-	$(VENV)/bin/python -c 'import setuptools, wheel' 2>/dev/null \
+	$(VENV)/bin/python -c 'import wheel, setuptools' 2>/dev/null \
 	    || $(VENV)/bin/pip install setuptools wheel
 	DS_BUILD_OPS=0 $(VENV)/bin/pip install --no-deps --require-hashes --no-build-isolation \
 	    -r $(LOCK)

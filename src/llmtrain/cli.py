@@ -23,7 +23,7 @@ VERBS: dict[str, tuple[str, str]] = {
     ),
     "prepare": ("llmtrain.verbs.prepare", "tokenize the dataset once and save it for finetune"),
     "inspect": ("llmtrain.verbs.inspect", "show tokenized rows: which tokens are trained"),
-    "finetune": ("llmtrain.verbs.finetune", "train: full, chosen layers, LoRA or QLoRA"),
+    "finetune": ("llmtrain.verbs.finetune", "train: full, layers, LoRA, QLoRA, DPO or ORPO"),
     "generate": ("llmtrain.verbs.generate", "generate answers for prompts from a dataset or file"),
     "merge": ("llmtrain.verbs.merge", "merge a LoRA adapter into its base model"),
     "env": ("llmtrain.verbs.env", "print the provenance manifest of this environment"),

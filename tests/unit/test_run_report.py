@@ -152,7 +152,9 @@ def test_each_trainer_in_one_process_writes_tensorboard_events_under_its_own_out
         out = tmp_path / run
         args = _arguments(load_config(REPO / "configs" / "demo.yaml"), out, False)
         assert args.report_to == ["tensorboard"]
-        trainer = LlmtrainTrainer(model=model, args=args, recorder=LossRecorder(), chunked_loss=False)
+        trainer = LlmtrainTrainer(
+            model=model, args=args, recorder=LossRecorder(), chunked_loss=False
+        )
         state = TrainerState(is_world_process_zero=True)
         trainer.callback_handler.on_train_begin(args, state, TrainerControl())
         trainer.callback_handler.on_train_end(args, state, TrainerControl())

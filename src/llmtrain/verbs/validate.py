@@ -92,6 +92,10 @@ def _memory(
     except NotEstimable as exc:
         return [f"memory per GPU: the estimate is not available for this architecture "
                 f"({exc.problem}; {exc.fix})"], []
+    if args.gpu is None:
+        # Without --gpu the verdict is for the default preset, whatever this machine is: say so.
+        where = "the plan of a GPU node, not this CPU's" if plan is None else "this GPU's plan"
+        lines[0] += f" (no --gpu: the default preset {gpu}, {where}; --gpu names another)"
     warnings = [] if fits else [
         f"the run is estimated not to fit a {gpu} GPU: see `llmtrain estimate "
         f"{args.config}` for strategies and micro-batches that do"
