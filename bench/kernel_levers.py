@@ -6,8 +6,9 @@ rows of 2048 random tokens, every token with loss) with bf16 parameters and fp32
 (training.param_dtype=bfloat16, llmtrain's fastest full path), timed outside the Trainer so that
 only the model's forward and backward differ between the variants:
 
-- `blocks`: llmtrain's training.compile today: compiled RMSNorm, SwiGLU, residual-add-norm and
-  RoPE as separate graphs, cuDNN-first attention, the chunked loss with compiled cross-entropy;
+- `blocks`: llmtrain's training.compile: compiled RMSNorm, SwiGLU, residual-add-norm and RoPE
+  as separate graphs, cuDNN-first attention, and llmtrain's own chunked loss with compiled
+  cross-entropy (held to the chunks here, where the product now takes Liger's loss on CUDA);
 - `layers`: the same arithmetic with each decoder layer compiled as one graph (norms, RoPE,
   attention, MLP and residuals together), the lever "compile of the whole block";
 - `layers-hf`: each decoder layer of transformers compiled as one graph, its own SDPA attention;
@@ -116,6 +117,7 @@ def build(variant: str) -> Any:
     if variant == "layers-hf":
         for layer in model.model.layers:
             layer.compile()
+        _chunks_only(fused_loss)
         fused_loss.patch_causal_lm_loss(model, compiled=True)
         return model
     if variant == "layers":  # eager pieces inside, one graph per layer around them
@@ -126,6 +128,7 @@ def build(variant: str) -> Any:
         ops.compile_blocks(model)
         for layer in model.model.layers:
             layer.compile()
+        _chunks_only(fused_loss)
         fused_loss.patch_causal_lm_loss(model, compiled=True)
         return model
     if variant == "liger":
@@ -135,8 +138,14 @@ def build(variant: str) -> Any:
     if variant in ("liger", "blocks+liger-loss"):
         _liger_loss(model)
     else:
+        _chunks_only(fused_loss)
         fused_loss.patch_causal_lm_loss(model, compiled=True)
     return model
+
+
+def _chunks_only(fused_loss: Any) -> None:
+    """The product's loss without its Liger path (lm_loss asks liger_loss_function first)."""
+    fused_loss.liger_loss_function = lambda: (None, "bench.kernel_levers: llmtrain's chunks")
 
 
 def run_one(variant: str) -> dict[str, Any]:
