@@ -292,6 +292,41 @@ def test_compiled_block_structure_matches_transformers(monkeypatch: pytest.Monke
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-3, atol=5e-5)
 
 
+@pytest.mark.skipif(
+    not stack.is_current(), reason="pinned stack: llmtrain's attention forward applies RoPE"
+)
+def test_current_stack_routes_transformers_rope_through_torch_compile(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """transformers 5.x applies RoPE inside its attention forward: compile_blocks swaps the
+    modeling module's apply_rotary_pos_emb for compiled(...) of it (here a counting eager
+    stand-in), and the loss stays transformers'."""
+    import sys
+
+    model = tiny_llama().train()
+    module = sys.modules[type(model.model.layers[0].self_attn).__module__]
+    library_rope = module.apply_rotary_pos_emb
+    monkeypatch.setattr(module, "apply_rotary_pos_emb", library_rope)  # restored after the test
+    batch = PadCollator(pad_token_id=0)(samples(model.config.vocab_size))
+    batch.pop("attention_mask")
+    reference = model(**batch).loss
+    calls: list[str] = []
+
+    def counting(name: str) -> Any:
+        def run(*args: Any, **kwargs: Any) -> Any:
+            calls.append(name)
+            return fused_ops._EAGER[name](*args, **kwargs)
+
+        return run
+
+    monkeypatch.setattr(fused_ops, "compiled", counting)
+    fused_ops.compile_blocks(model)
+    torch.testing.assert_close(model(**batch).loss, reference)
+    rope = f"{module.__name__}.apply_rotary_pos_emb"
+    assert fused_ops._EAGER[rope] is library_rope
+    assert calls.count(rope) == model.config.num_hidden_layers
+
+
 def test_autocast_input_casts_once_under_autocast_only() -> None:
     x = torch.randn(4, 8)
     assert fused_ops.autocast_input(x) is x

@@ -449,7 +449,7 @@ def varlen_attention_mask(
 ATTENTION_NAME = "llmtrain_varlen"
 
 
-def _use_registered_attention(model: PreTrainedModel, compiled_rope: bool) -> None:
+def _use_registered_attention(model: PreTrainedModel) -> None:
     """The current stack: register varlen_attention_forward and varlen_attention_mask under
     ATTENTION_NAME and switch the model to it (transformers' set_attn_implementation).
 
@@ -470,11 +470,9 @@ def _use_registered_attention(model: PreTrainedModel, compiled_rope: bool) -> No
         m for m in model.modules() if all(hasattr(m, a) for a in ("q_proj", "k_proj", "v_proj"))
     ]
     log.info(
-        "padding-free attention on %d attention modules (attn_implementation %s)%s",
+        "padding-free attention on %d attention modules (attn_implementation %s)",
         len(modules),
         ATTENTION_NAME,
-        # RoPE is applied inside transformers' attention modules, before the registry's function.
-        " (RoPE stays transformers' on this stack)" if compiled_rope else "",
     )
 
 
@@ -496,8 +494,8 @@ def patch_attention(model: PreTrainedModel, *, compiled_rope: bool = False) -> N
     packed forward (_packed_forward; `compiled_rope`: its RoPE through torch.compile). On the
     current stack the model's attn_implementation becomes ATTENTION_NAME, llmtrain's entry in
     transformers' attention and mask registries (varlen_attention_forward; RoPE, applied by
-    transformers before the function, is not compiled); masked or cached calls take
-    transformers' SDPA path, also for a model loaded with flash_attention_2 (transformers'
+    transformers before the function, is compiled by ops.compile_blocks); masked or cached calls
+    take transformers' SDPA path, also for a model loaded with flash_attention_2 (transformers'
     flash path looks its kernel up by the config's implementation name).
 
     Raises:
@@ -517,7 +515,7 @@ def patch_attention(model: PreTrainedModel, *, compiled_rope: bool = False) -> N
             "set model.attn_implementation=auto",
         )
     if stack.is_current():
-        _use_registered_attention(model, compiled_rope)
+        _use_registered_attention(model)
         return
     modules = _attention_modules(model)
     rope = fused_ops.compiled("rope") if compiled_rope else fused_ops.rope
