@@ -425,22 +425,20 @@ def test_packed_row_gets_no_dense_mask_and_padding_keeps_sdpas() -> None:
     model = tiny_llama()
     row = packing.PackingCollator()(samples(model.config.vocab_size))
     embeds = model.get_input_embeddings()(row["input_ids"])
-    # The cache arguments were renamed within 5.x (5.17: cache_position and past_key_values;
-    # 5.24: cache): no cache either way.
+    # The cache arguments changed within 5.x (past_key_values, cache_position, cache; the
+    # H200's 5.17 takes no cache_position, 5.24 only cache): no cache, whichever it takes.
     params = inspect.signature(create_causal_mask).parameters
-    no_cache: dict[str, Any] = (
-        {"cache": None}
-        if "cache" in params
-        else {"past_key_values": None, "cache_position": torch.arange(60)}
-    )
-    packed = {"attention_mask": None, "position_ids": row["position_ids"], **no_cache}
+
+    def no_cache(length: int) -> dict[str, Any]:
+        given = {"cache": None, "past_key_values": None, "cache_position": torch.arange(length)}
+        return {k: v for k, v in given.items() if k in params}
+
+    packed = {"attention_mask": None, "position_ids": row["position_ids"], **no_cache(60)}
     sdpa_packed = create_causal_mask(model.config, embeds, **packed)
     assert sdpa_packed is not None and sdpa_packed.shape == (1, 1, 60, 60)
     padded = torch.ones(2, 30, dtype=torch.long)
     padded[0, :4] = 0
-    pad = {"attention_mask": padded, "position_ids": None, **no_cache}
-    if "cache_position" in pad:
-        pad["cache_position"] = torch.arange(30)
+    pad = {"attention_mask": padded, "position_ids": None, **no_cache(30)}
     sdpa_padded = create_causal_mask(model.config, embeds.view(2, 30, -1), **pad)
     packing.patch_attention(model)
     assert create_causal_mask(model.config, embeds, **packed) is None
