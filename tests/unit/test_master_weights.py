@@ -40,12 +40,16 @@ def backward(model: nn.Module, seed: int) -> None:
 
 
 def assert_tracks(bf16: list[float], fp32: list[float]) -> None:
-    """bf16 weights against fp32 weights under autocast, from the same start: the first
-    forward differs only by the weights' rounding; later steps drift apart as two trajectories
-    do (the fp32 paths of transformers 4.37.2 and 5.24 themselves differ by 2% at step 8 on
-    the CPU), so each step is held to 5% and the last four steps' mean to 2% (measured: 0.1%
-    on 4.37.2, 0.6% on 5.24)."""
-    assert bf16[0] == pytest.approx(fp32[0], rel=1e-3)
+    """bf16 weights against fp32 weights under autocast, from the same start. The first forward
+    sees the same bf16 matmul weights but keeps the residual stream, norms and embeddings in
+    bf16 instead of fp32, so its loss may differ by bf16's unit roundoff (2^-8) and no more.
+    The 1e-3 first held here was one host's measurement, not a bound: on an AVX2-only AMD CPU
+    the two paths' first losses differ by 0.20% on 5.24 and 0.09% on 4.37.2 (whose own fp32
+    path differs from 5.24's by 0.11%), against under 0.1% on the host that set it. Later steps
+    drift apart as two trajectories do (the fp32 paths of 4.37.2 and 5.24 themselves differ by
+    2% at step 8 on the CPU), so each step is held to 5% and the last four steps' mean to 2%
+    (measured: 0.1% on 4.37.2, 0.6% on 5.24)."""
+    assert bf16[0] == pytest.approx(fp32[0], rel=2**-8)
     assert bf16 == pytest.approx(fp32, rel=5e-2)
     assert sum(bf16[-4:]) == pytest.approx(sum(fp32[-4:]), rel=2e-2)
 
