@@ -85,6 +85,22 @@ def training_kwargs(cfg: RunConfig, plan: RunPlan, block_class: str | None) -> d
     return kwargs
 
 
+def start_cpu_group(timeout_s: int) -> None:
+    """Start a CPU (gloo) world's process group with the run's collective timeout, before
+    TrainingArguments sets up its devices.
+
+    transformers (4.37.2 and 5.x alike) starts the group of a use_cpu world through
+    accelerate's PartialState without TrainingArguments.ddp_timeout (its other paths pass it),
+    so a dead rank failed the job after torch's 30 minutes, not distributed.timeout_minutes.
+    accelerate does not start a second group while one exists: the Trainer's state keeps this
+    one."""
+    from datetime import timedelta
+
+    from accelerate import PartialState
+
+    PartialState(cpu=True, timeout=timedelta(seconds=timeout_s))
+
+
 def prepare_trainer(trainer: Any, cfg: RunConfig) -> None:
     """After the Trainer is built, before it wraps the model: the strategy's missing pieces."""
     plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
