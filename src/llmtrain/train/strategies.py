@@ -27,6 +27,7 @@ from llmtrain import compat
 from llmtrain.config import RunConfig
 from llmtrain.errors import ConfigError
 from llmtrain.plan import STRATEGIES, RunPlan, launcher_strategy
+from llmtrain.train import hf_names
 
 # Derived from the one table in plan.py (which also says which methods each one trains).
 DEEPSPEED = {n: s.deepspeed_json for n, s in STRATEGIES.items() if s.deepspeed_json is not None}
@@ -101,13 +102,38 @@ def start_cpu_group(timeout_s: int) -> None:
     PartialState(cpu=True, timeout=timedelta(seconds=timeout_s))
 
 
+def fsdp_on_cpu(trainer: Any) -> Any:
+    """The FSDP plugin for a CPU (gloo) world, or None on an accelerator world.
+
+    accelerate turns FSDP on only for GPU-like worlds and silently runs DDP on a CPU world
+    (`AcceleratorState`, accelerate/state.py, 0.26 and still 1.15) while torch's FSDP runs
+    there. Set the state as accelerate does on GPUs, so that CPU runs (CI) go through the same
+    sharded path, on either stack. A feature of the run rather than a patch: no accelerate
+    release to wait for."""
+    from accelerate import PartialState
+    from accelerate.utils import DistributedType
+
+    state = trainer.accelerator.state
+    if state.distributed_type != DistributedType.MULTI_CPU:
+        return None
+    plugin = hf_names.fsdp_plugin(trainer.args)
+    # Both shared states: each new AcceleratorState() copies the type from PartialState.
+    PartialState().distributed_type = state.distributed_type = DistributedType.FSDP
+    state.fsdp_plugin = plugin
+    trainer.is_fsdp_enabled = True
+    return plugin
+
+
 def prepare_trainer(trainer: Any, cfg: RunConfig) -> None:
     """After the Trainer is built, before it wraps the model: the strategy's missing pieces."""
     plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
     if plugin is None and launcher_strategy() == "fsdp":
-        plugin = compat.fsdp_on_cpu(trainer)
+        plugin = fsdp_on_cpu(trainer)
     if plugin is not None:
-        if cfg.method.name in ("lora", "qlora"):
+        if cfg.method.name in ("lora", "qlora") and getattr(plugin, "fsdp_version", 1) == 1:
+            # FSDP1 flattens each unit's parameters into one that trains or not as a whole:
+            # peft's policy gives every LoRA layer a unit of its own. FSDP2 (the current
+            # stack) shards parameter by parameter and keeps the per-block policy.
             from peft.utils.other import fsdp_auto_wrap_policy
 
             plugin.auto_wrap_policy = fsdp_auto_wrap_policy(trainer.model)
@@ -156,11 +182,19 @@ def save_model(trainer: Any, out: str) -> None:
     """The final model or adapter as a normal HF directory; called on every rank.
 
     FSDP: one full state dict, gathered on rank 0 (accelerate 0.26's get_state_dict always
-    offloads to CPU, which on a CPU world frees the only copy before it is read).
+    offloads to CPU, which on a CPU world frees the only copy before it is read). FSDP2 (the
+    current stack's) has no FSDP1 state-dict types: accelerate's get_state_dict gathers it
+    through torch's distributed-checkpoint state dict, whole tensors on a CPU world too.
     DeepSpeed: the Trainer gathers ZeRO-3's 16-bit weights (stage3_gather_16bit_weights_on_
     model_save) and peft keeps the adapter's part of them: whole tensors, not empty shards."""
-    if getattr(trainer.accelerator.state, "fsdp_plugin", None) is None:
+    plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
+    if plugin is None:
         trainer.save_model(out)
+        return
+    if getattr(plugin, "fsdp_version", 1) == 2:
+        state_dict = trainer.accelerator.get_state_dict(trainer.model)
+        if trainer.args.should_save:
+            trainer._save(out, state_dict=state_dict)
         return
     import torch
     from torch.distributed.fsdp import FullStateDictConfig, StateDictType
