@@ -140,6 +140,23 @@ def test_fsdp_mixed_precision_reduces_in_the_configured_dtype(
     assert fp32_run.mixed_precision_policy is None  # no mixed precision: nothing to change
 
 
+@pytest.mark.parametrize(("reduce_dtype", "expected"), [("fp32", "float32"), ("bf16", "bfloat16")])
+def test_fsdp2_mixed_precision_is_fsdp2s_policy(reduce_dtype: str, expected: str) -> None:
+    """The current stack's FSDP2 plugin takes MixedPrecisionPolicy; FSDP1's MixedPrecision
+    (with buffer_dtype) is not a policy fully_shard reads."""
+    import types
+
+    import torch
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    plugin = types.SimpleNamespace(mixed_precision_policy=None, fsdp_version=2)
+    strategies._reduce_dtype(plugin, types.SimpleNamespace(bf16=True, fp16=False), reduce_dtype)
+    policy = plugin.mixed_precision_policy
+    assert isinstance(policy, MixedPrecisionPolicy)
+    assert (policy.param_dtype, policy.output_dtype) == (torch.bfloat16, torch.bfloat16)
+    assert policy.reduce_dtype == getattr(torch, expected)
+
+
 def test_fsdp_on_cpu_makes_the_world_fsdp_with_the_trainers_plugin(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

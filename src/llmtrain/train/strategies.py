@@ -149,14 +149,21 @@ def _reduce_dtype(plugin: Any, args: Any, reduce_dtype: str) -> None:
     """accelerate 0.26 reduces FSDP gradients in the compute dtype: bf16 sums of many ranks'
     gradients keep 8 bits of mantissa. Reduce in fp32 unless asked (DeepSpeed alike, through
     communication_data_type). Measured on 2 H200s it did not change the 1.1B loss curve
-    noticeably (bench/STRATEGIES.md); the rounding grows with the number of ranks."""
+    noticeably (bench/STRATEGIES.md); the rounding grows with the number of ranks.
+    FSDP2 (the current stack) takes its own policy type, which casts no buffers; its output
+    dtype is the compute dtype, as accelerate 1.x sets it."""
     if not (args.bf16 or args.fp16):
         return
     import torch
-    from torch.distributed.fsdp import MixedPrecision
+    from torch.distributed.fsdp import MixedPrecision, MixedPrecisionPolicy
 
     low = torch.bfloat16 if args.bf16 else torch.float16
     reduce = torch.float32 if reduce_dtype == "fp32" else low
+    if getattr(plugin, "fsdp_version", 1) == 2:
+        plugin.mixed_precision_policy = MixedPrecisionPolicy(
+            param_dtype=low, reduce_dtype=reduce, output_dtype=low
+        )
+        return
     plugin.mixed_precision_policy = MixedPrecision(
         param_dtype=low, reduce_dtype=reduce, buffer_dtype=low
     )
