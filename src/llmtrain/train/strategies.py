@@ -4,8 +4,9 @@ where transformers 4.37.2 / accelerate 0.26.0 / peft 0.9.0 / DeepSpeed 0.14 need
 and to save a normal HF directory.
 
 single, ddp      one model copy per process (DDP under a launcher)
-fsdp             torch FSDP, full shard, one unit per transformer block; checkpoints are
-                 sharded, the final save is one full state dict
+fsdp             torch FSDP (FSDP1 on the pinned stack, FSDP2 on the current one), full
+                 shard, one unit per transformer block, on CPU (gloo) worlds too; checkpoints
+                 are sharded, the final save is one full state dict
 zero2            DeepSpeed ZeRO-2: optimizer states and gradients sharded; overlap_comm is
                  off: with it, bf16 full fine-tuning on 2 H200s gave NaN from the second
                  step (DeepSpeed 0.14.5, torch 2.11; DeepSpeed#5241)
@@ -42,7 +43,9 @@ def deepspeed_config(name: str) -> dict[str, Any]:
 def fsdp_settings(block_class: str) -> dict[str, Any]:
     """TrainingArguments.fsdp_config as transformers 4.37.2 reads it: it copies these into
     FSDP_* environment variables, so flags are the strings "true"/"false", prefetch is read
-    from the key `fsdp_backward_prefetch`, and limit_all_gathers is read as a bool."""
+    from the key `fsdp_backward_prefetch`, and limit_all_gathers is read as a bool.
+    transformers 5.x runs FSDP2 from them: it reads the block class and leaves the FSDP1 flags
+    (prefetch, sync_module_states, use_orig_params, limit_all_gathers) unused."""
     return {
         "transformer_layer_cls_to_wrap": [block_class],
         "fsdp_backward_prefetch": "backward_pre",
