@@ -30,8 +30,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from llmtrain.errors import ConfigError
-
 log = logging.getLogger(__name__)
 
 
@@ -65,10 +63,6 @@ def _at_least(dist: str, *bound: int) -> bool:
 
 def needs_peft_deepspeed_resume() -> bool:
     return _below("transformers", 4, 38)
-
-
-def needs_fsdp_on_cpu() -> bool:
-    return _below("accelerate", 1, 0)
 
 
 def needs_trust_deepspeed_checkpoints() -> bool:
@@ -164,41 +158,6 @@ def trust_own_checkpoints() -> None:
     )
 
 
-# --- accelerate --------------------------------------------------------------------------------
-
-
-def fsdp_on_cpu(trainer: Any) -> Any:
-    """The FSDP plugin for a CPU (gloo) world, or None on an accelerator world.
-
-    accelerate turns FSDP on only for GPU-like worlds and silently runs DDP on a CPU world
-    (`AcceleratorState`, accelerate/state.py, unchanged up to 1.14); torch's FSDP itself runs
-    there. Set the state as accelerate does on GPUs, so that CPU runs (CI) go through the same
-    sharded path. There is no upstream fix to wait for: the shim is written against accelerate
-    0.26's state and plugin and goes with that pin (accelerate >= 1.0 is not patched).
-
-    Raises ConfigError when FSDP was asked for on a CPU world whose accelerate this shim does
-    not cover: accelerate would train with DDP while the run says FSDP."""
-    from accelerate import FullyShardedDataParallelPlugin, PartialState
-    from accelerate.utils import DistributedType
-
-    state = trainer.accelerator.state
-    if state.distributed_type != DistributedType.MULTI_CPU:
-        return None
-    if not needs_fsdp_on_cpu():
-        raise ConfigError(
-            "distributed.strategy=fsdp on a CPU world needs llmtrain's patch of accelerate "
-            f"0.x; accelerate {'.'.join(map(str, installed('accelerate') or ()))} would run DDP",
-            "use distributed.strategy=ddp on CPU, or run FSDP on GPUs",
-        )
-    # Both shared states: each new AcceleratorState() copies the type from PartialState.
-    PartialState().distributed_type = state.distributed_type = DistributedType.FSDP
-    plugin = FullyShardedDataParallelPlugin()  # reads the FSDP_* variables TrainingArguments set
-    plugin.limit_all_gathers = trainer.args.fsdp_config.get("limit_all_gathers", False)
-    state.fsdp_plugin = plugin
-    trainer.is_fsdp_enabled = True
-    return plugin
-
-
 # --- DeepSpeed ---------------------------------------------------------------------------------
 
 
@@ -272,12 +231,6 @@ SHIMS = (
         "huggingface/transformers#34632",
         "transformers >= 4.47 (or torch < 2.6)",
         needs_trust_own_checkpoints,
-    ),
-    Shim(
-        "fsdp_on_cpu",
-        "no upstream fix (accelerate/state.py)",
-        "the accelerate 0.x pin goes (not applied from accelerate 1.0)",
-        needs_fsdp_on_cpu,
     ),
     Shim(
         "trust_deepspeed_checkpoints",

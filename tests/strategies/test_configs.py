@@ -140,6 +140,64 @@ def test_fsdp_mixed_precision_reduces_in_the_configured_dtype(
     assert fp32_run.mixed_precision_policy is None  # no mixed precision: nothing to change
 
 
+@pytest.mark.parametrize(("reduce_dtype", "expected"), [("fp32", "float32"), ("bf16", "bfloat16")])
+def test_fsdp2_mixed_precision_is_fsdp2s_policy(reduce_dtype: str, expected: str) -> None:
+    """The current stack's FSDP2 plugin takes MixedPrecisionPolicy; FSDP1's MixedPrecision
+    (with buffer_dtype) is not a policy fully_shard reads."""
+    import types
+
+    import torch
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    plugin = types.SimpleNamespace(mixed_precision_policy=None, fsdp_version=2)
+    strategies._reduce_dtype(plugin, types.SimpleNamespace(bf16=True, fp16=False), reduce_dtype)
+    policy = plugin.mixed_precision_policy
+    assert isinstance(policy, MixedPrecisionPolicy)
+    assert (policy.param_dtype, policy.output_dtype) == (torch.bfloat16, torch.bfloat16)
+    assert policy.reduce_dtype == getattr(torch, expected)
+
+
+def test_fsdp_on_cpu_makes_the_world_fsdp_with_the_trainers_plugin(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """accelerate (0.26 and 1.x alike) would run DDP on a CPU world asked for FSDP: the CPU
+    world becomes FSDP with the plugin the run's TrainingArguments describe, on either stack;
+    a GPU world is left to accelerate."""
+    import types
+
+    import accelerate
+    from accelerate.utils import DistributedType
+
+    from llmtrain import stack
+
+    shared = types.SimpleNamespace(distributed_type=DistributedType.MULTI_CPU)
+    monkeypatch.setattr(accelerate, "PartialState", lambda: shared)  # the process's real one
+    if stack.is_current():  # 5.x: the arguments the Trainer builds its plugin from
+        args = types.SimpleNamespace(
+            fsdp_plugin_args={"fsdp_version": 2, "transformer_cls_names_to_wrap": "Block"}
+        )
+    else:  # 4.37.2: the FSDP_* variables TrainingArguments sets, and limit_all_gathers
+        monkeypatch.setenv("FSDP_SYNC_MODULE_STATES", "false")  # as fsdp_settings has it
+        args = types.SimpleNamespace(fsdp_config={"limit_all_gathers": True})
+    state = types.SimpleNamespace(distributed_type=DistributedType.MULTI_CPU, fsdp_plugin=None)
+    trainer = types.SimpleNamespace(
+        accelerator=types.SimpleNamespace(state=state), args=args, is_fsdp_enabled=False
+    )
+    plugin = strategies.fsdp_on_cpu(trainer)
+    assert plugin is not None and state.fsdp_plugin is plugin and trainer.is_fsdp_enabled
+    assert state.distributed_type == shared.distributed_type == DistributedType.FSDP
+    if stack.is_current():
+        assert (plugin.fsdp_version, plugin.transformer_cls_names_to_wrap) == (2, "Block")
+    else:
+        assert plugin.limit_all_gathers is True and plugin.sync_module_states is False
+    gpu = types.SimpleNamespace(
+        accelerator=types.SimpleNamespace(
+            state=types.SimpleNamespace(distributed_type=DistributedType.MULTI_GPU)
+        )
+    )
+    assert strategies.fsdp_on_cpu(gpu) is None  # accelerate makes GPU worlds FSDP itself
+
+
 def test_fsdp_needs_a_launcher_and_on_cpu_two_processes(monkeypatch: pytest.MonkeyPatch) -> None:
     one = World(rank=0, local_rank=0, world_size=1)
     monkeypatch.delenv("LOCAL_RANK", raising=False)

@@ -13,7 +13,6 @@ from collections.abc import Callable
 import pytest
 
 from llmtrain import compat
-from llmtrain.errors import ConfigError
 
 PINNED = {
     "torch": (2, 13, 0),
@@ -35,7 +34,6 @@ CURRENT = {
 BOUNDS: dict[str, Callable[[Callable[[str], tuple[int, ...] | None]], bool]] = {
     "peft_deepspeed_resume": lambda v: _lt(v("transformers"), (4, 38)),
     "trust_own_checkpoints": lambda v: _ge(v("torch"), (2, 6)) and _lt(v("transformers"), (4, 47)),
-    "fsdp_on_cpu": lambda v: _lt(v("accelerate"), (1, 0)),
     "trust_deepspeed_checkpoints": lambda v: (
         _ge(v("torch"), (2, 6)) and _lt(v("deepspeed"), (0, 16))
     ),
@@ -170,21 +168,3 @@ def test_shims_apply_where_their_gate_is_on(monkeypatch: pytest.MonkeyPatch) -> 
     optimizer = types.SimpleNamespace(param_groups=[{"params": [1]}, {"params": []}])
     compat.drop_empty_param_groups(optimizer)
     assert optimizer.param_groups == [{"params": [1]}]
-
-
-def test_fsdp_on_cpu_past_its_accelerate_refuses_instead_of_running_ddp(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    from accelerate.utils import DistributedType
-
-    _fake(monkeypatch, CURRENT)
-    cpu = types.SimpleNamespace(
-        accelerator=types.SimpleNamespace(
-            state=types.SimpleNamespace(distributed_type=DistributedType.MULTI_CPU)
-        )
-    )
-    with pytest.raises(ConfigError, match="would run DDP") as err:
-        compat.fsdp_on_cpu(cpu)
-    assert "distributed.strategy=ddp" in err.value.fix
-    cpu.accelerator.state.distributed_type = DistributedType.MULTI_GPU
-    assert compat.fsdp_on_cpu(cpu) is None  # accelerate makes GPU worlds FSDP itself

@@ -45,6 +45,20 @@ def tensorboard_to(callbacks: list[Any], logging_dir: str) -> None:
             callback.logging_dir = logging_dir
 
 
+def fsdp_plugin(args: Any) -> Any:
+    """accelerate's FSDP plugin for a TrainingArguments' FSDP settings, built as its Trainer
+    builds it: 5.x from args.fsdp_plugin_args (FSDP2 unless fsdp_config names version 1);
+    4.37.2 hands the settings over in FSDP_* environment variables, which the plugin reads,
+    all but limit_all_gathers."""
+    from accelerate import FullyShardedDataParallelPlugin
+
+    if stack.is_current():
+        return FullyShardedDataParallelPlugin(**args.fsdp_plugin_args)
+    plugin = FullyShardedDataParallelPlugin()
+    plugin.limit_all_gathers = args.fsdp_config.get("limit_all_gathers", False)
+    return plugin
+
+
 def eval_strategy(args: Any) -> str:
     """The evaluation strategy of a TrainingArguments of either stack, as a string."""
     value = getattr(args, "eval_strategy", None) or getattr(args, "evaluation_strategy", "no")

@@ -149,6 +149,8 @@ def training_arguments(
         # only when told it runs on CPU; 0.26 did so from WORLD_SIZE alone. Untold, each rank
         # trains alone: all the data on every rank, no DDP, its own update.
         kwargs.setdefault("use_cpu", True)
+        if kwargs["use_cpu"] and world.distributed:
+            strategies.start_cpu_group(kwargs["ddp_timeout"])
     args = TrainingArguments(**hf_names.training_arguments(kwargs))
     if args.world_size != world.world_size:
         raise ConfigError(
