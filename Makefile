@@ -197,7 +197,7 @@ lock: ## regenerate requirements/lock.txt and lock-current.txt (hashed; torch an
 	uv pip compile pyproject.toml --extra dev -c requirements/constraints.in --universal \
 	    --python-version 3.10 $(addprefix --no-emit-package ,$(NO_EMIT)) --generate-hashes \
 	    -o requirements/lock.txt
-	uv pip compile pyproject.toml --extra dev \
+	uv pip compile pyproject.toml --extra dev --extra liger \
 	    -c requirements/constraints-current.in --universal --python-version 3.11 \
 	    $(addprefix --no-emit-package ,$(NO_EMIT)) --generate-hashes \
 	    -o requirements/lock-current.txt

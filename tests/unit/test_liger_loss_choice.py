@@ -100,7 +100,7 @@ def test_without_cuda_the_chunks_run_and_say_why_once(
 def test_without_liger_or_triton_the_chunks_run(
     monkeypatch: pytest.MonkeyPatch, missing: str
 ) -> None:
-    """The CPU venv has liger-kernel but no triton; a GPU base could lack either."""
+    """The current stack's CPU venv has liger-kernel but no triton; a GPU base could lack either."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setitem(sys.modules, missing, None)  # `import missing` raises ImportError
     if missing == "liger_kernel":  # triton imports, liger_kernel does not
