@@ -303,7 +303,8 @@ def test_predicted_peak_matches_a_measured_cpu_step(
 # 8 x 2048 rows of one length, fused AdamW, SDPA) on one H200, by bench/runs.py's overrides:
 # results/h200-fused-lora.json, h200-ablation.json and bf16-params-fixed-1b-full-h200.json.
 # Measured with llmtrain's chunked loss, before the loss became Liger's on CUDA: run_shape now
-# predicts Liger's terms for them (torch >= 2.8), which stay within the 10% (the bare-loop
+# predicts Liger's terms for them where liger-kernel is installed (the current stack's lock) and
+# torch >= 2.8, which stay within the 10% (the bare-loop
 # measurement of Liger's loss is test_liger_loss_keeps_gradients_not_a_large_chunk below).
 H200_FIXED_1B_FULL = {
     (): 55.02,

@@ -146,17 +146,26 @@ def run_shape(
         reference_copy=cfg.method.name == "dpo" and cfg.preference.weights == "full",
         compiled=t.compile,
         chunked_loss=plan.chunked_loss and shape.model_type in CHUNKED_LOSS_MODELS,
-        # On the GPUs estimated for, the chunked loss is Liger's where this torch allows it (the
-        # image has liger-kernel on Linux x86_64; kernels/loss.py's other fallbacks, not
-        # modelled here, keep the chunks).
+        # On the GPUs estimated for, the chunked loss is Liger's where liger-kernel is installed
+        # (the current stack's lock) and this torch allows it; kernels/loss.py's other
+        # fallbacks, not modelled here, keep the chunks.
         liger_loss=plan.chunked_loss
         and shape.model_type in CHUNKED_LOSS_MODELS
+        and _installed("liger-kernel")
         and _installed_torch() >= LIGER_MIN_TORCH,
         attention_forward=_attention_forward(
             shape, attention or plan.attention, packed, padded, t.compile
         ),
         **extra,
     )
+
+
+def _installed(distribution: str) -> bool:
+    try:
+        metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return False
+    return True
 
 
 def _installed_torch() -> tuple[int, int]:
