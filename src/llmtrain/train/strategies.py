@@ -158,15 +158,19 @@ def _reduce_dtype(plugin: Any, args: Any, reduce_dtype: str) -> None:
     if not (args.bf16 or args.fp16):
         return
     import torch
-    from torch.distributed.fsdp import MixedPrecision, MixedPrecisionPolicy
 
     low = torch.bfloat16 if args.bf16 else torch.float16
     reduce = torch.float32 if reduce_dtype == "fp32" else low
     if getattr(plugin, "fsdp_version", 1) == 2:
+        # Imported here: torch.distributed.fsdp has it from torch 2.6, the pinned base's is 2.3.
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
         plugin.mixed_precision_policy = MixedPrecisionPolicy(
             param_dtype=low, reduce_dtype=reduce, output_dtype=low
         )
         return
+    from torch.distributed.fsdp import MixedPrecision
+
     plugin.mixed_precision_policy = MixedPrecision(
         param_dtype=low, reduce_dtype=reduce, buffer_dtype=low
     )
