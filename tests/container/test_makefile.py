@@ -170,7 +170,7 @@ def test_venv_installs_torch_only_when_missing_then_the_lock_then_the_package() 
     assert dry_run("venv", "VENV=/tmp/v") == [
         "test -x /tmp/v/bin/python || python3 -m venv /tmp/v",
         "/tmp/v/bin/python -c 'import torch' 2>/dev/null || /tmp/v/bin/pip install 'torch==2.13.0'",
-        "/tmp/v/bin/python -c 'import setuptools, wheel' 2>/dev/null "
+        "/tmp/v/bin/python -c 'import wheel, setuptools' 2>/dev/null "
         "|| /tmp/v/bin/pip install setuptools wheel",
         "DS_BUILD_OPS=0 /tmp/v/bin/pip install --no-deps --require-hashes --no-build-isolation "
         "-r requirements/lock.txt",
