@@ -67,6 +67,21 @@ def launch_env(processes: int) -> dict[str, str]:
     }
 
 
+def torchrun(script: str, out: Path, ranks: int) -> None:
+    """`script` (a test file that trains or checks when run as a program) on `ranks` gloo
+    processes under torch.distributed.run, with `out` as its argument; asserts it exits 0."""
+    env = launch_env(ranks)
+    result = subprocess.run(
+        [
+            sys.executable, "-m", "torch.distributed.run", "--nnodes=1",
+            f"--nproc-per-node={ranks}", f"--master-addr={env['MASTER_ADDR']}",
+            f"--master-port={env['MASTER_PORT']}", script, str(out),
+        ],
+        capture_output=True, text=True, cwd=REPO, env=env, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-1000:] + result.stderr[-3000:]
+
+
 def launch(
     out: Path, method: str, strategy: str, *extra: str, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:

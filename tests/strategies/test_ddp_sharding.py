@@ -11,7 +11,6 @@ the probe that torchrun runs on each rank.
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -76,18 +75,9 @@ def test_each_step_reads_the_samples_it_was_counted_over(tmp_path: Path) -> None
     from llmtrain.config import load_config
     from llmtrain.train.loss_weighting import FILLER, StepTokenSampler
     from tests.conftest import REPO
-    from tests.strategies.test_cpu_strategies import launch_env
+    from tests.strategies.test_cpu_strategies import torchrun
 
-    env = launch_env(RANKS)
-    result = subprocess.run(
-        [
-            sys.executable, "-m", "torch.distributed.run", "--nnodes=1",
-            f"--nproc-per-node={RANKS}", f"--master-addr={env['MASTER_ADDR']}",
-            f"--master-port={env['MASTER_PORT']}", __file__, str(tmp_path),
-        ],
-        capture_output=True, text=True, cwd=REPO, env=env, timeout=300,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stdout[-1000:] + result.stderr[-3000:]
+    torchrun(__file__, tmp_path, RANKS)
 
     seed = load_config(REPO / "configs" / "full.yaml").training.seed
     step_samples = BATCH * RANKS * ACCUMULATION

@@ -10,7 +10,6 @@ This file is also the probe that torchrun runs on each rank.
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -56,19 +55,9 @@ def probe(out: Path) -> None:
 
 
 def test_the_process_group_gets_the_configured_timeout(tmp_path: Path) -> None:
-    from tests.conftest import REPO
-    from tests.strategies.test_cpu_strategies import launch_env
+    from tests.strategies.test_cpu_strategies import torchrun
 
-    env = launch_env(RANKS)
-    result = subprocess.run(
-        [
-            sys.executable, "-m", "torch.distributed.run", "--nnodes=1",
-            f"--nproc-per-node={RANKS}", f"--master-addr={env['MASTER_ADDR']}",
-            f"--master-port={env['MASTER_PORT']}", __file__, str(tmp_path),
-        ],
-        capture_output=True, text=True, cwd=REPO, env=env, timeout=300,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stdout[-1000:] + result.stderr[-3000:]
+    torchrun(__file__, tmp_path, RANKS)
     for rank in range(RANKS):
         report = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert report == {
