@@ -161,3 +161,21 @@ def test_each_trainer_in_one_process_writes_tensorboard_events_under_its_own_out
         assert list((out / TENSORBOARD_DIR).glob("events.out.tfevents.*")), run
         assert os.environ.get("TENSORBOARD_LOGGING_DIR") == before
     assert not list(tmp_path.rglob("runs"))  # 5.x's default directory, never ours
+
+
+def test_summary_names_the_last_steps_weights_and_the_best_checkpoint_apart(
+    tmp_path: Path,
+) -> None:
+    """A newcomer could not tell whether final/adapter was the best eval's checkpoint or the
+    last step's: the summary says which, and where the best one is."""
+    from llmtrain.train.checkpoints import BEST
+    from llmtrain.train.run import summary_outputs
+
+    final = tmp_path / "final" / "adapter"
+    no_eval = summary_outputs(tmp_path, final)
+    assert no_eval["final adapter (the last step's)"] == final
+    assert not no_eval["best checkpoint (lowest eval loss)"].exists()  # left out of the summary
+    (tmp_path / "checkpoint-150").mkdir()
+    (tmp_path / BEST).write_text("checkpoint-150\n")
+    best = summary_outputs(tmp_path, final)["best checkpoint (lowest eval loss)"]
+    assert best == tmp_path / "checkpoint-150"

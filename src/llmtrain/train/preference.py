@@ -47,7 +47,6 @@ from llmtrain.model.methods import count_parameters, wrap
 from llmtrain.plan import RunPlan, World, launcher_strategy
 from llmtrain.train import checkpoints, loss_weighting, preference_loss, run, strategies
 from llmtrain.train.callbacks import (
-    METRICS,
     CommitCheckpointCallback,
     MetricsCallback,
     RunReport,
@@ -55,7 +54,7 @@ from llmtrain.train.callbacks import (
     truncate_metrics,
 )
 from llmtrain.train.token_budget import StepChunk
-from llmtrain.train.trainer import TENSORBOARD_DIR, LlmtrainTrainer, LossRecorder, StepBoundary
+from llmtrain.train.trainer import LlmtrainTrainer, LossRecorder, StepBoundary
 
 log = logging.getLogger(__name__)
 WEIGHT = "pair_weight"  # 1 for a pair, 0 for the sampler's filler (loss_weighting.FILLER)
@@ -417,11 +416,5 @@ def train(cfg: RunConfig, world: World, extra_callbacks: Sequence[TrainerCallbac
         raise StopRequested(f"{stop.reason}; checkpoint at step {trainer.state.global_step}")
     final = run.save_final(policy, plan, world, trainer, tokenizer, out)
     if world.is_main:
-        log.info("%s", report.summary(cfg.method.name, {
-            "run directory": out,
-            f"final {final.name}": final,
-            "merged model": out / "final" / "merged",
-            "metrics": out / METRICS,
-            "tensorboard": out / TENSORBOARD_DIR,
-        }))
+        log.info("%s", report.summary(cfg.method.name, run.summary_outputs(out, final)))
     return trainer

@@ -326,15 +326,26 @@ def train(cfg: RunConfig, world: World, extra_callbacks: Sequence[TrainerCallbac
         raise StopRequested(f"{stop.reason}; checkpoint at step {trainer.state.global_step}")
     final = save_final(cfg, plan, world, trainer, tokenizer, out)
     if world.is_main:
-        log.info("%s", report.summary(cfg.method.name, {
-            "run directory": out,
-            f"final {final.name}": final,
-            "merged model": out / "final" / "merged",
-            "generations": out / "generations.jsonl",
-            "metrics": out / METRICS,
-            "tensorboard": out / TENSORBOARD_DIR,
-        }))
+        log.info("%s", report.summary(cfg.method.name, summary_outputs(out, final)))
     return trainer
+
+
+def summary_outputs(out: Path, final: Path) -> dict[str, Path]:
+    """The run summary's outputs, in order (RunReport.summary leaves out those that do not
+    exist). The final weights are the last step's; the checkpoint with the lowest eval loss is
+    named beside them, so that nobody takes one for the other."""
+    best = out / checkpoints.BEST
+    return {
+        "run directory": out,
+        f"final {final.name} (the last step's)": final,
+        "merged model": out / "final" / "merged",
+        "best checkpoint (lowest eval loss)": (
+            out / best.read_text().strip() if best.is_file() else best
+        ),
+        "generations": out / "generations.jsonl",
+        "metrics": out / METRICS,
+        "tensorboard": out / TENSORBOARD_DIR,
+    }
 
 
 def save_final(
