@@ -179,9 +179,11 @@ venv: ## VENV (.venv; .venv-current for STACK=current) from the STACK's lock (in
 # tests/strategies/test_ddp_sharding.py: each step's samples over 2 gloo ranks, ~25 s; the layout
 # tests there (test_loss_weighting.py ~4 min, test_preference_layouts.py ~2 min) run on the pinned one.
 # tests/strategies/test_ddp_timeout.py: distributed.timeout_minutes reaches 2 gloo ranks' group, ~25 s.
+# test_demo.py, test_reload.py and test_post_run.py (the demo, reloading and post-run plumbing
+# around the same finetune) run on the pinned stack only: the whole CI took 88 min on a 2-core
+# host of 2026-12-01, too close to its 90.
 CURRENT_E2E ?= tests/e2e/test_newer_checkpoint_cli.py tests/e2e/test_finetune_cli.py \
-    tests/e2e/test_model_families.py tests/e2e/test_chat_cli.py tests/e2e/test_demo.py \
-    tests/e2e/test_reload.py tests/e2e/test_post_run.py tests/e2e/test_resume.py \
+    tests/e2e/test_model_families.py tests/e2e/test_chat_cli.py tests/e2e/test_resume.py \
     tests/e2e/test_preference.py tests/strategies/test_ddp_sharding.py \
     tests/strategies/test_ddp_timeout.py
 test: venv ## every tier of STACK (plain pytest: the fast tier only; cluster and container need root)
