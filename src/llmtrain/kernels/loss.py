@@ -59,6 +59,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from llmtrain import compat
 from llmtrain.kernels import ops as fused_ops
 from llmtrain.labels import IGNORE_INDEX
 
@@ -84,12 +85,6 @@ def _announce(message: str) -> None:
         log.info("%s", message)
 
 
-def torch_release(version: str) -> tuple[int, int]:
-    """(major, minor) of a torch version string such as NGC's '2.3.0a0+6ddf5cf'."""
-    major, minor = version.split(".")[:2]
-    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
-
-
 @functools.cache
 def liger_loss_function() -> tuple[Callable[..., Any] | None, str]:
     """Liger's fused linear cross-entropy and its version, or None and why not; decided once per
@@ -97,7 +92,7 @@ def liger_loss_function() -> tuple[Callable[..., Any] | None, str]:
     CPU wheel of torch does not bring."""
     if not torch.cuda.is_available():
         return None, "no CUDA device"
-    if torch_release(torch.__version__) < LIGER_MIN_TORCH:
+    if (compat.installed("torch") or (0,)) < LIGER_MIN_TORCH:
         return None, f"torch {torch.__version__} is older than %d.%d" % LIGER_MIN_TORCH
     try:
         import triton  # noqa: F401
@@ -138,14 +133,6 @@ def liger_unusable(hidden: torch.Tensor, lm_head: nn.Module) -> str | None:
     return None
 
 
-def _cuda_autocast_dtype() -> torch.dtype | None:
-    """autocast's CUDA dtype while CUDA autocast is on, else None (torch 2.3's API and 2.4's)."""
-    if hasattr(torch, "get_autocast_dtype"):  # torch >= 2.4
-        on = torch.is_autocast_enabled("cuda")
-        return torch.get_autocast_dtype("cuda") if on else None
-    return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None
-
-
 def liger_lm_loss(
     hidden: torch.Tensor, lm_head: nn.Linear, labels: torch.Tensor, reduction: str = "mean"
 ) -> torch.Tensor:
@@ -157,7 +144,7 @@ def liger_lm_loss(
     assert function is not None
     weight, bias = lm_head.weight, lm_head.bias
     # The dtype lm_head's matmul runs in: autocast's, else the weight's (as nn.Linear).
-    dtype = _cuda_autocast_dtype() or weight.dtype
+    dtype = fused_ops.autocast_dtype("cuda") or weight.dtype
     flat = hidden.reshape(-1, hidden.shape[-1]).to(dtype).contiguous()
     targets = F.pad(labels[..., 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)
     loss: torch.Tensor = function(

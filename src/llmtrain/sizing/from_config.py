@@ -6,9 +6,9 @@ import fnmatch
 import importlib.util
 import re
 from collections.abc import Mapping
-from importlib import metadata
 from typing import TYPE_CHECKING, Any, Literal
 
+from llmtrain import compat
 from llmtrain.config import PREFERENCE_METHODS, RunConfig
 from llmtrain.plan import Hardware, RunPlan, World, weight_dtype
 from llmtrain.sizing.gpus import Gpu, get_gpu
@@ -151,30 +151,13 @@ def run_shape(
         # fallbacks, not modelled here, keep the chunks.
         liger_loss=plan.chunked_loss
         and shape.model_type in CHUNKED_LOSS_MODELS
-        and _installed("liger-kernel")
-        and _installed_torch() >= LIGER_MIN_TORCH,
+        and compat.installed("liger-kernel") is not None
+        and (compat.installed("torch") or (0,)) >= LIGER_MIN_TORCH,
         attention_forward=_attention_forward(
             shape, attention or plan.attention, packed, padded, t.compile
         ),
         **extra,
     )
-
-
-def _installed(distribution: str) -> bool:
-    try:
-        metadata.version(distribution)
-    except metadata.PackageNotFoundError:
-        return False
-    return True
-
-
-def _installed_torch() -> tuple[int, int]:
-    """(major, minor) of the installed torch, read without importing it; (0, 0) if absent."""
-    try:
-        major, minor = metadata.version("torch").split(".")[:2]
-    except metadata.PackageNotFoundError:
-        return (0, 0)
-    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
 
 
 def _attention_forward(
