@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from llmtrain import stack
+from llmtrain.train import checkpoints
 from tests.conftest import REPO, run_cli
 
 pytestmark = pytest.mark.slow
@@ -127,7 +128,11 @@ def test_batch_log_has_progress_lines_and_a_summary(runs: dict[str, Path], metho
     assert summary[6] == "  outputs:"
     final = out / "final" / ("adapter" if method == "lora" else "model")
     listed = dict(line.strip().split(": ", 1) for line in summary[7:] if line.startswith("    "))
-    assert listed["final " + final.name] == str(final)
+    assert listed[f"final {final.name} (the last step's)"] == str(final)
+    best = out / checkpoints.BEST  # names the lowest eval loss's checkpoint when evals ran
+    assert listed.get("best checkpoint (lowest eval loss)") == (
+        str(out / best.read_text().strip()) if best.is_file() else None
+    )
     assert listed["metrics"] == str(out / "metrics.jsonl")
     assert listed["tensorboard"] == str(out / "tensorboard")
     if method == "lora":  # configs/lora.yaml merges and answers held-out questions
