@@ -221,6 +221,12 @@ class LoraSection(Section):
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
     bias: Literal["none", "all", "lora_only"] = "none"
     target_modules: Literal["auto"] | list[str] = "auto"
+    target_parameters: list[str] = Field(
+        default_factory=list,
+        description="parameters LoRA adapts directly (peft's target_parameters, the current "
+        "stack): a mixture of experts' fused 3-D expert weights, e.g. "
+        "[mlp.experts.gate_up_proj, mlp.experts.down_proj]; needs lora.dropout=0",
+    )
     modules_to_save: list[str] = Field(default_factory=list)
     use_rslora: bool = Field(
         False, description="rank-stabilized LoRA: adapter scaling alpha/sqrt(r) instead of alpha/r"

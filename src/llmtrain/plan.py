@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, cast, get_args
 
+from llmtrain import stack
 from llmtrain.config import PREFERENCE_METHODS, RunConfig
 from llmtrain.errors import ConfigError, NeedsGpuError
 
@@ -232,12 +233,69 @@ def check(cfg: RunConfig) -> None:
             "ZeRO-3 hold only this rank's shard",
             "use distributed.strategy=ddp or zero2 with DoRA, or lora.use_dora=false",
         )
+    check_target_parameters(cfg, strategy)
     check_param_dtype(cfg)
     owned = sorted(set(cfg.training.args) & set(OWNED_ARGS))
     if owned:
         raise ConfigError(
             f"training.args sets {', '.join(owned)}, which distributed.strategy owns",
             "remove them and choose distributed.strategy (ddp, fsdp, zero2, zero3, zero3_offload)",
+        )
+
+
+# peft's LoRA on parameters (ParamWrapper), which lora.target_parameters asks for.
+TARGET_PARAMETERS_PEFT = "0.17.0"
+
+
+def check_target_parameters(cfg: RunConfig, strategy: str) -> None:
+    """lora.target_parameters (peft's LoRA on a parameter, for a mixture of experts' fused 3-D
+    expert weights) only where peft applies it as asked. Needs no model (the names are checked
+    against the model by methods.lora_target_parameters).
+
+    Raises:
+        ConfigError: peft older than 0.17 (the pinned stack), lora.dropout > 0, DoRA, method
+            qlora, or a strategy that shards parameters (exit 64).
+    """
+    lora = cfg.lora
+    method = cfg.method.name
+    adapts = method in ADAPTER_METHODS or (
+        method in PREFERENCE_METHODS and cfg.preference.weights == "lora"
+    )
+    if not (lora.target_parameters and adapts):
+        return
+    if not stack.at_least("peft", TARGET_PARAMETERS_PEFT):
+        raise ConfigError(
+            f"lora.target_parameters needs peft >= {TARGET_PARAMETERS_PEFT}; this stack has "
+            f"peft {stack.installed('peft')}",
+            "on this stack transformers keeps each expert as Linear layers (Mixtral's w1, w2, "
+            "w3), which lora.target_modules (auto) adapts: remove lora.target_parameters; or "
+            + stack.CURRENT_IMAGE_HINT,
+        )
+    if lora.dropout > 0:
+        raise ConfigError(
+            f"lora.target_parameters with lora.dropout={lora.dropout}: peft adds LoRA to a "
+            "parameter as a weight delta, where dropout on the layer's input has no place, and "
+            "its one dropout applies to every target",
+            "set lora.dropout=0",
+        )
+    if lora.use_dora:
+        raise ConfigError(
+            "lora.target_parameters with lora.use_dora=true: peft's LoRA on parameters has no "
+            "DoRA",
+            "set lora.use_dora=false",
+        )
+    if cfg.method.name == "qlora":
+        raise ConfigError(
+            "lora.target_parameters with method.name=qlora: bitsandbytes quantizes Linear "
+            "layers only, so the expert weights stay unquantized, and qlora's preparation "
+            "casts them to float32",
+            "use method.name=lora",
+        )
+    if STRATEGIES[strategy].shards_parameters:
+        raise ConfigError(
+            f"lora.target_parameters with distributed.strategy={strategy}: LoRA on sharded "
+            "expert weights (FSDP, ZeRO-3) is not checked in llmtrain",
+            "use distributed.strategy=ddp or zero2",
         )
 
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 import yaml
 
+from llmtrain import stack
 from tests.conftest import REPO, run_cli
 
 pytestmark = pytest.mark.slow
@@ -107,6 +108,13 @@ CASES: dict[str, Case] = {
     "lora target not in the model": (
         lambda t: [config(t), "lora.target_modules=[c_attn, q_proj]"],
         64, "lora.target_modules ['c_attn'] are not linear layers of this llama model"),
+    # peft's LoRA on parameters: refused by the pinned stack's peft; checked against the model
+    "lora target parameter on this stack or model": (
+        lambda t: [config(t), "lora.target_parameters=[mlp.experts.gate_up_proj]",
+                   "lora.dropout=0"],
+        64, "lora.target_parameters ['mlp.experts.gate_up_proj'] name no parameter of this "
+        "llama model" if stack.at_least("peft", "0.17.0")
+        else "lora.target_parameters needs peft >= 0.17.0; this stack has peft 0.9.0"),
     "layers pattern matches nothing": (
         lambda t: [config(t), "method.name=layers", "method.layers=[decoder.*]"],
         64, "matches no parameter"),

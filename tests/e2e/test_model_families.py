@@ -316,6 +316,58 @@ def test_family_fine_tunes_merges_and_generates(name: str, tmp_path: Path) -> No
     assert record["prompt"].endswith("Answer:") and isinstance(record["output"], str)
 
 
+EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+
+
+@pytest.mark.parametrize("name", ["Mixtral", "Qwen3-MoE"])
+def test_lora_target_parameters_adapt_the_experts(name: str, tmp_path: Path) -> None:
+    """lora.target_parameters: peft's LoRA on parameters adapts the fused 3-D expert weights
+    beside auto's linears. The loss falls, every layer's expert weights carry an adapter, the merged
+    model has the logits of the base plus the adapter, and the merge changed the expert weights
+    (and nothing but what LoRA adapts)."""
+    if not stack.is_current():
+        pytest.skip(
+            "peft 0.9.0 has no target_parameters: the pinned stack refuses it "
+            "(tests/unit/test_target_parameters.py)"
+        )
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    base = build_checkpoint(name, tmp_path / "base")
+    out = tmp_path / "run"
+    result = run_cli(
+        "finetune", "configs/demo.yaml", f"model.path={base}", f"output.dir={out}", *SETTINGS,
+        f"lora.target_parameters=[{','.join(EXPERTS)}]", "lora.dropout=0",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    values = losses(out)
+    assert len(values) == 10 and values[-1] < values[0] - 0.3, values
+    adapter, merged = out / "final" / "adapter", out / "final" / "merged"
+    saved = json.loads((adapter / "adapter_config.json").read_text())["target_parameters"]
+    assert sorted(saved) == sorted(EXPERTS)
+    with safe_open(str(adapter / "adapter_model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    # peft nests one wrapper per parameter: experts and experts.base_layer
+    for i in range(SMALL["num_hidden_layers"]):
+        for wrapper in ("experts", "experts.base_layer"):
+            assert f"base_model.model.model.layers.{i}.mlp.{wrapper}.lora_A.weight" in keys, keys
+
+    with_adapter = logits(base, adapter)
+    assert torch.allclose(with_adapter, logits(merged), atol=1e-4)
+    before, after = (
+        dict(AutoModelForCausalLM.from_pretrained(d, torch_dtype=torch.float32).named_parameters())
+        for d in (base, merged)
+    )
+    # q_proj.weight -> q_proj; experts.gate_up_proj (a parameter of its own) -> gate_up_proj
+    changed = {
+        n.split(".")[-2] if n.endswith((".weight", ".bias")) else n.split(".")[-1]
+        for n in before
+        if not torch.equal(before[n], after[n])
+    }
+    assert changed == {"gate_up_proj", "down_proj"} | FAMILIES[name][2], changed
+
+
 @pytest.mark.parametrize("name", PINNED_REFUSALS)
 def test_pinned_stack_refuses_before_loading(name: str, tmp_path: Path) -> None:
     """The published config.json (scaled) with the tokenizer and no weights: the pinned stack

@@ -98,7 +98,48 @@ def lora_targets(config: PretrainedConfig, lora: LoraSection, model: nn.Module) 
             absent,
             targets,
         )
+    experts = expert_parameter_names(model)
+    if experts and not lora.target_parameters:
+        log.info(
+            "lora.target_modules=auto: the fused expert weights %s are not adapted; "
+            "lora.target_parameters=[%s] with lora.dropout=0 adapts them",
+            experts,
+            ",".join(experts),
+        )
     return targets
+
+
+def expert_parameter_names(model: nn.Module) -> list[str]:
+    """Distinct `module.parameter` suffixes of the 3-D parameters (a mixture of experts' fused
+    expert weights, [experts, out, in] or [experts, in, out]), as lora.target_parameters names
+    them, e.g. mlp.experts.gate_up_proj."""
+    names = {
+        ".".join(name.split(".")[-3:]) for name, p in model.named_parameters() if p.dim() == 3
+    }
+    return sorted(names)
+
+
+def lora_target_parameters(lora: LoraSection, model: nn.Module) -> list[str]:
+    """lora.target_parameters, each matched against the model's parameters as peft matches them
+    (the whole name, or its end after a dot).
+
+    Raises:
+        ConfigError: an entry names no parameter of the model (exit 64)."""
+    names = [name for name, _ in model.named_parameters()]
+    missing = [
+        t for t in lora.target_parameters if not any(n == t or n.endswith("." + t) for n in names)
+    ]
+    if missing:
+        experts = expert_parameter_names(model)
+        raise ConfigError(
+            f"lora.target_parameters {missing} name no parameter of this "
+            f"{getattr(model.config, 'model_type', '')} model",
+            "name its fused expert weights, e.g. " + ", ".join(experts)
+            if experts
+            else "this model has no fused 3-D expert weights; adapt its Linear layers with "
+            "lora.target_modules",
+        )
+    return list(lora.target_parameters)
 
 
 def check_dora_targets(model: nn.Module, targets: list[str]) -> None:
@@ -241,6 +282,12 @@ def _wrap_lora(
     targets = lora_targets(model.config, lora, model)
     if lora.use_dora:
         check_dora_targets(model, targets)
+    # Only set when given: peft 0.9.0's LoraConfig has no such field (plan.check refuses it there).
+    parameters: dict[str, Any] = (
+        {"target_parameters": lora_target_parameters(lora, model)}
+        if lora.target_parameters
+        else {}
+    )
     # The variants are saved in adapter_config.json, so peft alone reloads them (merge, generate).
     peft_config = LoraConfig(
         r=lora.r,
@@ -254,6 +301,7 @@ def _wrap_lora(
         use_rslora=lora.use_rslora,
         use_dora=lora.use_dora,
         init_lora_weights=lora.init_lora_weights,
+        **parameters,
     )
     compat.skip_unusable_bitsandbytes()
     wrapped: Any = get_peft_model(model, peft_config)

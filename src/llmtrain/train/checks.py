@@ -149,8 +149,9 @@ def check_model(cfg: RunConfig, *, gpu: bool | None = None) -> tuple[Any, Any, l
 
 
 def check_method(cfg: RunConfig, config: Any) -> None:
-    """lora.target_modules and method.layers against the model's module names, from a model
-    built on the meta device (no weights, no memory), with the functions finetune wraps with.
+    """lora.target_modules, lora.target_parameters and method.layers against the model's names,
+    from a model built on the meta device (no weights, no memory), with the functions finetune
+    wraps with.
 
     Raises:
         ConfigError: a target or layer pattern names nothing in the model (exit 64).
@@ -160,7 +161,12 @@ def check_method(cfg: RunConfig, config: Any) -> None:
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    from llmtrain.model.methods import check_dora_targets, lora_targets, select_parameters
+    from llmtrain.model.methods import (
+        check_dora_targets,
+        lora_target_parameters,
+        lora_targets,
+        select_parameters,
+    )
 
     with init_empty_weights(include_buffers=True):
         model = AutoModelForCausalLM.from_config(
@@ -172,6 +178,7 @@ def check_method(cfg: RunConfig, config: Any) -> None:
     targets = lora_targets(config, cfg.lora, model)
     if cfg.method.name == "lora" and cfg.lora.use_dora:
         check_dora_targets(model, targets)
+    lora_target_parameters(cfg.lora, model)
 
 
 def check_data(cfg: RunConfig, tokenizer: Any, report: Report) -> None:
