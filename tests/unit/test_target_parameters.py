@@ -142,3 +142,23 @@ def test_wrap_adapts_every_expert_weight_and_validate_checks_names_on_a_weightle
                  "lora.target_parameters=[mlp.experts.w1]")
     with pytest.raises(ConfigError, match="name no parameter"):
         check_method(bad, mixtral)
+
+
+@pytest.mark.skipif(not PEFT_HAS_IT, reason="peft 0.9.0 has no target_parameters")
+def test_disable_adapter_gives_the_base_model_back_the_dpo_reference() -> None:
+    """DPO's LoRA reference is the policy under peft's disable_adapter (train/preference.py): the
+    expert adapters must switch off with the linear ones."""
+    torch.manual_seed(0)
+    model = tiny_model("mixtral").eval()
+    ids = torch.randint(0, 128, (2, 8))
+    with torch.no_grad():
+        base = model(input_ids=ids).logits
+    lora = LoraSection(r=2, dropout=0.0, target_modules=["q_proj"], target_parameters=EXPERTS,
+                       init_lora_weights=False)  # B random: the adapter changes the model
+    wrapped = wrap(model, MethodSection(name="lora"), lora, gradient_checkpointing=False)
+    with torch.no_grad():
+        adapted = wrapped(input_ids=ids).logits
+        with wrapped.disable_adapter():
+            reference = wrapped(input_ids=ids).logits
+    assert (adapted - base).abs().max() > 1e-3
+    torch.testing.assert_close(reference, base)
