@@ -1,7 +1,8 @@
 """distributed.timeout_minutes reaches the process group of a 2-rank CPU (gloo) world that
 torchrun starts, on either stack: a dead rank must fail the job after the configured time, not
 after torch's default 30 minutes. transformers 5.x starts a use_cpu world's group without
-TrainingArguments.ddp_timeout, so the setting reached the Trainer's arguments but not the group.
+TrainingArguments.ddp_timeout, so the setting reached the Trainer's arguments but not the group;
+4.37.2 does the same when training.args sets use_cpu.
 
 No model, no training: each rank builds the run's TrainingArguments, which starts the group.
 This file is also the probe that torchrun runs on each rank.
@@ -24,7 +25,8 @@ MINUTES = 7
 
 
 def probe(out: Path) -> None:
-    """One rank: the run's ddp_timeout and its gloo group's timeout, in out/rank<r>.json."""
+    """One rank: the run's ddp_timeout and its gloo group's timeout, in out/rank<r>.json; the
+    test's extra overrides come in out/overrides.json."""
     import torch
     import torch.distributed as dist
 
@@ -41,6 +43,7 @@ def probe(out: Path) -> None:
             "training.report_to=[none]",
             "distributed.strategy=ddp",
             f"distributed.timeout_minutes={MINUTES}",
+            *json.loads((out / "overrides.json").read_text()),
         ],
     )
     args = training_arguments(cfg, world, plan_run(cfg, world), out, False, None)
@@ -54,9 +57,15 @@ def probe(out: Path) -> None:
     (out / f"rank{world.rank}.json").write_text(json.dumps(report))
 
 
-def test_the_process_group_gets_the_configured_timeout(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "overrides", [[], ["training.args={use_cpu: true}"]], ids=["default", "use_cpu"]
+)
+def test_the_process_group_gets_the_configured_timeout(
+    tmp_path: Path, overrides: list[str]
+) -> None:
     from tests.strategies.test_cpu_strategies import torchrun
 
+    (tmp_path / "overrides.json").write_text(json.dumps(overrides))
     torchrun(__file__, tmp_path, RANKS)
     for rank in range(RANKS):
         report = json.loads((tmp_path / f"rank{rank}.json").read_text())

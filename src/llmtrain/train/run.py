@@ -149,8 +149,9 @@ def training_arguments(
         # only when told it runs on CPU; 0.26 did so from WORLD_SIZE alone. Untold, each rank
         # trains alone: all the data on every rank, no DDP, its own update.
         kwargs.setdefault("use_cpu", True)
-        if kwargs["use_cpu"] and world.distributed:
-            strategies.start_cpu_group(kwargs["ddp_timeout"])
+    if kwargs.get("use_cpu") and world.distributed:
+        # Either stack starts a use_cpu world's group without ddp_timeout (start_cpu_group).
+        strategies.start_cpu_group(kwargs["ddp_timeout"])
     args = TrainingArguments(**hf_names.training_arguments(kwargs))
     if args.world_size != world.world_size:
         raise ConfigError(
