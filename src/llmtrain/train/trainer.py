@@ -134,8 +134,10 @@ class LlmtrainTrainer(Trainer):
             step_tokens, accumulation, self.args.world_size
         )
 
-    def create_optimizer(self) -> torch.optim.Optimizer:
-        optimizer = super().create_optimizer()
+    def create_optimizer(self, *args: Any) -> torch.optim.Optimizer:
+        # 5.x passes the accelerate-prepared model when it creates the optimizer after wrapping
+        # (FSDP1); 4.37.2 takes no argument.
+        optimizer = super().create_optimizer(*args)
         compat.drop_empty_param_groups(optimizer)
         if self.master_weights is not None:
             self.master_weights.attach(optimizer)
