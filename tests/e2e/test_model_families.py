@@ -13,7 +13,9 @@ Per family: `finetune` with LoRA, target_modules auto and merge exits 0, the log
 final/merged has the logits of the base plus the adapter, and `generate` answers with the
 adapter. The MoE families' routed experts are fused 3-D parameters in transformers 5.x, which
 LoRA cannot adapt as Linear layers: auto adapts their attention and dense linears only
-(methods.LORA_TARGETS), and the test checks which layers were adapted.
+(methods.LORA_TARGETS), and the test checks which layers were adapted; lora.target_parameters
+adapts the experts (peft's LoRA on parameters). Per family `finetune` with method full trains
+every weight, and method layers (two families) only the last block's.
 
 On the pinned stack (transformers 4.37.2) these model types or their 5.x checkpoints cannot be
 built, so the training tests skip; the two families whose model type 4.37.2 knows but whose
@@ -314,6 +316,44 @@ def test_family_fine_tunes_merges_and_generates(name: str, tmp_path: Path) -> No
     assert result.returncode == 0, result.stderr[-2000:]
     (record,) = [json.loads(x) for x in answers.read_text().splitlines()]
     assert record["prompt"].endswith("Answer:") and isinstance(record["output"], str)
+
+
+# method layers shares full's path but for which weights train: two families whose blocks differ
+# most (Gemma-2's sliding windows and tied embeddings, Qwen3-MoE's experts) keep CI's time down.
+@pytest.mark.parametrize(
+    ("name", "method"),
+    [(name, "full") for name in FAMILIES] + [("Gemma-2", "layers"), ("Qwen3-MoE", "layers")],
+)
+def test_family_trains_full_and_layers(name: str, method: str, tmp_path: Path) -> None:
+    """method full and method layers (last:1) train the family: the loss falls, and the saved
+    model, read by transformers alone, differs from the base in exactly the trained weights."""
+    if not stack.is_current():
+        pytest.skip(f"{name}: built by the current stack only (see the LoRA test's reason)")
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    base = build_checkpoint(name, tmp_path / "base")
+    out = tmp_path / "run"
+    result = run_cli(
+        "finetune", "configs/demo.yaml", f"model.path={base}", f"output.dir={out}",
+        *[s for s in SETTINGS if not s.startswith(("method.", "lora.", "output.merge"))],
+        f"method.name={method}", *(["method.layers=[last:1]"] if method == "layers" else []),
+        "training.max_steps=6",
+        "training.learning_rate=3e-3", "data.eval_fraction=0",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    values = losses(out)
+    assert len(values) == 6 and values[-1] < values[0], values
+    before, after = (
+        dict(AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).named_parameters())
+        for d in (base, out / "final" / "model")
+    )
+    assert before.keys() == after.keys()
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    last = f"model.layers.{SMALL['num_hidden_layers'] - 1}."
+    trained = set(before) if method == "full" else {n for n in before if n.startswith(last)}
+    # A weight whose gradient is zero in 6 steps (none here, all are used) would stay equal.
+    assert changed == trained, sorted(changed ^ trained)
 
 
 EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
