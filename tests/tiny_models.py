@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from transformers import (
     AutoModelForCausalLM,
@@ -43,3 +45,16 @@ def tiny_model(arch: str, seed: int = 0) -> PreTrainedModel:
     torch.manual_seed(seed)
     model: PreTrainedModel = AutoModelForCausalLM.from_config(tiny_config(arch))
     return model
+
+
+def tiny_checkpoint(arch: str, path: Path) -> PretrainedConfig:
+    """A tiny random model of `arch` saved at `path` with the embedded tiny-llama tokenizer (the
+    vocab sized to it), as validate reads a model directory; returns its config."""
+    from transformers import AutoTokenizer
+
+    config = tiny_config(arch)
+    config.vocab_size = 512  # the embedded tokenizer's
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    tokenizer = Path(__file__).resolve().parents[1] / "src" / "llmtrain" / "embedded" / "tiny-llama"
+    AutoTokenizer.from_pretrained(str(tokenizer)).save_pretrained(path)
+    return config

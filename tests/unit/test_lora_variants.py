@@ -24,7 +24,7 @@ from llmtrain.model.load import load_model_config
 from llmtrain.model.methods import count_parameters, wrap
 from llmtrain.sizing.memory import ModelShape, RunShape, trainable_params
 from llmtrain.train.checks import check_method
-from tests.tiny_models import tiny_config, tiny_model
+from tests.tiny_models import tiny_checkpoint, tiny_model
 from tests.unit.test_fused_lora import forward_backward, lora_linear
 
 BASE = {
@@ -135,13 +135,8 @@ def test_dora_on_conv1d_layers_is_refused_by_validate_and_wrap(tmp_path: Path) -
         wrap(tiny_model("gpt2"), MethodSection(name="lora"), lora, gradient_checkpointing=False)
     assert "c_attn" in info.value.problem
     # validate: the same check on a weightless copy of the model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     model_dir = tmp_path / "gpt2"
-    gpt2 = tiny_config("gpt2")
-    gpt2.vocab_size = 512  # the embedded tokenizer's
-    AutoModelForCausalLM.from_config(gpt2).save_pretrained(model_dir)
-    AutoTokenizer.from_pretrained("src/llmtrain/embedded/tiny-llama").save_pretrained(model_dir)
+    tiny_checkpoint("gpt2", model_dir)
     cfg = config(tmp_path, f"model.path={model_dir}", "lora.use_dora=true")
     config_ = load_model_config(cfg.model)
     with pytest.raises(ConfigError, match="Conv1D"):

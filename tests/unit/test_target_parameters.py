@@ -18,7 +18,7 @@ from llmtrain.config import LoraSection, MethodSection, RunConfig, load_config
 from llmtrain.errors import EXIT_USAGE, ConfigError
 from llmtrain.model.methods import expert_parameter_names, lora_target_parameters, wrap
 from llmtrain.train.checks import check_method
-from tests.tiny_models import tiny_config, tiny_model
+from tests.tiny_models import tiny_checkpoint, tiny_config, tiny_model
 
 BASE = {
     "model": {"path": "embedded:tiny-llama"},
@@ -129,13 +129,8 @@ def test_wrap_adapts_every_expert_weight_and_validate_checks_names_on_a_weightle
     assert "lora.target_parameters=[mlp.experts.down_proj,mlp.experts.gate_up_proj]" in caplog.text
 
     # validate: the same names against the model built on the meta device
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     model_dir = tmp_path / "mixtral"
-    mixtral = tiny_config("mixtral")
-    mixtral.vocab_size = 512  # the embedded tokenizer's
-    AutoModelForCausalLM.from_config(mixtral).save_pretrained(model_dir)
-    AutoTokenizer.from_pretrained("src/llmtrain/embedded/tiny-llama").save_pretrained(model_dir)
+    mixtral = tiny_checkpoint("mixtral", model_dir)
     good = with_experts(tmp_path, f"model.path={model_dir}", "lora.dropout=0")
     check_method(good, mixtral)
     bad = config(tmp_path, f"model.path={model_dir}", "lora.dropout=0",
