@@ -13,6 +13,16 @@ REPO = Path(__file__).resolve().parents[1]
 STRICT_MARKERS = ("cluster", "container", "realmodel")
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Tests that wrap a model with peft directly, not through methods.wrap, get finetune's guard
+    against a bitsandbytes that is installed but cannot be imported: with PyPI's CUDA torch
+    (`make smoke` without TORCH_INDEX), triton 3.x breaks bitsandbytes 0.43's import, and peft
+    0.9.0 imports it for any LoRA model (compat.skip_unusable_bitsandbytes)."""
+    from llmtrain import compat
+
+    compat.skip_unusable_bitsandbytes()
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
     """Under CI=true a skipped test of a STRICT_MARKERS tier fails: those tiers must run there."""

@@ -407,6 +407,18 @@ def test_lora_target_parameters_adapt_the_experts(name: str, tmp_path: Path) -> 
     }
     assert changed == {"gate_up_proj", "down_proj"} | FAMILIES[name][2], changed
 
+    # generate reloads the adapter, expert adapters included, onto the base
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "Question: What is 1 plus 1?\\nAnswer:"}\n')
+    answers = tmp_path / "answers.jsonl"
+    result = run_cli(
+        "generate", "configs/demo.yaml", f"model.path={base}", "generation.max_new_tokens=4",
+        "--adapter", str(adapter), "--prompts", str(prompts), "--out", str(answers),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    (record,) = [json.loads(x) for x in answers.read_text().splitlines()]
+    assert record["prompt"].endswith("Answer:") and isinstance(record["output"], str)
+
 
 @pytest.mark.parametrize("name", PINNED_REFUSALS)
 def test_pinned_stack_refuses_before_loading(name: str, tmp_path: Path) -> None:
