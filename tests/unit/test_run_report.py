@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from transformers import TrainerControl, TrainerState
 
+from llmtrain import stack
 from llmtrain.config import RunConfig, load_config
 from llmtrain.data.tokenize import TokenizeStats
 from llmtrain.plan import World
@@ -132,6 +133,23 @@ def test_hf_nan_filter_is_off_unless_asked_for(
     (bench/RESULTS.md, 2026-12-01); LossRecorder keeps the exact losses instead."""
     cfg = load_config(REPO / "configs" / "demo.yaml", overrides)
     assert _arguments(cfg, tmp_path, False).logging_nan_inf_filter is expected
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"), [([], False), (["training.args.dataloader_pin_memory=true"], True)]
+)
+def test_batches_are_not_pinned_without_a_gpu_unless_asked_for(
+    tmp_path: Path, overrides: list[str], expected: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pinned memory serves only the copy to a GPU: on CPU, torch warned at every DataLoader pass
+    (each eval of `make smoke`) that it was unused. A GPU machine keeps HF's default, true."""
+    import torch
+
+    cfg = load_config(REPO / "configs" / "demo.yaml", overrides)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    # transformers 5.x turns pinning off itself under use_cpu, which llmtrain sets without a GPU.
+    pinned = expected and not stack.is_current()
+    assert _arguments(cfg, tmp_path, False).dataloader_pin_memory is pinned
 
 
 def test_each_trainer_in_one_process_writes_tensorboard_events_under_its_own_output_dir(

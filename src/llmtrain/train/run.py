@@ -141,8 +141,13 @@ def training_arguments(
         # HF's NaN filter reads every micro-batch's loss on the host (a sync that idles the
         # GPU while the host queues the optimizer step); LossRecorder keeps the exact losses,
         # and a NaN then shows in the log instead of being replaced by the running mean.
-        # training.args may still turn it on.
-        **{"logging_nan_inf_filter": False, **t.args},
+        # training.args may still turn it on. Pinned host memory serves only the copy to a GPU;
+        # without one, torch warns at every DataLoader pass that it is unused.
+        **{
+            "logging_nan_inf_filter": False,
+            "dataloader_pin_memory": torch.cuda.is_available(),
+            **t.args,
+        },
     )
     if stack.is_current() and not torch.cuda.is_available():
         # accelerate 1.x counts a CPU process that torchrun started as one of WORLD_SIZE (gloo)
