@@ -87,22 +87,65 @@ def test_names_are_matched_as_peft_matches_them_and_a_miss_lists_the_expert_weig
     lora = LoraSection(dropout=0.0, target_parameters=["experts.nope"])
     if not experts:  # transformers 4.37.2: each expert is Linear layers w1, w2, w3
         with pytest.raises(ConfigError) as info:
-            lora_target_parameters(lora, model)
+            lora_target_parameters(lora, model, [])
         assert "no fused 3-D expert weights" in info.value.fix
         assert "lora.target_modules" in info.value.fix
         return
     assert experts == sorted(EXPERTS)
     whole = ["model.layers.0.mlp.experts.down_proj"]  # a whole name matches as well
     for names in (EXPERTS, ["experts.gate_up_proj"], whole):
-        assert lora_target_parameters(LoraSection(target_parameters=names), model) == names
+        assert lora_target_parameters(LoraSection(target_parameters=names), model, []) == names
     with pytest.raises(ConfigError) as info:
-        lora_target_parameters(lora, model)
+        lora_target_parameters(lora, model, [])
     assert info.value.exit_code == EXIT_USAGE
     assert "['experts.nope'] name no parameter of this mixtral model" in info.value.problem
     assert all(name in info.value.fix for name in EXPERTS)
     # a suffix must end at a dot, as in peft: "up_proj" is not "gate_up_proj"
     with pytest.raises(ConfigError):
-        lora_target_parameters(LoraSection(target_parameters=["up_proj"]), model)
+        lora_target_parameters(LoraSection(target_parameters=["up_proj"]), model, [])
+
+
+# Each was accepted by validate and then failed inside peft in finetune with a traceback (exit 1).
+@pytest.mark.parametrize(("target", "extra", "says"), [
+    # a Linear's weight while target_modules adapts that Linear: peft "is not a valid target"
+    ("q_proj.weight", {"target_modules": ["q_proj"]}, "lora.target_modules adapts already"),
+    ("weight", {"target_modules": ["q_proj"]}, "lora.target_modules adapts already"),
+    # a norm's 1-D weight: peft's ParamWrapper takes 2-D and 3-D parameters only
+    ("input_layernorm.weight", {}, "a 1-D parameter"),
+    # a module both adapted and copied whole: peft "modules_to_save cannot be applied"
+    ("mlp.experts.gate_up_proj", {"modules_to_save": ["experts"]}, "inside lora.modules_to_save"),
+])
+def test_what_peft_would_fail_on_inside_finetune_is_refused_by_both_verbs(
+    tmp_path: Path, target: str, extra: dict[str, list[str]], says: str
+) -> None:
+    model = tiny_model("mixtral")
+    lora = LoraSection(dropout=0.0, target_parameters=[target], **extra)
+    if not expert_parameter_names(model) and target.startswith("mlp.experts"):
+        pytest.skip("transformers 4.37.2's Mixtral has no fused expert weights")
+    with pytest.raises(ConfigError) as info:  # finetune: the wrap
+        wrap(model, MethodSection(name="lora"), lora, gradient_checkpointing=False)
+    assert info.value.exit_code == EXIT_USAGE
+    assert says in info.value.problem and repr(target) in info.value.problem
+    model_dir = tmp_path / "mixtral"  # validate: the same check on the meta-device model
+    mixtral = tiny_checkpoint("mixtral", model_dir)
+    cfg = config(tmp_path, f"model.path={model_dir}")
+    cfg = cfg.model_copy(update={"lora": lora})
+    with pytest.raises(ConfigError) as again:
+        check_method(cfg, mixtral)
+    assert again.value.problem == info.value.problem
+
+
+@pytest.mark.skipif(not PEFT_HAS_IT, reason="peft 0.9.0 has no target_parameters")
+def test_a_linear_weight_outside_target_modules_and_a_router_are_adapted() -> None:
+    """peft's LoRA on a parameter works on any 2-D weight its layer's own LoRA does not take."""
+    lora = LoraSection(r=2, dropout=0.0, target_modules=["k_proj"],
+                       target_parameters=["q_proj.weight", "mlp.gate.weight"])
+    model = wrap(tiny_model("mixtral"), MethodSection(name="lora"), lora,
+                 gradient_checkpointing=False)
+    wrapped = {w.parameter_name for w in model.modules() if type(w).__name__ == "ParamWrapper"}
+    assert wrapped == {"weight"}
+    ids = torch.randint(0, 128, (2, 8))
+    model(input_ids=ids, labels=ids).loss.backward()
 
 
 @pytest.mark.skipif(not PEFT_HAS_IT, reason="peft 0.9.0 has no target_parameters")

@@ -119,27 +119,60 @@ def expert_parameter_names(model: nn.Module) -> list[str]:
     return sorted(names)
 
 
-def lora_target_parameters(lora: LoraSection, model: nn.Module) -> list[str]:
+def lora_target_parameters(lora: LoraSection, model: nn.Module, modules: list[str]) -> list[str]:
     """lora.target_parameters, each matched against the model's parameters as peft matches them
-    (the whole name, or its end after a dot).
+    (the whole name, or its end after a dot); `modules` are the resolved lora.target_modules.
 
     Raises:
-        ConfigError: an entry names no parameter of the model (exit 64)."""
-    names = [name for name, _ in model.named_parameters()]
-    missing = [
-        t for t in lora.target_parameters if not any(n == t or n.endswith("." + t) for n in names)
-    ]
+        ConfigError (exit 64), where peft would fail inside finetune instead:
+            an entry names no parameter of the model;
+            it matches a parameter that is not 2-D or 3-D (peft's ParamWrapper takes those only);
+            it matches a weight of a layer that lora.target_modules adapts already;
+            it matches a parameter of a module in lora.modules_to_save (peft cannot copy a
+            ParamWrapper)."""
+    params = dict(model.named_parameters())
+    experts = expert_parameter_names(model)
+    hint = (
+        "name its fused expert weights, e.g. " + ", ".join(experts)
+        if experts
+        else "this model has no fused 3-D expert weights; adapt its Linear layers with "
+        "lora.target_modules"
+    )
+    model_type = getattr(getattr(model, "config", None), "model_type", "")
+    missing = [t for t in lora.target_parameters if not _parameter_matches(t, params)]
     if missing:
-        experts = expert_parameter_names(model)
         raise ConfigError(
-            f"lora.target_parameters {missing} name no parameter of this "
-            f"{getattr(model.config, 'model_type', '')} model",
-            "name its fused expert weights, e.g. " + ", ".join(experts)
-            if experts
-            else "this model has no fused 3-D expert weights; adapt its Linear layers with "
-            "lora.target_modules",
+            f"lora.target_parameters {missing} name no parameter of this {model_type} model", hint
         )
+    for t in lora.target_parameters:
+        for name in _parameter_matches(t, params):
+            owner = name.rpartition(".")[0]
+            if params[name].dim() not in (2, 3):
+                raise ConfigError(
+                    f"lora.target_parameters {t!r} matches {name}, a {params[name].dim()}-D "
+                    "parameter: peft adapts 2-D and 3-D parameters only",
+                    hint,
+                )
+            if owner.rpartition(".")[2] in modules:
+                raise ConfigError(
+                    f"lora.target_parameters {t!r} matches {name}, a weight of a layer that "
+                    f"lora.target_modules adapts already ({owner.rpartition('.')[2]})",
+                    f"remove {t!r} from lora.target_parameters, or its layer from "
+                    "lora.target_modules",
+                )
+            saved = [m for m in lora.modules_to_save if owner.endswith(m)]  # peft's match
+            if saved:
+                raise ConfigError(
+                    f"lora.target_parameters {t!r} matches {name}, inside lora.modules_to_save "
+                    f"{saved}: peft cannot both adapt and fully train one module",
+                    "adapt it (lora.target_parameters) or train it whole "
+                    "(lora.modules_to_save), not both",
+                )
     return list(lora.target_parameters)
+
+
+def _parameter_matches(target: str, params: dict[str, Any]) -> list[str]:
+    return [n for n in params if n == target or n.endswith("." + target)]
 
 
 def check_dora_targets(model: nn.Module, targets: list[str]) -> None:
@@ -284,7 +317,7 @@ def _wrap_lora(
         check_dora_targets(model, targets)
     # Only set when given: peft 0.9.0's LoraConfig has no such field (plan.check refuses it there).
     parameters: dict[str, Any] = (
-        {"target_parameters": lora_target_parameters(lora, model)}
+        {"target_parameters": lora_target_parameters(lora, model, targets)}
         if lora.target_parameters
         else {}
     )

@@ -178,7 +178,7 @@ def check_method(cfg: RunConfig, config: Any) -> None:
     targets = lora_targets(config, cfg.lora, model)
     if cfg.method.name == "lora" and cfg.lora.use_dora:
         check_dora_targets(model, targets)
-    lora_target_parameters(cfg.lora, model)
+    lora_target_parameters(cfg.lora, model, targets)
 
 
 def check_data(cfg: RunConfig, tokenizer: Any, report: Report) -> None:
