@@ -53,7 +53,9 @@ def _below(dist: str, *bound: int) -> bool:
     return version is not None and version < bound
 
 
-def _at_least(dist: str, *bound: int) -> bool:
+def at_least(dist: str, *bound: int) -> bool:
+    """`dist` is installed at release `bound` or later, tags dropped as in `installed` (absent:
+    False)."""
     version = installed(dist)
     return version is not None and version >= bound
 
@@ -66,15 +68,15 @@ def needs_peft_deepspeed_resume() -> bool:
 
 
 def needs_trust_deepspeed_checkpoints() -> bool:
-    return _at_least("torch", 2, 6) and _below("deepspeed", 0, 16)
+    return at_least("torch", 2, 6) and _below("deepspeed", 0, 16)
 
 
 def needs_trust_own_checkpoints() -> bool:
-    return _at_least("torch", 2, 6) and _below("transformers", 4, 47)
+    return at_least("torch", 2, 6) and _below("transformers", 4, 47)
 
 
 def needs_drop_empty_param_groups() -> bool:
-    return _at_least("torch", 2, 10)
+    return at_least("torch", 2, 10)
 
 
 def needs_skip_unusable_bitsandbytes() -> bool:

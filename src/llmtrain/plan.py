@@ -243,6 +243,13 @@ def check(cfg: RunConfig) -> None:
         )
 
 
+def trained_method(cfg: RunConfig) -> Method:
+    """The method of the weights a run trains: method.name, or for dpo and orpo
+    preference.weights (lora or full)."""
+    name = cfg.method.name
+    return cast(Method, cfg.preference.weights if name in PREFERENCE_METHODS else name)
+
+
 # peft's LoRA on parameters (ParamWrapper), which lora.target_parameters asks for.
 TARGET_PARAMETERS_PEFT = "0.17.0"
 
@@ -257,11 +264,7 @@ def check_target_parameters(cfg: RunConfig, strategy: str) -> None:
             qlora, or a strategy that shards parameters (exit 64).
     """
     lora = cfg.lora
-    method = cfg.method.name
-    adapts = method in ADAPTER_METHODS or (
-        method in PREFERENCE_METHODS and cfg.preference.weights == "lora"
-    )
-    if not (lora.target_parameters and adapts):
+    if not (lora.target_parameters and trained_method(cfg) in ADAPTER_METHODS):
         return
     if not stack.at_least("peft", TARGET_PARAMETERS_PEFT):
         raise ConfigError(
@@ -284,7 +287,7 @@ def check_target_parameters(cfg: RunConfig, strategy: str) -> None:
             "DoRA",
             "set lora.use_dora=false",
         )
-    if cfg.method.name == "qlora":
+    if trained_method(cfg) == "qlora":
         raise ConfigError(
             "lora.target_parameters with method.name=qlora: bitsandbytes quantizes Linear "
             "layers only, so the expert weights stay unquantized, and qlora's preparation "
@@ -506,7 +509,7 @@ class RunPlan:
         # dpo and orpo train preference.weights (lora or full): the plan is that method's, with
         # the chunked loss off (pair losses need per-token log-probs, not a loss).
         pairs = cfg.method.name in PREFERENCE_METHODS
-        method = cfg.preference.weights if pairs else cfg.method.name
+        method = trained_method(cfg)
         strategy, why_strategy = resolve_strategy(cfg, world)
         spec = STRATEGIES[strategy]
         prec, why_prec = precision(t.precision, hw)

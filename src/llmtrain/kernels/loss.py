@@ -92,7 +92,7 @@ def liger_loss_function() -> tuple[Callable[..., Any] | None, str]:
     CPU wheel of torch does not bring."""
     if not torch.cuda.is_available():
         return None, "no CUDA device"
-    if (compat.installed("torch") or (0,)) < LIGER_MIN_TORCH:
+    if not compat.at_least("torch", *LIGER_MIN_TORCH):
         return None, f"torch {torch.__version__} is older than %d.%d" % LIGER_MIN_TORCH
     try:
         import triton  # noqa: F401

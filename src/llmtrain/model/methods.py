@@ -139,13 +139,17 @@ def lora_target_parameters(lora: LoraSection, model: nn.Module, modules: list[st
         "lora.target_modules"
     )
     model_type = getattr(getattr(model, "config", None), "model_type", "")
-    missing = [t for t in lora.target_parameters if not _parameter_matches(t, params)]
+    # peft's match: the whole name, or its end after a dot
+    matches = {
+        t: [n for n in params if n == t or n.endswith("." + t)] for t in lora.target_parameters
+    }
+    missing = [t for t, names in matches.items() if not names]
     if missing:
         raise ConfigError(
             f"lora.target_parameters {missing} name no parameter of this {model_type} model", hint
         )
-    for t in lora.target_parameters:
-        for name in _parameter_matches(t, params):
+    for t, names in matches.items():
+        for name in names:
             owner = name.rpartition(".")[0]
             if params[name].dim() not in (2, 3):
                 raise ConfigError(
@@ -169,10 +173,6 @@ def lora_target_parameters(lora: LoraSection, model: nn.Module, modules: list[st
                     "(lora.modules_to_save), not both",
                 )
     return list(lora.target_parameters)
-
-
-def _parameter_matches(target: str, params: dict[str, Any]) -> list[str]:
-    return [n for n in params if n == target or n.endswith("." + target)]
 
 
 def check_dora_targets(model: nn.Module, targets: list[str]) -> None:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from llmtrain import compat
 from llmtrain.config import PREFERENCE_METHODS, RunConfig
-from llmtrain.plan import Hardware, RunPlan, World, weight_dtype
+from llmtrain.plan import Hardware, RunPlan, World, trained_method, weight_dtype
 from llmtrain.sizing.gpus import Gpu, get_gpu
 from llmtrain.sizing.memory import (
     LINEARS,
@@ -100,7 +100,7 @@ def run_shape(
     # dpo and orpo: the trained weights' method; each micro-batch holds the chosen and the
     # rejected sample of every pair.
     pairs = name in PREFERENCE_METHODS
-    method = cfg.preference.weights if name == "dpo" or name == "orpo" else name
+    method = trained_method(cfg)
     fp32 = plan.precision == "fp32"
     targets = LINEARS if cfg.lora.target_modules == "auto" else tuple(cfg.lora.target_modules)
     extra: dict[str, Any] = _layers(cfg.method.layers, shape) if method == "layers" else {}
@@ -152,7 +152,7 @@ def run_shape(
         liger_loss=plan.chunked_loss
         and shape.model_type in CHUNKED_LOSS_MODELS
         and compat.installed("liger-kernel") is not None
-        and (compat.installed("torch") or (0,)) >= LIGER_MIN_TORCH,
+        and compat.at_least("torch", *LIGER_MIN_TORCH),
         attention_forward=_attention_forward(
             shape, attention or plan.attention, packed, padded, t.compile
         ),
