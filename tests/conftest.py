@@ -11,6 +11,12 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 STRICT_MARKERS = ("cluster", "container", "realmodel")
+# make test runs on every core (pytest-xdist, --dist loadgroup): each test file is one unit of
+# work on one worker, so a module-scoped fixture (a trained model, a Slurm cluster) is made once;
+# these directories are one unit each, because their session-scoped fixtures (the stand-in base
+# image and its tag, the converted SmolLM2, the vocab tier's tokenizers) must be made once. They
+# are the longest units, so they are handed out first (--no-loadscope-reorder keeps this order).
+ONE_UNIT_DIRS = ("container", "launcher", "realmodel", "vocab")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -21,6 +27,21 @@ def pytest_configure(config: pytest.Config) -> None:
     from llmtrain import compat
 
     compat.skip_unusable_bitsandbytes()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Each test's xdist group (ONE_UNIT_DIRS), the longest units first. Runs before xdist's own
+    hook, which reads the groups; every worker sorts the same way, as xdist requires."""
+
+    def unit(item: pytest.Item) -> str:
+        parts = item.path.relative_to(REPO / "tests").parts
+        return parts[0] if parts[0] in ONE_UNIT_DIRS else "/".join(parts)
+
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(unit(item)))
+    rank = {name: i for i, name in enumerate(ONE_UNIT_DIRS)}
+    items.sort(key=lambda item: rank.get(unit(item), len(rank)))  # stable: file order kept
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -115,7 +115,10 @@ def test_torch_comes_from_pypi_unless_an_index_is_named(bin_dir: Path) -> None:
 def test_test_target_makes_the_venv_then_runs_pytest(bin_dir: Path) -> None:
     proc = make(bin_dir, "-n", "test")
     assert proc.returncode == 0, proc.stderr
-    assert commands(proc.stdout)[-1] == '.venv/bin/pytest -m ""'  # every tier
+    # every tier, one test file per core at a time (tests/conftest.py groups them)
+    assert commands(proc.stdout)[-1] == (
+        '.venv/bin/pytest -n auto --dist loadgroup --no-loadscope-reorder -m ""'
+    )
 
 
 @pytest.mark.parametrize("target", ["image", "sif", "sqsh"])
