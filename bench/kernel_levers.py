@@ -15,7 +15,14 @@ only the model's forward and backward differ between the variants:
 - `liger`: the pieces of `blocks` replaced by Liger's standalone Triton kernels (RMSNorm,
   SwiGLU, fused add+RMSNorm, fused linear cross-entropy), the lever "use the library where it
   does the same work at equal or better speed";
-- `blocks+liger-loss`: `blocks` with only the loss taken from Liger.
+- `blocks+liger-loss`: `blocks` with only the loss taken from Liger;
+- `rows`: `blocks+liger-loss` with attention for rows that each hold one sample (no segment
+  search, so no host sync), the reference of the next two;
+- `rows+fused-proj`: `rows` with q, k and v computed by one GEMM of the concatenated weights,
+  and gate and up by another (larger GEMMs, fewer launches; the weights stay separate);
+- `rows+graphs`: `rows` with every decoder layer's forward and backward replayed as CUDA graphs
+  (torch.cuda.make_graphed_callables), the lever "CUDA graphs": no launch gaps inside layers;
+- `rows+fused-proj+graphs`: both.
 
 Each variant runs in its own process (a fresh torch.compile state), 3 warm-up and 10 timed steps
 with a device sync at both ends of the clock; tokens/s, MFU by bench.report's formula, peak
@@ -40,7 +47,17 @@ import torch
 from bench.report import PEAK_FLOPS
 from bench.workloads import MODELS
 
-VARIANTS = ("blocks", "layers", "layers-hf", "liger", "blocks+liger-loss")
+VARIANTS = (
+    "blocks",
+    "layers",
+    "layers-hf",
+    "liger",
+    "blocks+liger-loss",
+    "rows",
+    "rows+fused-proj",
+    "rows+graphs",
+    "rows+fused-proj+graphs",
+)
 BATCH, LENGTH, WARMUP, STEPS = 8, 2048, 3, 10
 
 
@@ -70,6 +87,86 @@ def _rows_attention(
     q, k = ops.rope(q, k, cos[flat_pos][:, None], sin[flat_pos][:, None])
     out = _sdpa_rows(q, k, v, bsz, 0.0)
     return self.o_proj(out.reshape(bsz, q_len, self.hidden_size)), None, past_key_value
+
+
+def _fused_rows_attention(
+    self: Any, hidden_states: torch.Tensor, position_ids: torch.Tensor | None = None, **kwargs: Any
+) -> tuple[torch.Tensor, None, Any]:
+    """_rows_attention with q, k and v from one GEMM of the three weights concatenated."""
+    from llmtrain.kernels import ops
+    from llmtrain.kernels.varlen_attention import _sdpa_rows
+
+    assert position_ids is not None
+    bsz, q_len, _ = hidden_states.shape
+    tokens = bsz * q_len
+    weight = torch.cat((self.q_proj.weight, self.k_proj.weight, self.v_proj.weight))
+    qkv = torch.nn.functional.linear(ops.autocast_input(hidden_states), weight)
+    kv = self.num_key_value_heads * self.head_dim
+    q, k, v = qkv.split((self.num_heads * self.head_dim, kv, kv), dim=-1)
+    q = q.reshape(tokens, self.num_heads, self.head_dim)
+    k = k.reshape(tokens, self.num_key_value_heads, self.head_dim)
+    v = v.reshape(tokens, self.num_key_value_heads, self.head_dim)
+    cos, sin = self.rotary_emb(v, seq_len=q_len)
+    flat_pos = position_ids.expand(bsz, q_len).reshape(-1)
+    q, k = ops.rope(q, k, cos[flat_pos][:, None], sin[flat_pos][:, None])
+    out = _sdpa_rows(q, k, v, bsz, 0.0)
+    out = self.o_proj(out.reshape(bsz, q_len, self.hidden_size))
+    return out, None, kwargs.get("past_key_value")
+
+
+def _fused_mlp(self: Any, x: torch.Tensor) -> torch.Tensor:
+    """SwiGLU MLP with gate and up from one GEMM of the two weights concatenated."""
+    from llmtrain.kernels import ops
+
+    weight = torch.cat((self.gate_proj.weight, self.up_proj.weight))
+    gate, up = torch.nn.functional.linear(ops.autocast_input(x), weight).chunk(2, dim=-1)
+    out: torch.Tensor = self.down_proj(ops.compiled("swiglu")(gate, up))
+    return out
+
+
+class _OneLayer(torch.nn.Module):
+    """A decoder layer as make_graphed_callables needs it: one tensor in, one out."""
+
+    def __init__(self, layer: torch.nn.Module, position_ids: torch.Tensor) -> None:
+        super().__init__()
+        self.layer = layer
+        self.register_buffer("position_ids", position_ids, persistent=False)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.layer(hidden, position_ids=self.position_ids)[0]
+        return out
+
+
+class _Replayed(torch.nn.Module):
+    """The graphed layer where LlamaModel calls its layers (it reads output[0])."""
+
+    def __init__(self, graphed: Any) -> None:
+        super().__init__()
+        self.graphed = graphed
+
+    def forward(self, hidden_states: torch.Tensor, **kwargs: Any) -> tuple[torch.Tensor]:
+        return (self.graphed(hidden_states),)
+
+
+def _graph_layers(model: Any) -> None:
+    """Capture every decoder layer's forward and backward as CUDA graphs (one shared pool)."""
+    hidden = model.config.hidden_size
+    position_ids = torch.arange(LENGTH, device="cuda")[None]
+    layers = tuple(_OneLayer(layer, position_ids) for layer in model.model.layers)
+    samples = tuple(
+        (
+            torch.randn(
+                BATCH, LENGTH, hidden, device="cuda", dtype=torch.bfloat16, requires_grad=True
+            ),
+        )
+        for _ in layers
+    )
+    with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+        graphed = torch.cuda.make_graphed_callables(layers, samples)
+    model.model.layers = torch.nn.ModuleList(
+        _Replayed(g)
+        for g in graphed  # type: ignore[arg-type]
+    )
 
 
 def _liger_pieces() -> None:
@@ -131,6 +228,18 @@ def build(variant: str) -> Any:
         _chunks_only(fused_loss)
         fused_loss.patch_causal_lm_loss(model, compiled=True)
         return model
+    if variant.startswith("rows"):
+        fused = "fused-proj" in variant
+        for m in varlen_attention._attention_modules(model):
+            m.forward = types.MethodType(_fused_rows_attention if fused else _rows_attention, m)
+        ops.compile_blocks(model)
+        if fused:
+            for layer in model.model.layers:
+                layer.mlp.forward = types.MethodType(_fused_mlp, layer.mlp)
+        _liger_loss(model)
+        if "graphs" in variant:
+            _graph_layers(model)
+        return model
     if variant == "liger":
         _liger_pieces()
     varlen_attention.patch_attention(model, compiled_rope=True)
@@ -167,7 +276,8 @@ def run_one(variant: str) -> dict[str, Any]:
         if i == WARMUP:
             torch.cuda.synchronize()
             start = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        # graphed layers replay what was captured; autocast's weight cache cannot be captured
+        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled="graphs" not in variant):
             loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         masters.accumulate()
