@@ -91,8 +91,12 @@ NO_EMIT := torch triton sympy mpmath networkx setuptools nvidia-cublas nvidia-cu
     nvidia-cufile nvidia-curand nvidia-cusolver nvidia-cusparse nvidia-cusparselt-cu13 \
     nvidia-nccl-cu13 nvidia-nvjitlink nvidia-nvshmem-cu13 nvidia-nvtx cuda-bindings \
     cuda-pathfinder cuda-toolkit
-SHELL_FILES = $(shell find . \( -path ./.venv -o -path ./.venv-current -o -path ./.git -o -path ./runs -o -path ./out \) \
-    -prune -o -type f \( -name '*.sh' -o -name '*.sbatch' -o -name '*.pbs' \) -print | sort)
+# The project's shell files: in a git checkout those git does not ignore (not a developer's own
+# scratch scripts), else every one outside the virtual environments and run outputs.
+SHELL_FILES = $(shell { git ls-files -co --exclude-standard -- '*.sh' '*.sbatch' '*.pbs' \
+    2>/dev/null | sed 's|^|./|' | grep . ; } || find . \( -path ./.venv -o -path ./.venv-current \
+    -o -path ./.git -o -path ./runs -o -path ./out \) -prune -o -type f \( -name '*.sh' \
+    -o -name '*.sbatch' -o -name '*.pbs' \) -print | sort)
 
 .PHONY: help image sif sqsh smoke venv test lock lint bench peer embedded smollm2
 
