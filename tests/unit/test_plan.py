@@ -224,3 +224,36 @@ def test_world_reads_the_stop_settings_once(monkeypatch: pytest.MonkeyPatch) -> 
     assert (job.stop_file, job.deadline, job.deadline_margin_s, job.stop_check_steps) == (
         "/run/STOP", 1800000000.0, 120.0, 5)
     assert job.world_size == 4 and job.distributed
+
+
+@pytest.mark.parametrize(
+    ("config", "overrides", "expected"),
+    [
+        ("configs/full.yaml", ["lora.dropout=0", "lora.r=8"], "lora.dropout, lora.r set, but "
+         "method.name=full trains no adapter: ignored"),
+        ("configs/layers.yaml", ["lora.target_modules=[q_proj]"], "lora.target_modules set, "
+         "but method.name=layers trains no adapter"),
+        ("configs/dpo.yaml", ["preference.weights=full"], "lora.alpha, lora.dropout, lora.r "
+         "set, but method.name=dpo with preference.weights=full trains no adapter"),
+        ("configs/full.yaml", [], None),
+        ("configs/full.yaml", ["lora={}"], None),  # an empty section sets nothing
+        ("configs/lora.yaml", ["lora.r=8"], None),
+        ("configs/dpo.yaml", [], None),  # preference.weights=lora trains an adapter
+    ],
+)
+def test_lora_keys_a_run_without_an_adapter_ignores_are_named(
+    config: str, overrides: list[str], expected: str | None
+) -> None:
+    """lora.* keys that change nothing (the run trains no adapter) are named, as validate's and
+    finetune's warning, through run_checks; the config still runs."""
+    from llmtrain.train.checks import ignored_lora_keys, run_checks
+
+    cfg = load_config(REPO / config, overrides)
+    warnings = ignored_lora_keys(cfg)
+    if expected is None:
+        assert warnings == []
+        return
+    assert len(warnings) == 1 and warnings[0].startswith(expected), warnings
+    if config != "configs/dpo.yaml":  # the embedded model: every check on this CPU, quickly
+        cfg = load_config(REPO / config, [*overrides, "model.path=embedded:tiny-llama"])
+        assert ignored_lora_keys(cfg)[0] in run_checks(cfg, gpu=False, data=False).warnings

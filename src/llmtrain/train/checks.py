@@ -221,7 +221,7 @@ def run_checks(cfg: RunConfig, *, gpu: bool, data: bool = True) -> Report:
     Raises:
         ConfigError: exit 64. DataError: exit 65.
     """
-    report = Report()
+    report = Report(warnings=ignored_lora_keys(cfg))
     preference_training.check(cfg)
     # dpo and orpo train LoRA or full weights: the checks of that method hold for them.
     policy = preference_training.policy_config(cfg)
@@ -234,6 +234,26 @@ def run_checks(cfg: RunConfig, *, gpu: bool, data: bool = True) -> Report:
     if data:
         check_data(cfg, tokenizer, report)
     return report
+
+
+def ignored_lora_keys(cfg: RunConfig) -> list[str]:
+    """A warning when the config sets lora.* keys and the run trains no adapter (method full
+    or layers, or dpo/orpo with preference.weights=full): those keys change nothing. A warning,
+    not an error (unlike method.layers without method layers): one list of overrides shared by
+    runs of several methods is common practice, and harmless."""
+    keys = sorted(cfg.lora.model_fields_set)
+    method = plan.trained_method(cfg)
+    if not keys or method in plan.ADAPTER_METHODS:
+        return []
+    runs = (
+        f"method.name={cfg.method.name} with preference.weights={method}"
+        if cfg.method.name != method
+        else f"method.name={method}"
+    )
+    return [
+        f"{', '.join('lora.' + k for k in keys)} set, but {runs} trains no adapter: ignored "
+        "(for an adapter use method.name=lora, or preference.weights=lora)"
+    ]
 
 
 def token_warnings(cfg: RunConfig, config: Any, tokenizer: Any) -> list[str]:
