@@ -190,9 +190,10 @@ CURRENT_E2E ?= tests/e2e/test_newer_checkpoint_cli.py tests/e2e/test_finetune_cl
     tests/e2e/test_model_families.py tests/e2e/test_chat_cli.py tests/e2e/test_resume.py \
     tests/e2e/test_preference.py tests/strategies/test_ddp_sharding.py \
     tests/strategies/test_ddp_timeout.py
-# On every core: one test file (or tier, tests/conftest.py) per worker at a time, longest first.
+# On every core: one test file (or tier: tests/conftest.py work_unit) per worker at a time,
+# the longest first.
 TEST_WORKERS ?= auto
-XDIST = -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder
+XDIST = -n $(TEST_WORKERS) --no-loadscope-reorder
 test: venv ## every tier of STACK (plain pytest: the fast tier only; cluster and container need root)
 ifeq ($(STACK),current)
 	$(VENV)/bin/pytest $(XDIST) tests/unit

@@ -6,17 +6,26 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 STRICT_MARKERS = ("cluster", "container", "realmodel")
-# make test runs on every core (pytest-xdist, --dist loadgroup): each test file is one unit of
-# work on one worker, so a module-scoped fixture (a trained model, a Slurm cluster) is made once;
-# these directories are one unit each, because their session-scoped fixtures (the stand-in base
-# image and its tag, the converted SmolLM2, the vocab tier's tokenizers) must be made once. They
-# are the longest units, so they are handed out first (--no-loadscope-reorder keeps this order).
+# make test runs on every core (pytest-xdist): each test file is one unit of work on one worker,
+# so a module-scoped fixture (a trained model, a Slurm cluster) is made once; these directories
+# are one unit each, because their tests share machine-wide state or session-scoped fixtures
+# that must be made once (the Slurm cluster's network namespaces, the stand-in base image and its
+# tag, the vocab tier's tokenizers). They are the longest units, so they are handed out first
+# (--no-loadscope-reorder keeps the collection order).
 ONE_UNIT_DIRS = ("container", "launcher", "realmodel", "vocab")
+
+
+def work_unit(nodeid: str) -> str:
+    """The unit of work a test belongs to: its ONE_UNIT_DIRS directory, else its file."""
+    path = nodeid.split("::", 1)[0]
+    parts = path.split("/")
+    return parts[1] if len(parts) > 2 and parts[1] in ONE_UNIT_DIRS else path
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -29,19 +38,25 @@ def pytest_configure(config: pytest.Config) -> None:
     compat.skip_unusable_bitsandbytes()
 
 
-@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Each test's xdist group (ONE_UNIT_DIRS), the longest units first. Runs before xdist's own
-    hook, which reads the groups; every worker sorts the same way, as xdist requires."""
-
-    def unit(item: pytest.Item) -> str:
-        parts = item.path.relative_to(REPO / "tests").parts
-        return parts[0] if parts[0] in ONE_UNIT_DIRS else "/".join(parts)
-
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(unit(item)))
+    """The ONE_UNIT_DIRS first, each in their order; every worker sorts the same way, as xdist
+    requires."""
     rank = {name: i for i, name in enumerate(ONE_UNIT_DIRS)}
-    items.sort(key=lambda item: rank.get(unit(item), len(rank)))  # stable: file order kept
+    items.sort(key=lambda item: rank.get(work_unit(item.nodeid), len(rank)))  # stable
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """xdist's scope scheduler with work_unit as the scope. (--dist loadgroup would need its
+    xdist_group marks, which pytest-xdist 3.8 applies by renaming item._nodeid, which pytest 9
+    no longer reads.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByWorkUnit(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return work_unit(nodeid)
+
+    return ByWorkUnit(config, log)
 
 
 @pytest.hookimpl(hookwrapper=True)

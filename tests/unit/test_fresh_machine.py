@@ -117,7 +117,7 @@ def test_test_target_makes_the_venv_then_runs_pytest(bin_dir: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     # every tier, one test file per core at a time (tests/conftest.py groups them)
     assert commands(proc.stdout)[-1] == (
-        '.venv/bin/pytest -n auto --dist loadgroup --no-loadscope-reorder -m ""'
+        '.venv/bin/pytest -n auto --no-loadscope-reorder -m ""'
     )
 
 
