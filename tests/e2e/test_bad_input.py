@@ -29,6 +29,15 @@ def data_file(tmp_path: Path, text: str, name: str = "d.jsonl") -> str:
     return str(path)
 
 
+def newer_adapter(tmp_path: Path) -> str:
+    """An adapter directory whose config a later peft wrote, with a key that changes the math."""
+    path = tmp_path / "adapter"
+    path.mkdir()
+    config = {"peft_type": "LORA", "peft_version": "99.0", "r": 8, "future_switch": True}
+    (path / "adapter_config.json").write_text(json.dumps(config))
+    return str(path)
+
+
 CASES = {
     "unknown key": (lambda t: ["validate", config(t, training={"learnin_rate": 1})],
                     64, "training.learnin_rate: unknown key"),
@@ -84,6 +93,13 @@ CASES = {
     "merge of a non-adapter": (
         lambda t: ["merge", "--base", "embedded:tiny-llama", "--adapter", str(t),
                    "--out", str(t / "m")], 64, "not a LoRA adapter directory"),
+    "merge of an adapter of a newer peft": (
+        lambda t: ["merge", "--base", "embedded:tiny-llama", "--adapter", newer_adapter(t),
+                   "--out", str(t / "m")], 64, "future_switch=true"),
+    "generate with an adapter of a newer peft": (
+        lambda t: ["generate", config(t), "--adapter", newer_adapter(t), "--prompts",
+                   data_file(t, "2 plus 2?\n", "p.txt"), "--out", str(t / "o.jsonl")],
+        64, "future_switch=true"),
     "generate prompts file absent": (
         lambda t: ["generate", config(t), "--prompts", str(t / "p.jsonl"), "--out",
                    str(t / "o.jsonl")], 64, "does not exist"),

@@ -13,6 +13,7 @@ from transformers import GenerationConfig
 from llmtrain import compat
 from llmtrain.config import ModelSection
 from llmtrain.errors import ConfigError
+from llmtrain.model import adapter_config
 from llmtrain.model.load import load_model, load_tokenizer
 from llmtrain.vocab import special_tokens
 
@@ -37,8 +38,9 @@ def load_for_inference(
     was trained against (on a bf16 base the logits move by the quantization error).
 
     Raises:
-        ConfigError: `adapter` is not a LoRA adapter directory, or the base model or tokenizer
-            cannot be loaded (load.load_model, load.load_tokenizer; exit 64)."""
+        ConfigError: `adapter` is not a LoRA adapter directory, its adapter_config.json sets what
+            the installed peft cannot compute (adapter_config.peft_config), or the base model or
+            tokenizer cannot be loaded (load.load_model, load.load_tokenizer; exit 64)."""
     extra: dict[str, Any] = {"device_map": device_map} if device_map else {}
     if quantized:
         from llmtrain.model.methods import quantization_config
@@ -57,8 +59,11 @@ def load_for_inference(
                 "pass the final/adapter directory of a LoRA run, or omit --adapter for a full "
                 "model",
             )
+        config = adapter_config.peft_config(adapter)  # before the base: a refusal loads nothing
         compat.skip_unusable_bitsandbytes()
-        model = PeftModel.from_pretrained(load_model(base, dtype=dtype, extra=extra), str(adapter))
+        model = PeftModel.from_pretrained(
+            load_model(base, dtype=dtype, extra=extra), str(adapter), config=config
+        )
         if (adapter / "generation_config.json").is_file():
             # The trained EOS (special_tokens.write_generation_config), not the base's.
             model.generation_config = GenerationConfig.from_pretrained(str(adapter))
@@ -77,8 +82,9 @@ def merge(base: ModelSection, adapter: Path, out: Path, dtype: torch.dtype | Non
     temporary name and renamed, so a crash never leaves a half merge under `out`.
 
     Raises:
-        ConfigError: `adapter` is not a LoRA adapter directory, or the base model or tokenizer
-            cannot be loaded (exit 64)."""
+        ConfigError: `adapter` is not a LoRA adapter directory, its adapter_config.json sets what
+            the installed peft cannot compute (adapter_config.peft_config), or the base model or
+            tokenizer cannot be loaded (exit 64)."""
     from peft import PeftModel
 
     if not is_adapter_dir(adapter):
@@ -86,8 +92,9 @@ def merge(base: ModelSection, adapter: Path, out: Path, dtype: torch.dtype | Non
             f"{adapter} is not a LoRA adapter directory (no adapter_config.json)",
             "pass the final/adapter directory of a LoRA run",
         )
+    config = adapter_config.peft_config(adapter)  # before the base: a refusal writes nothing
     compat.skip_unusable_bitsandbytes()
-    model = PeftModel.from_pretrained(load_model(base, dtype=dtype), str(adapter))
+    model = PeftModel.from_pretrained(load_model(base, dtype=dtype), str(adapter), config=config)
     merged = model.merge_and_unload()
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
