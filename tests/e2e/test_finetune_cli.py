@@ -75,6 +75,10 @@ def test_loss_falls_by_half_and_artifacts_exist(runs: dict[str, Path], method: s
     final = out / "final" / ("adapter" if method == "lora" else "model")
     weights = "adapter_model.safetensors" if method == "lora" else "model.safetensors"
     assert (final / weights).is_file() and (final / "tokenizer_config.json").is_file()
+    # BPE merges as "a b" strings on either stack: the pinned stack's tokenizers 0.15 reads the
+    # outputs of the current stack too (support.write_portable_tokenizer)
+    merges = json.loads((final / "tokenizer.json").read_text())["model"]["merges"]
+    assert merges and all(isinstance(m, str) for m in merges)
     complete = sorted(out.glob("checkpoint-*/llmtrain-complete.json"))
     assert complete and (out / "latest").read_text().strip() == complete[-1].parent.name
 

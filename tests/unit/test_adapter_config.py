@@ -271,3 +271,19 @@ def test_an_adapter_with_a_math_key_is_refused_before_the_base_loads_and_writes_
     with pytest.raises(ConfigError):
         export.merge(base, newer, tmp_path / "merged", torch.float32)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["newer"]
+
+
+def test_a_merge_refused_at_the_tokenizer_leaves_no_temporary_folder(
+    trained: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The tokenizer is loaded before the merged weights are written: a tokenizer.json this
+    stack cannot read (exit 64) used to leave .merged.tmp behind with the weights in it."""
+    base_dir, adapter = trained
+
+    def unreadable(*args: Any, **kwargs: Any) -> Any:
+        raise ConfigError("the tokenizer.json cannot be read", "a fix")
+
+    monkeypatch.setattr(export, "load_tokenizer", unreadable)
+    with pytest.raises(ConfigError):
+        export.merge(ModelSection(path=str(base_dir)), adapter, tmp_path / "merged", torch.float32)
+    assert list(tmp_path.iterdir()) == []

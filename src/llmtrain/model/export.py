@@ -13,7 +13,7 @@ from transformers import GenerationConfig
 from llmtrain import compat
 from llmtrain.config import ModelSection
 from llmtrain.errors import ConfigError
-from llmtrain.model import adapter_config
+from llmtrain.model import adapter_config, support
 from llmtrain.model.load import load_model, load_tokenizer
 from llmtrain.vocab import special_tokens
 
@@ -96,20 +96,26 @@ def merge(base: ModelSection, adapter: Path, out: Path, dtype: torch.dtype | Non
     compat.skip_unusable_bitsandbytes()
     model = PeftModel.from_pretrained(load_model(base, dtype=dtype), str(adapter), config=config)
     merged = model.merge_and_unload()
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    merged.save_pretrained(tmp, safe_serialization=True)
+    # The tokenizer before anything is written: a refusal (exit 64) leaves no temporary folder.
     tok_source = adapter if (adapter / "tokenizer_config.json").is_file() else None
     tokenizer = load_tokenizer(
         base.model_copy(update={"tokenizer": str(tok_source)}) if tok_source else base
     )
-    tokenizer.save_pretrained(tmp)
     trained = (
         GenerationConfig.from_pretrained(str(adapter))
         if (adapter / "generation_config.json").is_file()
         else merged.generation_config
     )
-    special_tokens.write_generation_config(tmp, trained, tokenizer)
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        merged.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        support.write_portable_tokenizer(tmp)  # readable by the pinned stack's tokenizers too
+        special_tokens.write_generation_config(tmp, trained, tokenizer)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a full disk or a signal: no half merge left
+        raise
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)

@@ -151,6 +151,27 @@ def _tokenizer_cause(path: Path) -> str | None:
     return None
 
 
+def write_portable_tokenizer(directory: Path) -> bool:
+    """Rewrite the BPE merges of directory/tokenizer.json from pairs (["a", "b"], what tokenizers
+    0.20 and later write) to "a b" strings, the format every tokenizers release reads, so what
+    llmtrain saves on the current stack (adapters, models) loads on the pinned one's tokenizers
+    0.15. The same merges in the same order: tokenizers 0.20+ read both forms alike. Left as
+    they are when a piece holds a space ("a b" would split it wrongly) or there are no pair
+    merges. Returns whether the file was rewritten."""
+    path = directory / "tokenizer.json"
+    if not path.is_file():
+        return False
+    data = json.loads(path.read_text(encoding="utf-8"))
+    merges = (data.get("model") or {}).get("merges") or []
+    if not (merges and isinstance(merges[0], list)):
+        return False
+    if any(" " in piece for pair in merges for piece in pair):
+        return False
+    data["model"]["merges"] = [" ".join(pair) for pair in merges]
+    path.write_text(json.dumps(data, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    return True
+
+
 @cache
 def _config_class(model_type: str) -> type[Any] | None:
     from transformers import CONFIG_MAPPING

@@ -25,6 +25,7 @@ from llmtrain.kernels import lora as fused_lora
 from llmtrain.kernels import loss as fused_loss
 from llmtrain.kernels import ops as fused_ops
 from llmtrain.kernels import varlen_attention
+from llmtrain.model import support
 from llmtrain.model.load import (
     DTYPES,
     attention_support,
@@ -363,6 +364,7 @@ def save_final(
     strategies.save_model(trainer, str(tmp))  # every rank: FSDP and ZeRO-3 gather here
     if world.is_main:
         tokenizer.save_pretrained(str(tmp))
+        support.write_portable_tokenizer(tmp)  # readable by the pinned stack's tokenizers too
         special_tokens.write_generation_config(
             tmp,
             getattr(trainer.model, "generation_config", None),
