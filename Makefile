@@ -194,12 +194,16 @@ CURRENT_E2E ?= tests/e2e/test_newer_checkpoint_cli.py tests/e2e/test_finetune_cl
 # the longest first.
 TEST_WORKERS ?= auto
 XDIST = -n $(TEST_WORKERS) --no-loadscope-reorder
+# One at a time, before the rest: the real Slurm cluster, the image builds and the real-model
+# tier, machine-wide and each busy on every core themselves.
+SERIAL_TIERS = cluster or container or realmodel
 test: venv ## every tier of STACK (plain pytest: the fast tier only; cluster and container need root)
 ifeq ($(STACK),current)
 	$(VENV)/bin/pytest $(XDIST) tests/unit
 	$(VENV)/bin/pytest $(XDIST) -m "" $(CURRENT_E2E)
 else
-	$(VENV)/bin/pytest $(XDIST) -m ""
+	$(VENV)/bin/pytest -m "$(SERIAL_TIERS)"
+	$(VENV)/bin/pytest $(XDIST) -m "not ($(SERIAL_TIERS))"
 endif
 
 # Both stacks' locks from pyproject.toml's ranges, each bounded by its constraints file.

@@ -115,10 +115,12 @@ def test_torch_comes_from_pypi_unless_an_index_is_named(bin_dir: Path) -> None:
 def test_test_target_makes_the_venv_then_runs_pytest(bin_dir: Path) -> None:
     proc = make(bin_dir, "-n", "test")
     assert proc.returncode == 0, proc.stderr
-    # every tier, one test file per core at a time (tests/conftest.py groups them)
-    assert commands(proc.stdout)[-1] == (
-        '.venv/bin/pytest -n auto --no-loadscope-reorder -m ""'
-    )
+    # every tier: the machine-wide ones one at a time, then the rest one test file per core
+    assert commands(proc.stdout)[-2:] == [
+        '.venv/bin/pytest -m "cluster or container or realmodel"',
+        '.venv/bin/pytest -n auto --no-loadscope-reorder -m "not (cluster or container or '
+        'realmodel)"',
+    ]
 
 
 @pytest.mark.parametrize("target", ["image", "sif", "sqsh"])
