@@ -32,20 +32,10 @@ def pytest_configure(config: pytest.Config) -> None:
     """Tests that wrap a model with peft directly, not through methods.wrap, get finetune's guard
     against a bitsandbytes that is installed but cannot be imported: with PyPI's CUDA torch
     (`make smoke` without TORCH_INDEX), triton 3.x breaks bitsandbytes 0.43's import, and peft
-    0.9.0 imports it for any LoRA model (compat.skip_unusable_bitsandbytes). Under xdist,
-    each worker's torch threads."""
+    0.9.0 imports it for any LoRA model (compat.skip_unusable_bitsandbytes)."""
     from llmtrain import compat
 
     compat.skip_unusable_bitsandbytes()
-    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
-    if workers and "OMP_NUM_THREADS" not in os.environ:
-        # Each xdist worker (and the runs it starts, which inherit this) gets its share of the
-        # cores: torch's default of one thread per core in every worker oversubscribes them.
-        import torch
-
-        threads = max(1, (os.cpu_count() or 1) // int(workers))
-        os.environ["OMP_NUM_THREADS"] = str(threads)
-        torch.set_num_threads(threads)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
