@@ -17,7 +17,8 @@ STRICT_MARKERS = ("cluster", "container", "realmodel")
 # are one unit each, because their tests share machine-wide state or session-scoped fixtures
 # that must be made once (the Slurm cluster's network namespaces, the stand-in base image and its
 # tag, the vocab tier's tokenizers). They are the longest units, so they are handed out first
-# (--no-loadscope-reorder keeps the collection order).
+# (--no-loadscope-reorder keeps the collection order). make test itself runs the cluster,
+# container and real-model tiers one at a time before the rest (Makefile SERIAL_TIERS).
 ONE_UNIT_DIRS = ("container", "launcher", "realmodel", "vocab")
 
 
