@@ -35,7 +35,7 @@ DS_BUILD_OPS     ?= 0
 # Extra flags for the engine's build and run, e.g. BUILD_FLAGS='--isolation chroot' for buildah.
 BUILD_FLAGS      ?=
 RUN_FLAGS        ?=
-VERSION          := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+VERSION           = $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 GIT_SHA          ?= $(shell git rev-parse HEAD 2>/dev/null || echo unknown)$(if \
                     $(shell git status --porcelain --untracked-files=no 2>/dev/null),-dirty)
 

@@ -92,23 +92,32 @@ def read(adapter: Path) -> dict[str, Any]:
     return raw
 
 
-def known_keys(raw: Mapping[str, Any], *, adapter: Path) -> set[str]:
-    """The fields of the installed peft's config class for the peft_type of adapter_config.json
-    `raw` (LORA: LoraConfig).
+def config_class(raw: Mapping[str, Any], *, adapter: Path) -> type[PeftConfig]:
+    """The installed peft's config class for the peft_type of adapter_config.json `raw` (LORA:
+    LoraConfig).
 
     Raises:
         ConfigError: the installed peft has no such adapter type (exit 64).
     """
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 
-    cls = PEFT_TYPE_TO_CONFIG_MAPPING.get(raw["peft_type"])
+    cls: type[PeftConfig] | None = PEFT_TYPE_TO_CONFIG_MAPPING.get(raw["peft_type"])
     if cls is None:
         raise ConfigError(
             f"adapter {adapter} has peft_type {raw['peft_type']!r}, which peft "
             f"{stack.installed('peft')} does not know",
             _fix(raw.get("peft_version")),
         )
-    return {f.name for f in dataclasses.fields(cls)}
+    return cls
+
+
+def known_keys(raw: Mapping[str, Any], *, adapter: Path) -> set[str]:
+    """The fields of config_class (the keys the installed peft reads).
+
+    Raises:
+        ConfigError: as config_class (exit 64).
+    """
+    return {f.name for f in dataclasses.fields(config_class(raw, adapter=adapter))}
 
 
 def readable_keys(raw: Mapping[str, Any], known: set[str], *, adapter: Path) -> dict[str, Any]:
@@ -148,16 +157,11 @@ def peft_config(adapter: Path) -> PeftConfig | None:
     the file itself), else the installed config class built from the keys it knows.
 
     Raises:
-        ConfigError: as read, known_keys and readable_keys (exit 64).
+        ConfigError: as read, config_class and readable_keys (exit 64).
     """
     raw = read(adapter)
-    known = known_keys(raw, adapter=adapter)
-    kept = readable_keys(raw, known, adapter=adapter)
-    if len(kept) == len(raw):
-        return None
-    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
-
-    return PEFT_TYPE_TO_CONFIG_MAPPING[raw["peft_type"]](**kept)
+    kept = readable_keys(raw, known_keys(raw, adapter=adapter), adapter=adapter)
+    return None if len(kept) == len(raw) else config_class(raw, adapter=adapter)(**kept)
 
 
 def _inert(raw: Mapping[str, Any], key: str) -> bool:

@@ -21,7 +21,17 @@ log = logging.getLogger(__name__)
 
 
 def is_adapter_dir(path: Path) -> bool:
-    return (path / "adapter_config.json").is_file()
+    return (path / adapter_config.CONFIG_NAME).is_file()
+
+
+def adapter_tokenizer(base: ModelSection, adapter: Path) -> Any:
+    """The tokenizer saved with the adapter (its vocabulary and template as trained), else the
+    base's; loaded before the base model, so a tokenizer this stack refuses loads nothing.
+
+    Raises:
+        ConfigError: the tokenizer cannot be loaded (load.load_tokenizer; exit 64)."""
+    saved = (adapter / "tokenizer_config.json").is_file()
+    return load_tokenizer(base.model_copy(update={"tokenizer": str(adapter)}) if saved else base)
 
 
 def load_for_inference(
@@ -59,7 +69,9 @@ def load_for_inference(
                 "pass the final/adapter directory of a LoRA run, or omit --adapter for a full "
                 "model",
             )
-        config = adapter_config.peft_config(adapter)  # before the base: a refusal loads nothing
+        # Both before the base: a refusal loads nothing.
+        config = adapter_config.peft_config(adapter)
+        tokenizer = adapter_tokenizer(base, adapter)
         compat.skip_unusable_bitsandbytes()
         model = PeftModel.from_pretrained(
             load_model(base, dtype=dtype, extra=extra), str(adapter), config=config
@@ -67,10 +79,6 @@ def load_for_inference(
         if (adapter / "generation_config.json").is_file():
             # The trained EOS (special_tokens.write_generation_config), not the base's.
             model.generation_config = GenerationConfig.from_pretrained(str(adapter))
-        tok_source = adapter if (adapter / "tokenizer_config.json").is_file() else None
-        tokenizer = load_tokenizer(
-            base.model_copy(update={"tokenizer": str(tok_source)}) if tok_source else base
-        )
     if "device_map" not in extra:
         model.to("cuda" if torch.cuda.is_available() else "cpu")
     model.eval()
@@ -92,15 +100,12 @@ def merge(base: ModelSection, adapter: Path, out: Path, dtype: torch.dtype | Non
             f"{adapter} is not a LoRA adapter directory (no adapter_config.json)",
             "pass the final/adapter directory of a LoRA run",
         )
-    config = adapter_config.peft_config(adapter)  # before the base: a refusal writes nothing
+    # Both before the base and before anything is written: a refusal (exit 64) leaves nothing.
+    config = adapter_config.peft_config(adapter)
+    tokenizer = adapter_tokenizer(base, adapter)
     compat.skip_unusable_bitsandbytes()
     model = PeftModel.from_pretrained(load_model(base, dtype=dtype), str(adapter), config=config)
     merged = model.merge_and_unload()
-    # The tokenizer before anything is written: a refusal (exit 64) leaves no temporary folder.
-    tok_source = adapter if (adapter / "tokenizer_config.json").is_file() else None
-    tokenizer = load_tokenizer(
-        base.model_copy(update={"tokenizer": str(tok_source)}) if tok_source else base
-    )
     trained = (
         GenerationConfig.from_pretrained(str(adapter))
         if (adapter / "generation_config.json").is_file()
