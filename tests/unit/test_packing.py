@@ -223,14 +223,32 @@ def test_fused_ops_match_transformers() -> None:
     torch.testing.assert_close(got_k, ref_k.transpose(1, 2).reshape(12, 2, 8), rtol=0, atol=0)
 
 
-def test_whole_rows_attention_matches_the_per_sample_kernel() -> None:
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=[
+                pytest.mark.gpu,
+                pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+            ],
+        ),
+    ],
+)
+def test_whole_rows_attention_matches_the_per_sample_kernel(device: str) -> None:
     """Rows of one sample each take scaled_dot_product_attention on [batch, heads, len, dim]
     views (cuDNN first on GPUs): the same result as one causal attention per sample, with
-    grouped KV heads, forward and input gradients."""
+    grouped KV heads, forward and input gradients. In fp32 on a GPU no fused kernel takes
+    grouped heads: the math kernel must (it raised "No available kernel" before)."""
     torch.manual_seed(0)
     batch, length = 3, 16
-    inputs = [torch.randn(batch * length, h, 8, requires_grad=True) for h in (4, 2, 2)]
-    seg = packing.find_segments(torch.arange(length).repeat(batch, 1), batch, length)
+    inputs = [
+        torch.randn(batch * length, h, 8, device=device, requires_grad=True) for h in (4, 2, 2)
+    ]
+    seg = packing.find_segments(
+        torch.arange(length, device=device).repeat(batch, 1), batch, length
+    )
     rows = packing._sdpa_rows(*inputs, batch, 0.0)
     rows_grads = torch.autograd.grad(rows.square().sum(), inputs)
     per_sample = packing._sdpa_per_sample(*inputs, seg, 0.0)

@@ -192,10 +192,17 @@ def _torch_varlen(
 
 def _sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float) -> torch.Tensor:
     """Causal attention over whole rows, cuDNN attention ranked first: q [batch, heads, len,
-    dim], k and v [batch, kv_heads, len, dim] -> [batch, heads, len, dim]."""
+    dim], k and v [batch, kv_heads, len, dim] -> [batch, heads, len, dim]. The math kernel comes
+    last, for what none of the fused ones takes (fp32 with grouped-query heads: without it, "No
+    available kernel")."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
+    order = [
+        SDPBackend.CUDNN_ATTENTION,
+        SDPBackend.FLASH_ATTENTION,
+        SDPBackend.EFFICIENT_ATTENTION,
+        SDPBackend.MATH,
+    ]
     with sdpa_kernel(order, set_priority=True):
         return F.scaled_dot_product_attention(
             q, k, v, dropout_p=dropout, is_causal=True, enable_gqa=k.shape[1] != q.shape[1]
