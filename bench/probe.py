@@ -13,6 +13,8 @@ step, with torch.cuda.synchronize() at both ends.
 from __future__ import annotations
 
 import gc
+import json
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,6 +23,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+from bench.gaps import SyncCensus, idle_report
 from llmtrain.labels import IGNORE_INDEX
 
 
@@ -70,13 +73,16 @@ def batch_stats(kwargs: dict[str, Any]) -> torch.Tensor:
     else:  # one padded sample per row, padded on either side
         real = mask.long() if mask is not None else torch.ones_like(ids)
         pos = (real.cumsum(-1) - 1).clamp(min=0)
-        samples = torch.tensor(ids.shape[0], device=ids.device)
+        samples = torch.full((), ids.shape[0], device=ids.device)
     loss_tokens = (labels[..., 1:] != IGNORE_INDEX).sum()
     # n^2 = sum over p < n of (2p + 1): squared sample lengths without finding the samples.
     sum_sq = ((2 * pos + 1) * real).sum()
     checksum = (ids * (pos + 1) * real).sum() + 7 * loss_tokens
-    values = [ids.numel(), real.sum(), loss_tokens, samples, sum_sq, checksum]
-    return torch.stack([torch.as_tensor(v, device=ids.device, dtype=torch.long) for v in values])
+    # Host numbers become device tensors by a fill kernel, not a copy from pageable memory,
+    # which would be a host sync in every run's every micro-batch (set_sync_debug_mode warns).
+    values = [torch.full((), ids.numel(), device=ids.device), real.sum(), loss_tokens, samples,
+              sum_sq, checksum]
+    return torch.stack([v.to(torch.long) for v in values])
 
 
 # Kernel names -> what they do, first match wins (cuBLAS/CUTLASS GEMMs, the attention kernels,
@@ -112,6 +118,7 @@ class Probe(TrainerCallback):
         self.result = RunResult(name)
         self.profile = profile  # write the timed steps' top kernels there (timing then skewed)
         self.profiler: Any = None
+        self.census = SyncCensus()
         self.warmup, self.steps = warmup, steps
         self.stats: list[torch.Tensor] = []
         self.losses: list[torch.Tensor] = []
@@ -153,11 +160,14 @@ class Probe(TrainerCallback):
             if self.profile is not None:
                 self.profiler = torch.profiler.profile()
                 self.profiler.__enter__()
+                if torch.cuda.is_available():
+                    self.census.start()
         elif state.global_step == self.warmup + self.steps:
             _sync()
             self.result.seconds = time.perf_counter() - self.t0
             self.result.timed_steps = self.steps
             if self.profiler is not None:
+                syncs = self.census.stop() if torch.cuda.is_available() else []
                 self.profiler.__exit__(None, None, None)
                 assert self.profile is not None
                 averages = self.profiler.key_averages()
@@ -166,6 +176,15 @@ class Probe(TrainerCallback):
                 )
                 self.result.notes["profiled"] = str(self.profile.name)
                 self.result.notes["kernel_seconds"] = kernel_seconds(averages)
+                self.result.notes["host_syncs"] = syncs
+                with tempfile.TemporaryDirectory() as tmp:
+                    trace = Path(tmp) / "trace.json"
+                    self.profiler.export_chrome_trace(str(trace))
+                    try:
+                        idle = idle_report(json.loads(trace.read_text()), self.steps)
+                    except ValueError as err:  # a CPU run: no GPU timeline to read
+                        idle = {"error": str(err)}
+                self.result.notes["idle"] = idle
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         for h in self.handles:

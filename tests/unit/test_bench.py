@@ -315,3 +315,56 @@ model.config.use_cache = True
 out["cache"] = packed_check(model, flat, features, 1e-4)
 print(json.dumps(out))
 """
+
+
+def _trace(*events: tuple[str, str, float, float, int | None, int]) -> dict[str, Any]:
+    """Chrome trace events (category, name, start us, duration us, correlation, thread)."""
+    return {"traceEvents": [
+        {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "tid": tid,
+         **({"args": {"correlation": corr}} if corr is not None else {})}
+        for cat, name, ts, dur, corr, tid in events
+    ]}
+
+
+def test_idle_gaps_are_blamed_on_the_sync_or_the_launch_that_ended_them() -> None:
+    from bench.gaps import idle_report
+
+    trace = _trace(
+        # host: a forward that ends with .item(), then a backward that launches slowly
+        ("cpu_op", "forward", 0, 100, None, 1),
+        ("cpu_op", "aten::mm", 1, 2, None, 1),
+        ("cuda_runtime", "cudaLaunchKernel", 2, 1, 1, 1),
+        ("cpu_op", "aten::_local_scalar_dense", 20, 40, None, 1),
+        ("cuda_runtime", "cudaStreamSynchronize", 25, 30, None, 1),
+        ("cpu_op", "aten::add", 70, 5, None, 1),
+        ("cuda_runtime", "cudaLaunchKernel", 72, 1, 2, 1),
+        ("cpu_op", "backward", 120, 100, None, 1),
+        ("cpu_op", "aten::mul", 150, 5, None, 1),
+        ("cuda_runtime", "cudaLaunchKernel", 152, 1, 3, 1),
+        ("cpu_op", "aten::copy_", 160, 5, None, 1),
+        ("cuda_runtime", "cudaLaunchKernel", 161, 1, 4, 1),
+        # GPU: 3..53 busy; idle 53..80 (after the sync); 80..100 busy; idle 100..155 (launch);
+        # a kernel on a second stream overlapping the third: no gap; a 1 us gap is not blamed
+        ("kernel", "k1", 3, 50, 1, 7),
+        ("kernel", "k2", 80, 20, 2, 7),
+        ("kernel", "k3", 155, 5, 3, 7),
+        ("gpu_memcpy", "copy", 157, 4, None, 8),
+        ("kernel", "k4", 162, 10, 4, 7),
+    )
+    report = idle_report(trace, steps=1)
+    assert report["window_us"] == 172 - 3
+    assert report["idle_us"] == 27 + 55 + 1
+    assert report["busy_us"] == report["window_us"] - report["idle_us"]
+    assert report["short_gaps_us"] == 1
+    assert report["by_blame"] == [
+        ["launch: aten::mul", 55.0, 1],
+        ["after sync: aten::_local_scalar_dense", 27.0, 1],
+    ]
+    assert report["by_phase"] == [["backward", 55.0, 1], ["forward", 27.0, 1]]
+
+
+def test_idle_report_refuses_a_trace_without_gpu_work() -> None:
+    from bench.gaps import idle_report
+
+    with pytest.raises(ValueError, match="no GPU kernels"):
+        idle_report(_trace(("cpu_op", "aten::mm", 0, 5, None, 1)), steps=1)
