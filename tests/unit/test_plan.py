@@ -199,6 +199,35 @@ def test_estimate_reports_the_plan_and_only_allowed_pairs() -> None:
         assert plan.refusal(method, strategy) is None, (method, strategy)
 
 
+@pytest.mark.parametrize(
+    ("overrides", "unit"),
+    [
+        ([], "samples per GPU (training.per_device_train_batch_size)"),
+        (
+            ["data.packing=padding_free", "training.tokens_per_batch=4096"],
+            "tokens per GPU (training.tokens_per_batch)",
+        ),
+    ],
+)
+def test_estimate_gives_the_largest_micro_batch_with_its_unit(
+    overrides: list[str], unit: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """In samples, or in tokens under a token budget (what training.tokens_per_batch sets)."""
+    from llmtrain.verbs import estimate
+
+    args = argparse.Namespace(
+        nodes=1, gpus_per_node=1, gpu="h100", attention=None, tokens=None, mfu=0.4
+    )
+    rep = estimate.report(load_config(REPO / "configs" / "demo.yaml", overrides), args)
+    estimate._print_table(rep)
+    line = next(x for x in capsys.readouterr().out.splitlines() if "largest micro-batch" in x)
+    largest, run = rep["this_run"]["largest_micro_batch"], rep["run"]
+    shown = -(-run["batch_tokens"] * largest // run["micro_batch"]) if overrides else largest
+    assert largest > 0 and line.endswith(f": {shown} {unit}")
+    if overrides:  # the budget's micro-batch: 4096 tokens or fewer, so the largest is larger
+        assert 0 < run["batch_tokens"] <= 4096 < shown
+
+
 def test_plan_and_estimator_import_without_torch() -> None:
     code = (
         "import sys, llmtrain.plan, llmtrain.sizing.from_config, llmtrain.verbs.estimate; "

@@ -138,6 +138,7 @@ def report(cfg: RunConfig, args: argparse.Namespace) -> dict[str, Any]:
         "plan": plan.to_dict(),
         "tokens_from": measured.source if measured else "data.max_length",
         "micro_batch": micro_batch_words(run, measured),
+        "tokens_per_batch": cfg.training.tokens_per_batch,
         "gpu": {"name": device.name, "memory_bytes": device.memory_bytes},
         "fragmentation_margin": FRAGMENTATION,
         "this_run": row(run),
@@ -168,7 +169,19 @@ def _print_table(rep: dict[str, Any]) -> None:
         print(f"  note: {note}")
     if this["host_per_node_bytes"]:
         print(f"  host memory per node: {gib(this['host_per_node_bytes'])} GiB")
-    print(f"\nlargest micro-batch on {rep['gpu']['name']}: {this['largest_micro_batch']}")
+    largest = this["largest_micro_batch"]
+    # The search scales the micro-batch in samples, and its tokens with them; under a token
+    # budget the tokens are what the user sets.
+    what = (
+        f"{-(-r['batch_tokens'] * largest // r['micro_batch'])} tokens per GPU "
+        "(training.tokens_per_batch)"
+        if rep["tokens_per_batch"]
+        else f"{largest} samples per GPU (training.per_device_train_batch_size)"
+    )
+    print(
+        f"\nlargest micro-batch on {rep['gpu']['name']}: "
+        + (what if largest else "none fits, not even one sample or budget per GPU")
+    )
     names = list(PRESETS)
     print("\nall methods and strategies (total GiB per GPU; + fits, - does not):")
     print(
