@@ -90,3 +90,36 @@ def test_full_trains_everything() -> None:
     trainable, total = count_parameters(wrapped)
     assert trainable == total
     assert isinstance(wrapped, nn.Module)
+
+
+@pytest.mark.parametrize("resized", [False, True], ids=["same-vocab", "resized"])
+def test_adapter_saves_ask_no_hub_and_keep_embeddings_only_when_resized(
+    tmp_path, monkeypatch: pytest.MonkeyPatch, resized: bool
+) -> None:
+    """peft's "auto" asked the Hub for the base's config.json at every save: from a local
+    directory (how llmtrain loads models) peft 0.9.0 warned "Could not find a config file" and
+    assumed the vocabulary unchanged, so a resized one lost its embeddings."""
+    import warnings
+
+    from peft.utils import save_and_load
+    from safetensors import safe_open
+
+    def no_hub(*args: object, **kwargs: object) -> None:
+        raise AssertionError("asked the Hub")
+
+    monkeypatch.setattr(save_and_load, "check_file_exists_on_hf_hub", no_hub, raising=False)
+    model = wrap(
+        tiny_model("llama"), MethodSection(name="lora"), LoraSection(r=2),
+        gradient_checkpointing=False,
+    )  # fmt: skip
+    model.peft_config["default"].base_model_name_or_path = str(tmp_path / "base")
+    if resized:
+        model.resize_token_embeddings(model.config.vocab_size + 8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.save_pretrained(str(tmp_path / "adapter"))
+    assert not [w for w in caught if "config file" in str(w.message)]
+    with safe_open(str(tmp_path / "adapter" / "adapter_model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert any("lora_A" in k for k in keys)
+    assert any("embed_tokens" in k for k in keys) == resized

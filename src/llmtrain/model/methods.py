@@ -338,7 +338,31 @@ def _wrap_lora(
     )
     compat.skip_unusable_bitsandbytes()
     wrapped: Any = get_peft_model(model, peft_config)
+    _save_embeddings_only_if_resized(wrapped, model.config.vocab_size)
     return wrapped  # a PeftModel, used wherever a PreTrainedModel is
+
+
+def _save_embeddings_only_if_resized(wrapped: Any, vocab_size: int) -> None:
+    """Every adapter save (the Trainer's checkpoints, the final adapter) decides here whether
+    the embedding layers go into it: only when the vocabulary changed after wrapping.
+
+    peft's default (`save_embedding_layers="auto"`) asks the Hugging Face Hub for the base
+    model's config.json at each save. peft 0.9.0 asks even for a local directory, which is no
+    Hub id, and for any id in offline mode (launch.sh sets HF_HUB_OFFLINE): each save then warned
+    "Could not find a config file ... will assume that the vocabulary was not modified", or
+    waited on the network of a compute node. llmtrain changes a vocabulary only before
+    training (llmtrain vocab), so the base model's own vocab_size (`vocab_size`, tokens) is the
+    answer, known without asking. An explicit save_embedding_layers from a caller is kept."""
+    save = wrapped.save_pretrained
+
+    def save_pretrained(*args: Any, **kwargs: Any) -> Any:
+        if "save_embedding_layers" not in kwargs:
+            kwargs["save_embedding_layers"] = wrapped.base_model.model.config.vocab_size != (
+                vocab_size
+            )
+        return save(*args, **kwargs)
+
+    wrapped.save_pretrained = save_pretrained
 
 
 def quantization_config(compute_dtype: torch.dtype) -> Any:
