@@ -230,6 +230,14 @@ def test_estimate_gives_the_largest_micro_batch_with_its_unit(
         assert 0 < run["batch_tokens"] <= 4096 < shown
 
 
+def test_estimate_writes_parameter_counts_as_people_do() -> None:
+    from llmtrain.verbs.estimate import parameters
+
+    assert [parameters(n) for n in (6_738_415_616, 134_515_008, 325_184)] == [
+        "6.74B", "135M", "0.325M",
+    ]  # fmt: skip
+
+
 def test_plan_and_estimator_import_without_torch() -> None:
     code = (
         "import sys, llmtrain.plan, llmtrain.sizing.from_config, llmtrain.verbs.estimate; "

@@ -147,10 +147,15 @@ def report(cfg: RunConfig, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def parameters(n: int) -> str:
+    """A parameter count as people write it: 6.74B, 135M, 0.33M (never 0.00B)."""
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.3g}M"
+
+
 def _print_table(rep: dict[str, Any]) -> None:
     m, r, this = rep["model"], rep["run"], rep["this_run"]
     print(
-        f"model: {m['params'] / 1e9:.2f}B parameters, {m['layers']} layers, hidden {m['hidden']},"
+        f"model: {parameters(m['params'])} parameters, {m['layers']} layers, hidden {m['hidden']},"
         f" vocab {m['vocab']}"
     )
     print(
