@@ -228,7 +228,8 @@ def _measured_peak(run: RunShape) -> int:
     torch.manual_seed(0)
     cfg = LlamaConfig(**{k: v for k, v in TINY.items() if k != "model_type"},
                       attn_implementation="sdpa")
-    model = LlamaForCausalLM(cfg).to(torch.float32 if run.wbytes == 4 else torch.bfloat16)
+    dtype = torch.float32 if run.wbytes == 4 else torch.bfloat16
+    model = LlamaForCausalLM(cfg).to(dtype)
     if run.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     if run.method == "lora":
@@ -239,6 +240,12 @@ def _measured_peak(run: RunShape) -> int:
             for p in model.parameters():
                 if p.requires_grad:
                     p.data = p.data.float()
+        else:
+            # Without autocast the run stands for DeepSpeed's 16-bit module, which casts every
+            # parameter, adapters too, to the model's dtype (engine: module.bfloat16()). peft
+            # 0.9.0 makes the adapters in that dtype already; newer peft (the current stack)
+            # upcasts 16-bit adapters to fp32 in get_peft_model (autocast_adapter_dtype).
+            model.to(dtype)
         if plan.fused_lora_applies(run.fused_lora, run.method, run.strategy):
             fused_lora.patch(model)
     model.train()
@@ -442,7 +449,8 @@ def test_sizing_mirrors_the_kernels() -> None:
 def _saved_per_layer(run: RunShape) -> list[int]:
     """Bytes of the distinct tensors autograd saves in each decoder layer of TINY, compiled as
     finetune compiles it (weights and their 16-bit casts apart: the estimate counts those
-    elsewhere). Whole rows take SDPA with grouped-query heads, as they do on CUDA."""
+    elsewhere; so are transformers 5.x's RoPE cos and sin, shared by all layers). Whole rows
+    take SDPA with grouped-query heads, as they do on CUDA."""
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -457,6 +465,14 @@ def _saved_per_layer(run: RunShape) -> list[int]:
     ops.compile_blocks(model)
     loss.patch_causal_lm_loss(model, compiled=True)
     layers = list(model.model.layers)
+    # transformers 5.x makes RoPE's cos and sin once per forward, in the model, and every
+    # layer saves them: not a layer's own (4.37.2 has no such module; each layer makes its own).
+    shared: set[int] = set()
+    rotary = getattr(model.model, "rotary_emb", None)
+    if rotary is not None:
+        rotary.register_forward_hook(
+            lambda m, a, out: shared.update(t.untyped_storage().data_ptr() for t in out)
+        )
     if run.method == "lora":
         model.enable_input_require_grads()  # as _measured_peak: the first block counts too
         model = get_peft_model(
@@ -482,8 +498,14 @@ def _saved_per_layer(run: RunShape) -> list[int]:
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         st = t.untyped_storage()
-        if where[-1] >= 0 and st.data_ptr() not in params and tuple(t.shape) not in weights:
-            saved[where[-1]][st.data_ptr()] = st.nbytes()
+        ptr = st.data_ptr()
+        if (
+            where[-1] >= 0
+            and ptr not in params
+            and ptr not in shared
+            and tuple(t.shape) not in weights
+        ):
+            saved[where[-1]][ptr] = st.nbytes()
         return t
 
     ids = torch.randint(0, TINY["vocab_size"], (run.micro_batch, run.seq_len))

@@ -16,10 +16,13 @@ LlamaDecoderLayer with SDPA (tests/unit/test_memory.py measures them again on CP
 Eager attention adds the fp32-softmaxed (b, heads, s, s) matrix and its dropout copy.
 
 llmtrain's attention forward (kernels/varlen_attention.py: padding-free packing, or
-training.compile on rows without padding) casts the norm output to 16 bits once for q, k and v,
-gathers RoPE's cos and sin per token (2 x 2 head_dim) and, on whole rows, gives SDPA k and v
-unrepeated (grouped-query heads). With training.compile (kernels/ops.py) Inductor's functions
-keep only what their backward cannot recompute (the same CPU test, compiled):
+training.compile on rows without padding) gives SDPA k and v unrepeated on whole rows
+(grouped-query heads). On the pinned stack it is the attention module's whole forward: it also
+casts the norm output to 16 bits once for q, k and v and gathers RoPE's cos and sin per token
+(2 x 2 head_dim). On transformers 5.x it is only the attention function: q, k, v and RoPE are
+transformers' own (`RunShape.whole_attention_forward`). With training.compile (kernels/ops.py)
+Inductor's functions keep only what their backward cannot recompute (the same CPU test,
+compiled):
   RMSNorm      its input (the residual stream, s h) and the fp32 rstd per token: the fp32
                copy, the normalised input and the product are recomputed
   add + norm   the sum (the next residual stream, s h) and its rstd; not the attention output
@@ -34,7 +37,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal, cast
 
-from llmtrain import plan
+from llmtrain import plan, stack
 from llmtrain.errors import ConfigError
 
 GIB = 1024**3
@@ -239,6 +242,14 @@ class RunShape:
     # padding-free rows (a varlen kernel: flash-attn takes k, v unrepeated; torch's varlen_attn
     # without enable_gqa (torch 2.11) and the per-sample SDPA fallback see them repeated)
     attention_forward: Literal["transformers", "rows", "packed"] = "transformers"
+    # llmtrain's attention forward ("rows", "packed") is the attention module's whole forward
+    # (pinned stack, varlen_attention._packed_forward): it casts an fp32 norm output to 16 bits
+    # once for q, k and v, and gathers RoPE's cos and sin per token in each layer. On
+    # transformers 5.x it is only the attention function behind transformers' own module:
+    # under autocast q, k and v each cast that input, as in transformers' forward, and cos and
+    # sin are the model's, made once per forward and shared by the layers (not counted, as for
+    # transformers' forward). Default: the installed stack's, which finetune runs on.
+    whole_attention_forward: bool = field(default_factory=lambda: not stack.is_current())
     # DPO with full weights: a frozen copy of the base model as the reference, in the compute
     # dtype (LoRA's reference is the same model with the adapter disabled: no copy)
     reference_copy: bool = False
@@ -471,13 +482,13 @@ def _autocast_weight_copies(shape: ModelShape, run: RunShape, blocks: int) -> in
 
 def _attn_bytes(shape: ModelShape, run: RunShape) -> int:
     """Per token: what the attention kernel keeps (q, k, v, output, fp32 log-sum-exp), always
-    16-bit under autocast (QLoRA's fp32 q, k, v are cast first). llmtrain's forward also keeps
-    RoPE's cos and sin, gathered per token (transformers' are per position, shared by the
-    batch: not counted)."""
+    16-bit under autocast (QLoRA's fp32 q, k, v are cast first). llmtrain's whole forward (the
+    pinned stack's) also keeps RoPE's cos and sin, gathered per token (transformers' are per
+    position, shared by the batch, on 5.x by the layers too: not counted)."""
     h, kv, a = shape.hidden, shape.kv_dim, run.dtype_bytes
     if run.attention_forward != "transformers":
         grouped = run.attention_forward == "rows" or run.attention == "flash_attention_2"
-        rope = 2 * a * shape.head_dim
+        rope = 2 * a * shape.head_dim if run.whole_attention_forward else 0
         return a * (2 * h + 2 * (kv if grouped else h)) + 4 * shape.heads + rope
     if run.attention == "flash_attention_2":
         return a * (2 * h + 2 * kv) + 4 * shape.heads  # flash-attn takes k, v unrepeated
@@ -540,12 +551,19 @@ def _autocast_block(shape: ModelShape, run: RunShape, trains: bool) -> int:
         return norms + _attn_bytes(shape, run) + mlp + lora
     # fp32 stream: RMSNorm keeps its fp32 input and (trained weight, eager) its normalised
     # input; q, k, v (and gate, up) each keep their own 16-bit cast of its output, except where
-    # llmtrain's attention forward (and the compiled MLP) cast it once for all three (two).
+    # llmtrain's attention forward (_qkv_casts) and the compiled MLP cast it once for all three
+    # (two).
     norms = 2 * _norm_bytes(run, h, trains)
-    qkv_casts = 3 if run.attention_forward == "transformers" else 1
-    casts = a * h * (qkv_casts + (1 if run.compiled else 2)) if trains else 0
+    casts = a * h * (_qkv_casts(run) + (1 if run.compiled else 2)) if trains else 0
     mlp = _mlp_bytes(shape, run, trains)  # down_proj keeps the 16-bit product
     return norms + casts + _attn_bytes(shape, run) + mlp
+
+
+def _qkv_casts(run: RunShape) -> int:
+    """16-bit casts of an fp32 attention-norm output that q, k and v keep, per token (each
+    hidden wide): one where llmtrain's attention forward casts it for all three, else one
+    per projection."""
+    return 1 if run.attention_forward != "transformers" and run.whole_attention_forward else 3
 
 
 def _lora_targets_bytes(shape: ModelShape, run: RunShape) -> int:
@@ -584,9 +602,8 @@ def _qlora_block(shape: ModelShape, run: RunShape) -> int:
     h, i, a = shape.hidden, shape.intermediate, run.dtype_bytes
     norms = 2 * 4 * h
     # q, k, v, gate, up cast the fp32 norm output; down the product. llmtrain's attention
-    # forward casts once for q, k and v, which then keep that one 16-bit tensor.
-    qkv_casts = 3 if run.attention_forward == "transformers" else 1
-    casts = a * ((qkv_casts + 2) * h + i)
+    # forward (pinned stack, _qkv_casts) casts once for q, k and v, which keep that one tensor.
+    casts = a * ((_qkv_casts(run) + 2) * h + i)
     mlp = 3 * 4 * i
     return norms + casts + _attn_bytes(shape, run) + mlp + _lora_targets_bytes(shape, run)
 
