@@ -1,4 +1,5 @@
 import pytest
+import torch
 from torch import nn
 
 from llmtrain.config import LoraSection, MethodSection
@@ -123,3 +124,13 @@ def test_adapter_saves_ask_no_hub_and_keep_embeddings_only_when_resized(
         keys = list(f.keys())
     assert any("lora_A" in k for k in keys)
     assert any("embed_tokens" in k for k in keys) == resized
+    # A deep copy (a reference model, say) saves its own weights, not the original's.
+    import copy
+
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        next(p for n, p in twin.named_parameters() if "lora_B" in n).fill_(7.0)
+    twin.save_pretrained(str(tmp_path / "twin"))
+    with safe_open(str(tmp_path / "twin" / "adapter_model.safetensors"), "pt") as f:
+        lora_b = [k for k in f.keys() if "lora_B" in k]  # noqa: SIM118 (not iterable)
+        assert lora_b and any(bool((f.get_tensor(k) == 7.0).all()) for k in lora_b)

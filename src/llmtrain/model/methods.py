@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import types
 from typing import Any
 
 import torch
@@ -352,17 +353,17 @@ def _save_embeddings_only_if_resized(wrapped: Any, vocab_size: int) -> None:
     "Could not find a config file ... will assume that the vocabulary was not modified", or
     waited on the network of a compute node. llmtrain changes a vocabulary only before
     training (llmtrain vocab), so the base model's own vocab_size (`vocab_size`, tokens) is the
-    answer, known without asking. An explicit save_embedding_layers from a caller is kept."""
-    save = wrapped.save_pretrained
+    answer, known without asking. An explicit save_embedding_layers from a caller is kept. A
+    bound method, so that a deep copy of the model saves itself."""
+    wrapped._llmtrain_wrapped_vocab_size = vocab_size
+    wrapped.save_pretrained = types.MethodType(_save_pretrained, wrapped)
 
-    def save_pretrained(*args: Any, **kwargs: Any) -> Any:
-        if "save_embedding_layers" not in kwargs:
-            kwargs["save_embedding_layers"] = wrapped.base_model.model.config.vocab_size != (
-                vocab_size
-            )
-        return save(*args, **kwargs)
 
-    wrapped.save_pretrained = save_pretrained
+def _save_pretrained(self: Any, *args: Any, **kwargs: Any) -> Any:
+    if "save_embedding_layers" not in kwargs:
+        vocab = self.base_model.model.config.vocab_size
+        kwargs["save_embedding_layers"] = vocab != self._llmtrain_wrapped_vocab_size
+    return type(self).save_pretrained(self, *args, **kwargs)
 
 
 def quantization_config(compute_dtype: torch.dtype) -> Any:
