@@ -134,3 +134,51 @@ def test_adapter_saves_ask_no_hub_and_keep_embeddings_only_when_resized(
     with safe_open(str(tmp_path / "twin" / "adapter_model.safetensors"), "pt") as f:
         lora_b = [k for k in f.keys() if "lora_B" in k]  # noqa: SIM118 (not iterable)
         assert lora_b and any(bool((f.get_tensor(k) == 7.0).all()) for k in lora_b)
+
+
+def test_adapter_saves_survive_pickling(tmp_path) -> None:
+    """torch.save(model) / pickle: the save decision travels with the model (a bound method
+    pickled as getattr(model, '_save_pretrained') and failed to load)."""
+    import pickle
+
+    from safetensors import safe_open
+
+    model = wrap(
+        tiny_model("llama"), MethodSection(name="lora"), LoraSection(r=2),
+        gradient_checkpointing=False,
+    )  # fmt: skip
+    twin = pickle.loads(pickle.dumps(model))
+    assert twin.save_pretrained.model is twin
+    with torch.no_grad():
+        next(p for n, p in twin.named_parameters() if "lora_B" in n).fill_(7.0)
+    twin.save_pretrained(str(tmp_path / "twin"))
+    with safe_open(str(tmp_path / "twin" / "adapter_model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+        assert not any("embed_tokens" in k for k in keys)
+        assert any(bool((f.get_tensor(k) == 7.0).all()) for k in keys if "lora_B" in k)
+
+
+def test_lora_wraps_a_model_whose_config_keeps_the_vocabulary_in_its_text_config(
+    tmp_path,
+) -> None:
+    """transformers 5.x's Gemma3ForConditionalGeneration (AutoModelForCausalLM for a gemma3
+    checkpoint): Gemma3Config has no vocab_size of its own (AttributeError at wrap before)."""
+    transformers = pytest.importorskip("transformers")
+    if not hasattr(transformers, "Gemma3Config"):
+        pytest.skip("no Gemma-3 in this transformers")
+    from transformers import AutoModelForCausalLM, Gemma3Config
+
+    config = Gemma3Config(
+        text_config={"vocab_size": 128, "hidden_size": 32, "intermediate_size": 64,
+                     "num_hidden_layers": 2, "num_attention_heads": 4,
+                     "num_key_value_heads": 2, "head_dim": 8},
+        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                       "num_attention_heads": 4, "image_size": 28, "patch_size": 14},
+        mm_tokens_per_image=4,
+    )  # fmt: skip
+    model = wrap(
+        AutoModelForCausalLM.from_config(config), MethodSection(name="lora"),
+        LoraSection(r=2, target_modules=["q_proj", "v_proj"]), gradient_checkpointing=False,
+    )  # fmt: skip
+    model.save_pretrained(str(tmp_path / "adapter"))
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()

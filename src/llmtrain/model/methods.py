@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import fnmatch
 import logging
-import types
 from typing import Any
 
 import torch
@@ -339,11 +338,11 @@ def _wrap_lora(
     )
     compat.skip_unusable_bitsandbytes()
     wrapped: Any = get_peft_model(model, peft_config)
-    _save_embeddings_only_if_resized(wrapped, model.config.vocab_size)
+    _save_embeddings_only_if_resized(wrapped, _vocab_of(model.config))
     return wrapped  # a PeftModel, used wherever a PreTrainedModel is
 
 
-def _save_embeddings_only_if_resized(wrapped: Any, vocab_size: int) -> None:
+def _save_embeddings_only_if_resized(wrapped: Any, vocab_size: int | None) -> None:
     """Every adapter save (the Trainer's checkpoints, the final adapter) decides here whether
     the embedding layers go into it: only when the vocabulary changed after wrapping.
 
@@ -352,18 +351,32 @@ def _save_embeddings_only_if_resized(wrapped: Any, vocab_size: int) -> None:
     Hub id, and for any id in offline mode (launch.sh sets HF_HUB_OFFLINE): each save then warned
     "Could not find a config file ... will assume that the vocabulary was not modified", or
     waited on the network of a compute node. llmtrain changes a vocabulary only before
-    training (llmtrain vocab), so the base model's own vocab_size (`vocab_size`, tokens) is the
-    answer, known without asking. An explicit save_embedding_layers from a caller is kept. A
-    bound method, so that a deep copy of the model saves itself."""
-    wrapped._llmtrain_wrapped_vocab_size = vocab_size
-    wrapped.save_pretrained = types.MethodType(_save_pretrained, wrapped)
+    training (llmtrain vocab), so the base model's own vocab_size (`vocab_size`, tokens; None
+    where the config has none) is the answer, known without asking. An explicit
+    save_embedding_layers from a caller is kept. An object holding the model rather than a
+    closure or bound method, so that a deep copy saves itself and the model still pickles."""
+    wrapped.save_pretrained = _AdapterSave(wrapped, vocab_size)
 
 
-def _save_pretrained(self: Any, *args: Any, **kwargs: Any) -> Any:
-    if "save_embedding_layers" not in kwargs:
-        vocab = self.base_model.model.config.vocab_size
-        kwargs["save_embedding_layers"] = vocab != self._llmtrain_wrapped_vocab_size
-    return type(self).save_pretrained(self, *args, **kwargs)
+def _vocab_of(config: Any) -> int | None:
+    """The vocabulary size of a (possibly composite) config: transformers 5.x's multimodal
+    configs (gemma3, llava, ...) keep it in their text config only; None where there is none."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(text, "vocab_size", None)
+
+
+class _AdapterSave:
+    """A PeftModel's save_pretrained, save_embedding_layers decided from the vocabulary."""
+
+    def __init__(self, model: Any, wrapped_vocab: int | None) -> None:
+        self.model = model
+        self.wrapped_vocab = wrapped_vocab
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if "save_embedding_layers" not in kwargs:
+            vocab = _vocab_of(self.model.get_base_model().config)
+            kwargs["save_embedding_layers"] = vocab != self.wrapped_vocab
+        return type(self.model).save_pretrained(self.model, *args, **kwargs)
 
 
 def quantization_config(compute_dtype: torch.dtype) -> Any:
