@@ -236,6 +236,10 @@ def test_estimate_writes_parameter_counts_as_people_do() -> None:
     assert [parameters(n) for n in (6_738_415_616, 134_515_008, 325_184)] == [
         "6.74B", "135M", "0.325M",
     ]  # fmt: skip
+    # what rounds to a thousand millions is 1.00B, not "1e+03M"
+    assert [parameters(n) for n in (999_499_999, 999_500_000, 999_999_999)] == [
+        "999M", "1.00B", "1.00B",
+    ]  # fmt: skip
 
 
 def test_plan_and_estimator_import_without_torch() -> None:

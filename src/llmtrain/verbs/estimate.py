@@ -148,8 +148,9 @@ def report(cfg: RunConfig, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def parameters(n: int) -> str:
-    """A parameter count as people write it: 6.74B, 135M, 0.33M (never 0.00B)."""
-    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.3g}M"
+    """A parameter count as people write it: 6.74B, 135M, 0.33M (never 0.00B, nor 1e+03M for
+    what rounds to a thousand millions)."""
+    return f"{n / 1e9:.2f}B" if n >= 999.5e6 else f"{n / 1e6:.3g}M"
 
 
 def _print_table(rep: dict[str, Any]) -> None:
