@@ -400,8 +400,8 @@ def choose_attention(
     if has.get("sdpa"):
         if has.get("flash_attention_2"):
             return "sdpa", (
-                "auto: flash_attn does not import in this environment, or it has no CUDA GPU; "
-                "the llmtrain image on a GPU node takes flash_attention_2"
+                "auto: flash_attn does not import in this environment, or it has no CUDA GPU "
+                "(where it does, as in the llmtrain image on a GPU node: flash_attention_2)"
             )
         return "sdpa", f"auto: {model_type} has no flash_attention_2 in transformers 4.37.2"
     return "eager", f"auto: {model_type} has neither flash_attention_2 nor sdpa"

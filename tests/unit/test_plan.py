@@ -155,7 +155,7 @@ def test_attention_is_chosen_once_with_its_reason() -> None:
     assert plan.choose_attention("auto", llama, flash_attn=True)[0] == "flash_attention_2"
     choice, why = plan.choose_attention("auto", llama, flash_attn=False)
     # On a login machine validating for a GPU node: says what the image there takes.
-    assert choice == "sdpa" and "the llmtrain image on a GPU node takes flash_attention_2" in why
+    assert choice == "sdpa" and "the llmtrain image on a GPU node: flash_attention_2" in why
     neox = {"flash_attention_2": True, "sdpa": False, "eager": True}  # no SDPA in 4.37.2
     assert plan.choose_attention("auto", neox, flash_attn=False, model_type="gpt_neox") == (
         "eager", "auto: gpt_neox has neither flash_attention_2 nor sdpa")
