@@ -100,6 +100,10 @@ CASES = {
         lambda t: ["generate", config(t), "--adapter", newer_adapter(t), "--prompts",
                    data_file(t, "2 plus 2?\n", "p.txt"), "--out", str(t / "o.jsonl")],
         64, "future_switch=true"),
+    # Answers to training rows would pass for a score on held-out ones: refused unless asked.
+    "generate without held-out rows": (
+        lambda t: ["generate", config(t, output={"dir": str(t / "not-the-run")}), "--out",
+                   str(t / "o.jsonl")], 64, "--all-rows to answer every row"),
     "generate prompts file absent": (
         lambda t: ["generate", config(t), "--prompts", str(t / "p.jsonl"), "--out",
                    str(t / "o.jsonl")], 64, "does not exist"),

@@ -72,8 +72,9 @@ def run(args: argparse.Namespace) -> int:
     """Generate an answer to each prompt with the trained model and write them as JSONL.
 
     Raises:
-        ConfigError: --model and --adapter are both given, or the config, model or adapter cannot be
-            loaded (exit 64).
+        ConfigError: --model and --adapter are both given; neither --prompts nor --all-rows is
+            given and output.dir holds no held-out rows; or the config, model or adapter cannot
+            be loaded (exit 64).
         DataError: a prompt file line is malformed (exit 65)."""
     from llmtrain.data import prompts
     from llmtrain.data.rows import load_rows
@@ -96,13 +97,14 @@ def run(args: argparse.Namespace) -> int:
             where = "all rows of the data"
         else:
             sources, held_out = prompts.held_out_rows(cfg)
-            where = (
-                f"the held-out rows in {cfg.prepared_dir()}"
-                if held_out
-                else f"all rows of the data, training rows included: {cfg.prepared_dir()} holds "
-                "no held-out rows (set output.dir to the run's directory, or pass --all-rows "
-                "to say you mean all rows)"
-            )
+            if not held_out:  # answers to training rows would read as a score on unseen ones
+                raise ConfigError(
+                    f"{cfg.prepared_dir()} holds no held-out rows: output.dir is not the "
+                    "directory of a run that kept some (data.eval_fraction)",
+                    "set output.dir to the run's directory, give --prompts FILE, or pass "
+                    "--all-rows to answer every row, training rows included",
+                )
+            where = f"the held-out rows in {cfg.prepared_dir()}"
         print(f"prompts: {where}", file=sys.stderr)
         asked = prompts.from_sources(sources, tokenizer, args.limit)
     if args.limit:
