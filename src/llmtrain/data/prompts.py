@@ -29,14 +29,28 @@ class Prompts:
     conversations: list[list[chat.Message] | None] | None
 
 
-def held_out_rows(cfg: RunConfig) -> tuple[list[tuple[DataSection, datasets.Dataset]], bool]:
-    """([(source section, rows)], held_out): each source's prepared held-out rows when the run
-    has them, else all rows of every source."""
+Sources = list[tuple[DataSection, datasets.Dataset]]
+
+
+def held_out(cfg: RunConfig) -> Sources | None:
+    """[(source section, its prepared held-out rows)], or None when any source has none (the
+    run at output.dir kept none, or output.dir is not a run's directory). Reads no data."""
     sections = cfg.data.for_sources()
     kept = [prepared.held_out_rows(cfg.prepared_dir(), k) for k in range(len(sections))]
-    if all(rows is not None for rows in kept):
-        return [(s, r) for s, r in zip(sections, kept, strict=True) if r is not None], True
-    return [(s, load_rows(s)) for s in sections], False
+    if any(rows is None for rows in kept):
+        return None
+    return [(s, r) for s, r in zip(sections, kept, strict=True) if r is not None]
+
+
+def all_rows(cfg: RunConfig) -> Sources:
+    """[(source section, all its rows)], training rows included."""
+    return [(s, load_rows(s)) for s in cfg.data.for_sources()]
+
+
+def held_out_rows(cfg: RunConfig) -> tuple[Sources, bool]:
+    """(held_out(cfg), True) when the run has held-out rows, else (all_rows(cfg), False)."""
+    kept = held_out(cfg)
+    return (kept, True) if kept is not None else (all_rows(cfg), False)
 
 
 def from_rows(rows: datasets.Dataset, data: DataSection, tokenizer: Any) -> Prompts:

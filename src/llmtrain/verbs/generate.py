@@ -77,7 +77,6 @@ def run(args: argparse.Namespace) -> int:
             be loaded (exit 64).
         DataError: a prompt file line is malformed (exit 65)."""
     from llmtrain.data import prompts
-    from llmtrain.data.rows import load_rows
     from llmtrain.model.export import load_for_inference
     from llmtrain.model.generation import generate, write_jsonl
     from llmtrain.model.load import load_tokenizer
@@ -88,23 +87,23 @@ def run(args: argparse.Namespace) -> int:
             "--model and --adapter exclude each other",
             "give a merged model with --model, or an adapter for model.path",
         )
-    tokenizer = load_tokenizer(_tokenizer_source(cfg.model, args))
-    if args.prompts:
-        asked = prompts.from_texts(read_prompts(args.prompts), cfg, tokenizer)
-    else:
+    if not args.prompts:  # the rows to answer, decided before a tokenizer or model loads
         if args.all_rows:
-            sources = [(s, load_rows(s)) for s in cfg.data.for_sources()]
-            where = "all rows of the data"
+            sources, where = prompts.all_rows(cfg), "all rows of the data"
         else:
-            sources, held_out = prompts.held_out_rows(cfg)
-            if not held_out:  # answers to training rows would read as a score on unseen ones
+            kept = prompts.held_out(cfg)
+            if kept is None:  # answers to training rows would read as a score on unseen ones
                 raise ConfigError(
                     f"{cfg.prepared_dir()} holds no held-out rows: output.dir is not the "
                     "directory of a run that kept some (data.eval_fraction)",
                     "set output.dir to the run's directory, give --prompts FILE, or pass "
                     "--all-rows to answer every row, training rows included",
                 )
-            where = f"the held-out rows in {cfg.prepared_dir()}"
+            sources, where = kept, f"the held-out rows in {cfg.prepared_dir()}"
+    tokenizer = load_tokenizer(_tokenizer_source(cfg.model, args))
+    if args.prompts:
+        asked = prompts.from_texts(read_prompts(args.prompts), cfg, tokenizer)
+    else:
         print(f"prompts: {where}", file=sys.stderr)
         asked = prompts.from_sources(sources, tokenizer, args.limit)
     if args.limit:
