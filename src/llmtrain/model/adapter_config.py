@@ -117,7 +117,11 @@ def known_keys(raw: Mapping[str, Any], *, adapter: Path) -> set[str]:
     Raises:
         ConfigError: as config_class (exit 64).
     """
-    return {f.name for f in dataclasses.fields(config_class(raw, adapter=adapter))}
+    return _field_names(config_class(raw, adapter=adapter))
+
+
+def _field_names(cls: type[PeftConfig]) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
 
 
 def readable_keys(raw: Mapping[str, Any], known: set[str], *, adapter: Path) -> dict[str, Any]:
@@ -160,8 +164,9 @@ def peft_config(adapter: Path) -> PeftConfig | None:
         ConfigError: as read, config_class and readable_keys (exit 64).
     """
     raw = read(adapter)
-    kept = readable_keys(raw, known_keys(raw, adapter=adapter), adapter=adapter)
-    return None if len(kept) == len(raw) else config_class(raw, adapter=adapter)(**kept)
+    cls = config_class(raw, adapter=adapter)
+    kept = readable_keys(raw, _field_names(cls), adapter=adapter)
+    return None if len(kept) == len(raw) else cls(**kept)
 
 
 def _inert(raw: Mapping[str, Any], key: str) -> bool:
