@@ -16,7 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
-from llmtrain import plan
+from llmtrain import plan, stack
 from llmtrain.kernels import lora as fused_lora
 from llmtrain.sizing.gpus import get_gpu
 from llmtrain.sizing.memory import (
@@ -300,7 +300,8 @@ def test_predicted_peak_matches_a_measured_cpu_step(
 ) -> None:
     if run.lora_dropout > 0:  # the CPU kernel keeps a noise tensor in the input's dtype
         monkeypatch.setattr("llmtrain.sizing.memory.DROPOUT_MASK_BYTES", 2)
-    run = _with(run, micro_batch=4, seq_len=256, lora_r=8, fused_adam=False)
+    run = _with(run, micro_batch=4, seq_len=256, lora_r=8, fused_adam=False,
+                whole_attention_forward=not stack.is_current())  # the stack measured on
     predicted = estimate(ModelShape.from_config(TINY), run).allocated
     measured = _measured_peak(run)
     assert predicted == pytest.approx(measured, rel=0.05)
@@ -549,6 +550,7 @@ def test_compiled_blocks_keep_what_the_estimate_counts(
         chunked_loss=True,
         padded=False,
         attention_forward="rows",
+        whole_attention_forward=not stack.is_current(),  # the stack measured on
     )
     shape = ModelShape.from_config(TINY)
     for k, measured in enumerate(_saved_per_layer(run)):

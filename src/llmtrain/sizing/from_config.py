@@ -8,7 +8,7 @@ import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
-from llmtrain import compat
+from llmtrain import compat, stack
 from llmtrain.config import PREFERENCE_METHODS, RunConfig
 from llmtrain.plan import Hardware, RunPlan, World, trained_method, weight_dtype
 from llmtrain.sizing.gpus import Gpu, get_gpu
@@ -156,6 +156,9 @@ def run_shape(
         attention_forward=_attention_forward(
             shape, attention or plan.attention, packed, padded, t.compile
         ),
+        # transformers 5.x: llmtrain's attention is only the function inside transformers'
+        # module (RunShape.whole_attention_forward).
+        whole_attention_forward=not stack.is_current(),
         **extra,
     )
 

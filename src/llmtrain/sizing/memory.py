@@ -37,7 +37,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal, cast
 
-from llmtrain import plan, stack
+from llmtrain import plan
 from llmtrain.errors import ConfigError
 
 GIB = 1024**3
@@ -248,8 +248,9 @@ class RunShape:
     # transformers 5.x it is only the attention function behind transformers' own module:
     # under autocast q, k and v each cast that input, as in transformers' forward, and cos and
     # sin are the model's, made once per forward and shared by the layers (not counted, as for
-    # transformers' forward). Default: the installed stack's, which finetune runs on.
-    whole_attention_forward: bool = field(default_factory=lambda: not stack.is_current())
+    # transformers' forward). from_config.run_shape sets the installed stack's, which
+    # finetune runs on; the default is the pinned stack's (the image's).
+    whole_attention_forward: bool = True
     # DPO with full weights: a frozen copy of the base model as the reference, in the compute
     # dtype (LoRA's reference is the same model with the adapter disabled: no copy)
     reference_copy: bool = False
