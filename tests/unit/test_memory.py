@@ -397,6 +397,19 @@ def test_whole_rows_give_sdpa_k_and_v_unrepeated() -> None:
     assert (varlen.allocated - rows.allocated) / GIB == pytest.approx(41.57 - 39.16, rel=0.01)
 
 
+def test_whole_rows_in_fp32_see_k_and_v_repeated() -> None:
+    """No SDPA kernel takes fp32 with grouped-query heads but math, which keeps the score
+    matrix: varlen_attention._sdpa_causal repeats k and v for the memory-efficient kernel, so an
+    fp32 run keeps them repeated, as on the varlen path."""
+    fp32 = _with(FIXED_1B_FULL, dtype_bytes=4, mixed_precision=False)
+    rows = estimate(TINYLLAMA, _with(fp32, attention_forward="rows"))
+    varlen = estimate(TINYLLAMA, _with(fp32, attention_forward="packed"))
+    assert rows.activations == varlen.activations
+    bf16_rows = estimate(TINYLLAMA, _with(FIXED_1B_FULL, attention_forward="rows"))
+    bf16_varlen = estimate(TINYLLAMA, _with(FIXED_1B_FULL, attention_forward="packed"))
+    assert bf16_rows.activations < bf16_varlen.activations
+
+
 def test_compiled_cross_entropy_keeps_eight_bytes_less_per_logit_of_a_chunk() -> None:
     """Compiling each chunk's cross-entropy alone took fixed-1b-full from 39.16 to 38.16 GiB on
     the H200 (results/h200-cudnn.json, h200-fused-lora.json): the fp32 log-softmax and its two

@@ -258,6 +258,28 @@ def test_whole_rows_attention_matches_the_per_sample_kernel(device: str) -> None
         torch.testing.assert_close(got, want)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_whole_rows_in_fp32_with_grouped_heads_keep_no_score_matrix() -> None:
+    """fp32 with grouped-query heads: k and v are repeated for the memory-efficient kernel. The
+    math kernel, which alone takes them unrepeated, keeps the fp32 scores and their softmax,
+    [1, 8, 4096, 4096] here, 512 MiB each: the step may hold a small part of one."""
+    torch.manual_seed(0)
+    length, dim = 4096, 64
+    inputs = [
+        torch.randn(length, h, dim, device="cuda", requires_grad=True) for h in (8, 2, 2)
+    ]
+    scores = 8 * length * length * 4
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = packing._sdpa_rows(*inputs, 1, 0.0)
+    out.sum().backward()
+    torch.cuda.synchronize()
+    assert torch.cuda.max_memory_allocated() - before < scores / 4
+    assert all(x.grad is not None and torch.isfinite(x.grad).all() for x in inputs)
+
+
 def test_whole_rows_path_is_for_cuda_only() -> None:
     assert packing.ranked_sdpa(torch.device("cpu")) is False
     # What CUDA devices ask: answered on any torch, without inspecting builtins.

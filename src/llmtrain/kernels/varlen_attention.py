@@ -192,11 +192,18 @@ def _torch_varlen(
 
 def _sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float) -> torch.Tensor:
     """Causal attention over whole rows, cuDNN attention ranked first: q [batch, heads, len,
-    dim], k and v [batch, kv_heads, len, dim] -> [batch, heads, len, dim]. The math kernel comes
-    last, for what none of the fused ones takes (fp32 with grouped-query heads: without it, "No
-    available kernel")."""
+    dim], k and v [batch, kv_heads, len, dim] -> [batch, heads, len, dim].
+
+    cuDNN and flash attention take grouped-query heads but only 16-bit inputs on an sm80+ GPU;
+    elsewhere (fp32, or fp16 on a V100) k and v are repeated to every query head, as
+    transformers' repeat_kv does, for the memory-efficient kernel: it takes no grouped heads,
+    and the math kernel that would would keep the whole [batch, heads, len, len] fp32 score
+    matrix for backward. The math kernel stays last, for what no fused kernel takes."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1 and not _fused_kernels_take(q):
+        k, v = (x.repeat_interleave(groups, dim=1) for x in (k, v))
     order = [
         SDPBackend.CUDNN_ATTENTION,
         SDPBackend.FLASH_ATTENTION,
@@ -207,6 +214,17 @@ def _sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: flo
         return F.scaled_dot_product_attention(
             q, k, v, dropout_p=dropout, is_causal=True, enable_gqa=k.shape[1] != q.shape[1]
         )
+
+
+def _fused_kernels_take(q: torch.Tensor) -> bool:
+    """Whether cuDNN or flash attention can take `q` (and its grouped k, v): 16-bit, on a GPU of
+    compute capability 8.0 (A100) or newer."""
+    return q.dtype in (torch.float16, torch.bfloat16) and _capability(q.device) >= (8, 0)
+
+
+@functools.cache
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device) if device.type == "cuda" else (0, 0)
 
 
 def _sdpa_rows(

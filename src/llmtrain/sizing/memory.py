@@ -238,9 +238,10 @@ class RunShape:
     liger_loss: bool = False
     # Which attention forward runs: transformers' (q, k, v each cast their input; SDPA and eager
     # see k, v after repeat_kv), or llmtrain's (kernels/varlen_attention.py, one cast) on "rows"
-    # that each hold one sample (SDPA with grouped-query heads: k, v unrepeated) or on "packed"
-    # padding-free rows (a varlen kernel: flash-attn takes k, v unrepeated; torch's varlen_attn
-    # without enable_gqa (torch 2.11) and the per-sample SDPA fallback see them repeated)
+    # that each hold one sample (SDPA with grouped-query heads: k, v unrepeated in 16 bits,
+    # repeated in fp32) or on "packed" padding-free rows (a varlen kernel: flash-attn takes k, v
+    # unrepeated; torch's varlen_attn without enable_gqa (torch 2.11) and the per-sample SDPA
+    # fallback see them repeated)
     attention_forward: Literal["transformers", "rows", "packed"] = "transformers"
     # llmtrain's attention forward ("rows", "packed") is the attention module's whole forward
     # (pinned stack, varlen_attention._packed_forward): it casts an fp32 norm output to 16 bits
@@ -488,7 +489,10 @@ def _attn_bytes(shape: ModelShape, run: RunShape) -> int:
     position, shared by the batch, on 5.x by the layers too: not counted)."""
     h, kv, a = shape.hidden, shape.kv_dim, run.dtype_bytes
     if run.attention_forward != "transformers":
-        grouped = run.attention_forward == "rows" or run.attention == "flash_attention_2"
+        # Whole rows in fp32: no grouped-query kernel takes them, k and v are repeated
+        # (varlen_attention._sdpa_causal).
+        rows_grouped = run.attention_forward == "rows" and a == 2
+        grouped = rows_grouped or run.attention == "flash_attention_2"
         rope = 2 * a * shape.head_dim if run.whole_attention_forward else 0
         return a * (2 * h + 2 * (kv if grouped else h)) + 4 * shape.heads + rope
     if run.attention == "flash_attention_2":
