@@ -214,3 +214,19 @@ def test_alternation_errors_of_a_template_are_data_errors_with_the_line(
     cfg = DataSection(path=str(write(tmp_path, [row])), shape="chat", chat_template=strict)
     with pytest.raises(DataError, match=r"chat\.jsonl line 1: the chat template refused"):
         tokenize(load_rows(cfg), sp, cfg)
+
+
+def test_a_cut_conversation_never_trains_a_turn_that_last_assistant_leaves_out(
+    tmp_path: Path, sp: Any
+) -> None:
+    """train_on=last_assistant trains the final answer only; cutting an over-long conversation
+    at an earlier turn would train that earlier answer instead, so the row is dropped."""
+    long_turns = [("What is 2 plus 3?", "a draft"), ("Now tell me a long story. " * 6, "5")]
+    path = write(tmp_path, [openai_row(long_turns), openai_row(TURNS[:1])])
+    cfg = DataSection(path=str(path), shape="chat", chat_template="chatml", max_length=60,
+                      train_on="last_assistant")
+    ds, stats = tokenize(load_rows(cfg), sp, cfg)
+    assert (stats.kept, stats.truncated, stats.dropped_too_long) == (1, 0, 1)
+    trained = [t for t, lab in zip(ds["input_ids"][0], ds["labels"][0], strict=True)
+               if lab != IGNORE_INDEX]
+    assert "draft" not in sp.decode(trained)

@@ -138,7 +138,11 @@ def _shorter_conversation(
     special: special_tokens.SpecialTokens,
     cfg: DataSection,
 ) -> Encoded | None:
-    """The conversation cut after its last assistant turn that still fits data.max_length."""
+    """The conversation cut after its last assistant turn that still fits data.max_length;
+    None when none fits, or with data.train_on=last_assistant: a cut conversation ends at an
+    earlier assistant turn, which that setting says not to train on."""
+    if cfg.train_on == "last_assistant":
+        return None
     cuts = [k + 1 for k, m in enumerate(messages) if m["role"] == "assistant"]
     for cut in reversed(cuts[:-1]):
         rendered = chat.render_with_spans(tokenizer, template, messages[:cut], cfg.train_on)
