@@ -9,6 +9,7 @@ builders with a temporary cache directory that is removed before the rows are re
 
 from __future__ import annotations
 
+import csv
 import glob
 import json
 import logging
@@ -389,6 +390,8 @@ def read_with_builder(path: Path, fmt: str) -> datasets.Dataset:
     if fmt in ("csv", "text"):
         check_utf8(path)  # the builders' UnicodeDecodeError names no line
         kwargs["encoding"] = "utf-8-sig"
+    if fmt == "csv":
+        kwargs.update(_csv_as_text(path))
     if fmt == "text":
         kwargs["sample_by"] = "paragraph"
     with tempfile.TemporaryDirectory(prefix="llmtrain-datasets-") as cache:
@@ -411,6 +414,21 @@ def read_with_builder(path: Path, fmt: str) -> datasets.Dataset:
             ) from None
     assert isinstance(ds, datasets.Dataset)
     return ds
+
+
+def _csv_as_text(path: Path) -> dict[str, Any]:
+    """The CSV builder's settings that keep every cell as the text the file holds: pandas
+    would read `5` in a column with a blank cell as 5.0, `007` as 7, `3.10` as 3.1, `true` as
+    True, and `None`, `NA`, `null` or `nan` as missing values; only a blank cell is missing."""
+    with path.open(newline="", encoding="utf-8-sig") as f:
+        header = next(csv.reader(f), [])
+    if not header or len(set(header)) != len(header):  # pandas' own error names the problem
+        return {}
+    return {
+        "features": datasets.Features({name: datasets.Value("string") for name in header}),
+        "keep_default_na": False,
+        "na_values": [""],
+    }
 
 
 def concatenate(files: Sequence[Path], parts: Sequence[datasets.Dataset]) -> datasets.Dataset:
