@@ -325,3 +325,35 @@ def test_csv_cells_are_the_text_the_file_holds(tmp_path: Path, tok) -> None:
     write(tmp_path / "d" / "a.csv", "q,a\nx,y\n")
     write(tmp_path / "d" / "b.csv", "q,a\nx,3\n")
     assert load_rows(section(tmp_path / "d"))["a"] == ["y", "3"]
+
+
+def test_json_numbers_render_as_the_file_writes_them(tmp_path: Path, tok) -> None:
+    """Arrow reads ints next to floats as floats, and booleans after numbers as numbers: `5`
+    was trained as `5.0` and `true` as `1.0`; an int beyond 64 bits was a traceback (exit 1)."""
+    rows = [{"q": "a", "a": 5}, {"q": "b", "a": 2.5}, {"q": "d", "a": None},
+            {"q": "e", "a": 7, "id": 12345678901234567890}]
+    cfg = section(jsonl(tmp_path, rows))
+    loaded = load_rows(cfg)
+    assert loaded["a"] == ["5", "2.5", None, "7"]
+    assert loaded["id"][3] == "12345678901234567890"
+    ds, _ = tokenize(loaded, tok, cfg)
+    assert "5.0" not in tok.decode(ds["input_ids"][0])
+    assert tok.decode(ds["input_ids"][0]).endswith("A: 5</s>")
+    with pytest.raises(DataError) as exc:
+        load_rows(section(jsonl(tmp_path, [{"q": "a", "a": 5}, {"q": "c", "a": True}])))
+    assert exc.value.problem.startswith(
+        "d.jsonl line 2: field 'a' holds a boolean where earlier rows hold a number")
+
+
+def test_a_value_of_several_types_inside_one_row_is_a_data_error(tmp_path: Path) -> None:
+    """A turn whose content is a list (or a number) next to a text turn in the same row: Arrow
+    cannot convert that row alone, which was a traceback (exit 1, requeued) for exit 65."""
+    good = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    bad = {"messages": [{"role": "user", "content": [{"type": "text", "text": "q"}]},
+                        {"role": "assistant", "content": "a"}]}
+    for rows, line in (([good, bad], 2), ([bad, good], 1)):
+        p = jsonl(tmp_path, rows)
+        with pytest.raises(DataError) as exc:
+            load_rows(DataSection(path=str(p), shape="chat", chat_template="chatml"))
+        assert exc.value.problem.startswith(
+            f"d.jsonl line {line}: field 'messages' mixes types inside one value")

@@ -323,15 +323,73 @@ def _kind(value: Any) -> str:
 def _converts(values: list[Any]) -> bool:
     try:
         pa.array(values)
-    except pa.ArrowException:
+    except (pa.ArrowException, OverflowError):
         return False
     return True
+
+
+_INT64 = range(-(2**63), 2**63)
+
+
+def _scalar_kind(value: Any) -> str | None:
+    """bool, int (64-bit), big (a wider int) or float; None for anything else."""
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, int):
+        return "int" if value in _INT64 else "big"
+    if isinstance(value, float):
+        return "float"
+    return None
+
+
+def _numbers_as_text(
+    column: str, values: list[Any], where: Sequence[Where]
+) -> list[Any] | None:
+    """A column of JSON numbers that Arrow would change, as their JSON text: Arrow reads ints
+    next to floats as floats (`5` rendered `5.0`) and refuses ints beyond 64 bits. None when the
+    column is left as it is (one kind of number, or not numbers: text, lists, objects).
+
+    Raises:
+        DataError: booleans and numbers in one column (exit 65): Arrow refuses a number after
+            a boolean, and reads a boolean after a number as a number (`true` as `1.0`).
+    """
+    kinds: dict[str, int] = {}
+    for i, v in enumerate(values):
+        if v is None:
+            continue
+        kind = _scalar_kind(v)
+        if kind is None:
+            return None
+        kinds.setdefault(kind, i)
+    if "bool" in kinds and len(kinds) > 1:
+        first = kinds["bool"]
+        bad = min(i for k, i in kinds.items() if k != "bool")
+        first, bad = min(first, bad), max(first, bad)
+        raise DataError(
+            f"{where[bad]}: field {column!r} holds {_kind(values[bad])} where earlier rows hold "
+            f"{_kind(values[first])} (first at {where[first]})",
+            f"give {column!r} one type in every row (text where a template or data.text_field "
+            "reads it): fix or remove that row",
+        )
+    if len(kinds) < 2 and "big" not in kinds:
+        return None
+    return [None if v is None else json.dumps(v) for v in values]
 
 
 def _mixed_types(column: str, values: list[Any], where: Sequence[Where]) -> DataError | None:
     """The first row whose value in `column` cannot join the column the earlier rows make."""
     if _converts(values):
         return None
+    for i, value in enumerate(values):  # one row whose value is of several types inside
+        if not _converts([value]):
+            shown = json.dumps(value, ensure_ascii=False, default=str)
+            shown = shown if len(shown) <= 80 else shown[:77] + "..."
+            return DataError(
+                f"{where[i]}: field {column!r} mixes types inside one value ({shown}): e.g. "
+                "text in one turn's content and a list or number in another's",
+                f"give each part of {column!r} one type (content as text in every turn): "
+                "fix or remove that row",
+            )
     lo, hi = 1, len(values)  # the shortest failing prefix: values[:hi] fails, values[:lo] not
     while hi - lo > 1:
         mid = (lo + hi) // 2
@@ -350,7 +408,8 @@ def _mixed_types(column: str, values: list[Any], where: Sequence[Where]) -> Data
 
 
 def rows_to_dataset(rows: list[dict[str, Any]], where: Sequence[Where]) -> datasets.Dataset:
-    """Rows as a Dataset; columns are every key seen (missing values are null).
+    """Rows as a Dataset; columns are every key seen (missing values are null). A column of
+    numbers that Arrow would change (see _numbers_as_text) holds their JSON text.
 
     Raises:
         DataError: a field holds values of different types (exit 65), naming the field, the
@@ -360,9 +419,12 @@ def rows_to_dataset(rows: list[dict[str, Any]], where: Sequence[Where]) -> datas
     for row in rows:
         columns.update(dict.fromkeys(row))
     mapping = {k: [r.get(k) for r in rows] for k in columns}
+    for k, values in mapping.items():
+        if (as_text := _numbers_as_text(k, values, where)) is not None:
+            mapping[k] = as_text
     try:
         return datasets.Dataset.from_dict(mapping)
-    except pa.ArrowException as exc:
+    except (pa.ArrowException, OverflowError) as exc:
         for column, values in mapping.items():
             if (err := _mixed_types(column, values, where)) is not None:
                 raise err from None
