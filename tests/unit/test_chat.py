@@ -230,3 +230,25 @@ def test_a_cut_conversation_never_trains_a_turn_that_last_assistant_leaves_out(
     trained = [t for t, lab in zip(ds["input_ids"][0], ds["labels"][0], strict=True)
                if lab != IGNORE_INDEX]
     assert "draft" not in sp.decode(trained)
+
+
+def test_openai_weight_zero_leaves_an_assistant_turn_untrained(tmp_path: Path, sp: Any) -> None:
+    """OpenAI's chat fine-tuning format marks assistant messages not to learn from with
+    `"weight": 0`; it was ignored, so those turns were trained."""
+    row = openai_row(TURNS)
+    row["messages"][2]["weight"] = 0  # "5"
+    row["messages"][4]["weight"] = 1
+    path = write(tmp_path, [row])
+    cfg = DataSection(path=str(path), shape="chat", chat_template="chatml")
+    ds, _ = tokenize(load_rows(cfg), sp, cfg)
+    messages = chat.conversation(load_rows(cfg)[0]["messages"], cfg, lambda: "row 1")
+    text = chat.render(sp, chat.TEMPLATES["chatml"], messages)
+    assert "weight" not in text
+    assert trained_texts(sp, text, ds["input_ids"][0], ds["labels"][0]) == [
+        "The sum is 8.<|im_end|>"
+    ]
+    for turn, weight, problem in ((2, 0.5, "has weight 0.5"), (1, 0, "only assistant turns")):
+        bad = openai_row(TURNS)
+        bad["messages"][turn]["weight"] = weight
+        with pytest.raises(DataError, match=problem):
+            chat.conversation(bad["messages"], cfg, lambda: "row 1")

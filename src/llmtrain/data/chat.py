@@ -80,6 +80,9 @@ TEMPLATES: dict[str, str] = {
 }
 
 Message = dict[str, str]
+# OpenAI's fine-tuning format: `"weight": 0` on an assistant message leaves it untrained. Kept
+# on the message as "0" (never handed to a template) so render_with_spans can mask the turn.
+WEIGHT = "weight"
 
 
 def messages_field(cfg: DataSection, columns: Sequence[str]) -> str:
@@ -112,7 +115,8 @@ def conversation(turns: Any, cfg: DataSection, where: Callable[[], str]) -> list
 
     Raises:
         DataError: not a list of turns, a turn without role or content, an unknown role,
-            content that is not text, no turns, or no assistant turn (exit 65).
+            content that is not text, a weight other than 0 or 1 or on a turn that is not the
+            assistant's, no turns, or no assistant turn (exit 65).
     """
 
     def bad(problem: str) -> DataError:
@@ -140,7 +144,17 @@ def conversation(turns: Any, cfg: DataSection, where: Callable[[], str]) -> list
             raise bad(f"turn {k + 1} ({role}) has no content (no 'content' or 'value' key)")
         if not isinstance(content, str):
             raise bad(f"turn {k + 1} ({role}) content is a {type(content).__name__}, not text")
-        out.append({"role": ROLES[role], "content": content})
+        message = {"role": ROLES[role], "content": content}
+        weight = turn.get(WEIGHT)
+        if weight is not None:
+            if isinstance(weight, bool) or weight not in (0, 1):
+                raise bad(f"turn {k + 1} ({role}) has weight {weight!r}: OpenAI's weight is 0 "
+                          "(not trained) or 1")
+            if ROLES[role] != "assistant":
+                raise bad(f"turn {k + 1} ({role}) has a weight: only assistant turns take one")
+            if weight == 0:
+                message[WEIGHT] = "0"
+        out.append(message)
     if not any(m["role"] == "assistant" for m in out):
         raise bad("no assistant turn: nothing to train on")
     if cfg.system_prompt is not None and out[0]["role"] != "system":
@@ -198,10 +212,11 @@ def render(
     """
     import jinja2
 
+    shown = [{k: v for k, v in m.items() if k != WEIGHT} for m in messages]
     try:
         return str(
             tokenizer.apply_chat_template(
-                messages,
+                shown,
                 chat_template=template,
                 tokenize=False,
                 add_generation_prompt=generation_prompt,
@@ -234,6 +249,7 @@ def render_with_spans(
     """
     text = render(tokenizer, template, messages)
     spans: list[Span] = []
+    weighted: list[bool] = []  # per assistant turn: trained (no `"weight": 0`)
     for k, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
@@ -248,11 +264,14 @@ def render_with_spans(
             )
         end = len(upto.rstrip())
         spans.append((len(head), max(end, len(head))))
+        weighted.append(m.get(WEIGHT) != "0")
     ends = [b for _, b in spans]
     if train_on == "all":
         spans = [(0, len(text))]
     elif train_on == "last_assistant":
-        spans = spans[-1:]
+        spans = [span for span, on in zip(spans[-1:], weighted[-1:], strict=True) if on]
+    else:
+        spans = [span for span, on in zip(spans, weighted, strict=True) if on]
     return Rendered(text, spans, ends)
 
 
