@@ -59,3 +59,19 @@ def test_held_out_rows_are_split_off_before_repeating(tmp_path: Path) -> None:
     assert (len(second.train), second.held_out, second.section.shape) == (4, None, "text")
     again = split_sources(data, seed=7)
     assert again[0].train["q"] == first.train["q"]
+
+
+def test_the_seed_that_draws_the_split_is_part_of_the_prepared_fingerprint() -> None:
+    """training.seed draws the held-out rows and each source's sample: prepared data of
+    another seed (a shared data.prepared_dir) held another split and was reused as this one's."""
+    from llmtrain.config import load_config
+    from llmtrain.data.prepared import fingerprint
+    from llmtrain.model.load import load_tokenizer
+
+    repo = Path(__file__).resolve().parents[2]
+    a, b = (load_config(str(repo / "configs" / "lora.yaml"), [f"training.seed={s}"])
+            for s in (1, 2))
+    assert split_sources(a.data, 1)[0].held_out["question"] != split_sources(
+        b.data, 2)[0].held_out["question"]
+    tok = load_tokenizer(a.model)
+    assert fingerprint(a, tok) != fingerprint(b, tok)

@@ -43,7 +43,12 @@ def fingerprint(cfg: RunConfig, tokenizer: Any) -> str:
     """Changes when the data, its settings or the tokenizer change."""
     h = hashlib.sha256()
     data = cfg.data.model_dump(mode="json", exclude={"prepared_dir"})
-    h.update(json.dumps({"v": FORMAT_VERSION, "data": data}, sort_keys=True).encode())
+    # The seed draws the held-out split and each source's sample (mixture.split_sources).
+    h.update(
+        json.dumps(
+            {"v": FORMAT_VERSION, "data": data, "seed": cfg.training.seed}, sort_keys=True
+        ).encode()
+    )
     if cfg.method.name in PREFERENCE_METHODS:
         h.update(b"preference pairs")  # the same rows prepare to other columns
     for section in cfg.data.for_sources():
