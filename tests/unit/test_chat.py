@@ -252,3 +252,19 @@ def test_openai_weight_zero_leaves_an_assistant_turn_untrained(tmp_path: Path, s
         bad["messages"][turn]["weight"] = weight
         with pytest.raises(DataError, match=problem):
             chat.conversation(bad["messages"], cfg, lambda: "row 1")
+
+
+def test_an_empty_assistant_reply_is_not_trained(tmp_path: Path, sp: Any) -> None:
+    """An empty or blank reply trained the model to end its turn at once; an instruction row
+    with an empty response is dropped and counted, and so is a conversation with no reply."""
+    mixed = openai_row([("What is 2 plus 3?", "  "), TURNS[1]])
+    empty = openai_row([("What is 2 plus 3?", "")])
+    path = write(tmp_path, [mixed, empty])
+    cfg = DataSection(path=str(path), shape="chat", chat_template="chatml")
+    ds, stats = tokenize(load_rows(cfg), sp, cfg)
+    assert (stats.kept, stats.dropped_empty) == (1, 1)
+    messages = chat.conversation(mixed["messages"], cfg, lambda: "row 1")
+    text = chat.render(sp, chat.TEMPLATES["chatml"], messages)
+    assert trained_texts(sp, text, ds["input_ids"][0], ds["labels"][0]) == [
+        "The sum is 8.<|im_end|>"
+    ]

@@ -249,7 +249,7 @@ def render_with_spans(
     """
     text = render(tokenizer, template, messages)
     spans: list[Span] = []
-    weighted: list[bool] = []  # per assistant turn: trained (no `"weight": 0`)
+    weighted: list[bool] = []  # per assistant turn: trained (text, and no `"weight": 0`)
     for k, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
@@ -264,7 +264,9 @@ def render_with_spans(
             )
         end = len(upto.rstrip())
         spans.append((len(head), max(end, len(head))))
-        weighted.append(m.get(WEIGHT) != "0")
+        # An empty reply teaches nothing but to end the turn at once: untrained, as an
+        # instruction row's empty response is dropped.
+        weighted.append(m.get(WEIGHT) != "0" and bool(m["content"].strip()))
     ends = [b for _, b in spans]
     if train_on == "all":
         spans = [(0, len(text))]
