@@ -268,3 +268,22 @@ def test_an_empty_assistant_reply_is_not_trained(tmp_path: Path, sp: Any) -> Non
     assert trained_texts(sp, text, ds["input_ids"][0], ds["labels"][0]) == [
         "The sum is 8.<|im_end|>"
     ]
+
+
+@pytest.mark.parametrize("template", ["llama-2", "mistral", "alpaca"])
+def test_a_turn_the_template_leaves_out_is_a_data_error(
+    tmp_path: Path, sp: Any, template: str
+) -> None:
+    """These templates render a system message only as the first turn: one later in the
+    conversation vanished, and the reply after it was trained without the instruction."""
+    row = openai_row(TURNS, system=False)
+    row["messages"].insert(2, {"role": "system", "content": "From now on answer in French."})
+    path = write(tmp_path, [openai_row(TURNS[:1]), row])
+    cfg = DataSection(path=str(path), shape="chat", chat_template=template)
+    with pytest.raises(DataError) as exc:
+        tokenize(load_rows(cfg), sp, cfg)
+    assert exc.value.problem.startswith(
+        "chat.jsonl line 2: the chat template refused the conversation: the chat template "
+        "leaves turn 3 (system) out of the text")
+    chatml = cfg.model_copy(update={"chat_template": "chatml"})
+    assert tokenize(load_rows(chatml), sp, chatml)[1].kept == 2

@@ -246,8 +246,18 @@ def render_with_spans(
     Raises:
         ConfigError: the template renders a prefix of the conversation differently from the
             start of the whole (assistant turns cannot be located), exit 64.
+        TemplateRefused: the template raised, or left a system or user turn out of the text.
     """
     text = render(tokenizer, template, messages)
+    for k, m in enumerate(messages):
+        shown = m["content"].strip()
+        if m["role"] != "assistant" and shown and shown not in text:
+            # llama-2, mistral and alpaca render a system message only as the first turn
+            raise TemplateRefused(
+                f"the chat template leaves turn {k + 1} ({m['role']}) out of the text, so the "
+                "model would never read it; a system message after the first turn is dropped "
+                "by llama-2, mistral and alpaca: move it first, or use chatml"
+            )
     spans: list[Span] = []
     weighted: list[bool] = []  # per assistant turn: trained (text, and no `"weight": 0`)
     for k, m in enumerate(messages):
