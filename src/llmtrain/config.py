@@ -69,6 +69,7 @@ DataFormat = Literal["auto", "json", "jsonl", "csv", "parquet", "text", "squad",
 SOURCE_KEYS = (
     "path", "format", "name", "split", "shape", "prompt_template", "response_template",
     "text_field", "messages_field", "system_prompt", "train_on", "limit", "field",
+    "special_tokens_in_text",
 )
 
 
@@ -87,6 +88,7 @@ class SourceSection(Section):
     messages_field: str | None = None
     system_prompt: str | None = None
     train_on: Literal["assistant", "last_assistant", "all"] | None = None
+    special_tokens_in_text: Literal["refuse", "drop", "keep"] | None = None
     limit: int | None = Field(None, ge=1)
     rows: int | None = Field(
         None, ge=1, description="training rows taken from this source (repeated when more)"
@@ -135,6 +137,11 @@ class DataSection(Section):
     )
     train_on: Literal["assistant", "last_assistant", "all"] = Field(
         "assistant", description="chat: which turns carry the loss"
+    )
+    special_tokens_in_text: Literal["refuse", "drop", "keep"] = Field(
+        "refuse",
+        description="data whose text holds a special token's text (</s>, <|im_end|>): refuse "
+        "(exit 65), drop the row (counted), or keep (read as that control token)",
     )
     max_length: int = Field(512, ge=8)
     overflow: Literal["truncate", "drop"] = "truncate"

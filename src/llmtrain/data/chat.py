@@ -197,6 +197,12 @@ def resolve_template(tokenizer: Any, cfg: DataSection) -> str:
     return choice
 
 
+def contents(messages: list[Message]) -> list[tuple[str, str]]:
+    """("turn N (role)", its content) for each message: the data's own text of a conversation
+    (data.special_tokens_in_text checks these)."""
+    return [(f"turn {k + 1} ({m['role']})", m["content"]) for k, m in enumerate(messages)]
+
+
 class TemplateRefused(ValueError):
     """The chat template raised on a conversation (e.g. roles that do not alternate)."""
 

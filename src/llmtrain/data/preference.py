@@ -29,7 +29,8 @@ from llmtrain.config import DataSection
 from llmtrain.data import chat
 from llmtrain.data.encode import Encoded, encode
 from llmtrain.data.rows import row_location
-from llmtrain.data.templates import TemplateError, fields, is_missing, render
+from llmtrain.data.special_text import SpecialText
+from llmtrain.data.templates import TemplateError, field_values, fields, is_missing, render
 from llmtrain.data.tokenize import TokenizeStats
 from llmtrain.errors import ConfigError, DataError
 from llmtrain.labels import IGNORE_INDEX
@@ -176,6 +177,68 @@ def _fit(ex: Encoded, cfg: DataSection) -> Encoded | str:
     return Encoded(ex.input_ids[:n], ex.labels[:n], ex.first_trained)
 
 
+def _rendered(
+    tokenizer: Any, template: str, conv: list[chat.Message], where: Callable[[], str]
+) -> chat.Rendered:
+    """One side's conversation rendered, its final answer the trained span.
+
+    Raises:
+        DataError: the chat template refused it (exit 65).
+    """
+    try:
+        return chat.render_with_spans(tokenizer, template, conv, "last_assistant")
+    except chat.TemplateRefused as exc:
+        raise DataError(
+            f"{where()}: the chat template refused the conversation: {exc}",
+            "fix the conversation (e.g. roles must alternate for llama-2 and mistral)",
+        ) from None
+
+
+def _data_text(
+    row: dict[str, Any], shared: str | None, cfg: DataSection, where: Callable[[], str]
+) -> list[tuple[str, str]]:
+    """The row's own text, for data.special_tokens_in_text: the chosen conversation's turns
+    and the rejected answer, or the fields the templates fill and both answers.
+
+    Raises:
+        DataError: the row is no pair (exit 65), as tokenize_pairs.
+    """
+    if cfg.shape == "chat":
+        chosen, rejected = _chat_pair(row, shared, cfg, where)
+        return [*chat.contents(chosen), ("the rejected answer", rejected[-1]["content"])]
+    assert cfg.prompt_template is not None and cfg.response_template is not None
+    answers = [(side, _answer_text(row, side, where)) for side in SIDES]
+    filled = field_values(cfg.prompt_template + cfg.response_template, row)
+    return [v for v in filled if v[0] != "{chosen}"] + answers
+
+
+def check_pair_rows(
+    ds: datasets.Dataset, tokenizer: Any, cfg: DataSection, first_row: int = 0
+) -> None:
+    """What tokenize_pairs checks of each row, without tokenizing (validate runs it on the rows
+    after its tokenized sample).
+
+    Args:
+        first_row: the index of ds's first row in the dataset, for the row numbers in errors.
+
+    Raises:
+        DataError, ConfigError: as tokenize_pairs, for the first such row.
+    """
+    check_columns(cfg, ds.column_names)
+    template = chat.resolve_template(tokenizer, cfg) if cfg.shape == "chat" else ""
+    shared = shared_field(cfg, ds.column_names) if cfg.shape == "chat" else None
+    special_text = SpecialText(tokenizer, cfg.special_tokens_in_text)
+    for i, row in enumerate(ds):
+        where = functools.partial(row_location, cfg, row, first_row + i)
+        if not special_text.keeps(_data_text(row, shared, cfg, where), where):
+            continue
+        if cfg.shape != "chat":
+            _instruction_pair(row, cfg, where)
+            continue
+        for conv in _chat_pair(row, shared, cfg, where):
+            _rendered(tokenizer, template, conv, where)
+
+
 def tokenize_pairs(
     ds: datasets.Dataset, tokenizer: Any, cfg: DataSection
 ) -> tuple[datasets.Dataset, TokenizeStats]:
@@ -185,7 +248,8 @@ def tokenize_pairs(
 
     Raises:
         DataError: a row without two different non-empty answers, a conversation the chat
-            template refuses, or no pair left (exit 65).
+            template refuses, text holding a special token's text under
+            data.special_tokens_in_text=refuse, or no pair left (exit 65).
         ConfigError: see check_columns (exit 64).
     """
     check_columns(cfg, ds.column_names)
@@ -194,18 +258,16 @@ def tokenize_pairs(
     out: dict[str, list[list[int]]] = {c: [] for c in COLUMNS}
     template = chat.resolve_template(tokenizer, cfg) if cfg.shape == "chat" else ""
     shared = shared_field(cfg, ds.column_names) if cfg.shape == "chat" else None
+    special_text = SpecialText(tokenizer, cfg.special_tokens_in_text)
     for i, row in enumerate(ds):
         where = functools.partial(row_location, cfg, row, i)
+        if not special_text.keeps(_data_text(row, shared, cfg, where), where):
+            stats.dropped_special += 1
+            continue
         if cfg.shape == "chat":
             encoded = []
             for conv in _chat_pair(row, shared, cfg, where):
-                try:
-                    rendered = chat.render_with_spans(tokenizer, template, conv, "last_assistant")
-                except chat.TemplateRefused as exc:
-                    raise DataError(
-                        f"{where()}: the chat template refused the conversation: {exc}",
-                        "fix the conversation (e.g. roles must alternate for llama-2 and mistral)",
-                    ) from None
+                rendered = _rendered(tokenizer, template, conv, where)
                 encoded += encode(
                     [rendered.text], [rendered.spans], tokenizer, special, add_eos=False
                 )

@@ -94,6 +94,21 @@ def render(template: str, row: Mapping[str, Any]) -> str:
     return "".join(out)
 
 
+def field_values(template: str, row: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """("{placeholder}", its text) for each placeholder of `template` that the row fills with
+    text (data.special_tokens_in_text checks these, the data's own characters); placeholders
+    that render nothing or no text (numbers) are left out."""
+    out = []
+    for name in placeholders(template):
+        try:
+            value = _value(name, row)
+        except TemplateError:
+            continue
+        if isinstance(value, str):
+            out.append((f"{{{name}}}", value))
+    return out
+
+
 def blank_fields(template: str, row: Mapping[str, Any]) -> list[str]:
     """The placeholders of `template` whose value in `row` is missing or only white space."""
     blank = []

@@ -4,6 +4,7 @@ boundary rule); too-long, empty and blank rows are counted in TokenizeStats."""
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,9 +14,11 @@ from llmtrain.config import DataSection
 from llmtrain.data import chat
 from llmtrain.data.encode import Encoded, encode
 from llmtrain.data.rows import row_location
+from llmtrain.data.special_text import SpecialText
 from llmtrain.data.templates import (
     TemplateError,
     blank_fields,
+    field_values,
     is_missing,
     placeholders,
     render,
@@ -33,6 +36,7 @@ class TokenizeStats:
     dropped_too_long: int = 0
     dropped_prompt_too_long: int = 0
     dropped_empty: int = 0
+    dropped_special: int = 0  # data.special_tokens_in_text=drop
     tokens: int = 0
     loss_tokens: int = 0
     empty_fields: dict[str, int] = field(default_factory=dict)  # placeholder -> rows blank
@@ -43,7 +47,13 @@ class TokenizeStats:
             f"{self.kept}/{self.rows} rows kept ({self.truncated} truncated, "
             f"{self.dropped_too_long} dropped as too long, {self.dropped_prompt_too_long} dropped "
             f"because the prompt fills max_length, {self.dropped_empty} dropped with an empty "
-            f"response); {self.tokens} tokens, {self.loss_tokens} with loss"
+            f"response"
+            + (
+                f", {self.dropped_special} dropped holding a special token's text"
+                if self.dropped_special
+                else ""
+            )
+            + f"); {self.tokens} tokens, {self.loss_tokens} with loss"
         )
         if self.empty_fields:
             counts = ", ".join(f"{{{k}}}: {v}" for k, v in sorted(self.empty_fields.items()))
@@ -67,29 +77,94 @@ def _fit(ex: Encoded, cfg: DataSection, stats: TokenizeStats) -> Encoded | None:
 
 
 def _instruction_batch(
-    batch: list[dict[str, Any]], first_row: int, cfg: DataSection, stats: TokenizeStats
-) -> list[tuple[str, int] | None]:
-    """(full text, where the response starts) per row; None for a row without a response.
-    Counts each template placeholder left blank into stats.empty_fields."""
+    batch: list[dict[str, Any]],
+    first_row: int,
+    cfg: DataSection,
+    stats: TokenizeStats,
+    special_text: SpecialText,
+) -> list[tuple[str, int]]:
+    """(full text, where the response starts) per kept row. Counts rows without a response
+    (dropped_empty), rows left out by data.special_tokens_in_text (dropped_special), and each
+    template placeholder left blank (empty_fields)."""
     assert cfg.prompt_template is not None and cfg.response_template is not None
     response_fields = set(placeholders(cfg.response_template))
-    out: list[tuple[str, int] | None] = []
+    out: list[tuple[str, int]] = []
     for i, row in enumerate(batch):
+        where = functools.partial(row_location, cfg, row, first_row + i)
         try:
             prompt = render(cfg.prompt_template, row)
             response = render(cfg.response_template, row)
         except TemplateError as exc:
             raise DataError(
-                f"{row_location(cfg, row, first_row + i)}: {exc}",
+                f"{where()}: {exc}",
                 "fix the data, or change data.prompt_template / data.response_template",
             ) from None
         blank = set(blank_fields(cfg.prompt_template + cfg.response_template, row))
         for name in blank:
             stats.empty_fields[name] = stats.empty_fields.get(name, 0) + 1
         # " {answer}" with a null answer renders as " ": empty all the same.
-        empty = not response.strip() or (bool(response_fields) and response_fields <= blank)
-        out.append(None if empty else (prompt + response, len(prompt)))
+        if not response.strip() or (bool(response_fields) and response_fields <= blank):
+            stats.dropped_empty += 1
+            continue
+        values = field_values(cfg.prompt_template, row) + field_values(cfg.response_template, row)
+        if not special_text.keeps(values, where):
+            stats.dropped_special += 1
+            continue
+        out.append((prompt + response, len(prompt)))
     return out
+
+
+def _text_batch(
+    batch: list[dict[str, Any]],
+    first_row: int,
+    cfg: DataSection,
+    stats: TokenizeStats,
+    special_text: SpecialText,
+) -> list[str]:
+    """The text of each kept row; counts empty ones and those data.special_tokens_in_text
+    leaves out."""
+    out: list[str] = []
+    for i, row in enumerate(batch):
+        v = row[cfg.text_field]
+        where = functools.partial(row_location, cfg, row, first_row + i)
+        if not (is_missing(v) or isinstance(v, str)):
+            raise DataError(
+                f"{where()}: data.text_field {cfg.text_field!r} holds a "
+                f"{type(v).__name__}, not text",
+                "point data.text_field at a column of text",
+            )
+        if is_missing(v) or not v.strip():
+            stats.dropped_empty += 1
+        elif not special_text.keeps([(f"data.text_field {cfg.text_field!r}", v)], where):
+            stats.dropped_special += 1
+        else:
+            out.append(v)
+    return out
+
+
+def _chat_rendered(
+    row: dict[str, Any],
+    where: Callable[[], str],
+    field_name: str,
+    tokenizer: Any,
+    template: str,
+    cfg: DataSection,
+    stats: TokenizeStats,
+    special_text: SpecialText,
+) -> tuple[list[chat.Message], chat.Rendered] | None:
+    """One row's conversation and its rendering; None when data.special_tokens_in_text leaves
+    it out (counted)."""
+    messages = chat.conversation(row[field_name], cfg, where)
+    if not special_text.keeps(chat.contents(messages), where):
+        stats.dropped_special += 1
+        return None
+    try:
+        return messages, chat.render_with_spans(tokenizer, template, messages, cfg.train_on)
+    except chat.TemplateRefused as exc:
+        raise DataError(
+            f"{where()}: the chat template refused the conversation: {exc}",
+            "fix the conversation (e.g. roles must alternate for llama-2 and mistral)",
+        ) from None
 
 
 def _chat_batch(
@@ -99,6 +174,7 @@ def _chat_batch(
     special: special_tokens.SpecialTokens,
     cfg: DataSection,
     stats: TokenizeStats,
+    special_text: SpecialText,
     out: dict[str, list[list[int]]],
 ) -> None:
     """Conversations -> samples; an over-long one keeps its longest run of whole turns that
@@ -107,15 +183,12 @@ def _chat_batch(
     field_name = chat.messages_field(cfg, list(batch[0]) if batch else [])
     for i, row in enumerate(batch):
         where = functools.partial(row_location, cfg, row, first_row + i)
-        messages = chat.conversation(row[field_name], cfg, where)
-        try:
-            rendered = chat.render_with_spans(tokenizer, template, messages, cfg.train_on)
-        except chat.TemplateRefused as exc:
-            raise DataError(
-                f"{where()}: the chat template refused the "
-                f"conversation: {exc}",
-                "fix the conversation (e.g. roles must alternate for llama-2 and mistral)",
-            ) from None
+        found = _chat_rendered(
+            row, where, field_name, tokenizer, template, cfg, stats, special_text
+        )
+        if found is None:
+            continue
+        messages, rendered = found
         ex = encode([rendered.text], [rendered.spans], tokenizer, special, add_eos=False)[0]
         if len(ex.input_ids) > cfg.max_length:
             ex_fit = _shorter_conversation(messages, tokenizer, template, special, cfg)
@@ -163,37 +236,22 @@ def tokenize(
 
     Raises:
         DataError: a row does not fit the templates (a missing field, a list where text is
-            expected), or no row is left (exit 65).
+            expected), holds a special token's text under data.special_tokens_in_text=refuse,
+            or no row is left (exit 65).
     """
     special = special_tokens.decide(tokenizer)
+    special_text = SpecialText(tokenizer, cfg.special_tokens_in_text)
     stats = TokenizeStats(rows=len(ds))
     out: dict[str, list[list[int]]] = {"input_ids": [], "labels": []}
-    chunk = 1000
-    for start in range(0, len(ds), chunk):
-        rows = ds[start : start + chunk]
-        n = len(next(iter(rows.values())))
-        batch = [{k: rows[k][i] for k in rows} for i in range(n)]
+    for start, batch in _chunks(ds):
         if cfg.shape == "chat":
-            _chat_batch(batch, start, tokenizer, special, cfg, stats, out)
+            _chat_batch(batch, start, tokenizer, special, cfg, stats, special_text, out)
             continue
         if cfg.shape == "instruction":
-            assert cfg.prompt_template is not None and cfg.response_template is not None
-            rendered = _instruction_batch(batch, start, cfg, stats)
-            stats.dropped_empty += sum(r is None for r in rendered)
-            texts = [r for r in rendered if r is not None]
+            texts = _instruction_batch(batch, start, cfg, stats, special_text)
             spans = [[(cut, len(text))] for text, cut in texts]
         else:
-            values = [r[cfg.text_field] for r in batch]
-            for i, v in enumerate(values):
-                if not (is_missing(v) or isinstance(v, str)):
-                    raise DataError(
-                        f"{row_location(cfg, batch[i], start + i)}: data.text_field "
-                        f"{cfg.text_field!r} holds a "
-                        f"{type(v).__name__}, not text",
-                        "point data.text_field at a column of text",
-                    )
-            kept = [v for v in values if not is_missing(v) and v.strip()]
-            stats.dropped_empty += len(values) - len(kept)
+            kept = _text_batch(batch, start, cfg, stats, special_text)
             texts = [(v, 0) for v in kept]
             spans = [[(0, len(v))] for v in kept]
         if not texts:
@@ -220,6 +278,43 @@ def tokenize(
         )
         raise DataError(f"no usable rows: {stats.summary()}", hint)
     return datasets.Dataset.from_dict(out), stats
+
+
+def _chunks(ds: datasets.Dataset, size: int = 1000) -> Iterator[tuple[int, list[dict[str, Any]]]]:
+    """(index of the first row, rows as dicts) for each run of `size` rows."""
+    for start in range(0, len(ds), size):
+        rows = ds[start : start + size]
+        n = len(next(iter(rows.values())))
+        yield start, [{k: rows[k][i] for k in rows} for i in range(n)]
+
+
+def check_rows(ds: datasets.Dataset, tokenizer: Any, cfg: DataSection, first_row: int = 0) -> None:
+    """What tokenize checks of each row, without tokenizing: templates and conversations
+    render, fields are text, and data.special_tokens_in_text. `validate` tokenizes a sample
+    and runs this on the rest, so it refuses every row that prepare and finetune refuse.
+
+    Args:
+        first_row: the index of ds's first row in the dataset, for the row numbers in errors.
+
+    Raises:
+        DataError: as tokenize, for the first such row (exit 65).
+        ConfigError: as tokenize (a chat template that cannot run, exit 64).
+    """
+    special_text = SpecialText(tokenizer, cfg.special_tokens_in_text)
+    stats = TokenizeStats()
+    for start, batch in _chunks(ds):
+        start += first_row
+        if cfg.shape == "instruction":
+            _instruction_batch(batch, start, cfg, stats, special_text)
+        elif cfg.shape == "text":
+            _text_batch(batch, start, cfg, stats, special_text)
+        else:
+            template = chat.resolve_template(tokenizer, cfg)
+            field_name = chat.messages_field(cfg, list(batch[0]) if batch else [])
+            for i, row in enumerate(batch):
+                where = functools.partial(row_location, cfg, row, start + i)
+                _chat_rendered(row, where, field_name, tokenizer, template, cfg, stats,
+                               special_text)  # fmt: skip
 
 
 def _pack_blocks(

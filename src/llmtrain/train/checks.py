@@ -16,7 +16,7 @@ from llmtrain.config import PREFERENCE_METHODS, RunConfig
 from llmtrain.data import mixture, preference
 from llmtrain.data.rows import check_templates, load_rows
 from llmtrain.data.token_budget import row_lengths
-from llmtrain.data.tokenize import tokenize
+from llmtrain.data.tokenize import check_rows, tokenize
 from llmtrain.errors import ConfigError, NeedsGpuError
 from llmtrain.model.load import load_model_config, load_tokenizer, model_class, pick_attention
 from llmtrain.train import checkpoints
@@ -198,6 +198,11 @@ def check_data(cfg: RunConfig, tokenizer: Any, report: Report) -> None:
         else:
             tokenized, stats = tokenize(sample, tokenizer, section)
             report.lengths += row_lengths(tokenized).tolist()
+        if len(rows) > len(sample):
+            # The rest row by row without tokenizing: every row that prepare would refuse.
+            rest = rows.select(range(len(sample), len(rows)))
+            check = preference.check_pair_rows if pairs else check_rows
+            check(rest, tokenizer, section, first_row=len(sample))
         scope = "all" if len(sample) == len(rows) else f"first {len(sample)} of {len(rows)}"
         name = f"data.sources[{k}]" if cfg.data.sources else "data"
         report.lines.append(f"{name} ({scope} rows): {stats.summary()}")
