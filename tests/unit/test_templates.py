@@ -25,3 +25,9 @@ def test_positional_attribute_and_malformed_templates_are_refused(template: str)
 def test_bad_nested_index_is_a_template_error() -> None:
     with pytest.raises(TemplateError):
         render("{a[text][3]}", {"a": {"text": ["only one"]}})
+
+
+def test_booleans_render_as_json_writes_them() -> None:
+    """A JSON `true` was trained as Python's `True` (found by a reviewer), nested ones too."""
+    row = {"a": True, "meta": {"ok": False}, "n": 5}
+    assert render("{a} {meta[ok]} {n}", row) == "true false 5"

@@ -88,6 +88,8 @@ def render(template: str, row: Mapping[str, Any]) -> str:
             raise TemplateError(
                 f"placeholder {{{field}}} holds a {type(value).__name__} ({shown}), not text"
             )
+        if isinstance(value, bool):  # as the JSON file writes it, not Python's True
+            value = "true" if value else "false"
         if conversion:
             value = _FORMATTER.convert_field(value, conversion)
         out.append(_FORMATTER.format_field(value, spec or ""))
