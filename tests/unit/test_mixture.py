@@ -11,6 +11,7 @@ import pytest
 
 from llmtrain.config import DataSection, SourceSection
 from llmtrain.data.mixture import split_sources, take
+from llmtrain.errors import DataError
 
 
 def rows(n: int) -> datasets.Dataset:
@@ -75,3 +76,32 @@ def test_the_seed_that_draws_the_split_is_part_of_the_prepared_fingerprint() -> 
         b.data, 2)[0].held_out["question"]
     tok = load_tokenizer(a.model)
     assert fingerprint(a, tok) != fingerprint(b, tok)
+
+
+def test_a_row_repeated_in_the_data_is_never_both_held_out_and_trained(tmp_path: Path) -> None:
+    """A row that occurs twice in a file was split by index, so one copy could be held out and
+    the other trained: the held-out loss and generate's answers then scored trained text
+    (found by a reviewer). Every copy now goes where its first copy goes."""
+    path = tmp_path / "a.jsonl"
+    distinct = [{"q": f"q{i}", "a": f"a{i}"} for i in range(20)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in distinct * 3))  # each row 3 times
+    data = DataSection(path=str(path), prompt_template="{q}", response_template=" {a}",
+                       eval_fraction=0.2)  # fmt: skip
+    for seed in range(5):
+        (src,) = split_sources(data, seed=seed)
+        assert not set(src.train["q"]) & set(src.held_out["q"])
+        assert (len(src.train), len(src.held_out)) == (48, 12)  # 4 of 20 distinct, 3 copies
+    clean = tmp_path / "b.jsonl"
+    clean.write_text("".join(json.dumps(r) + "\n" for r in distinct))
+    (src,) = split_sources(data.model_copy(update={"path": str(clean)}), seed=3)
+    split = datasets.Dataset.from_list(distinct).train_test_split(test_size=0.2, seed=3)
+    assert src.held_out["q"] == split["test"]["q"]  # without repeats: train_test_split's
+
+
+def test_copies_of_one_row_do_not_count_as_rows_to_hold_out(tmp_path: Path) -> None:
+    path = tmp_path / "a.jsonl"
+    path.write_text((json.dumps({"q": "q", "a": "a"}) + "\n") * 10)
+    data = DataSection(path=str(path), prompt_template="{q}", response_template=" {a}",
+                       eval_fraction=0.2)  # fmt: skip
+    with pytest.raises(DataError, match=r"of the 1 distinct rows of data\.path leaves no"):
+        split_sources(data, seed=0)

@@ -1,13 +1,17 @@
 """Several datasets in one run: each read with its own keys, held out, then sampled.
 
 Each source's held-out rows (data.eval_fraction) are split off first, so a row never lands in
-both splits however often it is repeated. Its training rows are then taken `rows` times or
-`weight` x its size: a seeded permutation, repeated when more rows are asked for than it has,
-so the mixture is a pure function of the seed and the data.
+both splits however often it is repeated, by the mixture or in the file: identical rows go to
+the side of their first copy. Its training rows are then taken `rows` times or `weight` x its
+size: a seeded permutation, repeated when more rows are asked for than it has, so the mixture
+is a pure function of the seed and the data.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import math
 from dataclasses import dataclass
 
@@ -17,6 +21,8 @@ import numpy as np
 from llmtrain.config import DataSection, SourceSection
 from llmtrain.data.rows import SOURCE_ROW, load_rows
 from llmtrain.errors import DataError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -51,9 +57,52 @@ def splits_rows(section: DataSection) -> bool:
     return section.shape != "text"
 
 
+def row_keys(rows: datasets.Dataset) -> list[str]:
+    """A digest of each row's values (every column but SOURCE_ROW): equal for identical rows."""
+    columns = [c for c in rows.column_names if c != SOURCE_ROW]
+    keys = []
+    for batch in rows.select_columns(columns).iter(batch_size=1000):
+        n = len(batch[columns[0]]) if columns else 0
+        for i in range(n):
+            values = json.dumps([batch[c][i] for c in columns], ensure_ascii=False, default=str)
+            keys.append(hashlib.sha256(values.encode()).hexdigest())
+    return keys
+
+
+def distinct_rows(rows: datasets.Dataset) -> int:
+    return len(set(row_keys(rows)))
+
+
+def held_out_split(
+    rows: datasets.Dataset, fraction: float, seed: int, keys: list[str]
+) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """(training rows, held-out rows): `fraction` of the distinct rows held out by HF datasets'
+    seeded train_test_split, every copy of a row on the side of its first copy. A row repeated
+    in the data was held out and trained on at once, so the held-out loss and the answers
+    `generate` scores included trained text. Without repeats, the split is train_test_split's.
+
+    Args:
+        rows: with the SOURCE_ROW column (each row's index in `rows`).
+        keys: row_keys(rows).
+    """
+    first: dict[str, int] = {}
+    for i, key in enumerate(keys):
+        first.setdefault(key, i)
+    if len(first) == len(keys):
+        parts = rows.train_test_split(test_size=fraction, seed=seed)
+        return parts["train"], parts["test"]
+    log.info("%d rows repeat an earlier row: each copy is held out or trained as its first",
+             len(keys) - len(first))  # fmt: skip
+    parts = rows.select(list(first.values())).train_test_split(test_size=fraction, seed=seed)
+    held = {keys[i] for i in parts["test"][SOURCE_ROW]}
+    train = [i for i, key in enumerate(keys) if key not in held]
+    test = [i for i, key in enumerate(keys) if key in held]
+    return rows.select(train), rows.select(test)
+
+
 def check_eval_split(data: DataSection, k: int, n_rows: int) -> None:
-    """data.eval_fraction of source `k`'s `n_rows` holds out a row and keeps one to train on
-    (plain text is split later, after tokenizing: see splits_rows).
+    """data.eval_fraction of source `k`'s `n_rows` distinct rows holds out a row and keeps one
+    to train on (plain text is split later, after tokenizing: see splits_rows).
 
     Raises:
         DataError: it would not (exit 65).
@@ -63,7 +112,7 @@ def check_eval_split(data: DataSection, k: int, n_rows: int) -> None:
     if data.eval_fraction > 0 and (n_rows < 2 or int(n_rows * data.eval_fraction) < 1):
         where = f"data.sources[{k}]" if data.sources else "data.path"
         raise DataError(
-            f"data.eval_fraction={data.eval_fraction} of the {n_rows} rows of "
+            f"data.eval_fraction={data.eval_fraction} of the {n_rows} distinct rows of "
             f"{where} leaves no evaluation row",
             "set data.eval_fraction=0, or give more rows (plain text splits into rows "
             "at blank lines)",
@@ -83,9 +132,9 @@ def split_sources(data: DataSection, seed: int) -> list[SourceRows]:
         rows = rows.add_column(SOURCE_ROW, list(range(len(rows))))
         held_out = None
         if data.eval_fraction > 0 and splits_rows(section):
-            check_eval_split(data, k, len(rows))
-            parts = rows.train_test_split(test_size=data.eval_fraction, seed=seed)
-            rows, held_out = parts["train"], parts["test"]
+            keys = row_keys(rows)
+            check_eval_split(data, k, len(set(keys)))
+            rows, held_out = held_out_split(rows, data.eval_fraction, seed, keys)
         source = data.sources[k] if data.sources else None
         out.append(SourceRows(k, section, take(rows, source, seed + k), held_out))
     return out

@@ -191,7 +191,8 @@ def check_data(cfg: RunConfig, tokenizer: Any, report: Report) -> None:
             preference.check_columns(section, rows.column_names)
         if not (pairs and section.shape == "chat"):  # pairs name their own turn columns
             check_templates(section, rows)
-        mixture.check_eval_split(cfg.data, k, len(rows))
+        if cfg.data.eval_fraction > 0:
+            mixture.check_eval_split(cfg.data, k, mixture.distinct_rows(rows))
         sample = rows.select(range(min(SAMPLE_ROWS, len(rows))))
         if pairs:
             _, stats = preference.tokenize_pairs(sample, tokenizer, section)
