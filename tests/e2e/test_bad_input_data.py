@@ -119,6 +119,14 @@ CASES: dict[str, Case] = {
         lambda t: (put(t, "dd/1.csv", "question,answer\nq,a\n"),
                    put(t, "dd/2.csv", "question,reply\nq,a\n"), config(t, path=str(t / "dd")))[-1],
         65, ["2.csv has columns question, reply but 1.csv has question, answer"]),
+    "special token's text in an answer": (
+        lambda t: config(t, path=put(t, "d.jsonl", rows("2", "It ends with </s> here."))),
+        65, ["a row of the data holds the text of one of the tokenizer's special tokens",
+             "d.jsonl line 2: {answer} holds '</s>'",
+             "fix: remove the token's text from those rows, or set data.special_tokens_in_text"]),
+    "bad row after the rows validate tokenizes": (
+        lambda t: config(t, path=put(t, "d.jsonl", rows(*["2"] * 2000, "ok </s>"))),
+        65, ["d.jsonl line 2001: {answer} holds '</s>'"]),
 }
 
 

@@ -64,8 +64,20 @@ def test_an_answer_quoting_a_special_token_is_refused_naming_row_field_and_token
     cfg = qa(jsonl(tmp_path, rows))
     with pytest.raises(DataError) as exc:
         tokenize(load_rows(cfg), sp, cfg)
-    assert exc.value.problem.startswith("d.jsonl line 2: {a} holds '</s>'")
+    assert exc.value.problem.startswith("a row of the data holds")
+    assert exc.value.problem.endswith("d.jsonl line 2: {a} holds '</s>'")
     assert "data.special_tokens_in_text: drop" in exc.value.fix
+
+
+def test_the_refusal_counts_every_row_and_names_the_first_three(tmp_path: Path, sp: Any) -> None:
+    rows = [{"q": f"q{i}", "a": QUOTING if i % 2 else "4"} for i in range(12)]
+    cfg = qa(jsonl(tmp_path, rows))
+    with pytest.raises(DataError) as exc:
+        tokenize(load_rows(cfg), sp, cfg)
+    assert exc.value.problem.startswith("6 rows hold the text")
+    assert exc.value.problem.endswith(
+        "d.jsonl line 2: {a} holds '</s>'; d.jsonl line 4: {a} holds '</s>'; "
+        "d.jsonl line 6: {a} holds '</s>' (and 3 more)")
 
 
 def test_drop_leaves_the_row_out_and_counts_it(tmp_path: Path, sp: Any) -> None:
@@ -106,7 +118,7 @@ def test_a_chat_turn_holding_a_marker_is_refused_and_the_templates_markers_pass(
                       chat_template="chatml")  # fmt: skip
     with pytest.raises(DataError) as exc:
         tokenize(load_rows(cfg), sp, cfg)
-    assert exc.value.problem.startswith("d.jsonl line 2: turn 1 (user) holds '<|im_end|>'")
+    assert exc.value.problem.endswith("d.jsonl line 2: turn 1 (user) holds '<|im_end|>'")
     dropped = cfg.model_copy(update={"special_tokens_in_text": "drop"})
     _, stats = tokenize(load_rows(dropped), sp, dropped)
     assert (stats.kept, stats.dropped_special) == (1, 1)
@@ -118,7 +130,7 @@ def test_plain_text_is_checked_and_keep_lets_rendered_chat_through(
     rendered = "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello<|im_end|>"
     path = jsonl(tmp_path, [{"text": "Plain words."}, {"text": rendered}])
     cfg = DataSection(path=str(path), shape="text")
-    with pytest.raises(DataError, match=r"d\.jsonl line 2: data\.text_field 'text' holds"):
+    with pytest.raises(DataError, match=r"d\.jsonl line 2: data\.text_field 'text' holds '<\|"):
         tokenize(load_rows(cfg), sp, cfg)
     kept = cfg.model_copy(update={"special_tokens_in_text": "keep"})
     ds, _ = tokenize(load_rows(kept), sp, kept)
@@ -162,5 +174,4 @@ def test_validate_refuses_a_bad_row_after_the_rows_it_tokenizes(
     ])  # fmt: skip
     with pytest.raises(DataError) as exc:
         run_checks(cfg, gpu=False)
-    assert exc.value.problem.startswith(f"d.jsonl line {SAMPLE_ROWS + 1}: ")
-    assert problem in exc.value.problem
+    assert f"d.jsonl line {SAMPLE_ROWS + 1}: {problem}" in exc.value.problem

@@ -212,14 +212,9 @@ def _data_text(
     return [v for v in filled if v[0] != "{chosen}"] + answers
 
 
-def check_pair_rows(
-    ds: datasets.Dataset, tokenizer: Any, cfg: DataSection, first_row: int = 0
-) -> None:
-    """What tokenize_pairs checks of each row, without tokenizing (validate runs it on the rows
-    after its tokenized sample).
-
-    Args:
-        first_row: the index of ds's first row in the dataset, for the row numbers in errors.
+def check_pair_rows(ds: datasets.Dataset, tokenizer: Any, cfg: DataSection) -> None:
+    """What tokenize_pairs checks of each row, without tokenizing (validate runs it on every
+    row and tokenizes a sample).
 
     Raises:
         DataError, ConfigError: as tokenize_pairs, for the first such row.
@@ -229,7 +224,7 @@ def check_pair_rows(
     shared = shared_field(cfg, ds.column_names) if cfg.shape == "chat" else None
     special_text = SpecialText(tokenizer, cfg.special_tokens_in_text)
     for i, row in enumerate(ds):
-        where = functools.partial(row_location, cfg, row, first_row + i)
+        where = functools.partial(row_location, cfg, row, i)
         if not special_text.keeps(_data_text(row, shared, cfg, where), where):
             continue
         if cfg.shape != "chat":
@@ -237,6 +232,7 @@ def check_pair_rows(
             continue
         for conv in _chat_pair(row, shared, cfg, where):
             _rendered(tokenizer, template, conv, where)
+    special_text.check()
 
 
 def tokenize_pairs(
@@ -289,6 +285,7 @@ def tokenize_pairs(
         for side, ex in zip(SIDES, pair, strict=True):
             out[f"{side}_input_ids"].append(ex.input_ids)
             out[f"{side}_labels"].append(ex.labels)
+    special_text.check()
     stats.kept = len(out["chosen_input_ids"])
     stats.tokens = sum(len(x) for s in SIDES for x in out[f"{s}_input_ids"])
     stats.loss_tokens = sum(

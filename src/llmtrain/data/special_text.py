@@ -8,9 +8,13 @@ templates' markers are meant; the data's are checked here, on the values the dat
 fields a prompt or response template fills, each turn's content, the text field), never on the
 templates' own text:
 
-- `refuse` (the default): exit 65 naming the row, the field and the token;
-- `drop`: the row is left out and counted (TokenizeStats.dropped_special);
+- `refuse` (the default): exit 65 naming how many rows do, and the first ones with their
+  field and token;
+- `drop`: the rows are left out and counted (TokenizeStats.dropped_special);
 - `keep`: read as control tokens, for text meant to hold them (chat already rendered to text).
+
+No setting trains such characters as plain text: the pinned tokenizers library cannot switch
+special-token matching off for part of a text.
 """
 
 from __future__ import annotations
@@ -23,10 +27,11 @@ from llmtrain.errors import DataError
 
 Policy = Literal["refuse", "drop", "keep"]
 FIX = (
-    "remove or escape it in the data; data.special_tokens_in_text: drop leaves such rows out "
-    "(counted), keep reads them as control tokens (text meant to hold them, such as chat "
-    "already rendered with its template)"
+    "remove the token's text from those rows, or set data.special_tokens_in_text: drop (leave "
+    "them out, counted) or keep (read it as the control token: text meant to hold it, such as "
+    "chat already rendered with its template)"
 )
+SHOWN = 3  # rows named in the refusal
 
 
 def special_strings(tokenizer: Any) -> list[str]:
@@ -39,7 +44,9 @@ def special_strings(tokenizer: Any) -> list[str]:
 
 
 class SpecialText:
-    """The check of one dataset: its tokenizer's special-token texts under one policy.
+    """The check of one dataset: its tokenizer's special-token texts under one policy. Under
+    `refuse`, `keeps` records each row and `check` raises once all rows were seen, so the error
+    counts them all.
 
     Args:
         tokenizer: a transformers tokenizer (slow or fast).
@@ -50,27 +57,37 @@ class SpecialText:
         self.policy = policy
         strings = special_strings(tokenizer) if policy != "keep" else []
         self._pattern = re.compile("|".join(map(re.escape, strings))) if strings else None
+        self.refused = 0
+        self._shown: list[str] = []
 
     def keeps(self, values: Iterable[tuple[str, str]], where: Callable[[], str]) -> bool:
         """Whether a row whose data gives `values` ((what, text) pairs, e.g. ("{answer}",
-        "...")) is kept: True unless one holds a special token's text under `drop`.
-
-        Raises:
-            DataError: one does, under `refuse` (exit 65).
-        """
+        "...")) is trained: False when one holds a special token's text (under `refuse` the
+        row is also recorded for `check`)."""
         if self._pattern is None:
             return True
         for what, text in values:
             found = self._pattern.search(text)
             if found is None:
                 continue
-            if self.policy == "drop":
-                return False
-            token = found.group()
-            raise DataError(
-                f"{where()}: {what} holds {token!r}, the text of one of the tokenizer's special "
-                f"tokens: it would be read and trained as that control token, not as the "
-                f"characters {token!r}",
-                FIX,
-            )
+            if self.policy == "refuse":
+                self.refused += 1
+                if len(self._shown) < SHOWN:
+                    self._shown.append(f"{where()}: {what} holds {found.group()!r}")
+            return False
         return True
+
+    def check(self) -> None:
+        """Raises:
+        DataError: rows were refused (exit 65), naming the first ones."""
+        if not self.refused:
+            return
+        rows = "a row of the data holds" if self.refused == 1 else f"{self.refused} rows hold"
+        more = f" (and {self.refused - SHOWN} more)" if self.refused > SHOWN else ""
+        raise DataError(
+            f"{rows} the text of one of the tokenizer's special tokens, which "
+            "would be read and trained as that control token, not as those characters: "
+            + "; ".join(self._shown)
+            + more,
+            FIX,
+        )

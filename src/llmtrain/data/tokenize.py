@@ -265,6 +265,7 @@ def tokenize(
             if fitted is not None:
                 out["input_ids"].append(fitted.input_ids)
                 out["labels"].append(fitted.labels)
+    special_text.check()
     if cfg.packing == "blocks":
         out = _pack_blocks(out["input_ids"], cfg.max_length, stats)
     stats.kept = len(out["input_ids"])
@@ -288,13 +289,10 @@ def _chunks(ds: datasets.Dataset, size: int = 1000) -> Iterator[tuple[int, list[
         yield start, [{k: rows[k][i] for k in rows} for i in range(n)]
 
 
-def check_rows(ds: datasets.Dataset, tokenizer: Any, cfg: DataSection, first_row: int = 0) -> None:
+def check_rows(ds: datasets.Dataset, tokenizer: Any, cfg: DataSection) -> None:
     """What tokenize checks of each row, without tokenizing: templates and conversations
-    render, fields are text, and data.special_tokens_in_text. `validate` tokenizes a sample
-    and runs this on the rest, so it refuses every row that prepare and finetune refuse.
-
-    Args:
-        first_row: the index of ds's first row in the dataset, for the row numbers in errors.
+    render, fields are text, and data.special_tokens_in_text. `validate` runs it on every row
+    and tokenizes a sample, so it refuses every row that prepare and finetune refuse.
 
     Raises:
         DataError: as tokenize, for the first such row (exit 65).
@@ -303,7 +301,6 @@ def check_rows(ds: datasets.Dataset, tokenizer: Any, cfg: DataSection, first_row
     special_text = SpecialText(tokenizer, cfg.special_tokens_in_text)
     stats = TokenizeStats()
     for start, batch in _chunks(ds):
-        start += first_row
         if cfg.shape == "instruction":
             _instruction_batch(batch, start, cfg, stats, special_text)
         elif cfg.shape == "text":
@@ -315,6 +312,7 @@ def check_rows(ds: datasets.Dataset, tokenizer: Any, cfg: DataSection, first_row
                 where = functools.partial(row_location, cfg, row, start + i)
                 _chat_rendered(row, where, field_name, tokenizer, template, cfg, stats,
                                special_text)  # fmt: skip
+    special_text.check()
 
 
 def _pack_blocks(

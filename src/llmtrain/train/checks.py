@@ -193,17 +193,17 @@ def check_data(cfg: RunConfig, tokenizer: Any, report: Report) -> None:
             check_templates(section, rows)
         if cfg.data.eval_fraction > 0:
             mixture.check_eval_split(cfg.data, k, mixture.distinct_rows(rows))
+        if len(rows) > SAMPLE_ROWS:
+            # Every row rendered and checked, without tokenizing, as prepare would: a bad row
+            # after the sample, and the count of all rows that data.special_tokens_in_text
+            # refuses.
+            (preference.check_pair_rows if pairs else check_rows)(rows, tokenizer, section)
         sample = rows.select(range(min(SAMPLE_ROWS, len(rows))))
         if pairs:
             _, stats = preference.tokenize_pairs(sample, tokenizer, section)
         else:
             tokenized, stats = tokenize(sample, tokenizer, section)
             report.lengths += row_lengths(tokenized).tolist()
-        if len(rows) > len(sample):
-            # The rest row by row without tokenizing: every row that prepare would refuse.
-            rest = rows.select(range(len(sample), len(rows)))
-            check = preference.check_pair_rows if pairs else check_rows
-            check(rest, tokenizer, section, first_row=len(sample))
         scope = "all" if len(sample) == len(rows) else f"first {len(sample)} of {len(rows)}"
         name = f"data.sources[{k}]" if cfg.data.sources else "data"
         report.lines.append(f"{name} ({scope} rows): {stats.summary()}")
