@@ -199,4 +199,6 @@ def test_generate_verb_with_adapter_and_prompts_file(runs: dict[str, Path], tmp_
                      "--out", str(out))
     assert result.returncode == 0, result.stderr[-2000:]
     (record,) = [json.loads(x) for x in out.read_text().splitlines()]
-    assert record["prompt"].endswith("Answer:") and "output" in record
+    assert record["prompt"] == "Question: What is 1 plus 1?\nAnswer:" and "output" in record
+    # a newcomer's bare question was answered as a whole prompt without a word about it
+    assert "each the whole text the model reads (data.prompt_template" in result.stderr

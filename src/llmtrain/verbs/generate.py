@@ -102,6 +102,14 @@ def run(args: argparse.Namespace) -> int:
             sources, where = kept, f"the held-out rows in {cfg.prepared_dir()}"
     tokenizer = load_tokenizer(_tokenizer_source(cfg.model, args))
     if args.prompts:
+        if cfg.data.shape != "chat" and cfg.data.prompt_template:
+            # A newcomer's "What is 3 plus 4?" read as a whole prompt, unlike the training rows.
+            print(
+                f"prompts: {args.prompts}, each the whole text the model reads "
+                f"(data.prompt_template {cfg.data.prompt_template!r} is not applied; for rows "
+                "rendered through it: data.path=FILE --all-rows)",
+                file=sys.stderr,
+            )
         asked = prompts.from_texts(read_prompts(args.prompts), cfg, tokenizer)
     else:
         print(f"prompts: {where}", file=sys.stderr)
@@ -124,5 +132,5 @@ def run(args: argparse.Namespace) -> int:
     )
     outputs = generate(model, tokenizer, asked.prompts, gen)
     write_jsonl(args.out, asked.prompts, outputs, gen, asked.references, asked.conversations)
-    print(f"{len(outputs)} answers written to {args.out}")
+    print(f"{len(outputs)} answer{'' if len(outputs) == 1 else 's'} written to {args.out}")
     return 0
