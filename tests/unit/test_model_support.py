@@ -209,3 +209,20 @@ def test_load_tokenizer_checks_the_file_before_loading(tmp_path: Path) -> None:
     (tmp_path / "tokenizer.json").write_text("{not json")
     with pytest.raises(ConfigError, match="cannot be read by tokenizers"):
         load_tokenizer(ModelSection(path=str(tmp_path)))
+
+
+def test_the_attention_choice_is_logged_once_per_process(caplog: pytest.LogCaptureFixture) -> None:
+    """The checks and every model load asked again: the same line came 4 or 5 times a run (a
+    newcomer's finding)."""
+    import logging
+
+    from llmtrain.model import load
+
+    load._log_attention.cache_clear()
+    cfg = ModelSection(path="embedded:tiny-llama")
+    config = load_model_config(cfg)
+    with caplog.at_level(logging.INFO, logger="llmtrain.model.load"):
+        picks = {load.pick_attention(cfg, config) for _ in range(3)}
+    assert len(picks) == 1
+    lines = [r for r in caplog.records if r.getMessage().startswith("attention: ")]
+    assert len(lines) == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 from pathlib import Path
@@ -112,8 +113,15 @@ def pick_attention(cfg: ModelSection, config: PretrainedConfig, *, gpu: bool | N
         flash_attn_available(gpu),
         config.model_type,
     )
-    log.info("attention: %s (%s)", choice, reason)
+    _log_attention(choice, reason)
     return choice
+
+
+@functools.cache
+def _log_attention(choice: str, reason: str) -> None:
+    """Once per process: the checks and each model load (the base model's answers before
+    training, training, the answers after) ask again, and the line came 4 or 5 times a run."""
+    log.info("attention: %s (%s)", choice, reason)
 
 
 def load_tokenizer(cfg: ModelSection) -> PreTrainedTokenizerBase:
