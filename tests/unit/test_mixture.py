@@ -105,3 +105,33 @@ def test_copies_of_one_row_do_not_count_as_rows_to_hold_out(tmp_path: Path) -> N
                        eval_fraction=0.2)  # fmt: skip
     with pytest.raises(DataError, match=r"of the 1 distinct rows of data\.path leaves no"):
         split_sources(data, seed=0)
+
+
+def test_copies_that_differ_only_in_a_column_nothing_reads_stay_on_one_side(
+    tmp_path: Path,
+) -> None:
+    """Copies of a row with their own `id` (or source name) were distinct rows to the split, so
+    one copy was held out and another trained (found by a reviewer): the key is what the
+    model reads, the templates' fields (instruction) or the turns (chat)."""
+    path = tmp_path / "a.jsonl"
+    path.write_text("".join(
+        json.dumps({"id": f"{k}-{i}", "q": f"q{i}", "a": f"a{i}"}) + "\n"
+        for k in range(2) for i in range(50)
+    ))  # fmt: skip
+    data = DataSection(path=str(path), prompt_template="{q}", response_template=" {a}",
+                       eval_fraction=0.2)  # fmt: skip
+    for seed in range(3):
+        (src,) = split_sources(data, seed=seed)
+        assert not set(src.train["q"]) & set(src.held_out["q"])
+        assert (len(src.train), len(src.held_out)) == (80, 20)  # 10 of 50 distinct, 2 copies
+    chat = tmp_path / "c.jsonl"
+    turns = [[{"role": "user", "content": f"u{i}"}, {"role": "assistant", "content": f"a{i}"}]
+             for i in range(50)]  # fmt: skip
+    chat.write_text("".join(
+        json.dumps({"id": f"{k}-{i}", "messages": turns[i]}) + "\n"
+        for k in range(2) for i in range(50)
+    ))  # fmt: skip
+    (src,) = split_sources(DataSection(path=str(chat), shape="chat", eval_fraction=0.2), seed=1)
+    held = {m[0]["content"] for m in src.held_out["messages"]}
+    assert not {m[0]["content"] for m in src.train["messages"]} & held
+    assert len(held) == 10

@@ -1,7 +1,8 @@
 """Several datasets in one run: each read with its own keys, held out, then sampled.
 
 Each source's held-out rows (data.eval_fraction) are split off first, so a row never lands in
-both splits however often it is repeated, by the mixture or in the file: identical rows go to
+both splits however often it is repeated, by the mixture or in the file: rows the model reads
+alike (the same values in the columns it reads, whatever their other columns hold) go to
 the side of their first copy. Its training rows are then taken `rows` times or `weight` x its
 size: a seeded permutation, repeated when more rows are asked for than it has, so the mixture
 is a pure function of the seed and the data.
@@ -20,6 +21,7 @@ import numpy as np
 
 from llmtrain.config import DataSection, SourceSection
 from llmtrain.data.rows import SOURCE_ROW, load_rows
+from llmtrain.data.templates import TemplateError, fields
 from llmtrain.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -57,9 +59,33 @@ def splits_rows(section: DataSection) -> bool:
     return section.shape != "text"
 
 
-def row_keys(rows: datasets.Dataset) -> list[str]:
-    """A digest of each row's values (every column but SOURCE_ROW): equal for identical rows."""
-    columns = [c for c in rows.column_names if c != SOURCE_ROW]
+# The columns of conversations (data.shape=chat): the turns, and a preference pair's shared
+# conversation and answers (preference.SHARED_COLUMNS, preference.SIDES).
+CHAT_COLUMNS = ("messages", "conversations", "prompt", "chosen", "rejected")
+
+
+def read_columns(section: DataSection, columns: list[str]) -> list[str]:
+    """The columns whose values the model reads: the templates' fields (instruction), the
+    turns (chat), the text field; every column where that cannot be told."""
+    if section.shape == "instruction" and section.prompt_template and section.response_template:
+        try:
+            wanted = set(fields(section.prompt_template + section.response_template))
+        except TemplateError:  # refused with its own message by rows.check_templates
+            wanted = set()
+    elif section.shape == "chat":
+        wanted = {section.messages_field} if section.messages_field else set(CHAT_COLUMNS)
+        wanted |= {"chosen", "rejected"}
+    else:
+        wanted = {section.text_field}
+    read = [c for c in columns if c in wanted]
+    return read or [c for c in columns if c != SOURCE_ROW]
+
+
+def row_keys(rows: datasets.Dataset, section: DataSection) -> list[str]:
+    """A digest of each row's values in the columns the model reads (read_columns): equal for
+    rows the model reads alike. A column no template reads (an id, a source name) differed
+    between copies of a row, and one copy was held out while another was trained."""
+    columns = read_columns(section, [c for c in rows.column_names if c != SOURCE_ROW])
     keys = []
     for batch in rows.select_columns(columns).iter(batch_size=1000):
         n = len(batch[columns[0]]) if columns else 0
@@ -69,8 +95,8 @@ def row_keys(rows: datasets.Dataset) -> list[str]:
     return keys
 
 
-def distinct_rows(rows: datasets.Dataset) -> int:
-    return len(set(row_keys(rows)))
+def distinct_rows(rows: datasets.Dataset, section: DataSection) -> int:
+    return len(set(row_keys(rows, section)))
 
 
 def held_out_split(
@@ -83,7 +109,7 @@ def held_out_split(
 
     Args:
         rows: with the SOURCE_ROW column (each row's index in `rows`).
-        keys: row_keys(rows).
+        keys: row_keys(rows, section) of the source.
     """
     first: dict[str, int] = {}
     for i, key in enumerate(keys):
@@ -132,7 +158,7 @@ def split_sources(data: DataSection, seed: int) -> list[SourceRows]:
         rows = rows.add_column(SOURCE_ROW, list(range(len(rows))))
         held_out = None
         if data.eval_fraction > 0 and splits_rows(section):
-            keys = row_keys(rows)
+            keys = row_keys(rows, section)
             check_eval_split(data, k, len(set(keys)))
             rows, held_out = held_out_split(rows, data.eval_fraction, seed, keys)
         source = data.sources[k] if data.sources else None

@@ -191,8 +191,8 @@ def check_data(cfg: RunConfig, tokenizer: Any, report: Report) -> None:
             preference.check_columns(section, rows.column_names)
         if not (pairs and section.shape == "chat"):  # pairs name their own turn columns
             check_templates(section, rows)
-        if cfg.data.eval_fraction > 0:
-            mixture.check_eval_split(cfg.data, k, mixture.distinct_rows(rows))
+        if cfg.data.eval_fraction > 0 and mixture.splits_rows(section):
+            mixture.check_eval_split(cfg.data, k, mixture.distinct_rows(rows, section))
         if len(rows) > SAMPLE_ROWS:
             # Every row rendered and checked, without tokenizing, as prepare would: a bad row
             # after the sample, and the count of all rows that data.special_tokens_in_text
