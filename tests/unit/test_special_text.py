@@ -175,3 +175,15 @@ def test_validate_refuses_a_bad_row_after_the_rows_it_tokenizes(
     with pytest.raises(DataError) as exc:
         run_checks(cfg, gpu=False)
     assert f"d.jsonl line {SAMPLE_ROWS + 1}: {problem}" in exc.value.problem
+
+
+def test_a_named_token_that_is_a_vocabulary_piece_is_data_not_a_control_token() -> None:
+    """model.pad_token (or eos_token) set to a plain piece of the vocabulary (`m`) names it in
+    all_special_tokens, but the tokenizer does not split it out of text: rows holding `m`
+    were refused as holding a control token (found by a reviewer)."""
+    tok = load_tokenizer(ModelSection(path="embedded:tiny-llama", pad_token="m"))
+    assert tok.pad_token == "m"
+    # " mom" reads "▁m" "om": the m is not split out of the text as a token of its own
+    assert tok.convert_tokens_to_ids("▁m") in tok(" mom", add_special_tokens=False).input_ids
+    assert "m" not in special_strings(tok)
+    assert {"<s>", "</s>", "<unk>"} <= set(special_strings(tok))

@@ -35,11 +35,20 @@ SHOWN = 3  # rows named in the refusal
 
 
 def special_strings(tokenizer: Any) -> list[str]:
-    """The texts the tokenizer reads as one special token: its named special tokens (BOS, EOS,
-    UNK, pad, additional) and every added token marked special (`<|im_start|>`), longest first."""
-    strings = set(getattr(tokenizer, "all_special_tokens", []))
-    added = getattr(tokenizer, "added_tokens_decoder", {})
-    strings |= {t.content for t in added.values() if getattr(t, "special", False)}
+    """The texts the tokenizer reads as one special token, longest first: every added token
+    marked special (`<|im_start|>`) and its named special tokens (BOS, EOS, UNK, pad,
+    additional) that are added tokens. A named one that is a piece of the vocabulary (a
+    model.pad_token or model.eos_token such as `m` or `.`) is read as its characters, not
+    split out of the text, so data holding it is no problem. A tokenizer with no added tokens
+    (a custom one that splits out its specials itself) has all its named ones checked."""
+    named = set(getattr(tokenizer, "all_special_tokens", []))
+    added = list(getattr(tokenizer, "added_tokens_decoder", {}).values())
+    if added:
+        strings = {
+            t.content for t in added if getattr(t, "special", False) or t.content in named
+        }
+    else:
+        strings = named
     return sorted((s for s in strings if s), key=lambda s: (-len(s), s))
 
 
