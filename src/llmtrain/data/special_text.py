@@ -44,9 +44,7 @@ def special_strings(tokenizer: Any) -> list[str]:
     named = set(getattr(tokenizer, "all_special_tokens", []))
     added = list(getattr(tokenizer, "added_tokens_decoder", {}).values())
     if added:
-        strings = {
-            t.content for t in added if getattr(t, "special", False) or t.content in named
-        }
+        strings = {t.content for t in added if getattr(t, "special", False) or t.content in named}
     else:
         strings = named
     return sorted((s for s in strings if s), key=lambda s: (-len(s), s))
