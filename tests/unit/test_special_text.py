@@ -15,6 +15,7 @@ import pytest
 
 from llmtrain.config import DataSection, ModelSection, load_config
 from llmtrain.data.preference import tokenize_pairs
+from llmtrain.data.prepared import held_out_rows, prepare
 from llmtrain.data.rows import load_rows
 from llmtrain.data.special_text import special_strings
 from llmtrain.data.tokenize import tokenize
@@ -187,3 +188,39 @@ def test_a_named_token_that_is_a_vocabulary_piece_is_data_not_a_control_token() 
     assert tok.convert_tokens_to_ids("▁m") in tok(" mom", add_special_tokens=False).input_ids
     assert "m" not in special_strings(tok)
     assert {"<s>", "</s>", "<unk>"} <= set(special_strings(tok))
+
+
+def test_validate_counts_the_rows_drop_leaves_out_in_all_rows(tmp_path: Path) -> None:
+    """validate printed only its tokenized sample's counts; a row left out after it went
+    unreported (found by a reviewer)."""
+    rows = [{"question": f"What is {n} plus 1?", "answers": {"text": [str(n + 1)]}}
+            for n in range(SAMPLE_ROWS + 10)]  # fmt: skip
+    rows[SAMPLE_ROWS + 3]["answers"]["text"] = [QUOTING]
+    rows[5]["answers"]["text"] = [QUOTING]
+    path = jsonl(tmp_path, rows)
+    cfg = load_config(REPO / "configs" / "demo.yaml", [
+        f"output.dir={tmp_path / 'out'}", f"data.path={path}", "data.eval_fraction=0",
+        "data.prompt_template=Q: {question}\\nA:", "data.response_template= {answers[text][0]}",
+        "data.special_tokens_in_text=drop",
+    ])  # fmt: skip
+    lines = run_checks(cfg, gpu=False).lines
+    assert f"data (all {SAMPLE_ROWS + 10} rows): 2 dropped holding a special token's text" in lines
+
+
+def test_generate_gets_only_the_held_out_rows_that_were_kept(tmp_path: Path, sp: Any) -> None:
+    """The held-out rows saved for generate were all of them: under drop, rows left out of
+    training and of the eval loss were still answered, their special text read as control
+    tokens (found by a reviewer)."""
+    rows = [{"question": f"What is {n} plus 1?", "answer": QUOTING if n % 4 == 0 else str(n + 1)}
+            for n in range(200)]  # fmt: skip
+    path = jsonl(tmp_path, rows)
+    cfg = load_config(REPO / "configs" / "demo.yaml", [
+        f"output.dir={tmp_path / 'out'}", f"data.path={path}", "data.eval_fraction=0.2",
+        "data.prompt_template=Q: {question}\\nA:", "data.response_template= {answer}",
+        "data.special_tokens_in_text=drop",
+    ])  # fmt: skip
+    info = prepare(cfg, sp)
+    held = held_out_rows(cfg.prepared_dir(), 0)
+    assert held is not None and 0 < len(held) < 40
+    assert not any("</s>" in a for a in held["answer"])
+    assert info["sources"][0]["eval"]["kept"] == len(held)

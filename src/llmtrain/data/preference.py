@@ -212,9 +212,14 @@ def _data_text(
     return [v for v in filled if v[0] != "{chosen}"] + answers
 
 
-def check_pair_rows(ds: datasets.Dataset, tokenizer: Any, cfg: DataSection) -> None:
+def check_pair_rows(
+    ds: datasets.Dataset, tokenizer: Any, cfg: DataSection
+) -> tuple[list[int], int]:
     """What tokenize_pairs checks of each row, without tokenizing (validate runs it on every
-    row and tokenizes a sample).
+    row and tokenizes a sample; prepare keeps for `generate` only the held-out rows it keeps).
+
+    Returns:
+        the indices of the rows kept, and how many data.special_tokens_in_text=drop left out.
 
     Raises:
         DataError, ConfigError: as tokenize_pairs, for the first such row.
@@ -223,16 +228,19 @@ def check_pair_rows(ds: datasets.Dataset, tokenizer: Any, cfg: DataSection) -> N
     template = chat.resolve_template(tokenizer, cfg) if cfg.shape == "chat" else ""
     shared = shared_field(cfg, ds.column_names) if cfg.shape == "chat" else None
     special_text = SpecialText(tokenizer, cfg.special_tokens_in_text)
+    kept: list[int] = []
     for i, row in enumerate(ds):
         where = functools.partial(row_location, cfg, row, i)
         if not special_text.keeps(_data_text(row, shared, cfg, where), where):
             continue
         if cfg.shape != "chat":
             _instruction_pair(row, cfg, where)
-            continue
-        for conv in _chat_pair(row, shared, cfg, where):
-            _rendered(tokenizer, template, conv, where)
+        else:
+            for conv in _chat_pair(row, shared, cfg, where):
+                _rendered(tokenizer, template, conv, where)
+        kept.append(i)
     special_text.check()
+    return kept, len(ds) - len(kept)
 
 
 def tokenize_pairs(

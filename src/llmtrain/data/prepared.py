@@ -21,7 +21,7 @@ import datasets
 from llmtrain.config import PREFERENCE_METHODS, RunConfig
 from llmtrain.data import chat, mixture, preference
 from llmtrain.data.rows import detect_format, source_files
-from llmtrain.data.tokenize import TokenizeStats, tokenize
+from llmtrain.data.tokenize import TokenizeStats, check_rows, tokenize
 from llmtrain.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -129,8 +129,11 @@ def prepare(cfg: RunConfig, tokenizer: Any, fp: str | None = None) -> dict[str, 
         split.save_to_disk(str(tmp / name))
     for src, _ in per_source:
         if src.held_out is not None:
-            # Kept as rows, so finetune's samples and `generate` answer exactly these.
-            src.held_out.save_to_disk(str(tmp / EVAL_ROWS / str(src.index)))
+            # Kept as rows, so finetune's samples and `generate` answer exactly these: not the
+            # rows data.special_tokens_in_text=drop or an empty response left out.
+            check = preference.check_pair_rows if pairs else check_rows
+            kept, _ = check(src.held_out, tokenizer, src.section)
+            src.held_out.select(kept).save_to_disk(str(tmp / EVAL_ROWS / str(src.index)))
     info = {
         "fingerprint": fp,
         "stats": _total([entry["train"] for _, entry in per_source]),

@@ -289,10 +289,15 @@ def _chunks(ds: datasets.Dataset, size: int = 1000) -> Iterator[tuple[int, list[
         yield start, [{k: rows[k][i] for k in rows} for i in range(n)]
 
 
-def check_rows(ds: datasets.Dataset, tokenizer: Any, cfg: DataSection) -> None:
+def check_rows(ds: datasets.Dataset, tokenizer: Any, cfg: DataSection) -> tuple[list[int], int]:
     """What tokenize checks of each row, without tokenizing: templates and conversations
     render, fields are text, and data.special_tokens_in_text. `validate` runs it on every row
-    and tokenizes a sample, so it refuses every row that prepare and finetune refuse.
+    and tokenizes a sample, so it refuses every row that prepare and finetune refuse; prepare
+    keeps for `generate` only the held-out rows it keeps.
+
+    Returns:
+        the indices of the rows kept (not empty, not left out by data.special_tokens_in_text=
+        drop), and how many that setting left out.
 
     Raises:
         DataError: as tokenize, for the first such row (exit 65).
@@ -300,19 +305,24 @@ def check_rows(ds: datasets.Dataset, tokenizer: Any, cfg: DataSection) -> None:
     """
     special_text = SpecialText(tokenizer, cfg.special_tokens_in_text)
     stats = TokenizeStats()
+    kept: list[int] = []
+    template = chat.resolve_template(tokenizer, cfg) if cfg.shape == "chat" else ""
     for start, batch in _chunks(ds):
-        if cfg.shape == "instruction":
-            _instruction_batch(batch, start, cfg, stats, special_text)
-        elif cfg.shape == "text":
-            _text_batch(batch, start, cfg, stats, special_text)
-        else:
-            template = chat.resolve_template(tokenizer, cfg)
-            field_name = chat.messages_field(cfg, list(batch[0]) if batch else [])
-            for i, row in enumerate(batch):
+        field_name = chat.messages_field(cfg, list(batch[0])) if cfg.shape == "chat" else ""
+        for i, row in enumerate(batch):
+            if cfg.shape == "instruction":
+                found = bool(_instruction_batch([row], start + i, cfg, stats, special_text))
+            elif cfg.shape == "text":
+                found = bool(_text_batch([row], start + i, cfg, stats, special_text))
+            else:
                 where = functools.partial(row_location, cfg, row, start + i)
-                _chat_rendered(row, where, field_name, tokenizer, template, cfg, stats,
-                               special_text)  # fmt: skip
+                found = _chat_rendered(
+                    row, where, field_name, tokenizer, template, cfg, stats, special_text
+                ) is not None
+            if found:
+                kept.append(start + i)
     special_text.check()
+    return kept, stats.dropped_special
 
 
 def _pack_blocks(

@@ -193,11 +193,18 @@ def check_data(cfg: RunConfig, tokenizer: Any, report: Report) -> None:
             check_templates(section, rows)
         if cfg.data.eval_fraction > 0 and mixture.splits_rows(section):
             mixture.check_eval_split(cfg.data, k, mixture.distinct_rows(rows, section))
+        name = f"data.sources[{k}]" if cfg.data.sources else "data"
         if len(rows) > SAMPLE_ROWS:
             # Every row rendered and checked, without tokenizing, as prepare would: a bad row
             # after the sample, and the count of all rows that data.special_tokens_in_text
-            # refuses.
-            (preference.check_pair_rows if pairs else check_rows)(rows, tokenizer, section)
+            # refuses or drops.
+            check = preference.check_pair_rows if pairs else check_rows
+            _, dropped = check(rows, tokenizer, section)
+            if dropped:
+                report.lines.append(
+                    f"{name} (all {len(rows)} rows): {dropped} dropped holding a special "
+                    "token's text"
+                )
         sample = rows.select(range(min(SAMPLE_ROWS, len(rows))))
         if pairs:
             _, stats = preference.tokenize_pairs(sample, tokenizer, section)
@@ -205,7 +212,6 @@ def check_data(cfg: RunConfig, tokenizer: Any, report: Report) -> None:
             tokenized, stats = tokenize(sample, tokenizer, section)
             report.lengths += row_lengths(tokenized).tolist()
         scope = "all" if len(sample) == len(rows) else f"first {len(sample)} of {len(rows)}"
-        name = f"data.sources[{k}]" if cfg.data.sources else "data"
         report.lines.append(f"{name} ({scope} rows): {stats.summary()}")
         too_long = stats.truncated + stats.dropped_too_long + stats.dropped_prompt_too_long
         if too_long:
