@@ -78,6 +78,19 @@ def test_the_seed_that_draws_the_split_is_part_of_the_prepared_fingerprint() -> 
     assert fingerprint(a, tok) != fingerprint(b, tok)
 
 
+def qa_split(path: Path) -> DataSection:
+    return DataSection(path=str(path), prompt_template="{q}", response_template=" {a}",
+                       eval_fraction=0.2)  # fmt: skip
+
+
+def assert_apart(data: DataSection, seeds: range, sizes: tuple[int, int]) -> None:
+    """No question both held out and trained, and the (train, held-out) sizes, for each seed."""
+    for seed in seeds:
+        (src,) = split_sources(data, seed=seed)
+        assert not set(src.train["q"]) & set(src.held_out["q"])
+        assert (len(src.train), len(src.held_out)) == sizes
+
+
 def test_a_row_repeated_in_the_data_is_never_both_held_out_and_trained(tmp_path: Path) -> None:
     """A row that occurs twice in a file was split by index, so one copy could be held out and
     the other trained: the held-out loss and generate's answers then scored trained text
@@ -85,12 +98,8 @@ def test_a_row_repeated_in_the_data_is_never_both_held_out_and_trained(tmp_path:
     path = tmp_path / "a.jsonl"
     distinct = [{"q": f"q{i}", "a": f"a{i}"} for i in range(20)]
     path.write_text("".join(json.dumps(r) + "\n" for r in distinct * 3))  # each row 3 times
-    data = DataSection(path=str(path), prompt_template="{q}", response_template=" {a}",
-                       eval_fraction=0.2)  # fmt: skip
-    for seed in range(5):
-        (src,) = split_sources(data, seed=seed)
-        assert not set(src.train["q"]) & set(src.held_out["q"])
-        assert (len(src.train), len(src.held_out)) == (48, 12)  # 4 of 20 distinct, 3 copies
+    data = qa_split(path)
+    assert_apart(data, range(5), (48, 12))  # 4 of 20 distinct rows held out, 3 copies each
     clean = tmp_path / "b.jsonl"
     clean.write_text("".join(json.dumps(r) + "\n" for r in distinct))
     (src,) = split_sources(data.model_copy(update={"path": str(clean)}), seed=3)
@@ -101,8 +110,7 @@ def test_a_row_repeated_in_the_data_is_never_both_held_out_and_trained(tmp_path:
 def test_copies_of_one_row_do_not_count_as_rows_to_hold_out(tmp_path: Path) -> None:
     path = tmp_path / "a.jsonl"
     path.write_text((json.dumps({"q": "q", "a": "a"}) + "\n") * 10)
-    data = DataSection(path=str(path), prompt_template="{q}", response_template=" {a}",
-                       eval_fraction=0.2)  # fmt: skip
+    data = qa_split(path)
     with pytest.raises(DataError, match=r"of the 1 distinct rows of data\.path leaves no"):
         split_sources(data, seed=0)
 
@@ -118,12 +126,7 @@ def test_copies_that_differ_only_in_a_column_nothing_reads_stay_on_one_side(
         json.dumps({"id": f"{k}-{i}", "q": f"q{i}", "a": f"a{i}"}) + "\n"
         for k in range(2) for i in range(50)
     ))  # fmt: skip
-    data = DataSection(path=str(path), prompt_template="{q}", response_template=" {a}",
-                       eval_fraction=0.2)  # fmt: skip
-    for seed in range(3):
-        (src,) = split_sources(data, seed=seed)
-        assert not set(src.train["q"]) & set(src.held_out["q"])
-        assert (len(src.train), len(src.held_out)) == (80, 20)  # 10 of 50 distinct, 2 copies
+    assert_apart(qa_split(path), range(3), (80, 20))  # 10 of 50 distinct, 2 copies each
     chat = tmp_path / "c.jsonl"
     turns = [[{"role": "user", "content": f"u{i}"}, {"role": "assistant", "content": f"a{i}"}]
              for i in range(50)]  # fmt: skip

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from llmtrain.config import DataSection, ModelSection, load_config
+from llmtrain.config import DataSection, ModelSection, RunConfig, load_config
 from llmtrain.data.preference import tokenize_pairs
 from llmtrain.data.prepared import held_out_rows, prepare
 from llmtrain.data.rows import load_rows
@@ -46,6 +46,17 @@ def qa(path: Path, **kw: Any) -> DataSection:
     return DataSection(
         path=str(path), prompt_template="Q: {q}\nA:", response_template=" {a}", **kw
     )
+
+
+def demo(
+    tmp_path: Path, path: Path, answer: str, policy: str = "refuse", eval_fraction: float = 0.0
+) -> RunConfig:
+    """configs/demo.yaml over `path` ({question} rows), the response template `answer`."""
+    return load_config(REPO / "configs" / "demo.yaml", [
+        f"output.dir={tmp_path / 'out'}", f"data.path={path}",
+        f"data.eval_fraction={eval_fraction}", "data.prompt_template=Q: {question}\nA:",
+        f"data.response_template= {answer}", f"data.special_tokens_in_text={policy}",
+    ])  # fmt: skip
 
 
 def trained(ids: list[int], labels: list[int]) -> list[int]:
@@ -168,11 +179,7 @@ def test_validate_refuses_a_bad_row_after_the_rows_it_tokenizes(
     good = [{"question": f"What is {n} plus 1?", "answers": {"text": [str(n + 1)]}}
             for n in range(SAMPLE_ROWS)]  # fmt: skip
     late = {"question": "And?", "answers": {"text": late_answers}}
-    path = jsonl(tmp_path, [*good, late, good[0]])
-    cfg = load_config(REPO / "configs" / "demo.yaml", [
-        f"output.dir={tmp_path / 'out'}", f"data.path={path}", "data.eval_fraction=0",
-        "data.prompt_template=Q: {question}\nA:", "data.response_template= {answers[text][0]}",
-    ])  # fmt: skip
+    cfg = demo(tmp_path, jsonl(tmp_path, [*good, late, good[0]]), "{answers[text][0]}")
     with pytest.raises(DataError) as exc:
         run_checks(cfg, gpu=False)
     assert f"d.jsonl line {SAMPLE_ROWS + 1}: {problem}" in exc.value.problem
@@ -197,12 +204,7 @@ def test_validate_counts_the_rows_drop_leaves_out_in_all_rows(tmp_path: Path) ->
             for n in range(SAMPLE_ROWS + 10)]  # fmt: skip
     rows[SAMPLE_ROWS + 3]["answers"]["text"] = [QUOTING]
     rows[5]["answers"]["text"] = [QUOTING]
-    path = jsonl(tmp_path, rows)
-    cfg = load_config(REPO / "configs" / "demo.yaml", [
-        f"output.dir={tmp_path / 'out'}", f"data.path={path}", "data.eval_fraction=0",
-        "data.prompt_template=Q: {question}\\nA:", "data.response_template= {answers[text][0]}",
-        "data.special_tokens_in_text=drop",
-    ])  # fmt: skip
+    cfg = demo(tmp_path, jsonl(tmp_path, rows), "{answers[text][0]}", "drop")
     lines = run_checks(cfg, gpu=False).lines
     assert f"data (all {SAMPLE_ROWS + 10} rows): 2 dropped holding a special token's text" in lines
 
@@ -213,12 +215,7 @@ def test_generate_gets_only_the_held_out_rows_that_were_kept(tmp_path: Path, sp:
     tokens (found by a reviewer)."""
     rows = [{"question": f"What is {n} plus 1?", "answer": QUOTING if n % 4 == 0 else str(n + 1)}
             for n in range(200)]  # fmt: skip
-    path = jsonl(tmp_path, rows)
-    cfg = load_config(REPO / "configs" / "demo.yaml", [
-        f"output.dir={tmp_path / 'out'}", f"data.path={path}", "data.eval_fraction=0.2",
-        "data.prompt_template=Q: {question}\\nA:", "data.response_template= {answer}",
-        "data.special_tokens_in_text=drop",
-    ])  # fmt: skip
+    cfg = demo(tmp_path, jsonl(tmp_path, rows), "{answer}", "drop", eval_fraction=0.2)
     info = prepare(cfg, sp)
     held = held_out_rows(cfg.prepared_dir(), 0)
     assert held is not None and 0 < len(held) < 40

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import string
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 
@@ -96,29 +96,26 @@ def render(template: str, row: Mapping[str, Any]) -> str:
     return "".join(out)
 
 
+def _resolved(template: str, row: Mapping[str, Any]) -> Iterator[tuple[str, Any]]:
+    """(placeholder, value) for each placeholder of `template` the row resolves."""
+    for name in placeholders(template):
+        try:
+            yield name, _value(name, row)
+        except TemplateError:
+            continue
+
+
 def field_values(template: str, row: Mapping[str, Any]) -> list[tuple[str, str]]:
     """("{placeholder}", its text) for each placeholder of `template` that the row fills with
     text (data.special_tokens_in_text checks these, the data's own characters); placeholders
     that render nothing or no text (numbers) are left out."""
-    out = []
-    for name in placeholders(template):
-        try:
-            value = _value(name, row)
-        except TemplateError:
-            continue
-        if isinstance(value, str):
-            out.append((f"{{{name}}}", value))
-    return out
+    return [(f"{{{name}}}", v) for name, v in _resolved(template, row) if isinstance(v, str)]
 
 
 def blank_fields(template: str, row: Mapping[str, Any]) -> list[str]:
     """The placeholders of `template` whose value in `row` is missing or only white space."""
-    blank = []
-    for name in placeholders(template):
-        try:
-            value = _value(name, row)
-        except TemplateError:
-            continue
-        if is_missing(value) or (isinstance(value, str) and not value.strip()):
-            blank.append(name)
-    return blank
+    return [
+        name
+        for name, v in _resolved(template, row)
+        if is_missing(v) or (isinstance(v, str) and not v.strip())
+    ]
