@@ -85,8 +85,10 @@ def finetune(
 
 
 # In a fresh process: load the result as `llmtrain generate` does; an adapter is also merged as
-# `llmtrain merge` does, and the merged model loaded again (a LoRA one gives the same logits;
-# a QLoRA adapter merges into the unquantized base, so only finite logits are asked of it).
+# `llmtrain merge` does, and the merged model loaded again (a LoRA one gives the same logits,
+# compared in fp32: in bf16 the two paths round apart by a few steps of 0.0625 at logits near
+# 12, 0.2 on the H200, whatever the merge; a QLoRA adapter merges into the unquantized base, so
+# only finite logits are asked of it).
 PROBE = """
 import sys, tempfile, torch
 from pathlib import Path
@@ -103,12 +105,14 @@ def logits_of(model, tok):
     return out
 
 if kind in ("lora", "qlora"):
-    logits = logits_of(*load_for_inference(base, path, quantized=kind == "qlora"))
-    merged = merge(base, path, Path(tempfile.mkdtemp()) / "merged")
+    dtype = torch.float32 if kind == "lora" else None
+    logits = logits_of(*load_for_inference(base, path, dtype=dtype, quantized=kind == "qlora"))
+    merged = merge(base, path, Path(tempfile.mkdtemp()) / "merged", dtype=dtype)
     merged_base = base.model_copy(update={"path": str(merged)})
-    merged_logits = logits_of(*load_for_inference(merged_base, None))
+    merged_logits = logits_of(*load_for_inference(merged_base, None, dtype=dtype))
     if kind == "lora":
-        assert (merged_logits - logits).abs().max() <= 0.15, "merged model differs"
+        diff = float((merged_logits - logits).abs().max())
+        assert diff <= 1e-3, f"merged model differs by {diff}"
 else:
     logits = logits_of(*load_for_inference(base.model_copy(update={"path": str(path)}), None))
 print(float(logits.abs().max()))
@@ -126,12 +130,14 @@ def test_trains_saves_and_reloads(tmp_path: Path, method: str, strategy: str) ->
     records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     values = [v for r in records for v in r.get("loss_exact", [])]
     assert len(values) == 4 and all(v == v and v < 100 for v in values), values
-    adapter = method in ("lora", "qlora")
+    # configs/dpo.yaml and orpo.yaml train LoRA weights (preference.weights: lora)
+    kind = "lora" if method in ("dpo", "orpo") else method
+    adapter = kind in ("lora", "qlora")
     final = tmp_path / "final" / ("adapter" if adapter else "model")
     weights = final / ("adapter_model.safetensors" if adapter else "model.safetensors")
     assert weights.is_file() and weights.stat().st_size > 10_000  # not empty ZeRO-3 shards
     probe = subprocess.run(
-        [sys.executable, "-c", PROBE, method, str(final)],
+        [sys.executable, "-c", PROBE, kind, str(final)],
         capture_output=True,
         text=True,
         cwd=REPO,
