@@ -155,11 +155,12 @@ def test_two_sources_mixed_with_counts_per_source(tmp_path: Path) -> None:
     result = run_cli("finetune", str(config))
     assert result.returncode == 0, result.stderr[-3000:]
     info = json.loads((out / "prepared" / "prepared.json").read_text())
-    # 155 rows -> 16 held out (datasets rounds up), 60 of the other 139 trained;
-    # 40 -> 4 held out, 36 x 2 trained
-    assert [s["train"]["kept"] for s in info["sources"]] == [60, 72]
-    assert [s["eval"]["kept"] for s in info["sources"]] == [16, 4]
-    assert info["stats"]["kept"] == 132
+    # 155 rows -> 16 held out (datasets rounds up), 60 of the other 139 trained; 40
+    # conversations are 30 distinct ones (random sums repeat), every copy on its first copy's
+    # side: 3 distinct held out (one copy each here), the other 37 rows x 2 trained
+    assert [s["train"]["kept"] for s in info["sources"]] == [60, 74]
+    assert [s["eval"]["kept"] for s in info["sources"]] == [16, 3]
+    assert info["stats"]["kept"] == 134
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert any("eval_loss" in r for r in records)
     samples = [json.loads(x) for x in (out / "generations.jsonl").read_text().splitlines()]
