@@ -20,6 +20,7 @@ import datasets
 import numpy as np
 
 from llmtrain.config import DataSection, SourceSection
+from llmtrain.data import preference
 from llmtrain.data.rows import SOURCE_ROW, load_rows
 from llmtrain.data.templates import TemplateError, fields
 from llmtrain.errors import DataError
@@ -59,11 +60,6 @@ def splits_rows(section: DataSection) -> bool:
     return section.shape != "text"
 
 
-# The columns of conversations (data.shape=chat): the turns, and a preference pair's shared
-# conversation and answers (preference.SHARED_COLUMNS, preference.SIDES).
-CHAT_COLUMNS = ("messages", "conversations", "prompt", "chosen", "rejected")
-
-
 def read_columns(section: DataSection, columns: list[str]) -> list[str]:
     """The columns whose values the model reads: the templates' fields (instruction), the
     turns (chat), the text field; every column where that cannot be told."""
@@ -72,9 +68,10 @@ def read_columns(section: DataSection, columns: list[str]) -> list[str]:
             wanted = set(fields(section.prompt_template + section.response_template))
         except TemplateError:  # refused with its own message by rows.check_templates
             wanted = set()
-    elif section.shape == "chat":
-        wanted = {section.messages_field} if section.messages_field else set(CHAT_COLUMNS)
-        wanted |= {"chosen", "rejected"}
+    elif section.shape == "chat":  # the turns; a preference pair's shared turns and answers
+        shared = preference.SHARED_COLUMNS  # messages, conversations, prompt
+        wanted = {section.messages_field} if section.messages_field else set(shared)
+        wanted |= set(preference.SIDES)
     else:
         wanted = {section.text_field}
     read = [c for c in columns if c in wanted]

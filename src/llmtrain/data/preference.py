@@ -31,7 +31,7 @@ from llmtrain.data.encode import Encoded, encode
 from llmtrain.data.rows import row_location
 from llmtrain.data.special_text import SpecialText
 from llmtrain.data.templates import TemplateError, field_values, fields, is_missing, render
-from llmtrain.data.tokenize import TokenizeStats
+from llmtrain.data.tokenize import TokenizeStats, rendered
 from llmtrain.errors import ConfigError, DataError
 from llmtrain.labels import IGNORE_INDEX
 from llmtrain.vocab import special_tokens
@@ -177,34 +177,21 @@ def _fit(ex: Encoded, cfg: DataSection) -> Encoded | str:
     return Encoded(ex.input_ids[:n], ex.labels[:n], ex.first_trained)
 
 
-def _rendered(
-    tokenizer: Any, template: str, conv: list[chat.Message], where: Callable[[], str]
-) -> chat.Rendered:
-    """One side's conversation rendered, its final answer the trained span.
-
-    Raises:
-        DataError: the chat template refused it (exit 65).
-    """
-    try:
-        return chat.render_with_spans(tokenizer, template, conv, "last_assistant")
-    except chat.TemplateRefused as exc:
-        raise DataError(
-            f"{where()}: the chat template refused the conversation: {exc}",
-            "fix the conversation (e.g. roles must alternate for llama-2 and mistral)",
-        ) from None
-
-
 def _data_text(
-    row: dict[str, Any], shared: str | None, cfg: DataSection, where: Callable[[], str]
+    row: dict[str, Any],
+    convs: list[list[chat.Message]] | None,
+    cfg: DataSection,
+    where: Callable[[], str],
 ) -> list[tuple[str, str]]:
     """The row's own text, for data.special_tokens_in_text: the chosen conversation's turns
-    and the rejected answer, or the fields the templates fill and both answers.
+    and the rejected answer (`convs`, from _chat_pair), or the fields the templates fill and
+    both answers.
 
     Raises:
         DataError: the row is no pair (exit 65), as tokenize_pairs.
     """
-    if cfg.shape == "chat":
-        chosen, rejected = _chat_pair(row, shared, cfg, where)
+    if convs is not None:
+        chosen, rejected = convs
         return [*chat.contents(chosen), ("the rejected answer", rejected[-1]["content"])]
     assert cfg.prompt_template is not None and cfg.response_template is not None
     answers = [(side, _answer_text(row, side, where)) for side in SIDES]
@@ -231,13 +218,14 @@ def check_pair_rows(
     kept: list[int] = []
     for i, row in enumerate(ds):
         where = functools.partial(row_location, cfg, row, i)
-        if not special_text.keeps(_data_text(row, shared, cfg, where), where):
+        convs = _chat_pair(row, shared, cfg, where) if cfg.shape == "chat" else None
+        if not special_text.keeps(_data_text(row, convs, cfg, where), where):
             continue
-        if cfg.shape != "chat":
+        if convs is None:
             _instruction_pair(row, cfg, where)
         else:
-            for conv in _chat_pair(row, shared, cfg, where):
-                _rendered(tokenizer, template, conv, where)
+            for conv in convs:
+                rendered(tokenizer, template, conv, "last_assistant", where)
         kept.append(i)
     special_text.check()
     return kept, len(ds) - len(kept)
@@ -265,16 +253,15 @@ def tokenize_pairs(
     special_text = SpecialText(tokenizer, cfg.special_tokens_in_text)
     for i, row in enumerate(ds):
         where = functools.partial(row_location, cfg, row, i)
-        if not special_text.keeps(_data_text(row, shared, cfg, where), where):
+        convs = _chat_pair(row, shared, cfg, where) if cfg.shape == "chat" else None
+        if not special_text.keeps(_data_text(row, convs, cfg, where), where):
             stats.dropped_special += 1
             continue
-        if cfg.shape == "chat":
+        if convs is not None:
             encoded = []
-            for conv in _chat_pair(row, shared, cfg, where):
-                rendered = _rendered(tokenizer, template, conv, where)
-                encoded += encode(
-                    [rendered.text], [rendered.spans], tokenizer, special, add_eos=False
-                )
+            for conv in convs:
+                one = rendered(tokenizer, template, conv, "last_assistant", where)
+                encoded += encode([one.text], [one.spans], tokenizer, special, add_eos=False)
         else:
             texts = _instruction_pair(row, cfg, where)
             spans = [[(cut, len(text))] for text, cut in texts]

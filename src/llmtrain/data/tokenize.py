@@ -158,8 +158,25 @@ def _chat_rendered(
     if not special_text.keeps(chat.contents(messages), where):
         stats.dropped_special += 1
         return None
+    return messages, rendered(tokenizer, template, messages, cfg.train_on, where)
+
+
+def rendered(
+    tokenizer: Any,
+    template: str,
+    messages: list[chat.Message],
+    train_on: str,
+    where: Callable[[], str],
+) -> chat.Rendered:
+    """chat.render_with_spans for one row's conversation (SFT's, or one side of a preference
+    pair), the template's refusal as bad data.
+
+    Raises:
+        DataError: the chat template refused the conversation (exit 65).
+        ConfigError: as chat.render_with_spans (exit 64).
+    """
     try:
-        return messages, chat.render_with_spans(tokenizer, template, messages, cfg.train_on)
+        return chat.render_with_spans(tokenizer, template, messages, train_on)
     except chat.TemplateRefused as exc:
         raise DataError(
             f"{where()}: the chat template refused the conversation: {exc}",
