@@ -553,7 +553,10 @@ def test_compiled_blocks_keep_what_the_estimate_counts(
     from llmtrain.kernels import varlen_attention
     from llmtrain.sizing import memory
 
+    # As on an sm80+ GPU: SDPA ranked by llmtrain, and cuDNN taking grouped-query heads in 16
+    # bits unrepeated (on a CPU, _sdpa_causal repeats k and v for want of such a kernel).
     monkeypatch.setattr(varlen_attention, "ranked_sdpa", lambda device: True)
+    monkeypatch.setattr(varlen_attention, "_fused_kernels_take", lambda q: True)
     run = _with(
         run,
         micro_batch=2,
