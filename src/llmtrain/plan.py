@@ -152,13 +152,18 @@ class Hardware:
     estimator assumes a GPU node (`gpu_node`)."""
 
     cuda: bool
-    bf16: bool  # the GPU computes in bfloat16 (Ampere and later)
-    flash_attn: bool  # the flash_attn package imports (and a CUDA GPU is there to run it)
+    bf16: bool  # the GPU computes in bfloat16 natively (Ampere and later; not V100 or T4)
+    flash_attn: bool  # the flash_attn package imports and the GPU runs it (Ampere and later)
 
     @classmethod
-    def gpu_node(cls, *, flash_attn: bool) -> Hardware:
-        """A bf16-capable CUDA GPU node (what `estimate` and `validate --gpu` plan for)."""
-        return cls(cuda=True, bf16=True, flash_attn=flash_attn)
+    def gpu_node(cls, *, flash_attn: bool, bf16: bool = True) -> Hardware:
+        """A CUDA GPU node (what `estimate` and `validate` plan for): Ampere or later unless
+        `bf16` is False (a V100: no bf16, no flash-attn 2); `flash_attn`: the package imports."""
+        return cls(cuda=True, bf16=bf16, flash_attn=flash_attn and bf16)
+
+    @classmethod
+    def cpu(cls) -> Hardware:
+        return cls(cuda=False, bf16=False, flash_attn=False)
 
 
 def launcher_strategy() -> str | None:
@@ -370,7 +375,7 @@ def choose_attention(
     choice: str, supports: Mapping[str, bool] | None, flash_attn: bool, model_type: str = "model"
 ) -> tuple[str, str]:
     """The attention implementation and why: flash_attention_2 when flash_attn is usable
-    (`flash_attn`: it imports and there is a CUDA GPU) and the architecture has it, else sdpa,
+    (`flash_attn`: it imports and the GPU runs it) and the architecture has it, else sdpa,
     else eager. `supports`: implementation -> the architecture has it; None: a Llama-style
     decoder, which has all three.
 
@@ -390,8 +395,9 @@ def choose_attention(
         if choice == "flash_attention_2" and not flash_attn:
             raise ConfigError(
                 "model.attn_implementation=flash_attention_2 needs the flash_attn package and a "
-                "CUDA GPU, and this environment has no flash_attn or no GPU",
-                "run inside the llmtrain image on a GPU node, or use "
+                "GPU of compute capability 8.0 or later (A100, H100; not V100 or T4), and this "
+                "environment has no flash_attn or no such GPU",
+                "run inside the llmtrain image on an A100 or later, or use "
                 "model.attn_implementation=auto",
             )
         return choice, f"model.attn_implementation={choice}"
@@ -400,15 +406,27 @@ def choose_attention(
     if has.get("sdpa"):
         if has.get("flash_attention_2"):
             return "sdpa", (
-                "auto: flash_attn does not import in this environment, or it has no CUDA GPU "
-                "(where it does, as in the llmtrain image on a GPU node: flash_attention_2)"
+                "auto: flash_attn does not import in this environment, or it has no GPU of "
+                "compute capability 8.0 or later (where both hold, as in the llmtrain image on "
+                "an A100 or later: flash_attention_2)"
             )
         return "sdpa", f"auto: {model_type} has no flash_attention_2 in transformers 4.37.2"
     return "eager", f"auto: {model_type} has neither flash_attention_2 nor sdpa"
 
 
 def precision(choice: str, hw: Hardware) -> tuple[str, str]:
-    """bf16, fp16 or fp32 training (the Trainer's bf16/fp16 flags), and why."""
+    """bf16, fp16 or fp32 training (the Trainer's bf16/fp16 flags), and why.
+
+    Raises:
+        NeedsGpuError: training.precision=bf16 on a GPU without native bf16 (exit 64).
+    """
+    if choice == "bf16" and hw.cuda and not hw.bf16:
+        raise NeedsGpuError(
+            "training.precision=bf16 on a GPU without bf16 (compute capability below 8.0, such "
+            "as V100 or T4): torch would emulate it in fp32, many times slower than fp16",
+            "use training.precision=auto (fp16 with loss scaling on this GPU), or run on an "
+            "A100 or later",
+        )
     if choice != "auto":
         return choice, f"training.precision={choice}"
     if hw.cuda and hw.bf16:
@@ -506,7 +524,8 @@ class RunPlan:
                 attention implementation that cannot run (choose_attention), or
                 training.param_dtype=bfloat16 where it does not apply (check_param_dtype,
                 more than one process) (exit 64).
-            NeedsGpuError: training.param_dtype=bfloat16 without bf16 compute (exit 64).
+            NeedsGpuError: training.precision=bf16 or training.param_dtype=bfloat16 without
+                native bf16 (exit 64).
         """
         t = cfg.training
         # dpo and orpo train preference.weights (lora or full): the plan is that method's, with

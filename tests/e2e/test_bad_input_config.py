@@ -222,8 +222,10 @@ def test_login_node_validates_for_a_gpu_node_and_finetune_refuses_here(
     path = config(tmp_path, **sections)
     checked = run_cli("validate", path, cwd=tmp_path)
     assert checked.returncode == 0, checked.stderr
-    assert "target: a CUDA GPU node (the config needs a GPU); this machine has no GPU" in (
-        checked.stdout)
+    assert (
+        "target: a CUDA GPU node, A100 or later (the config needs a GPU); this machine has no GPU"
+        in checked.stdout
+    )
     before = tree(tmp_path)
     trained = run_cli("finetune", path, cwd=tmp_path)
     assert trained.returncode == 64, trained.stderr
@@ -241,6 +243,31 @@ def test_validate_with_gpu_preset_checks_for_a_gpu_node(tmp_path: Path) -> None:
     assert "plan (as finetune would decide on the target):" in result.stdout
     assert "  precision: bf16 (auto: the GPU computes in bf16)" in result.stdout
     assert "  weight_dtype: bfloat16 (frozen base weights under bf16" in result.stdout
+
+
+def test_validate_for_a_v100_plans_its_fp16_and_refuses_what_it_cannot_run(
+    tmp_path: Path,
+) -> None:
+    """A V100 (compute capability 7.0) has no bf16 and no flash-attn 2: validate --gpu v100
+    plans fp16 and SDPA, and refuses an explicit bf16 (torch would emulate it in fp32) or
+    flash_attention_2 (flash-attn raises at the first forward there) with exit 64, as
+    finetune on that GPU does."""
+    path = config(tmp_path)
+    result = run_cli("validate", path, "--gpu", "v100", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert ("target: a CUDA GPU node of V100 32 GB (--gpu was given): no bf16, fp16 with loss "
+            "scaling; no flash-attn 2") in result.stdout
+    assert "  precision: fp16 (auto: the GPU has no bf16)" in result.stdout
+    assert "attention: sdpa" in result.stdout
+    before = tree(tmp_path)
+    for override, says in [
+        ("training.precision=bf16", "training.precision=bf16 on a GPU without bf16"),
+        ("model.attn_implementation=flash_attention_2", "a GPU of compute capability 8.0"),
+    ]:
+        refused = run_cli("validate", path, override, "--gpu", "v100", cwd=tmp_path)
+        assert refused.returncode == 64, refused.stderr
+        assert says in refused.stderr and "Traceback" not in refused.stderr
+    assert tree(tmp_path) == before
 
 
 def test_validate_refuses_a_method_strategy_pair_outside_the_table(tmp_path: Path) -> None:

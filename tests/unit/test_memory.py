@@ -538,6 +538,8 @@ def _saved_per_layer(run: RunShape) -> list[int]:
 COMPILED = [
     RunShape(method="full", weight_bytes=4),  # fp32 weights under autocast: an fp32 stream
     RunShape(method="lora", lora_dropout=0.0),  # bf16 weights, fp32 adapters: a bf16 stream
+    # a GPU without a 16-bit grouped-query kernel (V100): k, v repeated, as on this CPU
+    RunShape(method="lora", lora_dropout=0.0, grouped_query_kernel=False),
 ]
 
 
@@ -546,17 +548,18 @@ COMPILED = [
     not any(shutil.which(c) for c in ("c++", "g++", "clang++")),
     reason="torch.compile on CPU needs a C++ compiler",
 )
-@pytest.mark.parametrize("run", COMPILED, ids=["full-autocast", "lora-autocast"])
+@pytest.mark.parametrize("run", COMPILED, ids=["full-autocast", "lora-autocast", "lora-v100"])
 def test_compiled_blocks_keep_what_the_estimate_counts(
     run: RunShape, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from llmtrain.kernels import varlen_attention
     from llmtrain.sizing import memory
 
-    # As on an sm80+ GPU: SDPA ranked by llmtrain, and cuDNN taking grouped-query heads in 16
-    # bits unrepeated (on a CPU, _sdpa_causal repeats k and v for want of such a kernel).
+    # As on a GPU: SDPA ranked by llmtrain; on an sm80+ one cuDNN takes grouped-query heads in
+    # 16 bits unrepeated (on a CPU, _sdpa_causal repeats k and v for want of such a kernel).
     monkeypatch.setattr(varlen_attention, "ranked_sdpa", lambda device: True)
-    monkeypatch.setattr(varlen_attention, "_fused_kernels_take", lambda q: True)
+    if run.grouped_query_kernel:
+        monkeypatch.setattr(varlen_attention, "_fused_kernels_take", lambda q: True)
     run = _with(
         run,
         micro_batch=2,

@@ -8,16 +8,18 @@ import argparse
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from typing import Any, get_args
 
 import pytest
 
 from llmtrain import plan
 from llmtrain.config import DistributedSection, MethodSection, load_config
-from llmtrain.errors import EXIT_USAGE, ConfigError
+from llmtrain.errors import EXIT_USAGE, ConfigError, NeedsGpuError
 from llmtrain.plan import STRATEGIES, Hardware, RunPlan, World
 from llmtrain.sizing import memory
 from llmtrain.sizing.from_config import run_shape, target_plan
+from llmtrain.sizing.gpus import get_gpu
 from llmtrain.sizing.memory import ModelShape
 from tests.conftest import REPO
 from tests.tiny_models import tiny_config
@@ -155,14 +157,57 @@ def test_attention_is_chosen_once_with_its_reason() -> None:
     assert plan.choose_attention("auto", llama, flash_attn=True)[0] == "flash_attention_2"
     choice, why = plan.choose_attention("auto", llama, flash_attn=False)
     # On a login machine validating for a GPU node: says what the image there takes.
-    assert choice == "sdpa" and "the llmtrain image on a GPU node: flash_attention_2" in why
+    assert choice == "sdpa" and "the llmtrain image on an A100 or later: flash_attention_2" in why
     neox = {"flash_attention_2": True, "sdpa": False, "eager": True}  # no SDPA in 4.37.2
     assert plan.choose_attention("auto", neox, flash_attn=False, model_type="gpt_neox") == (
         "eager", "auto: gpt_neox has neither flash_attention_2 nor sdpa")
     with pytest.raises(ConfigError, match="not supported for gpt_neox"):
         plan.choose_attention("sdpa", neox, flash_attn=True, model_type="gpt_neox")
-    with pytest.raises(ConfigError, match="needs the flash_attn package"):
+    with pytest.raises(ConfigError, match=r"needs the flash_attn package and a GPU of compute "
+                       r"capability 8\.0 or later"):
         plan.choose_attention("flash_attention_2", llama, flash_attn=False)
+
+
+def test_a_gpu_without_bf16_trains_in_fp16_and_refuses_bf16() -> None:
+    """A V100 or T4 (FP16_GPU): auto is fp16, and an explicit bf16 is refused (exit 64) where
+    torch would emulate it in fp32, not trained many times slower."""
+    p = RunPlan.build(cfg_for("lora", "auto"), ONE, FP16_GPU)
+    assert (p.precision, p.reasons["precision"]) == ("fp16", "auto: the GPU has no bf16")
+    assert p.attention == "sdpa"
+    for override in ("training.precision=bf16", "training.param_dtype=bfloat16"):
+        cfg = cfg_for("full" if "param" in override else "lora", "auto", override)
+        with pytest.raises(NeedsGpuError, match="without bf16") as caught:
+            RunPlan.build(cfg, ONE, FP16_GPU)
+        assert caught.value.exit_code == 64
+    assert RunPlan.build(cfg_for("lora", "auto", "training.precision=bf16"), ONE, BF16_GPU)
+
+
+def test_a_node_without_bf16_gets_no_flash_attn() -> None:
+    """Hardware.gpu_node and the V100 preset: flash-attn 2 needs compute capability 8.0, so a
+    node without bf16 never plans flash_attention_2, even where flash_attn imports."""
+    assert Hardware.gpu_node(flash_attn=True).flash_attn
+    assert not Hardware.gpu_node(flash_attn=True, bf16=False).flash_attn
+    v100, h100 = get_gpu("v100").node(), get_gpu("h100").node()
+    assert (v100.cuda, v100.bf16, v100.flash_attn) == (True, False, False)
+    assert (h100.cuda, h100.bf16) == (True, True)
+
+
+def test_the_estimate_for_a_v100_is_that_gpus_plan() -> None:
+    """estimate/validate --gpu v100: fp16, no flash-attn, and whole rows in 16 bits keep k
+    and v repeated to every query head (no grouped-query kernel before compute capability
+    8.0), where an H100's keep them unrepeated."""
+    cfg = cfg_for("lora", "auto", "training.compile=true")
+    shape = ModelShape.from_config(tiny_config("llama").to_dict())
+    v100, h100 = get_gpu("v100"), get_gpu("h100")
+    assert (target_plan(cfg, gpu=v100).precision, target_plan(cfg, gpu=h100).precision) == (
+        "fp16", "bf16")
+    runs = [
+        replace(run_shape(cfg, shape, gpu=g), attention_forward="rows") for g in (v100, h100)
+    ]
+    assert [r.grouped_query_kernel for r in runs] == [False, True]
+    assert [r.dtype_bytes for r in runs] == [2, 2]
+    v100_bytes, h100_bytes = (memory._attn_bytes(shape, r) for r in runs)
+    assert v100_bytes - h100_bytes == 2 * 2 * (shape.hidden - shape.kv_dim) > 0
 
 
 def test_the_estimator_reads_the_plan() -> None:
@@ -299,4 +344,5 @@ def test_lora_keys_a_run_without_an_adapter_ignores_are_named(
     assert len(warnings) == 1 and warnings[0].startswith(expected), warnings
     if config != "configs/dpo.yaml":  # the embedded model: every check on this CPU, quickly
         cfg = load_config(REPO / config, [*overrides, "model.path=embedded:tiny-llama"])
-        assert ignored_lora_keys(cfg)[0] in run_checks(cfg, gpu=False, data=False).warnings
+        checked = run_checks(cfg, target=Hardware.cpu(), data=False)
+        assert ignored_lora_keys(cfg)[0] in checked.warnings

@@ -22,6 +22,7 @@ from llmtrain.data.tokenize import tokenize
 from llmtrain.errors import DataError
 from llmtrain.labels import IGNORE_INDEX
 from llmtrain.model.load import load_tokenizer
+from llmtrain.plan import Hardware
 from llmtrain.train.checks import SAMPLE_ROWS, run_checks
 from tests.conftest import REPO
 
@@ -181,7 +182,7 @@ def test_validate_refuses_a_bad_row_after_the_rows_it_tokenizes(
     late = {"question": "And?", "answers": {"text": late_answers}}
     cfg = demo(tmp_path, jsonl(tmp_path, [*good, late, good[0]]), "{answers[text][0]}")
     with pytest.raises(DataError) as exc:
-        run_checks(cfg, gpu=False)
+        run_checks(cfg, target=Hardware.cpu())
     assert f"d.jsonl line {SAMPLE_ROWS + 1}: {problem}" in exc.value.problem
 
 
@@ -205,7 +206,7 @@ def test_validate_counts_the_rows_drop_leaves_out_in_all_rows(tmp_path: Path) ->
     rows[SAMPLE_ROWS + 3]["answers"]["text"] = [QUOTING]
     rows[5]["answers"]["text"] = [QUOTING]
     cfg = demo(tmp_path, jsonl(tmp_path, rows), "{answers[text][0]}", "drop")
-    lines = run_checks(cfg, gpu=False).lines
+    lines = run_checks(cfg, target=Hardware.cpu()).lines
     assert f"data (all {SAMPLE_ROWS + 10} rows): 2 dropped holding a special token's text" in lines
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import importlib.util
 import logging
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ from transformers import (
 )
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-from llmtrain import stack
+from llmtrain import device, stack
 from llmtrain.config import ModelSection
 from llmtrain.errors import ConfigError
 from llmtrain.model import support
@@ -65,7 +64,7 @@ def load_model_config(cfg: ModelSection) -> PretrainedConfig:
 def pick_dtype(cfg: ModelSection) -> torch.dtype:
     if cfg.dtype != "auto":
         return DTYPES[cfg.dtype]
-    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+    if device.native_bf16():
         return torch.bfloat16
     return torch.float32
 
@@ -76,12 +75,6 @@ def model_class(config: PretrainedConfig) -> type[PreTrainedModel] | None:
     except KeyError:
         return None
     return cls
-
-
-def flash_attn_available(gpu: bool | None = None) -> bool:
-    """flash_attn imports and the target (`gpu`; None: this machine) has a CUDA GPU."""
-    has_gpu = torch.cuda.is_available() if gpu is None else gpu
-    return importlib.util.find_spec("flash_attn") is not None and has_gpu
 
 
 def attention_support(config: PretrainedConfig) -> dict[str, bool]:
@@ -98,19 +91,22 @@ def attention_support(config: PretrainedConfig) -> dict[str, bool]:
     }
 
 
-def pick_attention(cfg: ModelSection, config: PretrainedConfig, *, gpu: bool | None = None) -> str:
-    """flash_attention_2 when flash_attn imports and the architecture has it, else sdpa, else
-    eager (plan.choose_attention decides). `gpu`: whether the target machine has a CUDA GPU
-    (validate on a login node checks for a GPU node); None: this machine.
+def pick_attention(
+    cfg: ModelSection, config: PretrainedConfig, *, flash_attn: bool | None = None
+) -> str:
+    """flash_attention_2 when flash_attn is usable and the architecture has it, else sdpa, else
+    eager (plan.choose_attention decides). `flash_attn`: the target's Hardware.flash_attn
+    (validate on a login node checks for a GPU node); None: this machine's
+    (device.flash_attn_runs).
 
     Raises:
         ConfigError: an explicit choice the architecture lacks, or flash_attention_2 without
-            flash_attn and a GPU (exit 64), not a silent fallback.
+            flash_attn and a GPU that runs it (exit 64), not a silent fallback.
     """
     choice, reason = choose_attention(
         cfg.attn_implementation,
         attention_support(config),
-        flash_attn_available(gpu),
+        device.flash_attn_runs() if flash_attn is None else flash_attn,
         config.model_type,
     )
     _log_attention(choice, reason)

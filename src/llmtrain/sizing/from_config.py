@@ -43,15 +43,21 @@ def target_plan(
     nodes: int = 1,
     gpus_per_node: int = 1,
     attention_support: Mapping[str, bool] | None = None,
+    gpu: Gpu | None = None,
 ) -> RunPlan:
-    """The RunPlan finetune would make on `nodes` x `gpus_per_node` bf16-capable GPUs (flash_attn
-    as it imports here); `attention_support` None: a Llama-style decoder.
+    """The RunPlan finetune would make on `nodes` x `gpus_per_node` of `gpu` (None: GPUs of
+    Ampere or later), flash_attn as it imports here; `attention_support` None: a Llama-style
+    decoder.
 
     Raises:
         ConfigError: see RunPlan.build (exit 64).
     """
     world = World(rank=0, local_rank=0, world_size=nodes * gpus_per_node)
-    hw = Hardware.gpu_node(flash_attn=importlib.util.find_spec("flash_attn") is not None)
+    hw = (
+        gpu.node()
+        if gpu is not None
+        else Hardware.gpu_node(flash_attn=importlib.util.find_spec("flash_attn") is not None)
+    )
     return RunPlan.build(cfg, world, hw, attention_support=attention_support)
 
 
@@ -90,12 +96,13 @@ def run_shape(
     attention: str | None = None,
     plan: RunPlan | None = None,
     measured: tokens.Measured | None = None,
+    gpu: Gpu | None = None,
 ) -> RunShape:
-    """The run as finetune will set it up on bf16-capable GPUs: `plan` (default: target_plan)
-    decides strategy, dtypes, autocast, attention (`attention` overrides it: a what-if) and
-    the optimizer. `measured`: the data's sample lengths; without them every sample is
-    data.max_length long (and a token budget full)."""
-    plan = plan or target_plan(cfg, nodes=nodes, gpus_per_node=gpus_per_node)
+    """The run as finetune will set it up on `gpu` (None: GPUs of Ampere or later): `plan`
+    (default: target_plan) decides strategy, dtypes, autocast, attention (`attention`
+    overrides it: a what-if) and the optimizer. `measured`: the data's sample lengths; without
+    them every sample is data.max_length long (and a token budget full)."""
+    plan = plan or target_plan(cfg, nodes=nodes, gpus_per_node=gpus_per_node, gpu=gpu)
     name, t = cfg.method.name, cfg.training
     # dpo and orpo: the trained weights' method; each micro-batch holds the chosen and the
     # rejected sample of every pair.
@@ -159,6 +166,7 @@ def run_shape(
         # transformers 5.x: llmtrain's attention is only the function inside transformers'
         # module (RunShape.whole_attention_forward).
         whole_attention_forward=not stack.is_current(),
+        grouped_query_kernel=gpu is None or gpu.bf16,
         **extra,
     )
 
@@ -193,12 +201,18 @@ def summary(
 ) -> list[str]:
     """The short form `validate` prints."""
     shape = model_shape(cfg)
-    plan = plan or target_plan(cfg, nodes=nodes, gpus_per_node=gpus_per_node)
+    device = get_gpu(gpu)
+    plan = plan or target_plan(cfg, nodes=nodes, gpus_per_node=gpus_per_node, gpu=device)
     run = run_shape(
-        cfg, shape, nodes=nodes, gpus_per_node=gpus_per_node, plan=plan, measured=measured
+        cfg,
+        shape,
+        nodes=nodes,
+        gpus_per_node=gpus_per_node,
+        plan=plan,
+        measured=measured,
+        gpu=device,
     )
     b = estimate(shape, run)
-    device = get_gpu(gpu)
     verdict = "fits" if b.total <= device.memory_bytes else "DOES NOT FIT"
     overhead = b.total - b.allocated  # the CUDA context, NCCL buffers, fragmentation margin
     return [
@@ -221,6 +235,12 @@ def fits(
     device = get_gpu(gpu) if isinstance(gpu, str) else gpu
     shape = model_shape(cfg)
     run = run_shape(
-        cfg, shape, nodes=nodes, gpus_per_node=gpus_per_node, plan=plan, measured=measured
+        cfg,
+        shape,
+        nodes=nodes,
+        gpus_per_node=gpus_per_node,
+        plan=plan,
+        measured=measured,
+        gpu=device,
     )
     return estimate(shape, run).total <= device.memory_bytes

@@ -7,9 +7,11 @@ the vendor's data sheet. V100 has no bf16: its entry is the fp16 tensor-core pea
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 
 from llmtrain.errors import ConfigError
+from llmtrain.plan import Hardware
 
 MIB = 1024**2
 
@@ -19,14 +21,24 @@ class Gpu:
     name: str
     memory_bytes: int
     peak_tflops: float  # dense bf16 (fp16 on V100), per device as torch sees it
+    # Native bf16, and with it flash-attn 2 and cuDNN attention (compute capability 8.0+):
+    # a V100 trains in fp16 with SDPA (llmtrain.device).
+    bf16: bool = True
 
     @property
     def memory_gib(self) -> float:
         return self.memory_bytes / 1024**3
 
+    def node(self) -> Hardware:
+        """A node of these GPUs as finetune would find it there, with flash_attn where this
+        environment has it (the image)."""
+        return Hardware.gpu_node(
+            flash_attn=importlib.util.find_spec("flash_attn") is not None, bf16=self.bf16
+        )
+
 
 PRESETS: dict[str, Gpu] = {
-    "v100-32gb": Gpu("V100 32 GB", 32510 * MIB, 125.0),
+    "v100-32gb": Gpu("V100 32 GB", 32510 * MIB, 125.0, bf16=False),
     "a100-40gb": Gpu("A100 40 GB", 40536 * MIB, 312.0),
     "a100-80gb": Gpu("A100 80 GB", 81920 * MIB, 312.0),
     # One MI250X is two GCDs; torch and the scheduler see each GCD as a GPU (LUMI-G).
@@ -34,6 +46,8 @@ PRESETS: dict[str, Gpu] = {
     "h100-80gb": Gpu("H100 80 GB", 81559 * MIB, 989.0),
     "h200-141gb": Gpu("H200 141 GB", 143771 * MIB, 989.0),
 }
+
+DEFAULT_GPU = "h100"  # what `estimate` and `validate` size for without --gpu
 
 ALIASES = {
     "v100": "v100-32gb",

@@ -252,6 +252,9 @@ class RunShape:
     # transformers' forward). from_config.run_shape sets the installed stack's, which
     # finetune runs on; the default is the pinned stack's (the image's).
     whole_attention_forward: bool = True
+    # A fused attention kernel takes grouped-query k, v in 16 bits (cuDNN, flash: compute
+    # capability 8.0+); before that (V100) whole rows repeat k, v as in fp32.
+    grouped_query_kernel: bool = True
     # DPO with full weights: a frozen copy of the base model as the reference, in the compute
     # dtype (LoRA's reference is the same model with the adapter disabled: no copy)
     reference_copy: bool = False
@@ -489,9 +492,9 @@ def _attn_bytes(shape: ModelShape, run: RunShape) -> int:
     position, shared by the batch, on 5.x by the layers too: not counted)."""
     h, kv, a = shape.hidden, shape.kv_dim, run.dtype_bytes
     if run.attention_forward != "transformers":
-        # Whole rows in fp32: no grouped-query kernel takes them, k and v are repeated
-        # (varlen_attention._sdpa_causal).
-        rows_grouped = run.attention_forward == "rows" and a == 2
+        # Whole rows in fp32, or on a GPU before Ampere: no grouped-query kernel takes them, k
+        # and v are repeated (varlen_attention._sdpa_causal).
+        rows_grouped = run.attention_forward == "rows" and a == 2 and run.grouped_query_kernel
         grouped = rows_grouped or run.attention == "flash_attention_2"
         rope = 2 * a * shape.head_dim if run.whole_attention_forward else 0
         return a * (2 * h + 2 * (kv if grouped else h)) + 4 * shape.heads + rope

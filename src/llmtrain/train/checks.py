@@ -123,8 +123,11 @@ def check_outputs(cfg: RunConfig) -> None:
         checkpoints.resume_point(out, cfg.output.resume)
 
 
-def check_model(cfg: RunConfig, *, gpu: bool | None = None) -> tuple[Any, Any, list[str]]:
-    """The model's config and tokenizer (no weights); `gpu` is the target's, None: this one's.
+def check_model(
+    cfg: RunConfig, *, flash_attn: bool | None = None
+) -> tuple[Any, Any, list[str]]:
+    """The model's config and tokenizer (no weights); `flash_attn`: the target's
+    Hardware.flash_attn, None: this machine's.
 
     Raises:
         ConfigError: the model cannot be read, its type has no causal-LM class in transformers
@@ -144,7 +147,7 @@ def check_model(cfg: RunConfig, *, gpu: bool | None = None) -> tuple[Any, Any, l
             f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {vocab}",
             "use the model's own tokenizer, or resize the model (llmtrain vocab init)",
         )
-    lines.append(f"attention: {pick_attention(cfg.model, config, gpu=gpu)}")
+    lines.append(f"attention: {pick_attention(cfg.model, config, flash_attn=flash_attn)}")
     return config, tokenizer, lines
 
 
@@ -221,12 +224,12 @@ def check_data(cfg: RunConfig, tokenizer: Any, report: Report) -> None:
             )
 
 
-def run_checks(cfg: RunConfig, *, gpu: bool, data: bool = True) -> Report:
+def run_checks(cfg: RunConfig, *, target: plan.Hardware, data: bool = True) -> Report:
     """Every check, in the order finetune would hit them; raises the first problem found.
 
     Args:
-        gpu: the target machine has a CUDA GPU (validate: the GPU node it checks for;
-            finetune: this machine).
+        target: the machine the run is checked for (validate: the GPU node it checks for, or
+            this one; finetune: this machine, device.this_machine).
         data: also read the data (finetune: only the main rank, so N ranks do not read the
             whole dataset at once).
 
@@ -237,9 +240,9 @@ def run_checks(cfg: RunConfig, *, gpu: bool, data: bool = True) -> Report:
     preference_training.check(cfg)
     # dpo and orpo train LoRA or full weights: the checks of that method hold for them.
     policy = preference_training.policy_config(cfg)
-    check_hardware(policy, gpu=gpu)
+    check_hardware(policy, gpu=target.cuda)
     check_outputs(cfg)
-    config, tokenizer, lines = check_model(cfg, gpu=gpu)
+    config, tokenizer, lines = check_model(cfg, flash_attn=target.flash_attn)
     report.lines += lines
     check_method(policy, config)
     report.warnings += token_warnings(cfg, config, tokenizer)

@@ -20,6 +20,7 @@ from llmtrain.config import RunConfig, dump_config
 from llmtrain.data import chat, prepared
 from llmtrain.data.collate import PadCollator
 from llmtrain.data.token_budget import row_lengths
+from llmtrain.device import this_machine
 from llmtrain.errors import ConfigError, StopRequested
 from llmtrain.kernels import lora as fused_lora
 from llmtrain.kernels import loss as fused_loss
@@ -29,13 +30,12 @@ from llmtrain.model import support
 from llmtrain.model.load import (
     DTYPES,
     attention_support,
-    flash_attn_available,
     load_model,
     load_model_config,
     load_tokenizer,
 )
 from llmtrain.model.methods import count_parameters, quantization_config, wrap
-from llmtrain.plan import Hardware, RunPlan, World, check_world
+from llmtrain.plan import RunPlan, World, check_world
 from llmtrain.train import checkpoints, hf_names, loss_weighting, strategies
 from llmtrain.train.callbacks import (
     METRICS,
@@ -52,14 +52,6 @@ from llmtrain.train.trainer import TENSORBOARD_DIR, LlmtrainTrainer, LossRecorde
 from llmtrain.vocab import special_tokens
 
 log = logging.getLogger(__name__)
-
-
-def this_machine() -> Hardware:
-    """What this process's machine has, for its RunPlan."""
-    cuda = torch.cuda.is_available()
-    return Hardware(
-        cuda=cuda, bf16=cuda and torch.cuda.is_bf16_supported(), flash_attn=flash_attn_available()
-    )
 
 
 def plan_run(cfg: RunConfig, world: World) -> RunPlan:

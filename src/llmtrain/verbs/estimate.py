@@ -18,7 +18,7 @@ from llmtrain.sizing.from_config import (
     target_plan,
     weight_bytes,
 )
-from llmtrain.sizing.gpus import PRESETS, get_gpu
+from llmtrain.sizing.gpus import DEFAULT_GPU, PRESETS, get_gpu
 from llmtrain.sizing.memory import (
     FRAGMENTATION,
     METHODS,
@@ -40,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
     parser.add_argument("--nodes", type=int, default=1)
     parser.add_argument("--gpus-per-node", type=int, default=1)
-    parser.add_argument("--gpu", default="h100", help=f"preset: {', '.join(PRESETS)}")
+    parser.add_argument("--gpu", default=DEFAULT_GPU, help=f"preset: {', '.join(PRESETS)}")
     parser.add_argument(
         "--attention",
         choices=["sdpa", "flash_attention_2", "eager"],
@@ -67,7 +67,8 @@ def _tokens(
 
 def report(cfg: RunConfig, args: argparse.Namespace) -> dict[str, Any]:
     shape = model_shape(cfg)
-    plan = target_plan(cfg, nodes=args.nodes, gpus_per_node=args.gpus_per_node)
+    device = get_gpu(args.gpu)
+    plan = target_plan(cfg, nodes=args.nodes, gpus_per_node=args.gpus_per_node, gpu=device)
     from llmtrain.sizing import tokens as measured_tokens
 
     measured = measured_tokens.from_prepared(cfg)
@@ -79,8 +80,8 @@ def report(cfg: RunConfig, args: argparse.Namespace) -> dict[str, Any]:
         attention=args.attention,
         plan=plan,
         measured=measured,
+        gpu=device,
     )
-    device = get_gpu(args.gpu)
 
     def row(r: RunShape) -> dict[str, Any]:
         b = estimate(shape, r)

@@ -26,8 +26,7 @@ def run(args: argparse.Namespace) -> int:
         StopRequested: stopped on purpose after a checkpoint (exit 75), once the process
             group is closed.
     """
-    import torch
-
+    from llmtrain.device import this_machine
     from llmtrain.train import preference
     from llmtrain.train.checks import run_checks
     from llmtrain.train.run import close_process_group, train
@@ -37,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     # validate's check list, for this machine, before anything is written or loaded; the data
     # is read by the main rank only (the others wait for its prepared data anyway).
     # train() then plans the run for this world and checks it, also before anything is written.
-    report = run_checks(cfg, gpu=torch.cuda.is_available(), data=world.is_main)
+    report = run_checks(cfg, target=this_machine(), data=world.is_main)
     for warning in report.warnings:
         log.warning("%s", warning)
     stopped: str | None = None

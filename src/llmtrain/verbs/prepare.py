@@ -16,16 +16,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from llmtrain.data import prepared
+    from llmtrain.device import this_machine
     from llmtrain.model.load import load_tokenizer
+    from llmtrain.sizing.gpus import DEFAULT_GPU, get_gpu
     from llmtrain.train.checks import needs_gpu, run_checks
 
     cfg = load_config(args.config, args.overrides)
     # validate's check list; like validate, for the GPU node the config needs (prepare runs
     # on a login node too).
-    run_checks(cfg, gpu=torch.cuda.is_available() or needs_gpu(cfg))
+    here = this_machine()
+    login = needs_gpu(cfg) and not here.cuda
+    run_checks(cfg, target=get_gpu(DEFAULT_GPU).node() if login else here)
     info = prepared.prepare(cfg, load_tokenizer(cfg.model))
     print(json.dumps({"prepared_dir": str(cfg.prepared_dir()), **info}, indent=2))
     return 0

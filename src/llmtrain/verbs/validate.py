@@ -7,10 +7,9 @@ import sys
 
 from llmtrain.config import RunConfig, load_config
 from llmtrain.plan import Hardware, RunPlan, World
-from llmtrain.sizing.gpus import PRESETS
+from llmtrain.sizing.gpus import DEFAULT_GPU, PRESETS
 
 EXAMPLE = "llmtrain validate configs/lora.yaml data.path=data/train.jsonl --gpu h100"
-DEFAULT_GPU = "h100"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,42 +29,42 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpus-per-node", type=int, default=1)
 
 
-def _target_line(cfg: RunConfig, args: argparse.Namespace) -> tuple[bool, str]:
-    """Whether the checks are for a GPU node, and the line that says which machine they are for:
-    a GPU node when --gpu or --assume-gpu is given or the config needs one, else this one."""
-    import torch
-
+def _target(cfg: RunConfig, args: argparse.Namespace) -> tuple[Hardware, str]:
+    """The machine the checks are for, and the line that says which: a GPU node when --gpu or
+    --assume-gpu is given or the config needs one (the --gpu preset's, else this machine's GPU,
+    else an A100 or later), else this one."""
+    from llmtrain.device import describe, this_machine
+    from llmtrain.sizing.gpus import get_gpu
     from llmtrain.train.checks import needs_gpu
 
-    here = torch.cuda.is_available()
-    wanted = args.gpu is not None or args.assume_gpu or needs_gpu(cfg)
-    if not wanted:
-        return here, f"target: this machine ({'CUDA GPU' if here else 'CPU'})"
-    if here:
-        return True, "target: a CUDA GPU node (this machine has one)"
-    why = "--gpu was given" if args.gpu is not None else (
-        "--assume-gpu was given" if args.assume_gpu else "the config needs a GPU"
-    )
-    return True, (
-        f"target: a CUDA GPU node ({why}); this machine has no GPU, which is fine for "
-        "validate: run finetune on a GPU node"
+    here = this_machine()
+    if args.gpu is not None:
+        preset = get_gpu(args.gpu)
+        return preset.node(), (
+            f"target: a CUDA GPU node of {preset.name} (--gpu was given)"
+            + ("" if preset.bf16 else ": no bf16, fp16 with loss scaling; no flash-attn 2")
+        )
+    if here.cuda:
+        return here, f"target: this machine ({describe()})"
+    if not (args.assume_gpu or needs_gpu(cfg)):
+        return here, "target: this machine (CPU)"
+    why = "--assume-gpu was given" if args.assume_gpu else "the config needs a GPU"
+    return get_gpu(DEFAULT_GPU).node(), (
+        f"target: a CUDA GPU node, A100 or later ({why}); this machine has no GPU, which is "
+        "fine for validate: run finetune on a GPU node (--gpu v100 checks for a V100's)"
     )
 
 
-def _plan(cfg: RunConfig, args: argparse.Namespace, gpu: bool) -> RunPlan:
-    """The plan finetune would make on the target (a bf16-capable GPU node, or this CPU), in a
-    world of --nodes x --gpus-per-node processes."""
-    from llmtrain.model.load import attention_support, flash_attn_available, load_model_config
+def _plan(cfg: RunConfig, args: argparse.Namespace, target: Hardware) -> RunPlan:
+    """The plan finetune would make on `target`, in a world of --nodes x --gpus-per-node
+    processes."""
+    from llmtrain.model.load import attention_support, load_model_config
 
     config = load_model_config(cfg.model)
     world = World(rank=0, local_rank=0, world_size=args.nodes * args.gpus_per_node)
-    hw = (
-        Hardware.gpu_node(flash_attn=flash_attn_available(gpu=True))
-        if gpu
-        else Hardware(cuda=False, bf16=False, flash_attn=False)
-    )
     return RunPlan.build(
-        cfg, world, hw, attention_support=attention_support(config), model_type=config.model_type
+        cfg, world, target, attention_support=attention_support(config),
+        model_type=config.model_type,
     )
 
 
@@ -107,12 +106,12 @@ def run(args: argparse.Namespace) -> int:
     from llmtrain.train.checks import run_checks
 
     cfg = load_config(args.config, args.overrides)
-    gpu, target = _target_line(cfg, args)
-    report = run_checks(cfg, gpu=gpu)
-    plan = _plan(cfg, args, gpu)
-    lines, warnings = _memory(cfg, args, plan if gpu else None, report.lengths)
+    target, target_line = _target(cfg, args)
+    report = run_checks(cfg, target=target)
+    plan = _plan(cfg, args, target)
+    lines, warnings = _memory(cfg, args, plan if target.cuda else None, report.lengths)
     plan_lines = ["plan (as finetune would decide on the target):", *plan.lines()]
-    for line in [target, *report.lines, *plan_lines, *lines]:
+    for line in [target_line, *report.lines, *plan_lines, *lines]:
         print(line)
     for warning in report.warnings + warnings:
         print(f"warning: {warning}", file=sys.stderr)

@@ -1,0 +1,70 @@
+"""llmtrain.device on GPUs this machine does not have: torch's answers are patched to a V100's,
+a T4's, an A100's and an H200's (no GPU in CI), and torch.cuda.is_bf16_supported to True
+everywhere, as torch 2.3+ answers on a V100 or T4 (it emulates bf16): device must not use it."""
+
+from __future__ import annotations
+
+import importlib.machinery
+import importlib.util
+
+import pytest
+import torch
+
+from llmtrain import device
+from llmtrain.plan import Hardware
+
+GPUS = {
+    "Tesla V100-SXM2-32GB": (7, 0),
+    "Tesla T4": (7, 5),
+    "NVIDIA A100-SXM4-80GB": (8, 0),
+    "NVIDIA H200": (9, 0),
+}
+
+
+def _gpu(monkeypatch: pytest.MonkeyPatch, name: str, *, flash_attn: bool) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: GPUS[name])
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: name)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(torch.version, "hip", None)
+    found = importlib.util.find_spec
+    installed = importlib.machinery.ModuleSpec("flash_attn", None) if flash_attn else None
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda n, *a: installed if n == "flash_attn" else found(n, *a)
+    )
+
+
+@pytest.mark.parametrize("name", GPUS)
+def test_bf16_and_flash_attn_need_compute_capability_8(
+    monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    _gpu(monkeypatch, name, flash_attn=True)
+    ampere = GPUS[name] >= (8, 0)
+    assert device.this_machine() == Hardware(cuda=True, bf16=ampere, flash_attn=ampere)
+    assert device.describe() == f"{name} (compute capability {GPUS[name][0]}.{GPUS[name][1]})"
+
+
+def test_flash_attn_needs_the_package(monkeypatch: pytest.MonkeyPatch) -> None:
+    _gpu(monkeypatch, "NVIDIA H200", flash_attn=False)
+    assert device.this_machine() == Hardware(cuda=True, bf16=True, flash_attn=False)
+
+
+def test_a_model_loads_in_bf16_only_where_the_gpu_computes_in_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """model.dtype=auto (generate, merge): fp32 on a V100, not bf16 emulated in fp32."""
+    from llmtrain.config import ModelSection
+    from llmtrain.model.load import pick_dtype
+
+    model = ModelSection(path="embedded:tiny-llama")
+    _gpu(monkeypatch, "Tesla V100-SXM2-32GB", flash_attn=True)
+    assert pick_dtype(model) == torch.float32
+    _gpu(monkeypatch, "NVIDIA A100-SXM4-80GB", flash_attn=True)
+    assert pick_dtype(model) == torch.bfloat16
+
+
+def test_no_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.version, "hip", None)
+    assert device.this_machine() == Hardware.cpu()
+    assert device.describe() == "no CUDA GPU"
