@@ -372,12 +372,12 @@ def check_world(strategy: str, world: World, *, cuda: bool) -> None:
 
 
 def choose_attention(
-    choice: str, supports: Mapping[str, bool] | None, flash_attn: bool, model_type: str = "model"
+    choice: str, supports: Mapping[str, bool] | None, hw: Hardware, model_type: str = "model"
 ) -> tuple[str, str]:
-    """The attention implementation and why: flash_attention_2 when flash_attn is usable
-    (`flash_attn`: it imports and the GPU runs it) and the architecture has it, else sdpa,
-    else eager. `supports`: implementation -> the architecture has it; None: a Llama-style
-    decoder, which has all three.
+    """The attention implementation and why: flash_attention_2 when flash_attn is usable on
+    `hw` (it imports and the GPU runs it) and the architecture has it, else sdpa, else eager.
+    `supports`: implementation -> the architecture has it; None: a Llama-style decoder, which
+    has all three.
 
     Raises:
         ConfigError: an explicit choice the architecture lacks, or flash_attention_2 without
@@ -392,26 +392,34 @@ def choose_attention(
                 "transformers 4.37.2",
                 "use model.attn_implementation=auto",
             )
-        if choice == "flash_attention_2" and not flash_attn:
+        if choice == "flash_attention_2" and not hw.flash_attn:
             raise ConfigError(
-                "model.attn_implementation=flash_attention_2 needs the flash_attn package and a "
-                "GPU of compute capability 8.0 or later (A100, H100; not V100 or T4), and this "
-                "environment has no flash_attn or no such GPU",
+                "model.attn_implementation=flash_attention_2 cannot run on the target: "
+                f"{_no_flash_attn(hw)}",
                 "run inside the llmtrain image on an A100 or later, or use "
                 "model.attn_implementation=auto",
             )
         return choice, f"model.attn_implementation={choice}"
-    if has.get("flash_attention_2") and flash_attn:
+    if has.get("flash_attention_2") and hw.flash_attn:
         return "flash_attention_2", "auto: flash_attn imports and the architecture has it"
     if has.get("sdpa"):
         if has.get("flash_attention_2"):
-            return "sdpa", (
-                "auto: flash_attn does not import in this environment, or it has no GPU of "
-                "compute capability 8.0 or later (where both hold, as in the llmtrain image on "
-                "an A100 or later: flash_attention_2)"
+            elsewhere = (
+                "" if hw.cuda and not hw.bf16
+                else " (in the llmtrain image on an A100 or later: flash_attention_2)"
             )
+            return "sdpa", f"auto: {_no_flash_attn(hw)}{elsewhere}"
         return "sdpa", f"auto: {model_type} has no flash_attention_2 in transformers 4.37.2"
     return "eager", f"auto: {model_type} has neither flash_attention_2 nor sdpa"
+
+
+def _no_flash_attn(hw: Hardware) -> str:
+    """Why flash-attn 2 cannot run on `hw` (whose flash_attn is False)."""
+    if not hw.cuda:
+        return "the target has no CUDA GPU"
+    if not hw.bf16:
+        return "the GPU is older than compute capability 8.0 (V100, T4), which flash-attn 2 needs"
+    return "flash_attn does not import in this environment"
 
 
 def precision(choice: str, hw: Hardware) -> tuple[str, str]:
@@ -566,7 +574,7 @@ class RunPlan:
         else:
             why_autocast = "16-bit weights throughout"
         attention, why_attention = choose_attention(
-            cfg.model.attn_implementation, attention_support, hw.flash_attn, model_type
+            cfg.model.attn_implementation, attention_support, hw, model_type
         )
         optim = t.optim
         if optim == "auto":

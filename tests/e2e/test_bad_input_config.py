@@ -237,7 +237,8 @@ def test_login_node_validates_for_a_gpu_node_and_finetune_refuses_here(
 def test_validate_with_gpu_preset_checks_for_a_gpu_node(tmp_path: Path) -> None:
     result = run_cli("validate", config(tmp_path), "--gpu", "a100-80gb", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert "target: a CUDA GPU node" in result.stdout
+    assert ("target: a CUDA GPU node of A100 80 GB (--gpu was given); this machine has no GPU, "
+            "which is fine for validate") in result.stdout
     assert "on A100" in result.stdout
     # the plan finetune would make there, with reasons
     assert "plan (as finetune would decide on the target):" in result.stdout
@@ -255,8 +256,8 @@ def test_validate_for_a_v100_plans_its_fp16_and_refuses_what_it_cannot_run(
     path = config(tmp_path)
     result = run_cli("validate", path, "--gpu", "v100", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert ("target: a CUDA GPU node of V100 32 GB (--gpu was given): no bf16, fp16 with loss "
-            "scaling; no flash-attn 2") in result.stdout
+    assert ("target: a CUDA GPU node of V100 32 GB (--gpu was given: no bf16, fp16 with loss "
+            "scaling; no flash-attn 2); this machine has no GPU") in result.stdout
     assert "  precision: fp16 (auto: the GPU has no bf16)" in result.stdout
     assert "attention: sdpa" in result.stdout
     before = tree(tmp_path)

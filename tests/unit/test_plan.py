@@ -154,18 +154,27 @@ def test_plan_follows_explicit_settings() -> None:
 
 def test_attention_is_chosen_once_with_its_reason() -> None:
     llama = None  # a Llama-style decoder: all three
-    assert plan.choose_attention("auto", llama, flash_attn=True)[0] == "flash_attention_2"
-    choice, why = plan.choose_attention("auto", llama, flash_attn=False)
-    # On a login machine validating for a GPU node: says what the image there takes.
-    assert choice == "sdpa" and "the llmtrain image on an A100 or later: flash_attention_2" in why
+    flash = Hardware.gpu_node(flash_attn=True)
+    assert plan.choose_attention("auto", llama, flash)[0] == "flash_attention_2"
+    # Each machine that cannot run flash-attn 2 says why; where the image would, says so.
+    for hw, why in [
+        (BF16_GPU, "auto: flash_attn does not import in this environment (in the llmtrain "
+                   "image on an A100 or later: flash_attention_2)"),
+        (CPU, "auto: the target has no CUDA GPU (in the llmtrain image on an A100 or later: "
+              "flash_attention_2)"),
+        (Hardware.gpu_node(flash_attn=True, bf16=False),
+         "auto: the GPU is older than compute capability 8.0 (V100, T4), which flash-attn 2 "
+         "needs"),
+    ]:
+        assert plan.choose_attention("auto", llama, hw) == ("sdpa", why)
     neox = {"flash_attention_2": True, "sdpa": False, "eager": True}  # no SDPA in 4.37.2
-    assert plan.choose_attention("auto", neox, flash_attn=False, model_type="gpt_neox") == (
+    assert plan.choose_attention("auto", neox, BF16_GPU, model_type="gpt_neox") == (
         "eager", "auto: gpt_neox has neither flash_attention_2 nor sdpa")
     with pytest.raises(ConfigError, match="not supported for gpt_neox"):
-        plan.choose_attention("sdpa", neox, flash_attn=True, model_type="gpt_neox")
-    with pytest.raises(ConfigError, match=r"needs the flash_attn package and a GPU of compute "
-                       r"capability 8\.0 or later"):
-        plan.choose_attention("flash_attention_2", llama, flash_attn=False)
+        plan.choose_attention("sdpa", neox, flash, model_type="gpt_neox")
+    with pytest.raises(ConfigError, match=r"flash_attention_2 cannot run on the target: the "
+                       r"GPU is older than compute capability 8\.0 \(V100, T4\)"):
+        plan.choose_attention("flash_attention_2", llama, FP16_GPU)
 
 
 def test_a_gpu_without_bf16_trains_in_fp16_and_refuses_bf16() -> None:

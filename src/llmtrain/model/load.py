@@ -22,7 +22,7 @@ from llmtrain import device, stack
 from llmtrain.config import ModelSection
 from llmtrain.errors import ConfigError
 from llmtrain.model import support
-from llmtrain.plan import choose_attention
+from llmtrain.plan import Hardware, choose_attention
 from llmtrain.vocab import special_tokens
 
 log = logging.getLogger(__name__)
@@ -92,12 +92,11 @@ def attention_support(config: PretrainedConfig) -> dict[str, bool]:
 
 
 def pick_attention(
-    cfg: ModelSection, config: PretrainedConfig, *, flash_attn: bool | None = None
+    cfg: ModelSection, config: PretrainedConfig, *, target: Hardware | None = None
 ) -> str:
     """flash_attention_2 when flash_attn is usable and the architecture has it, else sdpa, else
-    eager (plan.choose_attention decides). `flash_attn`: the target's Hardware.flash_attn
-    (validate on a login node checks for a GPU node); None: this machine's
-    (device.flash_attn_runs).
+    eager (plan.choose_attention decides). `target`: the machine checked for (validate on a
+    login node checks for a GPU node); None: this one (device.this_machine).
 
     Raises:
         ConfigError: an explicit choice the architecture lacks, or flash_attention_2 without
@@ -106,7 +105,7 @@ def pick_attention(
     choice, reason = choose_attention(
         cfg.attn_implementation,
         attention_support(config),
-        device.flash_attn_runs() if flash_attn is None else flash_attn,
+        device.this_machine() if target is None else target,
         config.model_type,
     )
     _log_attention(choice, reason)

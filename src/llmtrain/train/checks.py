@@ -124,10 +124,10 @@ def check_outputs(cfg: RunConfig) -> None:
 
 
 def check_model(
-    cfg: RunConfig, *, flash_attn: bool | None = None
+    cfg: RunConfig, *, target: plan.Hardware | None = None
 ) -> tuple[Any, Any, list[str]]:
-    """The model's config and tokenizer (no weights); `flash_attn`: the target's
-    Hardware.flash_attn, None: this machine's.
+    """The model's config and tokenizer (no weights); `target`: the machine checked for, None:
+    this one.
 
     Raises:
         ConfigError: the model cannot be read, its type has no causal-LM class in transformers
@@ -147,7 +147,7 @@ def check_model(
             f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {vocab}",
             "use the model's own tokenizer, or resize the model (llmtrain vocab init)",
         )
-    lines.append(f"attention: {pick_attention(cfg.model, config, flash_attn=flash_attn)}")
+    lines.append(f"attention: {pick_attention(cfg.model, config, target=target)}")
     return config, tokenizer, lines
 
 
@@ -242,7 +242,7 @@ def run_checks(cfg: RunConfig, *, target: plan.Hardware, data: bool = True) -> R
     policy = preference_training.policy_config(cfg)
     check_hardware(policy, gpu=target.cuda)
     check_outputs(cfg)
-    config, tokenizer, lines = check_model(cfg, flash_attn=target.flash_attn)
+    config, tokenizer, lines = check_model(cfg, target=target)
     report.lines += lines
     check_method(policy, config)
     report.warnings += token_warnings(cfg, config, tokenizer)

@@ -160,8 +160,9 @@ def _print_table(rep: dict[str, Any]) -> None:
         f"model: {parameters(m['params'])} parameters, {m['layers']} layers, hidden {m['hidden']},"
         f" vocab {m['vocab']}"
     )
+    # The plan's strategy: the estimator sizes one process as a DDP world of one (RunShape).
     print(
-        f"run: {r['method']}, {r['strategy']}, {r['nodes']} node(s) x"
+        f"run: {r['method']}, {rep['plan']['strategy']['value']}, {r['nodes']} node(s) x"
         f" {r['gpus_per_node']} GPU(s), {rep['micro_batch']}, attention {r['attention']},"
         f" checkpointing {'on' if r['gradient_checkpointing'] else 'off'}"
     )

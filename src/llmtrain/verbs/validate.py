@@ -38,11 +38,15 @@ def _target(cfg: RunConfig, args: argparse.Namespace) -> tuple[Hardware, str]:
     from llmtrain.train.checks import needs_gpu
 
     here = this_machine()
+    login = "" if here.cuda else (
+        "; this machine has no GPU, which is fine for validate: run finetune on a GPU node"
+    )
     if args.gpu is not None:
         preset = get_gpu(args.gpu)
         return preset.node(), (
-            f"target: a CUDA GPU node of {preset.name} (--gpu was given)"
+            f"target: a CUDA GPU node of {preset.name} (--gpu was given"
             + ("" if preset.bf16 else ": no bf16, fp16 with loss scaling; no flash-attn 2")
+            + f"){login}"
         )
     if here.cuda:
         return here, f"target: this machine ({describe()})"
@@ -50,8 +54,7 @@ def _target(cfg: RunConfig, args: argparse.Namespace) -> tuple[Hardware, str]:
         return here, "target: this machine (CPU)"
     why = "--assume-gpu was given" if args.assume_gpu else "the config needs a GPU"
     return get_gpu(DEFAULT_GPU).node(), (
-        f"target: a CUDA GPU node, A100 or later ({why}); this machine has no GPU, which is "
-        "fine for validate: run finetune on a GPU node (--gpu v100 checks for a V100's)"
+        f"target: a CUDA GPU node, A100 or later ({why}){login} (--gpu v100 checks for a V100)"
     )
 
 
