@@ -561,6 +561,16 @@ class RunPlan:
                 )
             dtype, why_dtype = "bfloat16", "training.param_dtype=bfloat16"
         adapter = method in ADAPTER_METHODS
+        if prec == "fp16" and dtype == "float16" and not adapter and not spec.computes_in_16bit:
+            # The Trainer's GradScaler refuses fp16 gradients ("Attempting to unscale FP16
+            # gradients") at the first optimizer step: fp16 training keeps trained weights fp32.
+            raise ConfigError(
+                f"model.dtype=float16 with method {method} under fp16: the trained weights "
+                "would be fp16, and fp16 loss scaling (torch's GradScaler) refuses fp16 "
+                "gradients at the first optimizer step",
+                "use model.dtype=auto (fp32 trained weights under fp16 autocast), or "
+                "distributed.strategy=zero2 (DeepSpeed scales fp16 itself)",
+            )
         fp32_trained = dtype == "float32" or adapter
         autocast = uses_autocast(prec != "fp32", fp32_trained, strategy)
         if autocast:

@@ -68,3 +68,33 @@ def test_no_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.version, "hip", None)
     assert device.this_machine() == Hardware.cpu()
     assert device.describe() == "no CUDA GPU"
+
+
+def test_qlora_inference_computes_in_fp16_where_the_gpu_has_no_bf16(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """generate and finetune's samples load a QLoRA base with the compute dtype it trained in
+    (plan.compute_dtype): fp16 on a V100, not bf16 that torch emulates in fp32."""
+    from llmtrain.config import ModelSection
+    from llmtrain.model import export
+
+    seen: list[torch.dtype] = []
+
+    class Loaded(Exception):
+        pass
+
+    def load_model(cfg: object, **kwargs: object) -> None:
+        seen.append(kwargs["extra"]["quantization_config"].bnb_4bit_compute_dtype)  # type: ignore[index]
+        raise Loaded
+
+    monkeypatch.setattr(export, "load_model", load_model)
+    for name, expected in [
+        ("Tesla V100-SXM2-32GB", torch.float16),
+        ("NVIDIA H200", torch.bfloat16),
+    ]:
+        _gpu(monkeypatch, name, flash_attn=False)
+        with pytest.raises(Loaded):
+            export.load_for_inference(
+                ModelSection(path="embedded:tiny-llama"), None, quantized=True
+            )
+        assert seen[-1] == expected

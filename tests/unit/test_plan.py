@@ -191,6 +191,26 @@ def test_a_gpu_without_bf16_trains_in_fp16_and_refuses_bf16() -> None:
     assert RunPlan.build(cfg_for("lora", "auto", "training.precision=bf16"), ONE, BF16_GPU)
 
 
+def test_fp16_training_keeps_trained_weights_out_of_fp16() -> None:
+    """On a V100 (fp16 with loss scaling) model.dtype=float16 for trained full weights is
+    refused (exit 64): the Trainer's GradScaler raises "Attempting to unscale FP16 gradients"
+    at the first optimizer step. Adapters (fp32) and DeepSpeed (its own fp16 optimizer) are
+    fine, and so is an explicit fp16 with fp32 weights."""
+    for method in ("full", "layers"):
+        with pytest.raises(ConfigError, match=r"model\.dtype=float16 with method") as caught:
+            RunPlan.build(cfg_for(method, "auto", "model.dtype=float16"), ONE, FP16_GPU)
+        assert caught.value.exit_code == 64
+    with pytest.raises(ConfigError, match="refuses fp16 gradients"):
+        RunPlan.build(
+            cfg_for("full", "auto", "model.dtype=float16", "training.precision=fp16"),
+            ONE,
+            BF16_GPU,
+        )
+    assert RunPlan.build(cfg_for("lora", "auto", "model.dtype=float16"), ONE, FP16_GPU)
+    assert RunPlan.build(cfg_for("full", "zero2", "model.dtype=float16"), TWO, FP16_GPU)
+    assert RunPlan.build(cfg_for("full", "auto"), ONE, FP16_GPU).weight_dtype == "float32"
+
+
 def test_a_node_without_bf16_gets_no_flash_attn() -> None:
     """Hardware.gpu_node and the V100 preset: flash-attn 2 needs compute capability 8.0, so a
     node without bf16 never plans flash_attention_2, even where flash_attn imports."""

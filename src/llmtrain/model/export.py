@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from transformers import GenerationConfig
 
-from llmtrain import compat
+from llmtrain import compat, device
 from llmtrain.config import ModelSection
 from llmtrain.errors import ConfigError
 from llmtrain.model import adapter_config, support
@@ -55,7 +55,10 @@ def load_for_inference(
     if quantized:
         from llmtrain.model.methods import quantization_config
 
-        extra["quantization_config"] = quantization_config(dtype or torch.bfloat16)
+        # QLoRA's compute dtype as training planned it (plan.compute_dtype): bf16 where the GPU
+        # computes in it, else fp16 (a V100 would emulate bf16 in fp32).
+        compute = dtype or (torch.bfloat16 if device.native_bf16() else torch.float16)
+        extra["quantization_config"] = quantization_config(compute)
         extra.setdefault("device_map", {"": 0})  # bitsandbytes places it; .to() is refused
     if adapter is None:
         model = load_model(base, dtype=dtype, extra=extra)
