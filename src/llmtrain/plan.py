@@ -422,19 +422,32 @@ def _no_flash_attn(hw: Hardware) -> str:
     return "flash_attn does not import in this environment"
 
 
-def precision(choice: str, hw: Hardware) -> tuple[str, str]:
-    """bf16, fp16 or fp32 training (the Trainer's bf16/fp16 flags), and why.
+def check_bf16_settings(cfg: RunConfig, hw: Hardware) -> None:
+    """Every explicit bf16 setting at once, refused on a GPU without native bf16.
 
     Raises:
-        NeedsGpuError: training.precision=bf16 on a GPU without native bf16 (exit 64).
+        NeedsGpuError: a bf16 setting for a GPU of compute capability below 8.0 (exit 64).
     """
-    if choice == "bf16" and hw.cuda and not hw.bf16:
+    if not hw.cuda or hw.bf16:
+        return
+    settings = {
+        "training.precision": (cfg.training.precision, "bf16"),
+        "training.param_dtype": (cfg.training.param_dtype, "bfloat16"),
+        "model.dtype": (cfg.model.dtype, "bfloat16"),
+        "distributed.reduce_dtype": (cfg.distributed.reduce_dtype, "bf16"),
+    }
+    found = [f"{key}={value}" for key, (value, bf16) in settings.items() if value == bf16]
+    if found:
         raise NeedsGpuError(
-            "training.precision=bf16 on a GPU without bf16 (compute capability below 8.0, such "
-            "as V100 or T4): torch would emulate it in fp32, many times slower than fp16",
-            "use training.precision=auto (fp16 with loss scaling on this GPU), or run on an "
-            "A100 or later",
+            f"{', '.join(found)} on a GPU without bf16 (compute capability below 8.0, such as "
+            "V100 or T4): torch would emulate bf16 in fp32, many times slower than fp16",
+            "remove them (training.precision=auto trains in fp16 with loss scaling there), or "
+            "run on an A100 or later",
         )
+
+
+def precision(choice: str, hw: Hardware) -> tuple[str, str]:
+    """bf16, fp16 or fp32 training (the Trainer's bf16/fp16 flags), and why."""
     if choice != "auto":
         return choice, f"training.precision={choice}"
     if hw.cuda and hw.bf16:
@@ -532,8 +545,8 @@ class RunPlan:
                 attention implementation that cannot run (choose_attention), or
                 training.param_dtype=bfloat16 where it does not apply (check_param_dtype,
                 more than one process) (exit 64).
-            NeedsGpuError: training.precision=bf16 or training.param_dtype=bfloat16 without
-                native bf16 (exit 64).
+            NeedsGpuError: a bf16 setting on a GPU without native bf16 (check_bf16_settings),
+                or training.param_dtype=bfloat16 without bf16 compute (exit 64).
         """
         t = cfg.training
         # dpo and orpo train preference.weights (lora or full): the plan is that method's, with
@@ -542,6 +555,7 @@ class RunPlan:
         method = trained_method(cfg)
         strategy, why_strategy = resolve_strategy(cfg, world)
         spec = STRATEGIES[strategy]
+        check_bf16_settings(cfg, hw)
         prec, why_prec = precision(t.precision, hw)
         dtype, why_dtype = weight_dtype(cfg.model.dtype, prec, method)
         masters = t.param_dtype == "bfloat16"
@@ -549,7 +563,7 @@ class RunPlan:
             check_param_dtype(cfg)
             if prec != "bf16":
                 raise NeedsGpuError(
-                    f"training.param_dtype=bfloat16 needs bf16 compute and this machine has "
+                    f"training.param_dtype=bfloat16 needs bf16 compute and the target has "
                     f"{'no CUDA GPU' if not hw.cuda else 'a GPU without bf16'} (precision {prec})",
                     "run on a bf16 GPU (Ampere or later), or remove training.param_dtype",
                 )

@@ -184,9 +184,12 @@ def test_more_than_one_process_or_no_bf16_is_refused() -> None:
     two = World(rank=0, local_rank=0, world_size=2)
     with pytest.raises(ConfigError, match="world of 2 processes"):
         RunPlan.build(cfg("training.param_dtype=bfloat16"), two, GPU)
-    for hw in (Hardware(cuda=False, bf16=False, flash_attn=False),
-               Hardware(cuda=True, bf16=False, flash_attn=False)):
-        with pytest.raises(NeedsGpuError, match="needs bf16 compute"):
+    for hw, says in [
+        (Hardware(cuda=False, bf16=False, flash_attn=False), "needs bf16 compute"),
+        (Hardware(cuda=True, bf16=False, flash_attn=False),
+         "training.param_dtype=bfloat16 on a GPU without bf16"),
+    ]:
+        with pytest.raises(NeedsGpuError, match=says):
             RunPlan.build(cfg("training.param_dtype=bfloat16"), ONE, hw)
 
 

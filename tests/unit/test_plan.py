@@ -189,6 +189,17 @@ def test_a_gpu_without_bf16_trains_in_fp16_and_refuses_bf16() -> None:
             RunPlan.build(cfg, ONE, FP16_GPU)
         assert caught.value.exit_code == 64
     assert RunPlan.build(cfg_for("lora", "auto", "training.precision=bf16"), ONE, BF16_GPU)
+    # every bf16 setting named at once, not one refusal per round
+    every = cfg_for(
+        "full", "fsdp", "training.precision=bf16", "training.param_dtype=bfloat16",
+        "model.dtype=bfloat16", "distributed.reduce_dtype=bf16",
+    )
+    with pytest.raises(NeedsGpuError) as caught:
+        RunPlan.build(every, TWO, FP16_GPU)
+    assert caught.value.problem.startswith(
+        "training.precision=bf16, training.param_dtype=bfloat16, model.dtype=bfloat16, "
+        "distributed.reduce_dtype=bf16 on a GPU without bf16"
+    )
 
 
 def test_fp16_training_keeps_trained_weights_out_of_fp16() -> None:

@@ -280,7 +280,9 @@ def _probe(kernel: str, device: torch.device, dtype: torch.dtype) -> str | None:
 def choose_kernel(device: torch.device, dtype: torch.dtype, dropout: float) -> str:
     """The first kernel that runs forward and backward here, chosen at first use and logged."""
     candidates = []
-    if device.type == "cuda":
+    # Both flash kernels need compute capability 8.0: a V100 or T4 goes straight to SDPA
+    # rather than failing two probes (and warning) on every run.
+    if device.type == "cuda" and _capability(device) >= (8, 0):
         if importlib.util.find_spec("flash_attn") is not None:
             candidates.append("flash_attn")
         if importlib.util.find_spec("torch.nn.attention.varlen") is not None and dropout == 0:

@@ -62,11 +62,14 @@ def load_model_config(cfg: ModelSection) -> PretrainedConfig:
 
 
 def pick_dtype(cfg: ModelSection) -> torch.dtype:
+    """model.dtype, or for auto the 16-bit dtype this GPU computes in (fp16 on a V100 or T4,
+    as a LoRA run there holds its frozen base: generate and the post-run samples then fit
+    where training did), fp32 without a GPU."""
     if cfg.dtype != "auto":
         return DTYPES[cfg.dtype]
     if device.native_bf16():
         return torch.bfloat16
-    return torch.float32
+    return torch.float16 if torch.cuda.is_available() else torch.float32
 
 
 def model_class(config: PretrainedConfig) -> type[PreTrainedModel] | None:
