@@ -193,7 +193,7 @@ def micro_batch_words(run: RunShape, measured: tokens.Measured | None) -> str:
 
 def summary(
     cfg: RunConfig,
-    gpu: str = "h100",
+    gpu: Gpu | str = "h100",
     nodes: int = 1,
     gpus_per_node: int = 1,
     plan: RunPlan | None = None,
@@ -201,7 +201,7 @@ def summary(
 ) -> list[str]:
     """The short form `validate` prints."""
     shape = model_shape(cfg)
-    device = get_gpu(gpu)
+    device = get_gpu(gpu) if isinstance(gpu, str) else gpu
     plan = plan or target_plan(cfg, nodes=nodes, gpus_per_node=gpus_per_node, gpu=device)
     run = run_shape(
         cfg,

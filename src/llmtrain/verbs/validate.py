@@ -80,11 +80,15 @@ def _memory(
     those of the rows the checks tokenized."""
     import numpy as np
 
+    from llmtrain.device import this_gpu
     from llmtrain.sizing import from_config as sizing
     from llmtrain.sizing import tokens
+    from llmtrain.sizing.gpus import Gpu
     from llmtrain.sizing.memory import NotEstimable
 
-    gpu = args.gpu or DEFAULT_GPU
+    # --gpu, else this machine's GPU when the checks are for it, else the default preset.
+    here = this_gpu() if args.gpu is None and plan is not None else None
+    gpu: Gpu | str = here or args.gpu or DEFAULT_GPU
     measured = tokens.from_prepared(cfg)
     if measured is None and sampled:
         measured = tokens.Measured(np.asarray(sampled), f"{len(sampled)} tokenized sample rows")
@@ -94,12 +98,15 @@ def _memory(
     except NotEstimable as exc:
         return [f"memory per GPU: the estimate is not available for this architecture "
                 f"({exc.problem}; {exc.fix})"], []
-    if args.gpu is None:
+    if args.gpu is None and here is None:
         # Without --gpu the verdict is for the default preset, whatever this machine is: say so.
-        where = "the plan of a GPU node, not this CPU's" if plan is None else "this GPU's plan"
+        where = "the plan of a GPU node, not this CPU's" if plan is None else (
+            "the plan of an A100 or later"
+        )
         lines[0] += f" (no --gpu: the default preset {gpu}, {where}; --gpu names another)"
+    name = gpu.name if isinstance(gpu, Gpu) else gpu
     warnings = [] if fits else [
-        f"the run is estimated not to fit a {gpu} GPU: see `llmtrain estimate "
+        f"the run is estimated not to fit a {name} GPU: see `llmtrain estimate "
         f"{args.config}` for strategies and micro-batches that do"
     ]
     return lines, warnings
