@@ -1,6 +1,7 @@
-"""llmtrain.device on GPUs this machine does not have: torch's answers are patched to a V100's,
-a T4's, an A100's and an H200's (no GPU in CI), and torch.cuda.is_bf16_supported to True
-everywhere, as torch 2.3+ answers on a V100 or T4 (it emulates bf16): device must not use it."""
+"""llmtrain.model.device on GPUs this machine does not have: torch's answers are patched to a
+V100's, a T4's, an A100's and an H200's (no GPU in CI), and torch.cuda.is_bf16_supported to
+True everywhere, as torch 2.3+ answers on a V100 or T4 (it emulates bf16): device must not use
+it."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import importlib.util
 import pytest
 import torch
 
-from llmtrain import device
+from llmtrain.model import device
 from llmtrain.plan import Hardware
 
 GPUS = {

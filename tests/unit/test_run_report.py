@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 from pathlib import Path
 
@@ -197,3 +198,18 @@ def test_summary_names_the_last_steps_weights_and_the_best_checkpoint_apart(
     (tmp_path / BEST).write_text("checkpoint-150\n")
     best = summary_outputs(tmp_path, final)["best checkpoint (lowest eval loss)"]
     assert best == tmp_path / "checkpoint-150"
+
+
+def test_the_plan_not_the_environment_sets_mixed_precision(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """TrainingArguments starts from ACCELERATE_MIXED_PRECISION and writes it back only for
+    bf16 or fp16: a bf16 value left by an earlier run in this process (or by accelerate launch)
+    made this fp32 CPU run train under bf16 autocast (its logits were bf16 steps apart from the
+    reloaded model's: tests/e2e/test_reload.py after tests/unit/test_master_weights.py)."""
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    cfg = load_config(REPO / "configs" / "demo.yaml", [f"output.dir={tmp_path}"])
+    with caplog.at_level("WARNING"):
+        _arguments(cfg, tmp_path, has_eval=False)
+    assert os.environ["ACCELERATE_MIXED_PRECISION"] == "no"
+    assert "ACCELERATE_MIXED_PRECISION=bf16" in caplog.text and "the plan's no" in caplog.text

@@ -10,10 +10,10 @@ from typing import Any
 import torch
 from transformers import GenerationConfig
 
-from llmtrain import compat, device
+from llmtrain import compat
 from llmtrain.config import ModelSection
 from llmtrain.errors import ConfigError
-from llmtrain.model import adapter_config, support
+from llmtrain.model import adapter_config, device, support
 from llmtrain.model.load import load_model, load_tokenizer
 from llmtrain.vocab import special_tokens
 

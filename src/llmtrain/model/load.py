@@ -18,10 +18,10 @@ from transformers import (
 )
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-from llmtrain import device, stack
+from llmtrain import stack
 from llmtrain.config import ModelSection
 from llmtrain.errors import ConfigError
-from llmtrain.model import support
+from llmtrain.model import device, support
 from llmtrain.plan import Hardware, choose_attention
 from llmtrain.vocab import special_tokens
 

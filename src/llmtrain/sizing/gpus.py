@@ -22,7 +22,7 @@ class Gpu:
     memory_bytes: int
     peak_tflops: float  # dense bf16 (fp16 on V100), per device as torch sees it
     # Native bf16, and with it flash-attn 2 and cuDNN attention (compute capability 8.0+):
-    # a V100 trains in fp16 with SDPA (llmtrain.device).
+    # a V100 trains in fp16 with SDPA (llmtrain.model.device).
     bf16: bool = True
 
     @property

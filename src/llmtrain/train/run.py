@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import shutil
 import sys
 from collections.abc import Sequence
@@ -20,13 +21,13 @@ from llmtrain.config import RunConfig, dump_config
 from llmtrain.data import chat, prepared
 from llmtrain.data.collate import PadCollator
 from llmtrain.data.token_budget import row_lengths
-from llmtrain.device import this_machine
 from llmtrain.errors import ConfigError, StopRequested
 from llmtrain.kernels import lora as fused_lora
 from llmtrain.kernels import loss as fused_loss
 from llmtrain.kernels import ops as fused_ops
 from llmtrain.kernels import varlen_attention
 from llmtrain.model import support
+from llmtrain.model.device import this_machine
 from llmtrain.model.load import (
     DTYPES,
     attention_support,
@@ -68,6 +69,26 @@ def plan_run(cfg: RunConfig, world: World) -> RunPlan:
     )
     check_world(plan.strategy, world, cuda=hw.cuda)
     return plan
+
+
+# accelerate's name for each of the plan's precisions
+MIXED_PRECISION = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}
+
+
+def _mixed_precision_from_plan(plan: RunPlan) -> None:
+    """ACCELERATE_MIXED_PRECISION as the plan decides. TrainingArguments starts from that
+    variable and writes it back only for bf16 or fp16 (transformers 4.37.2 training_args.py,
+    __post_init__), so an fp32 run after a bf16 one in the same process, or under `accelerate
+    launch` with mixed_precision bf16, trained under bf16 autocast without a word."""
+    wanted = MIXED_PRECISION[plan.precision]
+    given = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    if given not in (None, wanted):
+        log.warning(
+            "ACCELERATE_MIXED_PRECISION=%s (e.g. accelerate launch's mixed_precision) is "
+            "replaced by the plan's %s (training.precision: %s)",
+            given, wanted, plan.reasons["precision"],
+        )
+    os.environ["ACCELERATE_MIXED_PRECISION"] = wanted
 
 
 def training_arguments(
@@ -150,6 +171,7 @@ def training_arguments(
     if kwargs.get("use_cpu") and world.distributed:
         # Either stack starts a use_cpu world's group without ddp_timeout (start_cpu_group).
         strategies.start_cpu_group(kwargs["ddp_timeout"])
+    _mixed_precision_from_plan(plan)
     args = TrainingArguments(**hf_names.training_arguments(kwargs))
     if args.world_size != world.world_size:
         raise ConfigError(

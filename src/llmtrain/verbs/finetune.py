@@ -26,7 +26,7 @@ def run(args: argparse.Namespace) -> int:
         StopRequested: stopped on purpose after a checkpoint (exit 75), once the process
             group is closed.
     """
-    from llmtrain.device import this_machine
+    from llmtrain.model.device import this_machine
     from llmtrain.train import preference
     from llmtrain.train.checks import run_checks
     from llmtrain.train.run import close_process_group, train

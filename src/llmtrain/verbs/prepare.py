@@ -17,7 +17,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from llmtrain.data import prepared
-    from llmtrain.device import this_machine
+    from llmtrain.model.device import this_machine
     from llmtrain.model.load import load_tokenizer
     from llmtrain.sizing.gpus import DEFAULT_GPU, get_gpu
     from llmtrain.train.checks import needs_gpu, run_checks

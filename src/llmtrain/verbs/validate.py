@@ -7,7 +7,7 @@ import sys
 
 from llmtrain.config import RunConfig, load_config
 from llmtrain.plan import Hardware, RunPlan, World
-from llmtrain.sizing.gpus import DEFAULT_GPU, PRESETS
+from llmtrain.sizing.gpus import DEFAULT_GPU, PRESETS, Gpu, get_gpu
 
 EXAMPLE = "llmtrain validate configs/lora.yaml data.path=data/train.jsonl --gpu h100"
 
@@ -33,8 +33,7 @@ def _target(cfg: RunConfig, args: argparse.Namespace) -> tuple[Hardware, str]:
     """The machine the checks are for, and the line that says which: a GPU node when --gpu or
     --assume-gpu is given or the config needs one (the --gpu preset's, else this machine's GPU,
     else an A100 or later), else this one."""
-    from llmtrain.device import describe, this_machine
-    from llmtrain.sizing.gpus import get_gpu
+    from llmtrain.model.device import describe, this_machine
     from llmtrain.train.checks import needs_gpu
 
     here = this_machine()
@@ -71,6 +70,28 @@ def _plan(cfg: RunConfig, args: argparse.Namespace, target: Hardware) -> RunPlan
     )
 
 
+def _this_gpu() -> Gpu | None:
+    """This machine's GPU as the estimator sizes one: its name, the memory the driver reports,
+    native bf16, and the dense peak of its family's preset (V100, A100, H100, H200; else the
+    default preset's, used only for time estimates). None without a CUDA GPU."""
+    import torch
+
+    from llmtrain.model.device import native_bf16
+
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    family = next(
+        (g for g in PRESETS.values() if g.name.split(" ")[0] in name), get_gpu(DEFAULT_GPU)
+    )
+    return Gpu(
+        name,
+        torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory,
+        family.peak_tflops,
+        bf16=native_bf16(),
+    )
+
+
 def _memory(
     cfg: RunConfig, args: argparse.Namespace, plan: RunPlan | None, sampled: list[int]
 ) -> tuple[list[str], list[str]]:
@@ -80,14 +101,12 @@ def _memory(
     those of the rows the checks tokenized."""
     import numpy as np
 
-    from llmtrain.device import this_gpu
     from llmtrain.sizing import from_config as sizing
     from llmtrain.sizing import tokens
-    from llmtrain.sizing.gpus import Gpu
     from llmtrain.sizing.memory import NotEstimable
 
     # --gpu, else this machine's GPU when the checks are for it, else the default preset.
-    here = this_gpu() if args.gpu is None and plan is not None else None
+    here = _this_gpu() if args.gpu is None and plan is not None else None
     gpu: Gpu | str = here or args.gpu or DEFAULT_GPU
     measured = tokens.from_prepared(cfg)
     if measured is None and sampled:

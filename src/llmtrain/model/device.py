@@ -15,7 +15,6 @@ import importlib.util
 import torch
 
 from llmtrain.plan import Hardware
-from llmtrain.sizing.gpus import DEFAULT_GPU, PRESETS, Gpu, get_gpu
 
 AMPERE = (8, 0)  # the compute capability of bf16 tensor cores, flash-attn 2 and cuDNN attention
 
@@ -58,20 +57,3 @@ def this_machine() -> Hardware:
         cuda=torch.cuda.is_available(), bf16=native_bf16(), flash_attn=flash_attn_runs()
     )
 
-
-def this_gpu() -> Gpu | None:
-    """This machine's GPU as the estimator sizes one: its name, the memory the driver reports,
-    native bf16, and the dense peak of its family's preset (V100, A100, H100, H200; else the
-    default preset's, used only for time estimates). None without a CUDA GPU."""
-    if not torch.cuda.is_available():
-        return None
-    name = torch.cuda.get_device_name()
-    family = next(
-        (g for g in PRESETS.values() if g.name.split(" ")[0] in name), get_gpu(DEFAULT_GPU)
-    )
-    return Gpu(
-        name,
-        torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory,
-        family.peak_tflops,
-        bf16=native_bf16(),
-    )
