@@ -82,7 +82,8 @@ def _mixed_precision_from_plan(plan: RunPlan) -> None:
     launch` with mixed_precision bf16, trained under bf16 autocast without a word."""
     wanted = MIXED_PRECISION[plan.precision]
     given = os.environ.get("ACCELERATE_MIXED_PRECISION")
-    if given not in (None, wanted):
+    # "no" is also what configs/accelerate/*.yaml leave to the run config: not worth a warning.
+    if given not in (None, "no", wanted):
         log.warning(
             "ACCELERATE_MIXED_PRECISION=%s (e.g. accelerate launch's mixed_precision) is "
             "replaced by the plan's %s (training.precision: %s)",
