@@ -587,8 +587,8 @@ def test_validate_summary_names_the_plan_strategy_and_sums_to_its_total() -> Non
     from tests.conftest import REPO
 
     cfg = load_config(REPO / "configs" / "demo.yaml", [])
-    head, terms = from_config.summary(cfg, "h100")
-    assert head.startswith("memory per GPU (lora, single, ")
+    (head, terms), fits = from_config.summary(cfg, "h100")
+    assert fits and head.startswith("memory per GPU (lora, single, ")
     total = float(re.search(r"\): ([\d.]+) GiB", head).group(1))  # type: ignore[union-attr]
     shown = [float(x) for x in re.findall(r"[\d.]+", terms)]
     assert len(shown) == 6 and "CUDA context and margin" in terms

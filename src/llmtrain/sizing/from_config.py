@@ -198,8 +198,8 @@ def summary(
     gpus_per_node: int = 1,
     plan: RunPlan | None = None,
     measured: tokens.Measured | None = None,
-) -> list[str]:
-    """The short form `validate` prints."""
+) -> tuple[list[str], bool]:
+    """The short form `validate` prints, and whether the run fits `gpu`."""
     shape = model_shape(cfg)
     device = get_gpu(gpu) if isinstance(gpu, str) else gpu
     plan = plan or target_plan(cfg, nodes=nodes, gpus_per_node=gpus_per_node, gpu=device)
@@ -213,34 +213,13 @@ def summary(
         gpu=device,
     )
     b = estimate(shape, run)
-    verdict = "fits" if b.total <= device.memory_bytes else "DOES NOT FIT"
+    fits = b.total <= device.memory_bytes
     overhead = b.total - b.allocated  # the CUDA context, NCCL buffers, fragmentation margin
     return [
         f"memory per GPU ({run.method}, {plan.strategy}, {micro_batch_words(run, measured)}): "
-        f"{gib(b.total)} GiB, {verdict} on {device.name} ({device.memory_gib:.0f} GiB)",
+        f"{gib(b.total)} GiB, {'fits' if fits else 'DOES NOT FIT'} on {device.name} "
+        f"({device.memory_gib:.0f} GiB)",
         f"  weights {gib(b.weights)}, grads {gib(b.gradients)}, optimizer {gib(b.optimizer)}, "
         f"activations {gib(b.activations + b.recompute)}, logits {gib(b.logits)}, "
         f"CUDA context and margin {gib(overhead)} GiB",
-    ]
-
-
-def fits(
-    cfg: RunConfig,
-    gpu: Gpu | str,
-    nodes: int = 1,
-    gpus_per_node: int = 1,
-    plan: RunPlan | None = None,
-    measured: tokens.Measured | None = None,
-) -> bool:
-    device = get_gpu(gpu) if isinstance(gpu, str) else gpu
-    shape = model_shape(cfg)
-    run = run_shape(
-        cfg,
-        shape,
-        nodes=nodes,
-        gpus_per_node=gpus_per_node,
-        plan=plan,
-        measured=measured,
-        gpu=device,
-    )
-    return estimate(shape, run).total <= device.memory_bytes
+    ], fits

@@ -112,8 +112,7 @@ def _memory(
     if measured is None and sampled:
         measured = tokens.Measured(np.asarray(sampled), f"{len(sampled)} tokenized sample rows")
     try:
-        lines = sizing.summary(cfg, gpu, args.nodes, args.gpus_per_node, plan, measured)
-        fits = sizing.fits(cfg, gpu, args.nodes, args.gpus_per_node, plan, measured)
+        lines, fits = sizing.summary(cfg, gpu, args.nodes, args.gpus_per_node, plan, measured)
     except NotEstimable as exc:
         return [f"memory per GPU: the estimate is not available for this architecture "
                 f"({exc.problem}; {exc.fix})"], []
