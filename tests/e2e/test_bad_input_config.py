@@ -263,7 +263,8 @@ def test_validate_for_a_v100_plans_its_fp16_and_refuses_what_it_cannot_run(
     before = tree(tmp_path)
     for override, says in [
         ("training.precision=bf16", "training.precision=bf16 on a GPU without bf16"),
-        ("model.attn_implementation=flash_attention_2", "a GPU of compute capability 8.0"),
+        ("model.attn_implementation=flash_attention_2",
+         "cannot run on the target: the GPU is older than compute capability 8.0"),
     ]:
         refused = run_cli("validate", path, override, "--gpu", "v100", cwd=tmp_path)
         assert refused.returncode == 64, refused.stderr
