@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import fnmatch
-import importlib.util
 import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
 from llmtrain import compat, stack
 from llmtrain.config import PREFERENCE_METHODS, RunConfig
-from llmtrain.plan import Hardware, RunPlan, World, trained_method, weight_dtype
-from llmtrain.sizing.gpus import Gpu, get_gpu
+from llmtrain.plan import RunPlan, World, trained_method, weight_dtype
+from llmtrain.sizing.gpus import DEFAULT_GPU, Gpu, get_gpu
 from llmtrain.sizing.memory import (
     LINEARS,
     ModelShape,
@@ -53,11 +52,7 @@ def target_plan(
         ConfigError: see RunPlan.build (exit 64).
     """
     world = World(rank=0, local_rank=0, world_size=nodes * gpus_per_node)
-    hw = (
-        gpu.node()
-        if gpu is not None
-        else Hardware.gpu_node(flash_attn=importlib.util.find_spec("flash_attn") is not None)
-    )
+    hw = (gpu or get_gpu(DEFAULT_GPU)).node()
     return RunPlan.build(cfg, world, hw, attention_support=attention_support)
 
 

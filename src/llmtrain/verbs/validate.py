@@ -106,8 +106,8 @@ def _memory(
     from llmtrain.sizing.memory import NotEstimable
 
     # --gpu, else this machine's GPU when the checks are for it, else the default preset.
-    here = _this_gpu() if args.gpu is None and plan is not None else None
-    gpu: Gpu | str = here or args.gpu or DEFAULT_GPU
+    named = get_gpu(args.gpu) if args.gpu else (_this_gpu() if plan is not None else None)
+    gpu = named or get_gpu(DEFAULT_GPU)
     measured = tokens.from_prepared(cfg)
     if measured is None and sampled:
         measured = tokens.Measured(np.asarray(sampled), f"{len(sampled)} tokenized sample rows")
@@ -116,15 +116,14 @@ def _memory(
     except NotEstimable as exc:
         return [f"memory per GPU: the estimate is not available for this architecture "
                 f"({exc.problem}; {exc.fix})"], []
-    if args.gpu is None and here is None:
+    if named is None:
         # Without --gpu the verdict is for the default preset, whatever this machine is: say so.
         where = "the plan of a GPU node, not this CPU's" if plan is None else (
             "the plan of an A100 or later"
         )
-        lines[0] += f" (no --gpu: the default preset {gpu}, {where}; --gpu names another)"
-    name = gpu.name if isinstance(gpu, Gpu) else gpu
+        lines[0] += f" (no --gpu: the default preset {DEFAULT_GPU}, {where}; --gpu names another)"
     warnings = [] if fits else [
-        f"the run is estimated not to fit a {name} GPU: see `llmtrain estimate "
+        f"the run is estimated not to fit a {gpu.name} GPU: see `llmtrain estimate "
         f"{args.config}` for strategies and micro-batches that do"
     ]
     return lines, warnings
