@@ -71,13 +71,17 @@ def test_micro_batch_gradients_are_summed_in_fp32() -> None:
         assert torch.equal(m.grad, e)
 
 
-def test_a_step_is_adamw_on_the_fp32_masters_then_rounded_to_bf16() -> None:
+@pytest.mark.parametrize("fused", [False, True], ids=["foreach", "fused"])
+def test_a_step_is_adamw_on_the_fp32_masters_then_rounded_to_bf16(fused: bool) -> None:
+    """Clipped AdamW on the masters. Fused AdamW (the GPU default; the CPU has it too) takes the
+    clip as its grad_scale, dividing by 1 / coefficient where clip_grad_norm_ multiplies by the
+    coefficient: the same update within fp32 rounding, not bit for bit."""
     model = bf16_linear()
     reference = [p.detach().float().clone().requires_grad_(True) for p in model.parameters()]
     masters = MasterWeights(max_grad_norm=0.5)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.01)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.01, fused=fused)
     masters.attach(optimizer)
-    ref_opt = torch.optim.AdamW(reference, lr=0.1, weight_decay=0.01)
+    ref_opt = torch.optim.AdamW(reference, lr=0.1, weight_decay=0.01, fused=fused)
     for k in range(3):
         backward(model, k)
         for r, p in zip(reference, model.parameters(), strict=True):
@@ -87,11 +91,35 @@ def test_a_step_is_adamw_on_the_fp32_masters_then_rounded_to_bf16() -> None:
         optimizer.step()
         assert masters.last_grad_norm is not None
         assert torch.equal(masters.last_grad_norm, norm)
+        # The fold is taken exactly where the optimizer divides by grad_scale.
+        assert hasattr(optimizer, "grad_scale") == fused
         for r, m, p in zip(reference, masters.masters, model.parameters(), strict=True):
-            assert torch.equal(m, r)  # the update is fp32 AdamW's, bit for bit
-            assert p.dtype == torch.bfloat16 and torch.equal(p, r.to(torch.bfloat16))
+            if fused:
+                torch.testing.assert_close(m, r, rtol=1e-6, atol=1e-7)
+            else:
+                assert torch.equal(m, r)  # the update is fp32 AdamW's, bit for bit
+            assert p.dtype == torch.bfloat16 and torch.equal(p, m.to(torch.bfloat16))
             assert m.grad is None
         assert norm > 0.5  # the clip did something
+
+
+def test_the_folded_clip_is_the_clip_not_a_no_op() -> None:
+    """Without the clip the fused step lands elsewhere: the assertion above could fail."""
+    model = bf16_linear()
+    masters = MasterWeights(max_grad_norm=0.5)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
+    masters.attach(optimizer)
+    free = [p.detach().float().clone().requires_grad_(True) for p in model.parameters()]
+    free_opt = torch.optim.AdamW(free, lr=0.1, fused=True)
+    for k in range(2):
+        backward(model, k)
+        for f, p in zip(free, model.parameters(), strict=True):
+            f.grad = p.grad.float()
+        free_opt.step()
+        optimizer.step()
+    assert float(optimizer.grad_scale) > 1  # type: ignore[attr-defined]
+    assert not all(torch.allclose(m, f, rtol=1e-4) for m, f in zip(masters.masters, free,
+                                                                   strict=True))
 
 
 def test_the_state_dict_carries_the_masters_for_an_exact_resume() -> None:

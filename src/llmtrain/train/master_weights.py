@@ -11,7 +11,11 @@ main grads in fp32):
 - after each micro-batch's backward, `accumulate` adds each bf16 gradient into an fp32 master
   gradient and frees it, so accumulation over micro-batches sums in fp32 as the fp32 path does;
 - before the optimizer step the master gradients are clipped to `max_grad_norm` (the Trainer's
-  own clipping sees no gradients: run.py turns it off);
+  own clipping sees no gradients: run.py turns it off). With fused Adam(W), llmtrain's default
+  on a GPU, the clip is folded into the optimizer's own kernel: its `grad_scale` (the hook
+  torch.cuda.amp.GradScaler unscales through) divides each gradient by 1 / clip coefficient as
+  the kernel reads it, which saves a pass over every fp32 gradient (2.4 ms of a 229 ms
+  fixed-1b-full step on an H200, bench/RESULTS.md 2026-12-02);
 - after it, each bf16 parameter becomes its master weight rounded to bf16, and the master
   gradients are freed;
 - the optimizer's state_dict carries the master weights, so a resumed run continues from the
@@ -32,6 +36,15 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 STATE_KEY = "llmtrain_master_weights"  # in the optimizer's state_dict: the fp32 masters, in order
+
+
+def _divides_by_grad_scale(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether `optimizer.step` divides every gradient by `optimizer.grad_scale` (a tensor) in
+    its kernel: torch's fused Adam and AdamW (their step passes `getattr(self, "grad_scale")`
+    to the fused kernel; the other implementations refuse one)."""
+    return isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)) and all(
+        g.get("fused") for g in optimizer.param_groups
+    )
 
 
 class MasterWeights:
@@ -63,7 +76,7 @@ class MasterWeights:
             self.params += group["params"]
             self.masters += masters
             group["params"] = masters
-        optimizer.register_step_pre_hook(lambda *_: self._clip())
+        optimizer.register_step_pre_hook(lambda opt, *_: self._clip(opt))
         optimizer.register_step_post_hook(lambda *_: self._publish())
         optimizer.register_state_dict_post_hook(self._save)
         optimizer.register_load_state_dict_pre_hook(self._load)
@@ -99,11 +112,21 @@ class MasterWeights:
         if later_to:
             torch._foreach_add_(later_to, later_from)
 
-    def _clip(self) -> None:
+    def _clip(self, optimizer: torch.optim.Optimizer) -> None:
         self.accumulate()  # a gradient left by a backward that training_step did not see
-        if self.max_grad_norm > 0:
-            grads = [m for m in self.masters if m.grad is not None]
-            self.last_grad_norm = nn.utils.clip_grad_norm_(grads, self.max_grad_norm)
+        if self.max_grad_norm <= 0:
+            return
+        trained = [m for m in self.masters if m.grad is not None]
+        if not _divides_by_grad_scale(optimizer):
+            self.last_grad_norm = nn.utils.clip_grad_norm_(trained, self.max_grad_norm)
+            return
+        grads = [m.grad for m in trained if m.grad is not None]
+        # clip_grad_norm_'s arithmetic: total L2 norm, coefficient max / (norm + 1e-6) capped
+        # at 1; the kernel divides by its inverse instead of the gradients being multiplied.
+        norms = torch._foreach_norm(grads)
+        total = torch.linalg.vector_norm(torch.stack([n.to(grads[0].device) for n in norms]))
+        optimizer.grad_scale = torch.clamp((total + 1e-6) / self.max_grad_norm, min=1.0)  # type: ignore[attr-defined]
+        self.last_grad_norm = total
 
     @torch.no_grad()
     def _publish(self) -> None:
