@@ -261,3 +261,64 @@ def test_the_loss_memory_is_what_the_estimator_assumes(liger_version: str, mode:
     assert measured == pytest.approx(predicted, rel=0.10), (measured / 2**20, predicted / 2**20)
     loss.backward()
     assert head.weight.grad is not None and hidden.grad is not None
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+@pytest.mark.parametrize("trained_head", [True, False], ids=["trained-head", "frozen-head"])
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_the_sync_free_driver_matches_liger_public_function(
+    liger_version: str, reduction: str, mode: str, trained_head: bool, bias: bool,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """kernels/fused_linear_ce.py drives Liger's kernel as Liger's own forward does: the same
+    losses and gradients as liger_kernel.functional.fused_linear_cross_entropy, within 16-bit
+    rounding ("mean" divides the sum once where Liger scales each row's gradient)."""
+    from liger_kernel.functional import fused_linear_cross_entropy
+
+    from llmtrain.kernels import fused_linear_ce
+
+    assert "without host syncs" in liger_version  # the lock's liger-kernel takes the driver
+    loss_tol, grad_tol = (1e-6, 1e-5) if mode == "fp32" else (1e-5, 1e-2)
+    ours = _run("liger", mode, reduction, trained_head, bias)
+    fused_loss.liger_loss_function.cache_clear()
+    try:
+        with monkeypatch.context() as m:  # another liger-kernel: its public function
+            m.setattr(fused_loss.fused_linear_ce, "KERNEL_VERSION", "none")
+            assert fused_loss.liger_loss_function()[0] is fused_linear_cross_entropy
+            public = _run("liger", mode, reduction, trained_head, bias)
+    finally:
+        fused_loss.liger_loss_function.cache_clear()
+    assert fused_loss.liger_loss_function()[0] is fused_linear_ce.fused_linear_cross_entropy
+    for got, want in zip(ours[0], public[0], strict=True):
+        assert float(got) == pytest.approx(float(want), rel=loss_tol)
+    assert ours[1].keys() == public[1].keys()
+    for key, want in public[1].items():
+        got = ours[1][key]
+        assert (got is None) == (want is None), key
+        if got is not None and want is not None:
+            assert got.dtype == want.dtype, key
+            assert _rel(got, want) < grad_tol, (key, _rel(got, want))
+
+
+@pytest.mark.parametrize("mode", ["bf16-params", "fp32-params-autocast"])
+def test_the_sync_free_driver_syncs_nothing(liger_version: str, mode: str) -> None:
+    """Forward and backward under torch's sync debug mode "error": any host sync raises."""
+    from llmtrain.kernels import fused_linear_ce
+
+    weight_dtype, autocast_dtype, hidden_dtype = MODES[mode]
+    head = nn.Linear(HIDDEN, VOCAB, bias=False).cuda().to(weight_dtype)
+    hidden = torch.randn(BATCH * LENGTH, HIDDEN, device="cuda").to(autocast_dtype or hidden_dtype)
+    hidden.requires_grad_()
+    targets = _batches()[0].reshape(-1)
+    for debug in ("default", "error"):  # the first call compiles the kernel
+        torch.cuda.set_sync_debug_mode(debug)
+        try:
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast_dtype is not None):
+                (loss,) = fused_linear_ce.fused_linear_cross_entropy(
+                    hidden, head.weight, targets, ignore_index=IGNORE_INDEX, reduction="mean"
+                )
+            loss.backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert head.weight.grad is not None and hidden.grad is not None

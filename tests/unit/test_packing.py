@@ -125,6 +125,51 @@ def test_batch_loss_equals_padded_batch_loss() -> None:
     assert packed == pytest.approx(padded, abs=1e-5)
 
 
+def test_a_full_batch_goes_without_its_all_ones_mask() -> None:
+    """PadCollator(omit_full_mask=True), finetune's collator for data.packing=none: a batch in
+    which no row is padded has no attention_mask (transformers 4.37.2 would read an all-ones
+    one on the host, a GPU sync, only to drop it); a padded batch keeps its mask, and so does
+    the default collator."""
+    full = [{"input_ids": list(range(3, 11)), "labels": list(range(3, 11))}] * 2
+    ragged = [full[0], {"input_ids": [3, 4, 5], "labels": [3, 4, 5]}]
+    assert set(PadCollator(0, omit_full_mask=True)(full)) == {"input_ids", "labels"}
+    kept = PadCollator(0, omit_full_mask=True)(ragged)
+    assert kept["attention_mask"].tolist() == [[1] * 8, [1, 1, 1] + [0] * 5]
+    assert PadCollator(0)(full)["attention_mask"].tolist() == [[1] * 8] * 2
+    odd = [{"input_ids": list(range(3, 10)), "labels": list(range(3, 10))}] * 2  # padded to 8
+    assert "attention_mask" in PadCollator(0, omit_full_mask=True)(odd)
+
+
+def test_unpacked_rows_are_whole_samples_without_reading_their_positions(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """patch_attention(packed=False) (data.packing none with training.compile): an unmasked row
+    is one sample, taken as such without find_segments (its host syncs), with the logits of the
+    model's own attention; a padded batch (a mask) still takes the model's own forward."""
+    model = tiny_llama()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, model.config.vocab_size, (3, 16), generator=g)
+    rows = [{"input_ids": r, "labels": r} for r in ids.tolist()]
+    ragged = [*rows[:2], {"input_ids": rows[2]["input_ids"][:9], "labels": rows[2]["labels"][:9]}]
+    padded = PadCollator(0, omit_full_mask=True)(ragged)
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        want_padded = model(**padded).logits
+        packing.patch_attention(model, packed=False)
+
+        def no_positions(*args: Any) -> None:
+            raise AssertionError("find_segments read the positions")
+
+        monkeypatch.setattr(packing, "find_segments", no_positions)
+        got = model(**PadCollator(0, omit_full_mask=True)(rows)).logits
+        # llmtrain's attention ran (it records its kernel), not the model's own
+        assert model.model.layers[0].self_attn._llmtrain_kernel
+        got_padded = model(**padded).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    mask = padded["attention_mask"].bool()
+    torch.testing.assert_close(got_padded[mask], want_padded[mask], rtol=1e-5, atol=1e-5)
+
+
 def test_no_attention_across_samples() -> None:
     model = tiny_llama()
     batch = samples(model.config.vocab_size)

@@ -41,8 +41,10 @@ accelerate's division by the accumulation steps) reaches them; each micro-batch'
 its own gradients, so gradient accumulation sums them as for any other op. Its backward may run
 only once per forward (it scales the stored gradients in place): no retain_graph double
 backward. It computes no gradient at all when the hidden states need none, so a trained lm_head
-over a frozen decoder takes the chunks. Two host syncs per call: the count of label tokens
-(forward) and the check of the incoming gradient against 1 (backward).
+over a frozen decoder takes the chunks. Its public function syncs the host three times per call
+(the count of label tokens in the forward, the check of the incoming gradient against 1 in the
+backward); with the kernel version kernels/fused_linear_ce.py was read against, llmtrain drives
+the same kernel through that module instead, without a sync.
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from llmtrain import compat
+from llmtrain.kernels import fused_linear_ce
 from llmtrain.kernels import ops as fused_ops
 from llmtrain.labels import IGNORE_INDEX
 
@@ -99,7 +102,11 @@ def liger_loss_function() -> tuple[Callable[..., Any] | None, str]:
         from liger_kernel.functional import fused_linear_cross_entropy
     except Exception as exc:  # ImportError, or a triton that cannot load its CUDA driver
         return None, f"liger-kernel not usable ({type(exc).__name__}: {exc})"
-    return fused_linear_cross_entropy, f"liger-kernel {metadata.version('liger-kernel')}"
+    version = metadata.version("liger-kernel")
+    if version == fused_linear_ce.KERNEL_VERSION:
+        return fused_linear_ce.fused_linear_cross_entropy, f"liger-kernel {version}'s kernel, " \
+            "without host syncs"
+    return fused_linear_cross_entropy, f"liger-kernel {version}"
 
 
 def liger_unusable(hidden: torch.Tensor, lm_head: nn.Module) -> str | None:

@@ -107,6 +107,21 @@ class _SegmentCache:
 _segment_cache = _SegmentCache()
 
 
+@functools.lru_cache(maxsize=16)
+def whole_rows(batch: int, length: int, device: torch.device) -> Segments:
+    """The segments of `batch` rows of `length` tokens that are one sample each (data.packing
+    none: the rows never restart their positions), without reading position_ids: no host
+    sync. cu_seqlens is made on the device once per shape."""
+    cu = torch.arange(0, (batch + 1) * length, length, dtype=torch.int32, device=device)
+    return Segments(cu_seqlens=cu, lengths=[length] * batch, max_len=length)
+
+
+def _segments(module: Any, position_ids: torch.Tensor, batch: int, length: int) -> Segments:
+    if getattr(module, "_llmtrain_rows_are_samples", False):
+        return whole_rows(batch, length, position_ids.device)
+    return _segment_cache.get(position_ids, batch, length)
+
+
 def find_segments(position_ids: torch.Tensor, batch: int, length: int) -> Segments:
     """The samples of a flattened batch: one starts where the position is 0 and at every row
     start.
@@ -343,7 +358,7 @@ def _packed_forward(
             **kwargs,
         )
     bsz, q_len, _ = hidden_states.shape
-    seg = _segment_cache.get(position_ids, bsz, q_len)
+    seg = _segments(self, position_ids, bsz, q_len)
     _check_window(seg, getattr(self.config, "sliding_window", None))
     tokens = bsz * q_len
     hidden_states = fused_ops.autocast_input(hidden_states)
@@ -417,7 +432,7 @@ def varlen_attention_forward(
             **kwargs,
         )
         return out
-    seg = _segment_cache.get(position_ids, batch, length)
+    seg = _segments(module, position_ids, batch, length)
     _check_window(seg, sliding_window)
     if scaling is not None and scaling != dim**-0.5:  # every kernel scales by 1/sqrt(head_dim)
         query = query * (scaling * dim**0.5)
@@ -516,7 +531,9 @@ def supports(model: PreTrainedModel) -> bool:
     return model.config.model_type in SUPPORTED and model.config._attn_implementation != "eager"
 
 
-def patch_attention(model: PreTrainedModel, *, compiled_rope: bool = False) -> None:
+def patch_attention(
+    model: PreTrainedModel, *, compiled_rope: bool = False, packed: bool = True
+) -> None:
     """Padding-free attention for `model`. On the pinned stack every attention module gets the
     packed forward (_packed_forward; `compiled_rope`: its RoPE through torch.compile). On the
     current stack the model's attn_implementation becomes ATTENTION_NAME, llmtrain's entry in
@@ -524,6 +541,11 @@ def patch_attention(model: PreTrainedModel, *, compiled_rope: bool = False) -> N
     transformers before the function, is compiled by ops.compile_blocks); masked or cached calls
     take transformers' SDPA path, also for a model loaded with flash_attention_2 (transformers'
     flash path looks its kernel up by the config's implementation name).
+
+    `packed`: rows may hold several samples (restarting position_ids, found with one host sync
+    per forward). False (data.packing none, where training.compile still takes this attention
+    for cuDNN's whole-row kernel): every unmasked row is one sample, taken as such without
+    reading its positions.
 
     Raises:
         ConfigError: the model type is not one of SUPPORTED, its attention is eager, or it
@@ -541,6 +563,9 @@ def patch_attention(model: PreTrainedModel, *, compiled_rope: bool = False) -> N
             "flash_attention_2 (eager attention builds a mask over the whole row)",
             "set model.attn_implementation=auto",
         )
+    for m in model.modules():
+        if all(hasattr(m, a) for a in ("q_proj", "k_proj", "v_proj", "o_proj")):
+            m._llmtrain_rows_are_samples = not packed
     if stack.is_current():
         _use_registered_attention(model)
         return

@@ -213,7 +213,9 @@ def apply_speed_levers(cfg: RunConfig, plan: RunPlan, model: Any) -> bool:
     True if the chunked loss is patched in (the plan asks for it and the model allows it)."""
     compiled = cfg.training.compile
     if cfg.data.packing == "padding_free" or (compiled and varlen_attention.supports(model)):
-        varlen_attention.patch_attention(model, compiled_rope=compiled)
+        varlen_attention.patch_attention(
+            model, compiled_rope=compiled, packed=cfg.data.packing == "padding_free"
+        )
     if compiled:
         fused_ops.compile_blocks(model)
     if not plan.chunked_loss:
@@ -319,7 +321,7 @@ def train(cfg: RunConfig, world: World, extra_callbacks: Sequence[TrainerCallbac
         data_collator=loss_weighting.StepTokenCollator(
             varlen_attention.PackingCollator()
             if cfg.data.packing == "padding_free"
-            else PadCollator(tokenizer.pad_token_id)
+            else PadCollator(tokenizer.pad_token_id, omit_full_mask=True)
         ),
         callbacks=[
             StepBoundary(recorder),
