@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 from dataclasses import replace
@@ -248,6 +249,25 @@ def test_the_estimate_for_a_v100_is_that_gpus_plan() -> None:
     assert [r.dtype_bytes for r in runs] == [2, 2]
     v100_bytes, h100_bytes = (memory._attn_bytes(shape, r) for r in runs)
     assert v100_bytes - h100_bytes == 2 * 2 * (shape.hidden - shape.kv_dim) > 0
+
+
+def test_estimate_refuses_flash_attention_on_a_gpu_that_cannot_run_it() -> None:
+    """estimate --attention is a what-if (flash_attn need not import on the login node), but a
+    V100 runs no flash-attn 2 at all: exit 64 with the reason, where an H100 is estimated."""
+    from llmtrain.verbs import estimate
+
+    cfg = load_config(REPO / "configs" / "lora.yaml")
+    for gpu, refused in (("v100", True), ("h100", False)):
+        args = argparse.Namespace(nodes=1, gpus_per_node=1, gpu=gpu,
+                                  attention="flash_attention_2", tokens=None, mfu=0.4)
+        if refused:
+            with pytest.raises(ConfigError, match=re.escape(
+                    "cannot run on a V100 32 GB: flash-attn 2 needs compute capability 8.0")
+            ) as err:
+                estimate.report(cfg, args)
+            assert err.value.exit_code == 64
+        else:
+            assert estimate.report(cfg, args)["run"]["attention"] == "flash_attention_2"
 
 
 def test_the_estimator_reads_the_plan() -> None:

@@ -8,6 +8,7 @@ from dataclasses import asdict, replace
 from typing import TYPE_CHECKING, Any
 
 from llmtrain.config import RunConfig, load_config
+from llmtrain.errors import ConfigError
 from llmtrain.plan import STRATEGIES as TABLE
 from llmtrain.plan import refusal
 from llmtrain.sizing.compute import DEFAULT_MFU, estimate_compute
@@ -66,8 +67,21 @@ def _tokens(
 
 
 def report(cfg: RunConfig, args: argparse.Namespace) -> dict[str, Any]:
+    """The estimate as a dict (the --json output).
+
+    Raises:
+        ConfigError: the config cannot run on --gpu, or --attention flash_attention_2 asks
+            for flash-attn 2 on a GPU older than compute capability 8.0 (exit 64)."""
     shape = model_shape(cfg)
     device = get_gpu(args.gpu)
+    if args.attention == "flash_attention_2" and not device.bf16:
+        # --attention is a what-if (flash_attn need not import here, on a login node), but no
+        # flash_attn runs on this GPU at all.
+        raise ConfigError(
+            f"--attention flash_attention_2 cannot run on a {device.name}: flash-attn 2 needs "
+            "compute capability 8.0 (an A100 or later)",
+            "leave --attention out (the plan picks sdpa there) or give --attention sdpa",
+        )
     plan = target_plan(cfg, nodes=args.nodes, gpus_per_node=args.gpus_per_node, gpu=device)
     from llmtrain.sizing import tokens as measured_tokens
 
