@@ -123,10 +123,19 @@ def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
     return diff / norm if norm > 0 else diff
 
 
-@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
-@pytest.mark.parametrize("trained_head", [True, False], ids=["trained-head", "frozen-head"])
-@pytest.mark.parametrize("mode", list(MODES))
-@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def every_case(test: Any) -> Any:
+    """Each reduction, mode, trained or frozen lm_head, with and without a bias."""
+    for mark in (
+        pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"]),
+        pytest.mark.parametrize("trained_head", [True, False], ids=["trained-head", "frozen-head"]),
+        pytest.mark.parametrize("mode", list(MODES)),
+        pytest.mark.parametrize("reduction", ["mean", "sum"]),
+    ):
+        test = mark(test)
+    return test
+
+
+@every_case
 def test_liger_matches_the_chunks_and_fp64(
     liger_version: str, reduction: str, mode: str, trained_head: bool, bias: bool,
     caplog: pytest.LogCaptureFixture,
@@ -263,10 +272,7 @@ def test_the_loss_memory_is_what_the_estimator_assumes(liger_version: str, mode:
     assert head.weight.grad is not None and hidden.grad is not None
 
 
-@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
-@pytest.mark.parametrize("trained_head", [True, False], ids=["trained-head", "frozen-head"])
-@pytest.mark.parametrize("mode", list(MODES))
-@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@every_case
 def test_the_sync_free_driver_matches_liger_public_function(
     liger_version: str, reduction: str, mode: str, trained_head: bool, bias: bool,
     monkeypatch: pytest.MonkeyPatch,
