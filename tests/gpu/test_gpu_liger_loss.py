@@ -278,14 +278,18 @@ def test_the_sync_free_driver_matches_liger_public_function(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:  # fmt: skip
     """kernels/fused_linear_ce.py drives Liger's kernel as Liger's own forward does: the same
-    losses and gradients as liger_kernel.functional.fused_linear_cross_entropy, within 16-bit
-    rounding ("mean" divides the sum once where Liger scales each row's gradient)."""
+    losses and gradients as liger_kernel.functional.fused_linear_cross_entropy, bit for bit for
+    "sum" (the same kernel, matmuls and one fp32 scaling by the incoming gradient), within
+    16-bit rounding for "mean" (divided once after the sum, where Liger scales each row's
+    gradient in its kernel)."""
     from liger_kernel.functional import fused_linear_cross_entropy
 
     from llmtrain.kernels import fused_linear_ce
 
     assert "without host syncs" in liger_version  # the lock's liger-kernel takes the driver
     loss_tol, grad_tol = (1e-6, 1e-5) if mode == "fp32" else (1e-5, 1e-2)
+    if reduction == "sum":
+        loss_tol = grad_tol = 0.0
     ours = _run("liger", mode, reduction, trained_head, bias)
     fused_loss.liger_loss_function.cache_clear()
     try:
@@ -304,7 +308,7 @@ def test_the_sync_free_driver_matches_liger_public_function(
         assert (got is None) == (want is None), key
         if got is not None and want is not None:
             assert got.dtype == want.dtype, key
-            assert _rel(got, want) < grad_tol, (key, _rel(got, want))
+            assert _rel(got, want) <= grad_tol, (key, _rel(got, want))
 
 
 @pytest.mark.parametrize("mode", ["bf16-params", "fp32-params-autocast"])

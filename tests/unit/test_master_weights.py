@@ -122,6 +122,24 @@ def test_the_folded_clip_is_the_clip_not_a_no_op() -> None:
                                                                    strict=True))
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["foreach", "fused"])
+def test_a_step_without_gradients_is_a_no_op_as_clip_grad_norm_makes_it(
+    fused: bool,
+) -> None:
+    """clip_grad_norm_ over no gradients returns 0 and the step changes nothing, folded into
+    fused AdamW or not (the fold has no gradient to take a norm of)."""
+    torch.manual_seed(0)
+    model = nn.Linear(8, 4).to(torch.bfloat16)
+    before = [p.detach().clone() for p in model.parameters()]
+    masters = MasterWeights(max_grad_norm=1.0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, fused=fused)
+    masters.attach(optimizer)
+    optimizer.step()  # no backward since the last step: no master has a gradient
+    assert masters.last_grad_norm is not None and float(masters.last_grad_norm) == 0.0
+    for b, p in zip(before, model.parameters(), strict=True):
+        assert torch.equal(b, p)
+
+
 def test_the_state_dict_carries_the_masters_for_an_exact_resume() -> None:
     model = bf16_linear()
     masters = MasterWeights(max_grad_norm=1.0)

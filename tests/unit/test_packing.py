@@ -529,3 +529,32 @@ def test_packed_row_gets_no_dense_mask_and_padding_keeps_sdpas() -> None:
     assert create_causal_mask(model.config, embeds, **packed) is None
     mask = create_causal_mask(model.config, embeds.view(2, 30, -1), **pad)
     assert mask is not None and torch.equal(mask, sdpa_padded)
+
+
+@pytest.mark.parametrize(("data_packing", "packed"), [("padding_free", True), ("none", False)])
+def test_finetune_tells_the_attention_whether_rows_are_packed(
+    data_packing: str, packed: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """run.apply_speed_levers (with training.compile, which patches the attention for unpacked
+    rows too) passes packed=False exactly for data.packing none, and finetune's collator for
+    those rows omits an all-ones mask; packed rows keep PackingCollator."""
+    from types import SimpleNamespace
+
+    from llmtrain.config import load_config
+    from llmtrain.train import run
+    from tests.conftest import REPO
+
+    cfg = load_config(
+        REPO / "configs" / "demo.yaml", [f"data.packing={data_packing}", "training.compile=true"]
+    )
+    calls: list[dict[str, Any]] = []
+    monkeypatch.setattr(packing, "patch_attention", lambda model, **kwargs: calls.append(kwargs))
+    monkeypatch.setattr(fused_ops, "compile_blocks", lambda model: 0)
+    plan = SimpleNamespace(chunked_loss=False, reasons={"chunked_loss": "test"})
+    assert run.apply_speed_levers(cfg, plan, tiny_llama()) is False  # type: ignore[arg-type]
+    assert calls == [{"compiled_rope": True, "packed": packed}]
+    inner = run.training_collator(cfg, pad_token_id=0).inner
+    if packed:
+        assert isinstance(inner, packing.PackingCollator)
+    else:
+        assert isinstance(inner, PadCollator) and inner.omit_full_mask

@@ -13,8 +13,9 @@ liger_cross_entropy_kernel`, Hsu et al. 2024, arXiv:2410.10989) through the same
 as Liger's forward, for the only case llmtrain's training loss needs (hard labels, "sum"
 reduction, no class weights, soft cap, z-loss or label smoothing), and returns the sum as a GPU
 scalar: the caller divides by a label count that stays on the GPU. The backward always
-multiplies the stored gradients by the incoming one, in place (two passes over [tokens,
-hidden] and [vocab, hidden], far cheaper than a sync).
+multiplies the stored gradients by the incoming one, in place, in fp32 and rounded once as
+Liger's own backward does (a pass over [tokens, hidden] and [vocab, hidden], far cheaper than a
+sync).
 
 The kernel's keyword arguments are those of liger-kernel KERNEL_VERSION (read in its
 ops/cross_entropy.py and ops/fused_linear_cross_entropy.py); kernels/loss.py takes this path
@@ -31,6 +32,7 @@ KERNEL_VERSION = "0.8.5"
 # Liger's bound on one chunk's logits (ops/fused_linear_cross_entropy.py MAX_FUSED_SIZE, the
 # kernel's widest block of the vocabulary on a GPU).
 _MAX_BLOCK = 65536 // 2
+_SCALE_ELEMENTS = 1 << 24  # the fp32 copy _scale_ makes of a 16-bit gradient, at most 64 MiB
 
 
 def _accumulate_weight_grad(grad_weight: torch.Tensor, grad_logits: torch.Tensor,
@@ -75,10 +77,13 @@ class FusedLinearCrossEntropySum(torch.autograd.Function):
                      else None)
         losses = torch.zeros(tokens, dtype=torch.float32, device=hidden.device)
         block = min(_MAX_BLOCK, triton.next_power_of_2(vocab))
-        # One logits buffer for every chunk where the matmul's operands share a dtype (out=
-        # skips autocast, which would not cast them); else autocast casts an fp32 weight per
-        # chunk, as nn.Linear would.
-        same = weight.dtype == hidden.dtype
+        # One logits buffer for every chunk where the matmul's operands are already in the
+        # dtype it runs in (out= skips autocast; Liger's _can_use_mm_out); else `@`, which
+        # autocast casts (an fp32 weight per chunk, as nn.Linear would).
+        kind = hidden.device.type
+        same = weight.dtype == hidden.dtype and (
+            not torch.is_autocast_enabled(kind) or hidden.dtype == torch.get_autocast_dtype(kind)
+        )
         buffer = (torch.empty((chunk, vocab), dtype=hidden.dtype, device=hidden.device)
                   if same else None)
         for start in range(0, tokens, chunk):
@@ -121,8 +126,22 @@ class FusedLinearCrossEntropySum(torch.autograd.Function):
         grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
         for grad in (grad_hidden, grad_weight, grad_bias):
             if grad is not None:
-                grad.mul_(grad_output.to(grad.dtype))
+                _scale_(grad, grad_output)
         return grad_hidden, grad_weight, None, grad_bias, None
+
+
+def _scale_(grad: torch.Tensor, factor: torch.Tensor) -> None:
+    """grad *= factor (an fp32 scalar tensor on grad's device) in fp32, rounded once to grad's
+    dtype, as Liger's element_mul_kernel does. A 16-bit `grad.mul_(factor)` would first round
+    the factor (loss_weighting's 1 / step tokens) to 16 bits on a GPU, one shared error of up to
+    0.4% in every gradient of the decoder. 16-bit gradients go through an fp32 copy of at most
+    _SCALE_ELEMENTS values at a time."""
+    if grad.dtype == torch.float32:
+        grad.mul_(factor)
+        return
+    rows = max(1, _SCALE_ELEMENTS // max(1, grad[0].numel())) if grad.dim() else 1
+    for piece in grad.split(rows) if grad.dim() else (grad,):
+        piece.copy_(piece.float().mul_(factor))
 
 
 def fused_linear_cross_entropy(

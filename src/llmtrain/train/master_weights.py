@@ -117,7 +117,7 @@ class MasterWeights:
         if self.max_grad_norm <= 0:
             return
         trained = [m for m in self.masters if m.grad is not None]
-        if not _divides_by_grad_scale(optimizer):
+        if not trained or not _divides_by_grad_scale(optimizer):  # none: clip_grad_norm_'s 0
             self.last_grad_norm = nn.utils.clip_grad_norm_(trained, self.max_grad_norm)
             return
         grads = [m.grad for m in trained if m.grad is not None]

@@ -224,6 +224,18 @@ def apply_speed_levers(cfg: RunConfig, plan: RunPlan, model: Any) -> bool:
     return fused_loss.patch_causal_lm_loss(model, compiled=compiled)
 
 
+def training_collator(cfg: RunConfig, pad_token_id: int) -> loss_weighting.StepTokenCollator:
+    """The Trainer's collator for training and evaluation batches: packed rows for
+    data.packing=padding_free, else padded rows without the mask of a batch nothing in is padded
+    (PadCollator.omit_full_mask: no host sync over an all-ones mask; apply_speed_levers tells
+    the attention that such rows are whole samples)."""
+    return loss_weighting.StepTokenCollator(
+        varlen_attention.PackingCollator()
+        if cfg.data.packing == "padding_free"
+        else PadCollator(pad_token_id, omit_full_mask=True)
+    )
+
+
 def train(cfg: RunConfig, world: World, extra_callbacks: Sequence[TrainerCallback] = ()) -> Trainer:
     """Train, save the final result; returns the Trainer (its model is the trained one).
 
@@ -318,11 +330,7 @@ def train(cfg: RunConfig, world: World, extra_callbacks: Sequence[TrainerCallbac
         args=args,
         train_dataset=train_split,
         eval_dataset=splits.get("eval"),
-        data_collator=loss_weighting.StepTokenCollator(
-            varlen_attention.PackingCollator()
-            if cfg.data.packing == "padding_free"
-            else PadCollator(tokenizer.pad_token_id, omit_full_mask=True)
-        ),
+        data_collator=training_collator(cfg, tokenizer.pad_token_id),
         callbacks=[
             StepBoundary(recorder),
             MetricsCallback(out, recorder.drain),
