@@ -50,3 +50,53 @@ def test_bf16_parameters_track_fp32_and_resume_exactly(tmp_path: Path) -> None:
     assert finetune(tmp_path / "cut", "bfloat16", 8) == bf16
     resumed = load_file(tmp_path / "cut/final/model/model.safetensors")
     assert all(torch.equal(resumed[k], weights[k]) for k in weights)
+
+
+@pytest.mark.parametrize("micro_batches", [1, 2])
+def test_the_one_pass_kernel_steps_as_torch_fused_adamw(micro_batches: int) -> None:
+    """kernels/master_adamw.py against torch's fused AdamW on the same fp32 masters (the path
+    MasterWeights takes where the kernel cannot run), with the clip folded into both: 5 steps,
+    one micro-batch per step (the kernel reads the bf16 gradients) or two (their fp32 sum).
+    Tolerance: after the first step, from the same state, fp32 rounding (the bias corrections
+    by exp and log against pow): rtol 1e-5. Later steps start from bf16 parameters that may
+    round one unit apart, so the runs drift as two trajectories do: rtol 2e-3 after 5."""
+    from torch import nn
+
+    from llmtrain.kernels import master_adamw
+    from llmtrain.train.master_weights import MasterWeights
+
+    assert master_adamw.unusable_here() is None
+    runs = []
+    for one_pass in (True, False):
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(256, 1000), nn.GELU(), nn.Linear(1000, 3))
+        net = net.cuda().to(torch.bfloat16)
+        masters = MasterWeights(max_grad_norm=0.3)
+        optimizer = torch.optim.AdamW(net.parameters(), lr=1e-2, weight_decay=0.1, fused=True)
+        masters.attach(optimizer)
+        assert masters.one_pass
+        masters.one_pass = one_pass  # False: torch's fused AdamW steps the same masters
+        first: list[torch.Tensor] = []
+        for k in range(5):
+            for j in range(micro_batches):
+                g = torch.Generator(device="cuda").manual_seed(10 * k + j)
+                x = torch.randn(64, 256, device="cuda", generator=g, dtype=torch.bfloat16)
+                net(x).float().pow(2).mean().backward()
+                masters.accumulate()
+            optimizer.step()
+            if k == 0:
+                assert masters.last_grad_norm is not None
+                first = [masters.last_grad_norm.clone(), *(m.clone() for m in masters.masters)]
+        steps = [float(optimizer.state[m]["step"]) for m in masters.masters]
+        assert steps == [5.0] * len(steps)
+        runs.append((first, masters.masters, list(net.parameters())))
+    (first, kernel, kernel_params), (first_torch, torch_path, torch_params) = runs
+    assert float(first[0]) > 0.3  # the clip did something
+    torch.testing.assert_close(first[0], first_torch[0], rtol=1e-6, atol=0)
+    for a, b in zip(first[1:], first_torch[1:], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    for a, b in zip(kernel, torch_path, strict=True):
+        torch.testing.assert_close(a, b, rtol=2e-3, atol=1e-4)
+    for a, b in zip(kernel_params, torch_params, strict=True):
+        assert a.dtype == torch.bfloat16
+        torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-4)

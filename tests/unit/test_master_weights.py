@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -138,6 +139,140 @@ def test_a_step_without_gradients_is_a_no_op_as_clip_grad_norm_makes_it(
     assert masters.last_grad_norm is not None and float(masters.last_grad_norm) == 0.0
     for b, p in zip(before, model.parameters(), strict=True):
         assert torch.equal(b, p)
+
+
+def _reference_step(optimizer: torch.optim.AdamW, masters: list[torch.Tensor],
+                    grads: list[torch.Tensor], params: list[torch.Tensor],
+                    grad_scale: torch.Tensor, steps: list[int]) -> None:
+    """kernels/master_adamw.step's update in torch ops (the Triton kernel needs a GPU;
+    tests/gpu/test_gpu_master_weights.py runs it against torch's fused AdamW)."""
+    group = optimizer.param_groups[0]
+    lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+    with torch.no_grad():
+        for m, g, p in zip(masters, grads, params, strict=True):
+            state = optimizer.state[m]
+            if not state:
+                state.update(step=torch.zeros(()), exp_avg=torch.zeros_like(m),
+                             exp_avg_sq=torch.zeros_like(m))
+            state["step"] += 1
+            t = float(state["step"])
+            assert steps == [t] * len(masters)  # the host's count is the state's
+            g = g.float() / grad_scale
+            m.mul_(1 - lr * wd)
+            state["exp_avg"].mul_(b1).add_(g, alpha=1 - b1)
+            state["exp_avg_sq"].mul_(b2).addcmul_(g, g, value=1 - b2)
+            denom = state["exp_avg_sq"].sqrt() / (1 - b2**t) ** 0.5 + eps
+            m.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - b1**t))
+            p.copy_(m)
+
+
+@pytest.mark.parametrize("micro_batches", [1, 2])
+def test_the_one_pass_step_is_clipped_fused_adamw_and_leaves_torch_nothing(
+    micro_batches: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where kernels/master_adamw.py runs (CUDA; here its update in torch ops): it gets each
+    gradient as it is (the bf16 one of a single micro-batch, the fp32 sum of several) and the
+    clip as grad_scale, and its step is torch's fused AdamW after clip_grad_norm_; torch's own
+    step, which runs after it, finds no gradient (the step count moves once), and the state is
+    torch's (step, exp_avg, exp_avg_sq)."""
+    from llmtrain.kernels import master_adamw
+
+    dtypes: list[list[torch.dtype]] = []
+
+    def kernel(optimizer: Any, masters: Any, grads: list[torch.Tensor], params: Any,
+               grad_scale: torch.Tensor, steps: list[int]) -> None:
+        dtypes.append([g.dtype for g in grads])
+        _reference_step(optimizer, masters, grads, params, grad_scale, steps)
+
+    monkeypatch.setattr(master_adamw, "unusable_here", lambda: None)
+    monkeypatch.setattr(master_adamw, "unusable_for", lambda optimizer: None)
+    monkeypatch.setattr(master_adamw, "step", kernel)
+    model = bf16_linear()
+    reference = [p.detach().float().clone().requires_grad_(True) for p in model.parameters()]
+    masters = MasterWeights(max_grad_norm=0.5)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.01, fused=True)
+    masters.attach(optimizer)
+    assert masters.one_pass
+    ref_opt = torch.optim.AdamW(reference, lr=0.1, weight_decay=0.01, fused=True)
+    for k in range(3):
+        for r in reference:
+            r.grad = None
+        for j in range(micro_batches):
+            backward(model, 10 * k + j)
+            for r, p in zip(reference, model.parameters(), strict=True):
+                r.grad = p.grad.float() if r.grad is None else r.grad + p.grad.float()
+            masters.accumulate()
+        norm = nn.utils.clip_grad_norm_(reference, 0.5)
+        ref_opt.step()
+        optimizer.step()
+        assert norm > 0.5  # the clip did something
+        want = torch.bfloat16 if micro_batches == 1 else torch.float32
+        assert dtypes[-1] == [want, want]
+        assert masters.last_grad_norm is not None
+        torch.testing.assert_close(masters.last_grad_norm, norm)
+        for r, m, p in zip(reference, masters.masters, model.parameters(), strict=True):
+            torch.testing.assert_close(m, r, rtol=1e-6, atol=1e-7)
+            assert torch.equal(p, m.to(torch.bfloat16))
+            assert m.grad is None
+            state = optimizer.state[m]
+            assert set(state) == {"step", "exp_avg", "exp_avg_sq"}
+            assert float(state["step"]) == k + 1
+    assert len(dtypes) == 3 and masters.pending == [None, None]
+
+
+def test_the_one_pass_step_counts_resume_from_the_saved_state(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The one-pass kernel gets each master's step number from the host's count (reading the
+    state's step tensor would sync): a resumed run continues it from the saved state."""
+    from llmtrain.kernels import master_adamw
+
+    seen: list[list[int]] = []
+
+    def kernel(optimizer: Any, masters: Any, grads: Any, params: Any, grad_scale: Any,
+               steps: list[int]) -> None:
+        seen.append(list(steps))
+        _reference_step(optimizer, masters, grads, params, grad_scale, steps)
+
+    monkeypatch.setattr(master_adamw, "unusable_here", lambda: None)
+    monkeypatch.setattr(master_adamw, "unusable_for", lambda optimizer: None)
+    monkeypatch.setattr(master_adamw, "step", kernel)
+
+    def run(state: dict[str, Any] | None, steps: int) -> dict[str, Any]:
+        model = bf16_linear()
+        masters = MasterWeights(max_grad_norm=0.5)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
+        masters.attach(optimizer)
+        if state is not None:
+            optimizer.load_state_dict(state)
+        for k in range(steps):
+            backward(model, k)
+            masters.accumulate()
+            optimizer.step()
+        return copy.deepcopy(optimizer.state_dict())
+
+    run(run(None, 2), 1)
+    assert seen == [[1, 1], [2, 2], [3, 3]]
+
+
+def test_the_one_pass_kernel_is_taken_only_for_fused_adamw_over_cuda_tensors() -> None:
+    from llmtrain.kernels import master_adamw
+
+    def opt(**kwargs: Any) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(bf16_linear().parameters(), **kwargs)
+
+    assert master_adamw.unusable_for(opt(fused=True)) == (
+        "a parameter is not a contiguous CUDA tensor"
+    )
+    assert "not the fused AdamW" in str(master_adamw.unusable_for(opt(foreach=True)))
+    assert "amsgrad" in str(master_adamw.unusable_for(opt(fused=True, amsgrad=True)))
+    sgd = torch.optim.SGD(bf16_linear().parameters(), lr=0.1)
+    assert master_adamw.unusable_for(sgd) == "the optimizer is SGD, not torch.optim.AdamW"
+    if not torch.cuda.is_available():
+        assert master_adamw.unusable_here() == "no CUDA device"
+        masters = MasterWeights(max_grad_norm=1.0)
+        masters.attach(opt(fused=True))
+        assert not masters.one_pass
 
 
 def test_the_state_dict_carries_the_masters_for_an_exact_resume() -> None:

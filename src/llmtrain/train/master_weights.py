@@ -8,8 +8,9 @@ copy of each (the master weight), the scheme of mixed-precision training (Micike
 2018, "Mixed Precision Training", section 3.1) as Megatron-LM keeps it for bf16 (main params and
 main grads in fp32):
 
-- after each micro-batch's backward, `accumulate` adds each bf16 gradient into an fp32 master
-  gradient and frees it, so accumulation over micro-batches sums in fp32 as the fp32 path does;
+- after each micro-batch's backward, `accumulate` takes each bf16 gradient off its parameter;
+  from the second micro-batch of a step on, they are summed into an fp32 master gradient, so
+  accumulation over micro-batches sums in fp32 as the fp32 path does;
 - before the optimizer step the master gradients are clipped to `max_grad_norm` (the Trainer's
   own clipping sees no gradients: run.py turns it off). With fused Adam(W), llmtrain's default
   on a GPU, the clip is folded into the optimizer's own kernel: its `grad_scale` (the hook
@@ -18,6 +19,10 @@ main grads in fp32):
   fixed-1b-full step on an H200, bench/RESULTS.md 2026-12-02);
 - after it, each bf16 parameter becomes its master weight rounded to bf16, and the master
   gradients are freed;
+- on CUDA with torch's fused AdamW, llmtrain's one-pass kernel (kernels/master_adamw.py) does
+  the step instead: it reads the gradient as it is (bf16 after a single micro-batch), updates
+  the master and its moments and writes the bf16 parameter, and torch's step then finds no
+  gradient to apply (fixed-1b-full on an H200: bench/RESULTS.md, 2026-12-02);
 - the optimizer's state_dict carries the master weights, so a resumed run continues from the
   fp32 values, not from the rounded bf16 ones (exact resume).
 
@@ -32,6 +37,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from llmtrain.kernels import master_adamw
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +64,16 @@ class MasterWeights:
     def __init__(self, max_grad_norm: float) -> None:
         self.params: list[nn.Parameter] = []
         self.masters: list[torch.Tensor] = []
+        # Each parameter's gradient from the step's first micro-batch, in its own 16-bit dtype,
+        # until a second one arrives (then summed into the master's fp32 .grad) or the step.
+        self.pending: list[torch.Tensor | None] = []
+        # Each master's AdamW step count as the host knows it (the state's own is a tensor on
+        # the GPU, which the one-pass kernel must not read: a sync).
+        self.steps: list[int] = []
         self.max_grad_norm = max_grad_norm
         self.last_grad_norm: torch.Tensor | None = None
+        self.one_pass = False  # step with kernels/master_adamw.py (decided by attach)
+        self._stepped = False  # the one-pass kernel has written the parameters this step
 
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
         """Copy each parameter of `optimizer` (made over the bf16 parameters, before its first
@@ -71,11 +86,17 @@ class MasterWeights:
         """
         if optimizer.state:
             raise ValueError("attach master weights before the optimizer's first step")
+        why_not = master_adamw.unusable_here() or master_adamw.unusable_for(optimizer)
         for group in optimizer.param_groups:
             masters = [p.detach().float().requires_grad_(True) for p in group["params"]]
             self.params += group["params"]
             self.masters += masters
             group["params"] = masters
+        self.pending = [None] * len(self.params)
+        self.steps = [0] * len(self.params)
+        self.one_pass = why_not is None
+        log.info("fp32 master weights: %s", "stepped by llmtrain's one-pass AdamW kernel"
+                 if why_not is None else f"stepped by torch's optimizer ({why_not})")
         optimizer.register_step_pre_hook(lambda opt, *_: self._clip(opt))
         optimizer.register_step_post_hook(lambda *_: self._publish())
         optimizer.register_state_dict_post_hook(self._save)
@@ -86,7 +107,8 @@ class MasterWeights:
 
     @torch.no_grad()
     def accumulate(self) -> None:
-        """Move each parameter's 16-bit gradient into its master's fp32 gradient (summed).
+        """Take each parameter's 16-bit gradient off it: the step's first one is kept as it is
+        (`pending`), later ones are summed into the master's fp32 gradient (with the first).
 
         Each list goes to the GPU in a few multi-tensor launches (torch._foreach_copy_ and
         _foreach_add_), as `_publish` does, not one kernel per tensor: the GPU outran 200
@@ -96,14 +118,19 @@ class MasterWeights:
         first_from: list[torch.Tensor] = []
         later_to: list[torch.Tensor] = []
         later_from: list[torch.Tensor] = []
-        for p, m in zip(self.params, self.masters, strict=True):
+        for i, (p, m) in enumerate(zip(self.params, self.masters, strict=True)):
             if p.grad is None:
                 continue
-            if m.grad is None:
-                m.grad = torch.empty_like(m)
-                first_to.append(m.grad)
-                first_from.append(p.grad)
+            pending = self.pending[i]
+            if m.grad is None and pending is None:
+                self.pending[i] = p.grad
             else:
+                if m.grad is None:
+                    assert pending is not None
+                    m.grad = torch.empty_like(m)
+                    first_to.append(m.grad)
+                    first_from.append(pending)
+                    self.pending[i] = None
                 later_to.append(m.grad)
                 later_from.append(p.grad)
             p.grad = None
@@ -112,8 +139,22 @@ class MasterWeights:
         if later_to:
             torch._foreach_add_(later_to, later_from)
 
+    def _flush_pending(self) -> None:
+        """Every gradient into its master's fp32 .grad, where torch's optimizer reads it."""
+        to = [m for m, g in zip(self.masters, self.pending, strict=True) if g is not None]
+        if to:
+            grads = [torch.empty_like(m) for m in to]
+            torch._foreach_copy_(grads, [g for g in self.pending if g is not None])
+            for m, g in zip(to, grads, strict=True):
+                m.grad = g
+        self.pending = [None] * len(self.masters)
+
     def _clip(self, optimizer: torch.optim.Optimizer) -> None:
         self.accumulate()  # a gradient left by a backward that training_step did not see
+        if self.one_pass:
+            self._one_pass_step(optimizer)
+            return
+        self._flush_pending()
         if self.max_grad_norm <= 0:
             return
         trained = [m for m in self.masters if m.grad is not None]
@@ -121,15 +162,51 @@ class MasterWeights:
             self.last_grad_norm = nn.utils.clip_grad_norm_(trained, self.max_grad_norm)
             return
         grads = [m.grad for m in trained if m.grad is not None]
-        # clip_grad_norm_'s arithmetic: total L2 norm, coefficient max / (norm + 1e-6) capped
-        # at 1; the kernel divides by its inverse instead of the gradients being multiplied.
-        norms = torch._foreach_norm(grads)
+        optimizer.grad_scale = self._clip_scale(grads)  # type: ignore[attr-defined]
+
+    def _clip_scale(self, grads: list[torch.Tensor]) -> torch.Tensor:
+        """1 / clip_grad_norm_'s coefficient (total L2 norm in fp32, max / (norm + 1e-6) capped
+        at 1), for a kernel that divides each gradient by it; sets last_grad_norm."""
+        if all(g.dtype == torch.float32 for g in grads):
+            norms = torch._foreach_norm(grads)
+        else:  # 16-bit gradients (the one-pass path, torch >= 2.8): summed in fp32
+            norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
         total = torch.linalg.vector_norm(torch.stack([n.to(grads[0].device) for n in norms]))
-        optimizer.grad_scale = torch.clamp((total + 1e-6) / self.max_grad_norm, min=1.0)  # type: ignore[attr-defined]
         self.last_grad_norm = total
+        return torch.clamp((total + 1e-6) / self.max_grad_norm, min=1.0)
+
+    def _one_pass_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Step every master with a gradient by kernels/master_adamw.py, then take the
+        gradients away so that torch's own step (which runs next) has nothing to apply."""
+        chosen = [i for i, (m, g) in enumerate(zip(self.masters, self.pending, strict=True))
+                  if g is not None or m.grad is not None]
+        if chosen:
+            grads: list[torch.Tensor] = []
+            for i in chosen:
+                grad = self.masters[i].grad
+                grad = self.pending[i] if grad is None else grad  # bf16, or the fp32 sum
+                assert grad is not None
+                grads.append(grad)
+                self.steps[i] += 1
+            scale = (self._clip_scale(grads) if self.max_grad_norm > 0
+                     else torch.ones((), device=grads[0].device))
+            assert isinstance(optimizer, torch.optim.AdamW)
+            master_adamw.step(
+                optimizer, [self.masters[i] for i in chosen], grads,
+                [self.params[i] for i in chosen], scale, [self.steps[i] for i in chosen],
+            )  # fmt: skip
+        elif self.max_grad_norm > 0:
+            self.last_grad_norm = torch.zeros(())  # clip_grad_norm_'s answer for no gradient
+        for m in self.masters:
+            m.grad = None
+        self.pending = [None] * len(self.masters)
+        self._stepped = True
 
     @torch.no_grad()
     def _publish(self) -> None:
+        if self._stepped:  # the one-pass kernel wrote them
+            self._stepped = False
+            return
         torch._foreach_copy_(list[torch.Tensor](self.params), self.masters)
         for m in self.masters:
             m.grad = None
@@ -148,6 +225,9 @@ class MasterWeights:
             ValueError: the saved masters have other shapes than this model's parameters.
         """
         state_dict = dict(state_dict)
+        # The host's step counts, from the saved state (CPU tensors or numbers: no GPU sync).
+        saved_state = state_dict.get("state", {})
+        self.steps = [int(saved_state.get(i, {}).get("step", 0)) for i in range(len(self.masters))]
         saved = state_dict.pop(STATE_KEY, None)
         if saved is None:
             log.warning("the checkpoint holds no master weights (saved with fp32 parameters): "
