@@ -255,6 +255,29 @@ def test_the_one_pass_step_counts_resume_from_the_saved_state(
     assert seen == [[1, 1], [2, 2], [3, 3]]
 
 
+def test_optimizer_zero_grad_discards_a_pending_first_micro_batch_gradient() -> None:
+    """The step's first 16-bit gradient waits in `pending`, not in the master's .grad:
+    optimizer.zero_grad() must drop it as it drops .grad, or a micro-batch the caller discards
+    leaks into the next step (the torch path here; the one-pass path keeps the same list)."""
+
+    def run(discard_first: bool) -> list[torch.Tensor]:
+        model = bf16_linear()
+        masters = MasterWeights(max_grad_norm=0.0)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
+        masters.attach(optimizer)
+        if discard_first:
+            backward(model, 1)
+            masters.accumulate()
+            optimizer.zero_grad()
+        backward(model, 2)
+        masters.accumulate()
+        optimizer.step()
+        return [m.detach().clone() for m in masters.masters]
+
+    for got, want in zip(run(True), run(False), strict=True):
+        assert torch.equal(got, want)
+
+
 def test_the_one_pass_kernel_is_taken_only_for_fused_adamw_over_cuda_tensors() -> None:
     from llmtrain.kernels import master_adamw
 

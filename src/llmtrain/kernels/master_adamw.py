@@ -47,15 +47,17 @@ def _kernel() -> Any:
     ):  # fmt: skip
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
-        g = tl.load(grad_ptr + offs, mask=mask).to(tl.float32) / tl.load(scale_ptr)
+        # IEEE square root and division (sqrt_rn, div_rn), as torch's kernel: Triton's `/`
+        # and tl.sqrt are approximate on NVIDIA GPUs, and the kernel is memory-bound anyway.
+        g = tl.div_rn(tl.load(grad_ptr + offs, mask=mask).to(tl.float32), tl.load(scale_ptr))
         p = tl.load(master_ptr + offs, mask=mask)
         m = tl.load(exp_avg_ptr + offs, mask=mask)
         v = tl.load(exp_avg_sq_ptr + offs, mask=mask)
         p = p - decay * p
         m = beta1 * m + one_minus_beta1 * g
         v = beta2 * v + one_minus_beta2 * g * g
-        denom = tl.sqrt(v) / bias_correction2_sqrt + eps
-        p = p - step_size * m / denom
+        denom = tl.div_rn(tl.sqrt_rn(v), bias_correction2_sqrt) + eps
+        p = p - tl.div_rn(step_size * m, denom)
         tl.store(master_ptr + offs, p, mask=mask)
         tl.store(exp_avg_ptr + offs, m, mask=mask)
         tl.store(exp_avg_sq_ptr + offs, v, mask=mask)
@@ -66,15 +68,22 @@ def _kernel() -> Any:
 
 @functools.cache
 def unusable_here() -> str | None:
-    """Why this process cannot run the kernel (no CUDA, torch older than MIN_TORCH, no
-    Triton), or None."""
+    """Why this process cannot run the kernel (no CUDA, torch older than MIN_TORCH, a Triton
+    that does not import, or one that cannot compile and launch the kernel on this GPU), or
+    None. Decided once per process, by one step of a single value."""
     if not torch.cuda.is_available():
         return "no CUDA device"
     if not compat.at_least("torch", *MIN_TORCH):
         return f"torch {torch.__version__} is older than %d.%d" % MIN_TORCH
     try:
-        _kernel()
-    except Exception as exc:  # ImportError, or a Triton that cannot load its CUDA driver
+        kernel = _kernel()
+        one = [torch.zeros(1, device="cuda") for _ in range(4)]
+        kernel[(1,)](
+            one[0], one[1], one[2], one[3], torch.zeros(1, device="cuda", dtype=torch.bfloat16),
+            torch.ones((), device="cuda"), 1, BLOCK=_BLOCK,
+            **_scalars({"betas": (0.9, 0.999), "lr": 1e-3, "eps": 1e-8, "weight_decay": 0.0}, 1),
+        )  # fmt: skip
+    except Exception as exc:  # ImportError, a driver Triton cannot load, a failed compile
         return f"Triton not usable ({type(exc).__name__}: {exc})"
     return None
 

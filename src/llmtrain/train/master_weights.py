@@ -97,6 +97,16 @@ class MasterWeights:
         self.one_pass = why_not is None
         log.info("fp32 master weights: %s", "stepped by llmtrain's one-pass AdamW kernel"
                  if why_not is None else f"stepped by torch's optimizer ({why_not})")
+        # optimizer.zero_grad clears the masters' .grad; it must drop the pending 16-bit
+        # gradients too (a micro-batch the caller discards), as it did when they went straight
+        # into .grad.
+        zero_grad = optimizer.zero_grad
+
+        def drop_pending_too(set_to_none: bool = True) -> None:
+            self.pending = [None] * len(self.masters)
+            zero_grad(set_to_none)
+
+        optimizer.zero_grad = drop_pending_too  # type: ignore[method-assign]
         optimizer.register_step_pre_hook(lambda opt, *_: self._clip(opt))
         optimizer.register_step_post_hook(lambda *_: self._publish())
         optimizer.register_state_dict_post_hook(self._save)
