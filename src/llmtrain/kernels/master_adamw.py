@@ -25,6 +25,7 @@ import functools
 import math
 from typing import Any
 
+import numpy as np
 import torch
 
 from llmtrain import compat
@@ -114,7 +115,7 @@ def _scalars(group: dict[str, Any], step: int) -> dict[str, float]:
     eps moved by up to lr * 3e-5 (the first GPU test of this kernel)."""
     beta1, beta2 = group["betas"]
     lr = group["lr"]
-    bias_correction1 = float(torch.tensor(1 - beta1**step, dtype=torch.float32))
+    bias_correction1 = float(np.float32(1 - beta1**step))  # rounded to fp32, as torch's
     return {
         "beta1": beta1, "beta2": beta2, "one_minus_beta1": 1 - beta1,
         "one_minus_beta2": 1 - beta2, "eps": group["eps"],
@@ -150,10 +151,14 @@ def step(
             state["exp_avg_sq"] = torch.zeros_like(master, memory_format=torch.preserve_format)
         counts.append(state["step"])
     torch._foreach_add_(counts, 1)
+    scalars: dict[tuple[int, int], dict[str, float]] = {}  # per group and step number
     for master, grad, param, t in zip(masters, grads, params, steps, strict=True):
-        state = optimizer.state[master]
+        state, group = optimizer.state[master], group_of[id(master)]
+        key = (id(group), t)
+        if key not in scalars:
+            scalars[key] = _scalars(group, t)
         n = master.numel()
         kernel[(-(-n // _BLOCK),)](
             grad, master, state["exp_avg"], state["exp_avg_sq"], param, grad_scale, n,
-            BLOCK=_BLOCK, **_scalars(group_of[id(master)], t),
+            BLOCK=_BLOCK, **scalars[key],
         )  # fmt: skip
