@@ -19,7 +19,7 @@ from llmtrain.config import DistributedSection, MethodSection, load_config
 from llmtrain.errors import EXIT_USAGE, ConfigError, NeedsGpuError
 from llmtrain.plan import STRATEGIES, Hardware, RunPlan, World
 from llmtrain.sizing import memory
-from llmtrain.sizing.from_config import run_shape, target_plan
+from llmtrain.sizing.from_config import model_shape, run_shape, target_plan, weight_bytes
 from llmtrain.sizing.gpus import get_gpu
 from llmtrain.sizing.memory import ModelShape
 from tests.conftest import REPO
@@ -268,6 +268,36 @@ def test_estimate_refuses_flash_attention_on_a_gpu_that_cannot_run_it() -> None:
             assert err.value.exit_code == 64
         else:
             assert estimate.report(cfg, args)["run"]["attention"] == "flash_attention_2"
+
+
+@pytest.mark.parametrize("overrides", [[], ["training.compile=true"]])
+def test_estimate_judges_each_gpu_column_with_that_gpus_plan(overrides: list[str]) -> None:
+    """estimate's `fits` per preset: each column's run is the one that GPU's plan makes (a
+    V100's fp16 and SDPA, k and v repeated), not --gpu's; a GPU whose plan refuses the config
+    (bf16 asked for on a V100) fits nothing."""
+    from llmtrain.verbs import estimate
+
+    cfg = load_config(REPO / "configs" / "full.yaml", overrides)
+    args = argparse.Namespace(nodes=1, gpus_per_node=1, gpu="h100", attention=None,
+                              tokens=None, mfu=0.4)
+    rep = estimate.report(cfg, args)
+    shape = model_shape(cfg)
+    v100 = get_gpu("v100")
+    base, v100_plan = run_shape(cfg, shape, gpu=v100), target_plan(cfg, gpu=v100)
+    for r in rep["grid"]:
+        there = replace(
+            base, method=r["method"], strategy=r["strategy"],
+            gradient_checkpointing=r["gradient_checkpointing"],
+            weight_bytes=weight_bytes(cfg, v100_plan,
+                                      "lora" if r["method"] == "inference" else r["method"]),
+        )  # fmt: skip
+        assert r["fits"]["v100-32gb"] == (
+            memory.estimate(shape, there).total <= v100.memory_bytes
+        )
+    bf16 = estimate.report(load_config(REPO / "configs" / "full.yaml",
+                                       [*overrides, "training.precision=bf16"]), args)
+    assert not any(r["fits"]["v100-32gb"] for r in bf16["grid"])
+    assert any(r["fits"]["h100-80gb"] for r in bf16["grid"])
 
 
 def test_the_estimator_reads_the_plan() -> None:

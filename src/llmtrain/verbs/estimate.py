@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from llmtrain.config import RunConfig, load_config
 from llmtrain.errors import ConfigError
 from llmtrain.plan import STRATEGIES as TABLE
-from llmtrain.plan import refusal
+from llmtrain.plan import RunPlan, refusal
 from llmtrain.sizing.compute import DEFAULT_MFU, estimate_compute
 from llmtrain.sizing.from_config import (
     micro_batch_words,
@@ -24,7 +24,9 @@ from llmtrain.sizing.memory import (
     FRAGMENTATION,
     METHODS,
     STRATEGIES,
+    Method,
     RunShape,
+    Strategy,
     estimate,
     gib,
     largest_micro_batch,
@@ -97,6 +99,40 @@ def report(cfg: RunConfig, args: argparse.Namespace) -> dict[str, Any]:
         gpu=device,
     )
 
+    # Each preset's column is judged with the run its own plan makes there (a V100 plans fp16
+    # and SDPA, with k and v repeated), not with --gpu's; None where its plan refuses the run.
+    on_preset: dict[str, tuple[RunShape, RunPlan] | None] = {}
+    for name, g in PRESETS.items():
+        try:
+            p = target_plan(cfg, nodes=args.nodes, gpus_per_node=args.gpus_per_node, gpu=g)
+        except ConfigError:
+            on_preset[name] = None
+            continue
+        on_preset[name] = (
+            run_shape(cfg, shape, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
+                      attention=None if args.attention == "flash_attention_2" and not g.bf16
+                      else args.attention, plan=p, measured=measured, gpu=g),
+            p,
+        )  # fmt: skip
+
+    def variant(base: RunShape, base_plan: RunPlan, m: Method, s: Strategy, c: bool) -> RunShape:
+        return replace(
+            base,
+            method=m,
+            strategy=s,
+            gradient_checkpointing=c,
+            weight_bytes=weight_bytes(cfg, base_plan, "lora" if m == "inference" else m),
+        )
+
+    def fits(m: Method, s: Strategy, c: bool) -> dict[str, bool]:
+        out = {}
+        for name, g in PRESETS.items():
+            there = on_preset[name]
+            out[name] = there is not None and (
+                estimate(shape, variant(*there, m, s, c)).total <= g.memory_bytes
+            )
+        return out
+
     def row(r: RunShape) -> dict[str, Any]:
         b = estimate(shape, r)
         return {
@@ -106,7 +142,7 @@ def report(cfg: RunConfig, args: argparse.Namespace) -> dict[str, Any]:
             "breakdown_bytes": dict(b.rows()),
             "host_per_node_bytes": b.host_per_node,
             "notes": list(b.notes),
-            "fits": {name: b.total <= g.memory_bytes for name, g in PRESETS.items()},
+            "fits": fits(r.method, r.strategy, r.gradient_checkpointing),
             "largest_micro_batch": largest_micro_batch(shape, r, device.memory_bytes),
         }
 
@@ -119,15 +155,7 @@ def report(cfg: RunConfig, args: argparse.Namespace) -> dict[str, Any]:
 
     methods = [m for m in METHODS if m != "layers" or run.method == "layers"]
     grid = [
-        row(
-            replace(
-                run,
-                method=m,
-                strategy=s,
-                gradient_checkpointing=c,
-                weight_bytes=weight_bytes(cfg, plan, "lora" if m == "inference" else m),
-            )
-        )
+        row(variant(run, plan, m, s, c))
         for m in methods
         for s in STRATEGIES
         for c in (False, True)
