@@ -73,7 +73,6 @@ class MasterWeights:
         self.max_grad_norm = max_grad_norm
         self.last_grad_norm: torch.Tensor | None = None
         self.one_pass = False  # step with kernels/master_adamw.py (decided by attach)
-        self._stepped = False  # the one-pass kernel has written the parameters this step
 
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
         """Copy each parameter of `optimizer` (made over the bf16 parameters, before its first
@@ -124,40 +123,37 @@ class MasterWeights:
         _foreach_add_), as `_publish` does, not one kernel per tensor: the GPU outran 200
         per-tensor launches a step and waited for them (fixed-1b-full +0.8% tokens/s on an H200,
         bench/RESULTS.md, 2026-12-02)."""
-        first_to: list[torch.Tensor] = []
-        first_from: list[torch.Tensor] = []
-        later_to: list[torch.Tensor] = []
-        later_from: list[torch.Tensor] = []
-        for i, (p, m) in enumerate(zip(self.params, self.masters, strict=True)):
-            if p.grad is None:
-                continue
-            pending = self.pending[i]
-            if m.grad is None and pending is None:
-                self.pending[i] = p.grad
-            else:
-                if m.grad is None:
-                    assert pending is not None
-                    m.grad = torch.empty_like(m)
-                    first_to.append(m.grad)
-                    first_from.append(pending)
-                    self.pending[i] = None
-                later_to.append(m.grad)
-                later_from.append(p.grad)
-            p.grad = None
-        if first_to:
-            torch._foreach_copy_(first_to, first_from)
-        if later_to:
-            torch._foreach_add_(later_to, later_from)
+        arrived = [i for i, p in enumerate(self.params) if p.grad is not None]
+        # A second gradient: the first goes into fp32 (below), the new one is added to it.
+        self._flush_pending([i for i in arrived if self.pending[i] is not None])
+        later = [
+            (total, new)
+            for i in arrived
+            if (total := self.masters[i].grad) is not None
+            and (new := self.params[i].grad) is not None
+        ]
+        if later:
+            torch._foreach_add_([t for t, _ in later], [n for _, n in later])
+        for i in arrived:
+            if self.masters[i].grad is None:
+                self.pending[i] = self.params[i].grad
+            self.params[i].grad = None
 
-    def _flush_pending(self) -> None:
-        """Every gradient into its master's fp32 .grad, where torch's optimizer reads it."""
-        to = [m for m, g in zip(self.masters, self.pending, strict=True) if g is not None]
-        if to:
-            grads = [torch.empty_like(m) for m in to]
-            torch._foreach_copy_(grads, [g for g in self.pending if g is not None])
-            for m, g in zip(to, grads, strict=True):
-                m.grad = g
-        self.pending = [None] * len(self.masters)
+    def _flush_pending(self, indices: list[int] | None = None) -> None:
+        """The pending 16-bit gradients of `indices` (default: all) into their masters' fp32
+        .grad, where torch's optimizer reads them: one multi-tensor copy."""
+        chosen = [
+            (i, g)
+            for i in (range(len(self.masters)) if indices is None else indices)
+            if (g := self.pending[i]) is not None
+        ]
+        if not chosen:
+            return
+        grads = [torch.empty_like(self.masters[i]) for i, _ in chosen]
+        torch._foreach_copy_(grads, [g for _, g in chosen])
+        for (i, _), g in zip(chosen, grads, strict=True):
+            self.masters[i].grad = g
+            self.pending[i] = None
 
     def _clip(self, optimizer: torch.optim.Optimizer) -> None:
         self.accumulate()  # a gradient left by a backward that training_step did not see
@@ -210,12 +206,10 @@ class MasterWeights:
         for m in self.masters:
             m.grad = None
         self.pending = [None] * len(self.masters)
-        self._stepped = True
 
     @torch.no_grad()
     def _publish(self) -> None:
-        if self._stepped:  # the one-pass kernel wrote them
-            self._stepped = False
+        if self.one_pass:  # the kernel wrote them, and dropped the gradients
             return
         torch._foreach_copy_(list[torch.Tensor](self.params), self.masters)
         for m in self.masters:
