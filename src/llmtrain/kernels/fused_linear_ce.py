@@ -131,16 +131,15 @@ class FusedLinearCrossEntropySum(torch.autograd.Function):
 
 
 def _scale_(grad: torch.Tensor, factor: torch.Tensor) -> None:
-    """grad *= factor (an fp32 scalar tensor on grad's device) in fp32, rounded once to grad's
-    dtype, as Liger's element_mul_kernel does. A 16-bit `grad.mul_(factor)` would first round
-    the factor (loss_weighting's 1 / step tokens) to 16 bits on a GPU, one shared error of up to
-    0.4% in every gradient of the decoder. 16-bit gradients go through an fp32 copy of at most
-    _SCALE_ELEMENTS values at a time."""
+    """grad [rows, ...] *= factor (an fp32 scalar tensor on grad's device) in fp32, rounded once
+    to grad's dtype, as Liger's element_mul_kernel does. A 16-bit `grad.mul_(factor)` would
+    first round the factor (loss_weighting's 1 / step tokens) to 16 bits on a GPU, one shared
+    error of up to 0.4% in every gradient of the decoder. 16-bit gradients go through an fp32
+    copy of at most _SCALE_ELEMENTS values at a time."""
     if grad.dtype == torch.float32:
         grad.mul_(factor)
         return
-    rows = max(1, _SCALE_ELEMENTS // max(1, grad[0].numel())) if grad.dim() else 1
-    for piece in grad.split(rows) if grad.dim() else (grad,):
+    for piece in grad.split(max(1, _SCALE_ELEMENTS // grad[0].numel())):
         piece.copy_(piece.float().mul_(factor))
 
 
@@ -157,11 +156,7 @@ def fused_linear_cross_entropy(
     without a host sync: the loss (fp32 scalar on the GPU, in a 1-tuple as Liger's first
     output), summed over the label tokens ("sum") or divided by their number ("mean", a count
     that stays on the GPU; NaN for a batch without labels, as the chunked loss gives).
-
-    Raises:
-        ValueError: `reduction` is neither "sum" nor "mean" (a caller's bug)."""
-    if reduction not in ("sum", "mean"):
-        raise ValueError(f"loss reduction {reduction!r}: use 'mean' or 'sum'")
+    kernels/loss.py has refused any other reduction before the call."""
     total: torch.Tensor = FusedLinearCrossEntropySum.apply(hidden, weight, targets, bias,
                                                            ignore_index)
     if reduction == "sum":
