@@ -103,6 +103,9 @@ def report(cfg: RunConfig, args: argparse.Namespace) -> dict[str, Any]:
     # and SDPA, with k and v repeated), not with --gpu's; None where its plan refuses the run.
     on_preset: dict[str, tuple[RunShape, RunPlan] | None] = {}
     for name, g in PRESETS.items():
+        if g is device:  # --gpu's own, made above
+            on_preset[name] = (run, plan)
+            continue
         try:
             p = target_plan(cfg, nodes=args.nodes, gpus_per_node=args.gpus_per_node, gpu=g)
         except ConfigError:
