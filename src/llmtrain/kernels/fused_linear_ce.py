@@ -116,7 +116,9 @@ class FusedLinearCrossEntropySum(torch.autograd.Function):
             if grad_weight is not None:
                 _accumulate_weight_grad(grad_weight, logits, piece)
             if grad_bias is not None:
-                grad_bias += logits.sum(dim=0).to(grad_bias.dtype)
+                # Under autocast `sum` runs in fp32 (an autocast fp32 op): added without a cast,
+                # it is rounded to 16 bits once, in the add, as Liger's torch.add(out=).
+                grad_bias.add_(logits.sum(dim=0))
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
         return losses.sum()
 
