@@ -4,6 +4,8 @@ usage) or 65 (data), and never a traceback."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -119,3 +121,38 @@ def test_bad_input_exits_with_contract_code_and_clear_message(name: str, tmp_pat
     assert "Traceback" not in result.stderr
     if code != 64 or "usage:" not in phrase:
         assert "fix:" in result.stderr
+
+
+# `python -m llmtrain.cli` where importing deepspeed and bitsandbytes fails, as where neither is
+# installed (importlib.util.find_spec answers None for a module set to None in sys.modules).
+WITHOUT_OPTIONAL = (
+    "import sys; sys.modules['deepspeed'] = sys.modules['bitsandbytes'] = None; "
+    "from llmtrain.cli import main; sys.exit(main())"
+)
+
+
+@pytest.mark.parametrize(
+    ("override", "setting", "package"),
+    [("distributed.strategy=zero2", "distributed.strategy=zero2", "deepspeed"),
+     ("method.name=qlora", "method qlora", "bitsandbytes")],
+)  # fmt: skip
+def test_a_setting_whose_package_is_absent_is_refused_before_training(
+    tmp_path: Path, override: str, setting: str, package: str
+) -> None:
+    """Without the package the job would crash after loading the model and data (and Slurm
+    would requeue the crash): validate refuses it with exit 64, naming the setting, the package
+    and the fix, and writes nothing."""
+    out = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-c", WITHOUT_OPTIONAL, "validate", config(tmp_path), override,
+         f"output.dir={out}"],
+        capture_output=True, text=True, cwd=REPO,
+    )  # fmt: skip
+    said = " ".join(result.stderr.split())
+    assert result.returncode == 64, result.stderr
+    assert f"{setting} needs {package}, which this Python environment does not have" in said
+    assert (
+        "fix: run llmtrain inside the llmtrain image (make image or make sif: it has them), "
+        f"or pip install {package} here"
+    ) in said
+    assert "Traceback" not in result.stderr and not out.exists()

@@ -4,6 +4,7 @@ combinations refused before anything is loaded."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -261,3 +262,22 @@ def test_peft_deepspeed_resume_loads_without_the_frozen_weights(tmp_path: Path) 
     full = types.SimpleNamespace(model=lora.base_model.model, args=peft_trainer.args)
     with compat.peft_deepspeed_resume(full):
         assert hf_trainer.deepspeed_load_checkpoint is original  # full models load strictly
+
+
+@pytest.mark.parametrize(
+    ("overrides", "package"),
+    [(["distributed.strategy=zero3"], "deepspeed"), (["method.name=qlora"], "bitsandbytes")],
+)
+def test_finetunes_check_on_a_gpu_refuses_a_setting_whose_package_is_absent(
+    overrides: list[str], package: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """finetune's own check on a GPU node (validate's is tests/e2e/test_bad_input.py): exit 64
+    before the model is loaded, where the job would crash at the strategy's or quantizer's
+    import. With the package importable the same config passes."""
+    from llmtrain.train.checks import check_hardware
+
+    cfg = load_config(REPO / "configs" / "lora.yaml", overrides)
+    check_hardware(cfg, gpu=True)
+    monkeypatch.setitem(sys.modules, package, None)  # find_spec answers None, as if absent
+    with pytest.raises(ConfigError, match=f"needs {package}, which this Python environment"):
+        check_hardware(cfg, gpu=True)

@@ -5,6 +5,7 @@ at start, so the three verbs fail on the same input with the same exit code and 
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 from dataclasses import dataclass, field
@@ -54,7 +55,8 @@ def check_hardware(cfg: RunConfig, *, gpu: bool) -> None:
 
     Raises:
         NeedsGpuError: a GPU-only setting for a target without one (exit 64).
-        ConfigError: a method/strategy combination the pinned stack cannot run (plan.check)
+        ConfigError: a method/strategy combination the pinned stack cannot run (plan.check),
+            or a package the settings need (deepspeed, bitsandbytes) that does not import here
             (exit 64).
     """
     if cfg.method.name == "qlora" and not gpu:
@@ -82,6 +84,28 @@ def check_hardware(cfg: RunConfig, *, gpu: bool) -> None:
         )
     if cfg.distributed.strategy == "fsdp" and not gpu:
         log.warning("distributed.strategy=fsdp on CPU runs over gloo, with two processes or more")
+    missing = [(setting, package) for setting, package in _packages_needed(cfg)
+               if importlib.util.find_spec(package) is None]  # fmt: skip
+    if missing:
+        raise ConfigError(
+            "; ".join(f"{setting} needs {package}, which this Python environment does not have"
+                      for setting, package in missing),
+            "run llmtrain inside the llmtrain image (make image or make sif: it has them), or "
+            f"pip install {' '.join(p for _, p in missing)} here",
+        )  # fmt: skip
+
+
+def _packages_needed(cfg: RunConfig) -> list[tuple[str, str]]:
+    """(setting, package) for each optional package a setting imports once training starts:
+    a missing one would crash the job after the model and data were loaded, and Slurm would
+    requeue the crash."""
+    needed = []
+    strategy = cfg.distributed.strategy
+    if strategy != "auto" and plan.STRATEGIES[strategy].deepspeed_json is not None:
+        needed.append((f"distributed.strategy={strategy}", "deepspeed"))
+    if cfg.method.name == "qlora":
+        needed.append(("method qlora", "bitsandbytes"))
+    return needed
 
 
 def check_writable(key: str, path: Path) -> None:
