@@ -10,6 +10,7 @@ and what the architecture supports are passed in, so `estimate` and `validate` s
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -419,7 +420,9 @@ def _no_flash_attn(hw: Hardware) -> str:
         return "the target has no CUDA GPU"
     if not hw.bf16:
         return "the GPU is older than compute capability 8.0 (V100, T4), which flash-attn 2 needs"
-    return "flash_attn does not import in this environment"
+    if importlib.util.find_spec("flash_attn") is None:
+        return "flash_attn does not import in this environment"
+    return "flash-attn 2 does not run on this ROCm GPU (it needs MI200, MI300 or MI350)"
 
 
 def check_bf16_settings(cfg: RunConfig, hw: Hardware) -> None:
@@ -440,7 +443,8 @@ def check_bf16_settings(cfg: RunConfig, hw: Hardware) -> None:
     if found:
         raise NeedsGpuError(
             f"{', '.join(found)} on a GPU without bf16 (compute capability below 8.0, such as "
-            "V100 or T4): torch would emulate bf16 in fp32, many times slower than fp16",
+            "V100 or T4, or a ROCm GPU before MI100): torch would emulate bf16 in fp32, many "
+            "times slower than fp16",
             "remove them (training.precision=auto trains in fp16 with loss scaling there), or "
             "run on an A100 or later",
         )

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import importlib.machinery
 import importlib.util
+import types
 
 import pytest
 import torch
 
+from llmtrain.errors import ConfigError
 from llmtrain.model import device
-from llmtrain.plan import Hardware
+from llmtrain.plan import Hardware, choose_attention
 
 GPUS = {
     "Tesla V100-SXM2-32GB": (7, 0),
@@ -100,3 +102,30 @@ def test_qlora_inference_computes_in_fp16_where_the_gpu_has_no_bf16(
                 ModelSection(path="embedded:tiny-llama"), None, quantized=True
             )
         assert seen[-1] == expected
+
+
+# torch on ROCm: gcnArchName with feature flags; get_device_capability answers 9.x for CDNA.
+ROCM_GPUS = {
+    "AMD Instinct MI50": ("gfx906:sramecc+:xnack-", False, False),
+    "AMD Instinct MI100": ("gfx908:sramecc+:xnack-", True, False),
+    "AMD Instinct MI250X": ("gfx90a:sramecc+:xnack-", True, True),
+    "AMD Instinct MI300X": ("gfx942:sramecc+:xnack-", True, True),
+}
+
+
+@pytest.mark.parametrize("name", ROCM_GPUS)
+def test_rocm_gpus_by_gfx_architecture(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    """An MI50 has no bf16 matrix instructions (torch emulates bf16 there) and flash-attn 2's
+    ROCm backend starts at MI200: neither may be planned from 'a ROCm GPU' alone."""
+    arch, bf16, flash = ROCM_GPUS[name]
+    _gpu(monkeypatch, "NVIDIA H200", flash_attn=True)  # capability 9.0, as ROCm reports
+    monkeypatch.setattr(torch.version, "hip", "6.2.41133")
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: name)
+    monkeypatch.setattr(
+        torch.cuda, "get_device_properties", lambda *a: types.SimpleNamespace(gcnArchName=arch)
+    )
+    assert device.this_machine() == Hardware(cuda=True, bf16=bf16, flash_attn=flash)
+    assert device.describe() == f"{name} ({arch.split(':')[0]})"
+    if not flash:  # an explicit choice is refused with the reason (the package is installed)
+        with pytest.raises(ConfigError, match=r"does not run on this ROCm GPU \(it needs MI200"):
+            choose_attention("flash_attention_2", None, device.this_machine())

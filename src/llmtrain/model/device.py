@@ -1,5 +1,8 @@
 """What this machine's GPU runs natively: bf16 and flash-attn 2 need an NVIDIA GPU of compute
-capability 8.0 or later (A100, H100; not V100 or T4), or a ROCm GPU.
+capability 8.0 or later (A100, H100; not V100 or T4). On ROCm, where torch reports compute
+capability 9.x for every CDNA GPU, the question is the gfx architecture: bf16 matrix
+instructions from MI100 (gfx908; not MI50/MI60, gfx906), flash-attn 2's ROCm backend on MI200,
+MI300 and MI350 (gfx90a, gfx94x, gfx950; its README's list).
 
 `torch.cuda.is_bf16_supported()` is not that question: from torch 2.3 it answers True on a V100
 or T4 too, where bf16 is emulated in fp32 (pytorch/pytorch#124996, #148322), many times slower
@@ -17,6 +20,17 @@ import torch
 from llmtrain.plan import Hardware
 
 AMPERE = (8, 0)  # the compute capability of bf16 tensor cores, flash-attn 2 and cuDNN attention
+# gfx architecture prefixes: CDNA 1-4 and RDNA 3-4 compute in bf16; flash-attn 2 runs on CDNA 2-4.
+ROCM_BF16 = ("gfx908", "gfx90a", "gfx94", "gfx95", "gfx11", "gfx12")
+ROCM_FLASH_ATTN = ("gfx90a", "gfx94", "gfx95")
+
+
+def rocm_arch() -> str | None:
+    """This process's ROCm GPU's gfx architecture ('gfx90a'; torch's gcnArchName without its
+    feature flags); None on CUDA or without a GPU."""
+    if torch.version.hip is None or not torch.cuda.is_available():
+        return None
+    return str(torch.cuda.get_device_properties().gcnArchName).split(":")[0]
 
 
 def capability() -> tuple[int, int] | None:
@@ -29,17 +43,24 @@ def capability() -> tuple[int, int] | None:
 
 
 def native_bf16() -> bool:
-    """A GPU here computes in bf16 natively: ROCm, or NVIDIA compute capability 8.0 or later."""
+    """A GPU here computes in bf16 natively: NVIDIA compute capability 8.0 or later, or a ROCm
+    GPU of ROCM_BF16."""
     if torch.version.hip is not None:
-        return torch.cuda.is_available()
+        arch = rocm_arch()
+        return arch is not None and arch.startswith(ROCM_BF16)
     found = capability()
     return found is not None and found >= AMPERE
 
 
 def flash_attn_runs() -> bool:
-    """flash_attn imports and a GPU here runs flash-attn 2 (as native_bf16: Ampere or later,
-    or ROCm)."""
-    return importlib.util.find_spec("flash_attn") is not None and native_bf16()
+    """flash_attn imports and a GPU here runs flash-attn 2: NVIDIA Ampere or later, or a ROCm
+    GPU of ROCM_FLASH_ATTN."""
+    if importlib.util.find_spec("flash_attn") is None:
+        return False
+    if torch.version.hip is not None:
+        arch = rocm_arch()
+        return arch is not None and arch.startswith(ROCM_FLASH_ATTN)
+    return native_bf16()
 
 
 def describe() -> str:
@@ -48,6 +69,9 @@ def describe() -> str:
     found = capability()
     if found is None:
         return "no CUDA GPU"
+    arch = rocm_arch()
+    if arch is not None:
+        return f"{torch.cuda.get_device_name()} ({arch})"
     return f"{torch.cuda.get_device_name()} (compute capability {found[0]}.{found[1]})"
 
 
