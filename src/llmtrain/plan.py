@@ -419,7 +419,10 @@ def _no_flash_attn(hw: Hardware) -> str:
     if not hw.cuda:
         return "the target has no CUDA GPU"
     if not hw.bf16:
-        return "the GPU is older than compute capability 8.0 (V100, T4), which flash-attn 2 needs"
+        return (
+            "the GPU is older than compute capability 8.0 (V100, T4; on ROCm, older than MI200), "
+            "which flash-attn 2 needs"
+        )
     if importlib.util.find_spec("flash_attn") is None:
         return "flash_attn does not import in this environment"
     return "flash-attn 2 does not run on this ROCm GPU (it needs MI200, MI300 or MI350)"

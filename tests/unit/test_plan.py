@@ -164,8 +164,8 @@ def test_attention_is_chosen_once_with_its_reason() -> None:
         (CPU, "auto: the target has no CUDA GPU (in the llmtrain image on an A100 or later: "
               "flash_attention_2)"),
         (Hardware.gpu_node(flash_attn=True, bf16=False),
-         "auto: the GPU is older than compute capability 8.0 (V100, T4), which flash-attn 2 "
-         "needs"),
+         "auto: the GPU is older than compute capability 8.0 (V100, T4; on ROCm, older than "
+         "MI200), which flash-attn 2 needs"),
     ]:
         assert plan.choose_attention("auto", llama, hw) == ("sdpa", why)
     neox = {"flash_attention_2": True, "sdpa": False, "eager": True}  # no SDPA in 4.37.2
@@ -174,7 +174,7 @@ def test_attention_is_chosen_once_with_its_reason() -> None:
     with pytest.raises(ConfigError, match="not supported for gpt_neox"):
         plan.choose_attention("sdpa", neox, flash, model_type="gpt_neox")
     with pytest.raises(ConfigError, match=r"flash_attention_2 cannot run on the target: the "
-                       r"GPU is older than compute capability 8\.0 \(V100, T4\)"):
+                       r"GPU is older than compute capability 8\.0 \(V100, T4;"):
         plan.choose_attention("flash_attention_2", llama, FP16_GPU)
 
 
