@@ -4,6 +4,7 @@ usage) or 65 (data), and never a traceback."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -129,6 +130,37 @@ WITHOUT_OPTIONAL = (
     "import sys; sys.modules['deepspeed'] = sys.modules['bitsandbytes'] = None; "
     "from llmtrain.cli import main; sys.exit(main())"
 )
+FIX = (
+    "fix: run llmtrain inside the llmtrain image (make image or make sif: it has deepspeed and "
+    "bitsandbytes), or install the package in this environment"
+)
+
+
+def without_optional(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", WITHOUT_OPTIONAL, *args], capture_output=True, text=True, cwd=REPO
+    )
+
+
+@pytest.mark.parametrize("verb", ["validate", "finetune"])
+def test_a_setting_whose_package_is_absent_is_refused_where_the_run_trains(
+    tmp_path: Path, verb: str
+) -> None:
+    """Without the package the job would crash after loading the model and data (and Slurm
+    would requeue the crash): where the run trains (finetune; validate when its target is this
+    machine) it is refused with exit 64, naming the setting, the package and the fix, and
+    nothing is written."""
+    out = tmp_path / "run"
+    result = without_optional(verb, config(tmp_path), "training.optim=adamw_bnb_8bit",
+                              f"output.dir={out}")  # fmt: skip
+    said = " ".join(result.stderr.split())
+    assert result.returncode == 64, result.stderr
+    assert (
+        "training.optim=adamw_bnb_8bit needs bitsandbytes, which is not installed in this "
+        "Python environment"
+    ) in said
+    assert FIX in said
+    assert "Traceback" not in result.stderr and not out.exists()
 
 
 @pytest.mark.parametrize(
@@ -136,23 +168,36 @@ WITHOUT_OPTIONAL = (
     [("distributed.strategy=zero2", "distributed.strategy=zero2", "deepspeed"),
      ("method.name=qlora", "method qlora", "bitsandbytes")],
 )  # fmt: skip
-def test_a_setting_whose_package_is_absent_is_refused_before_training(
+def test_validate_for_a_gpu_node_warns_of_a_package_this_machine_lacks(
     tmp_path: Path, override: str, setting: str, package: str
 ) -> None:
-    """Without the package the job would crash after loading the model and data (and Slurm
-    would requeue the crash): validate refuses it with exit 64, naming the setting, the package
-    and the fix, and writes nothing."""
-    out = tmp_path / "run"
+    """validate on a login node without a GPU checks for a GPU node, whose environment (the
+    image) may have what the login node lacks: a warning, not a refusal."""
+    result = without_optional("validate", config(tmp_path), override)
+    said = " ".join(result.stderr.split())
+    assert result.returncode == 0, result.stderr
+    assert (
+        f"warning: {setting} needs {package}, which is not installed in this Python environment: "
+        "the environment that trains must have it"
+    ) in said
+
+
+def test_a_bitsandbytes_that_cannot_be_imported_is_named(tmp_path: Path) -> None:
+    """An installed bitsandbytes whose import fails (0.43 under triton 3.2+: compat.py) is as
+    unusable as a missing one, and the reason is shown."""
+    broken = tmp_path / "site" / "bitsandbytes"
+    broken.mkdir(parents=True)
+    failure = "raise ModuleNotFoundError(\"No module named 'triton.ops'\")\n"
+    (broken / "__init__.py").write_text(failure)
     result = subprocess.run(
-        [sys.executable, "-c", WITHOUT_OPTIONAL, "validate", config(tmp_path), override,
-         f"output.dir={out}"],
+        [sys.executable, "-m", "llmtrain.cli", "validate", config(tmp_path),
+         "training.optim=paged_adamw_8bit"],
         capture_output=True, text=True, cwd=REPO,
+        env={**os.environ, "PYTHONPATH": f"{tmp_path / 'site'}{os.pathsep}{REPO / 'src'}"},
     )  # fmt: skip
     said = " ".join(result.stderr.split())
     assert result.returncode == 64, result.stderr
-    assert f"{setting} needs {package}, which this Python environment does not have" in said
     assert (
-        "fix: run llmtrain inside the llmtrain image (make image or make sif: it has them), "
-        f"or pip install {package} here"
+        "training.optim=paged_adamw_8bit needs bitsandbytes, which is installed but cannot be "
+        "imported (ModuleNotFoundError: No module named 'triton.ops')"
     ) in said
-    assert "Traceback" not in result.stderr and not out.exists()

@@ -68,7 +68,8 @@ def _gradients(params: list[torch.Tensor], step: int, micro_batch: int) -> list[
 @pytest.mark.parametrize("micro_batches", [1, 2])
 def test_the_one_pass_kernel_steps_as_torch_fused_adamw(micro_batches: int) -> None:
     """kernels/master_adamw.py against torch's fused AdamW on the same fp32 masters (the path
-    MasterWeights takes where the kernel cannot run), with the clip folded into both: 5 steps,
+    MasterWeights takes where the kernel cannot run), with the clip folded into both: 5 steps
+    of two parameter groups (weight decay on the weights only) at a falling learning rate,
     one micro-batch per step (the kernel reads the bf16 gradients) or two (their fp32 sum).
     Both paths get the same gradients at every step, so they differ only by fp32 rounding
     (the Triton interpreter put them 1 ulp apart after one step and 5 after five): rtol 1e-5
@@ -90,12 +91,17 @@ def test_the_one_pass_kernel_steps_as_torch_fused_adamw(micro_batches: int) -> N
         net = net.cuda().to(torch.bfloat16)
         params = list(net.parameters())
         masters = MasterWeights(max_grad_norm=0.3)
-        optimizer = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1, fused=True)
+        # Two groups, as the Trainer builds them (weights decay, biases do not).
+        groups = [{"params": [p for p in params if p.dim() > 1], "weight_decay": 0.1},
+                  {"params": [p for p in params if p.dim() == 1], "weight_decay": 0.0}]  # fmt: skip
+        optimizer = torch.optim.AdamW(groups, lr=1e-2, fused=True)
         masters.attach(optimizer)
         assert masters.one_pass
         masters.one_pass = one_pass  # False: torch's fused AdamW steps the same masters
         trace: list[list[torch.Tensor]] = []
         for k in range(5):
+            for group in optimizer.param_groups:  # a schedule: another lr every step
+                group["lr"] = 1e-2 * 0.7**k
             for j in range(micro_batches):
                 for p, grad in zip(params, _gradients(params, k, j), strict=True):
                     p.grad = grad
@@ -103,7 +109,7 @@ def test_the_one_pass_kernel_steps_as_torch_fused_adamw(micro_batches: int) -> N
             optimizer.step()
             assert masters.last_grad_norm is not None
             trace.append([masters.last_grad_norm.clone(), *(m.clone() for m in masters.masters)])
-            for p, m in zip(params, masters.masters, strict=True):
+            for p, m in zip(masters.params, masters.masters, strict=True):  # group order
                 assert p.dtype == torch.bfloat16 and torch.equal(p, m.to(torch.bfloat16))
         steps = [float(optimizer.state[m]["step"]) for m in masters.masters]
         assert steps == [5.0] * len(steps)

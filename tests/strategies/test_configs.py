@@ -3,6 +3,7 @@ combinations refused before anything is loaded."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -266,18 +267,25 @@ def test_peft_deepspeed_resume_loads_without_the_frozen_weights(tmp_path: Path) 
 
 @pytest.mark.parametrize(
     ("overrides", "package"),
-    [(["distributed.strategy=zero3"], "deepspeed"), (["method.name=qlora"], "bitsandbytes")],
-)
-def test_finetunes_check_on_a_gpu_refuses_a_setting_whose_package_is_absent(
+    [(["distributed.strategy=zero3"], "deepspeed"), (["method.name=qlora"], "bitsandbytes"),
+     (["training.optim=lion_8bit"], "bitsandbytes"),
+     (["training.optim=adamw_apex_fused"], "apex")],
+)  # fmt: skip
+def test_a_setting_whose_package_is_absent_is_refused_where_the_run_trains(
     overrides: list[str], package: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """finetune's own check on a GPU node (validate's is tests/e2e/test_bad_input.py): exit 64
-    before the model is loaded, where the job would crash at the strategy's or quantizer's
-    import. With the package importable the same config passes."""
-    from llmtrain.train.checks import check_hardware
+    """finetune's check (and validate's on the machine it checks for): exit 64 before the
+    model is loaded, where the job would crash at the strategy's, quantizer's or optimizer's
+    import; elsewhere (a login node checking for a GPU node, prepare) a warning. With the
+    package importable the same config passes."""
+    from llmtrain.train.checks import check_packages
 
     cfg = load_config(REPO / "configs" / "lora.yaml", overrides)
-    check_hardware(cfg, gpu=True)
+    if importlib.util.find_spec(package) is not None:
+        assert check_packages(cfg, trains_here=True) == []
     monkeypatch.setitem(sys.modules, package, None)  # find_spec answers None, as if absent
-    with pytest.raises(ConfigError, match=f"needs {package}, which this Python environment"):
-        check_hardware(cfg, gpu=True)
+    with pytest.raises(ConfigError, match=f"needs {package}, which is not installed"):
+        check_packages(cfg, trains_here=True)
+    (warning,) = check_packages(cfg, trains_here=False)
+    assert f"needs {package}, which is not installed" in warning
+    assert "the environment that trains must have it" in warning

@@ -121,8 +121,10 @@ def test_rocm_gpus_by_gfx_architecture(monkeypatch: pytest.MonkeyPatch, name: st
     _gpu(monkeypatch, "NVIDIA H200", flash_attn=True)  # capability 9.0, as ROCm reports
     monkeypatch.setattr(torch.version, "hip", "6.2.41133")
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: name)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    # torch 2.3's signature: the device has no default (it has from 2.6).
     monkeypatch.setattr(
-        torch.cuda, "get_device_properties", lambda *a: types.SimpleNamespace(gcnArchName=arch)
+        torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(gcnArchName=arch)
     )
     assert device.this_machine() == Hardware(cuda=True, bf16=bf16, flash_attn=flash)
     assert device.describe() == f"{name} ({arch.split(':')[0]})"

@@ -434,5 +434,5 @@ def test_lora_keys_a_run_without_an_adapter_ignores_are_named(
     assert len(warnings) == 1 and warnings[0].startswith(expected), warnings
     if config != "configs/dpo.yaml":  # the embedded model: every check on this CPU, quickly
         cfg = load_config(REPO / config, [*overrides, "model.path=embedded:tiny-llama"])
-        checked = run_checks(cfg, target=Hardware.cpu(), data=False)
+        checked = run_checks(cfg, target=Hardware.cpu(), trains_here=True, data=False)
         assert ignored_lora_keys(cfg)[0] in checked.warnings

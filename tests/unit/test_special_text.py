@@ -182,7 +182,7 @@ def test_validate_refuses_a_bad_row_after_the_rows_it_tokenizes(
     late = {"question": "And?", "answers": {"text": late_answers}}
     cfg = demo(tmp_path, jsonl(tmp_path, [*good, late, good[0]]), "{answers[text][0]}")
     with pytest.raises(DataError) as exc:
-        run_checks(cfg, target=Hardware.cpu())
+        run_checks(cfg, target=Hardware.cpu(), trains_here=True)
     assert f"d.jsonl line {SAMPLE_ROWS + 1}: {problem}" in exc.value.problem
 
 
@@ -206,7 +206,7 @@ def test_validate_counts_the_rows_drop_leaves_out_in_all_rows(tmp_path: Path) ->
     rows[SAMPLE_ROWS + 3]["answers"]["text"] = [QUOTING]
     rows[5]["answers"]["text"] = [QUOTING]
     cfg = demo(tmp_path, jsonl(tmp_path, rows), "{answers[text][0]}", "drop")
-    lines = run_checks(cfg, target=Hardware.cpu()).lines
+    lines = run_checks(cfg, target=Hardware.cpu(), trains_here=True).lines
     assert f"data (all {SAMPLE_ROWS + 10} rows): 2 dropped holding a special token's text" in lines
 
 

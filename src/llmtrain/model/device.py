@@ -2,7 +2,9 @@
 capability 8.0 or later (A100, H100; not V100 or T4). On ROCm, where torch reports compute
 capability 9.x for every CDNA GPU, the question is the gfx architecture: bf16 matrix
 instructions from MI100 (gfx908; not MI50/MI60, gfx906), flash-attn 2's ROCm backend on MI200,
-MI300 and MI350 (gfx90a, gfx94x, gfx950; its README's list).
+MI300 and MI350 (gfx90a, gfx94x, gfx950; its README's list for the composable-kernel backend:
+its Triton backend, which also runs on RDNA, is not counted, so auto takes SDPA there and an
+explicit flash_attention_2 is refused).
 
 `torch.cuda.is_bf16_supported()` is not that question: from torch 2.3 it answers True on a V100
 or T4 too, where bf16 is emulated in fp32 (pytorch/pytorch#124996, #148322), many times slower
@@ -30,7 +32,9 @@ def rocm_arch() -> str | None:
     feature flags); None on CUDA or without a GPU."""
     if torch.version.hip is None or not torch.cuda.is_available():
         return None
-    return str(torch.cuda.get_device_properties().gcnArchName).split(":")[0]
+    # The device argument: torch before 2.6 (the image's 2.3) has no default for it.
+    properties = torch.cuda.get_device_properties(torch.cuda.current_device())
+    return str(properties.gcnArchName).split(":")[0]
 
 
 def capability() -> tuple[int, int] | None:

@@ -55,8 +55,7 @@ def check_hardware(cfg: RunConfig, *, gpu: bool) -> None:
 
     Raises:
         NeedsGpuError: a GPU-only setting for a target without one (exit 64).
-        ConfigError: a method/strategy combination the pinned stack cannot run (plan.check),
-            or a package the settings need (deepspeed, bitsandbytes) that does not import here
+        ConfigError: a method/strategy combination the pinned stack cannot run (plan.check)
             (exit 64).
     """
     if cfg.method.name == "qlora" and not gpu:
@@ -84,28 +83,72 @@ def check_hardware(cfg: RunConfig, *, gpu: bool) -> None:
         )
     if cfg.distributed.strategy == "fsdp" and not gpu:
         log.warning("distributed.strategy=fsdp on CPU runs over gloo, with two processes or more")
-    missing = [(setting, package) for setting, package in _packages_needed(cfg)
-               if importlib.util.find_spec(package) is None]  # fmt: skip
-    if missing:
-        raise ConfigError(
-            "; ".join(f"{setting} needs {package}, which this Python environment does not have"
-                      for setting, package in missing),
-            "run llmtrain inside the llmtrain image (make image or make sif: it has them), or "
-            f"pip install {' '.join(p for _, p in missing)} here",
-        )  # fmt: skip
 
 
-def _packages_needed(cfg: RunConfig) -> list[tuple[str, str]]:
-    """(setting, package) for each optional package a setting imports once training starts:
-    a missing one would crash the job after the model and data were loaded, and Slurm would
-    requeue the crash."""
+# training.optim values transformers 4.37.2's Trainer builds from another package, imported only
+# when it creates the optimizer (after the model and data are loaded).
+BITSANDBYTES_OPTIMIZERS = (
+    "adamw_bnb_8bit", "adamw_8bit", "lion_8bit", "lion_32bit", "paged_adamw_32bit",
+    "paged_adamw_8bit", "paged_lion_32bit", "paged_lion_8bit",
+)  # fmt: skip
+OPTIMIZER_PACKAGES = {
+    **dict.fromkeys(BITSANDBYTES_OPTIMIZERS, "bitsandbytes"),
+    "adamw_apex_fused": "apex",
+    "adamw_anyprecision": "torchdistx",
+}
+
+
+def packages_needed(cfg: RunConfig) -> list[tuple[str, str]]:
+    """(setting, package) for each optional package a setting makes training import."""
     needed = []
     strategy = cfg.distributed.strategy
     if strategy != "auto" and plan.STRATEGIES[strategy].deepspeed_json is not None:
         needed.append((f"distributed.strategy={strategy}", "deepspeed"))
     if cfg.method.name == "qlora":
         needed.append(("method qlora", "bitsandbytes"))
+    optimizer_package = OPTIMIZER_PACKAGES.get(cfg.training.optim)
+    if optimizer_package is not None:
+        needed.append((f"training.optim={cfg.training.optim}", optimizer_package))
     return needed
+
+
+def _unusable(package: str) -> str | None:
+    """Why `package` cannot be used here, None if it can. bitsandbytes is imported (an
+    installed one can fail to import: compat.skip_unusable_bitsandbytes); the others are looked
+    up, as accelerate and transformers look them up before they import them."""
+    if importlib.util.find_spec(package) is None:
+        return "is not installed in this Python environment"
+    if package != "bitsandbytes":
+        return None
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception as exc:  # any import-time failure, e.g. its triton's (compat.py)
+        return f"is installed but cannot be imported ({type(exc).__name__}: {exc})"
+    return None
+
+
+def check_packages(cfg: RunConfig, *, trains_here: bool) -> list[str]:
+    """The optional packages the settings need (packages_needed) against this Python
+    environment. A missing one would crash the job after the model and data were loaded, and
+    Slurm would requeue the crash. Where the run trains (`trains_here`: finetune, or validate
+    on the GPU machine itself) that is refused; elsewhere (a login node checking for a GPU
+    node, prepare) the training environment may differ: the warnings returned say so.
+
+    Raises:
+        ConfigError: a needed package that cannot be used, where the run trains (exit 64).
+    """
+    problems = [f"{setting} needs {package}, which {why}"
+                for setting, package in packages_needed(cfg)
+                if (why := _unusable(package)) is not None]  # fmt: skip
+    if not problems:
+        return []
+    fix = (
+        "run llmtrain inside the llmtrain image (make image or make sif: it has deepspeed and "
+        "bitsandbytes), or install the package in this environment"
+    )
+    if trains_here:
+        raise ConfigError("; ".join(problems), fix)
+    return [f"{problem}: the environment that trains must have it ({fix})" for problem in problems]
 
 
 def check_writable(key: str, path: Path) -> None:
@@ -248,12 +291,17 @@ def check_data(cfg: RunConfig, tokenizer: Any, report: Report) -> None:
             )
 
 
-def run_checks(cfg: RunConfig, *, target: plan.Hardware, data: bool = True) -> Report:
+def run_checks(
+    cfg: RunConfig, *, target: plan.Hardware, trains_here: bool, data: bool = True
+) -> Report:
     """Every check, in the order finetune would hit them; raises the first problem found.
 
     Args:
         target: the machine the run is checked for (validate: the GPU node it checks for, or
             this one; finetune: this machine, device.this_machine).
+        trains_here: the run trains in this Python environment (finetune; validate on the
+            machine it checks for), so a missing optional package is refused, not warned of
+            (check_packages).
         data: also read the data (finetune: only the main rank, so N ranks do not read the
             whole dataset at once).
 
@@ -265,6 +313,7 @@ def run_checks(cfg: RunConfig, *, target: plan.Hardware, data: bool = True) -> R
     # dpo and orpo train LoRA or full weights: the checks of that method hold for them.
     policy = preference_training.policy_config(cfg)
     check_hardware(policy, gpu=target.cuda)
+    report.warnings += check_packages(policy, trains_here=trains_here)
     check_outputs(cfg)
     config, tokenizer, lines = check_model(cfg, target=target)
     report.lines += lines

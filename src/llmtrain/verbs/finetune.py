@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     # validate's check list, for this machine, before anything is written or loaded; the data
     # is read by the main rank only (the others wait for its prepared data anyway).
     # train() then plans the run for this world and checks it, also before anything is written.
-    report = run_checks(cfg, target=this_machine(), data=world.is_main)
+    report = run_checks(cfg, target=this_machine(), trains_here=True, data=world.is_main)
     for warning in report.warnings:
         log.warning("%s", warning)
     stopped: str | None = None

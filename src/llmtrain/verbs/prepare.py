@@ -27,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
     # on a login node too).
     here = this_machine()
     login = needs_gpu(cfg) and not here.cuda
-    run_checks(cfg, target=get_gpu(DEFAULT_GPU).node() if login else here)
+    run_checks(cfg, target=get_gpu(DEFAULT_GPU).node() if login else here, trains_here=False)
     info = prepared.prepare(cfg, load_tokenizer(cfg.model))
     print(json.dumps({"prepared_dir": str(cfg.prepared_dir()), **info}, indent=2))
     return 0

@@ -29,10 +29,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpus-per-node", type=int, default=1)
 
 
-def _target(cfg: RunConfig, args: argparse.Namespace) -> tuple[Hardware, str]:
-    """The machine the checks are for, and the line that says which: a GPU node when --gpu or
-    --assume-gpu is given or the config needs one (the --gpu preset's, else this machine's GPU,
-    else an A100 or later), else this one."""
+def _target(cfg: RunConfig, args: argparse.Namespace) -> tuple[Hardware, str, bool]:
+    """The machine the checks are for, the line that says which, and whether it is this one
+    (then the run trains in this Python environment): a GPU node when --gpu or --assume-gpu is
+    given or the config needs one (the --gpu preset's, else this machine's GPU, else an A100 or
+    later), else this one."""
     from llmtrain.model.device import describe, this_machine
     from llmtrain.train.checks import needs_gpu
 
@@ -46,15 +47,15 @@ def _target(cfg: RunConfig, args: argparse.Namespace) -> tuple[Hardware, str]:
             f"target: a CUDA GPU node of {preset.name} (--gpu was given"
             + ("" if preset.bf16 else ": no bf16, fp16 with loss scaling; no flash-attn 2")
             + f"){login}"
-        )
+        ), False
     if here.cuda:
-        return here, f"target: this machine ({describe()})"
+        return here, f"target: this machine ({describe()})", True
     if not (args.assume_gpu or needs_gpu(cfg)):
-        return here, "target: this machine (CPU)"
+        return here, "target: this machine (CPU)", True
     why = "--assume-gpu was given" if args.assume_gpu else "the config needs a GPU"
     return get_gpu(DEFAULT_GPU).node(), (
         f"target: a CUDA GPU node, A100 or later ({why}){login} (--gpu v100 checks for a V100)"
-    )
+    ), False
 
 
 def _plan(cfg: RunConfig, args: argparse.Namespace, target: Hardware) -> RunPlan:
@@ -133,8 +134,8 @@ def run(args: argparse.Namespace) -> int:
     from llmtrain.train.checks import run_checks
 
     cfg = load_config(args.config, args.overrides)
-    target, target_line = _target(cfg, args)
-    report = run_checks(cfg, target=target)
+    target, target_line, trains_here = _target(cfg, args)
+    report = run_checks(cfg, target=target, trains_here=trains_here)
     plan = _plan(cfg, args, target)
     lines, warnings = _memory(cfg, args, plan if target.cuda else None, report.lengths)
     plan_lines = ["plan (as finetune would decide on the target):", *plan.lines()]
