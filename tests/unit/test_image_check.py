@@ -50,6 +50,21 @@ def test_each_fault_is_named(
     assert len(err.split("; ")) == len(expected)
 
 
+def test_the_summary_gives_the_exact_match_and_what_the_demo_reaches(
+    tmp_path: Path, capsys
+) -> None:
+    """A newcomer sees the run's exact match beside the demo's expected one, not only the
+    README's."""
+    write_run(tmp_path, [2.5, 1.0], adapter=True)
+    totals = {"rows": 16, "exact_match_before": 0, "exact_match_after": 12, "samples": []}
+    (tmp_path / "samples.json").write_text(json.dumps(totals))
+    assert image_check.main(["smoke", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.rstrip().endswith(
+        "; exact match 0/16 before training, 12/16 after (configs/demo.yaml: about 13 of 16 "
+        "after, none before)"
+    )
+
+
 def test_a_run_that_never_trained_says_so(tmp_path: Path, capsys) -> None:
     assert image_check.main(["smoke", str(tmp_path / "missing")]) == 1
     assert "no metrics at" in capsys.readouterr().err
