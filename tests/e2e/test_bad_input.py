@@ -142,6 +142,14 @@ def without_optional(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def assert_refused(result: subprocess.CompletedProcess[str], problem: str) -> None:
+    """Exit 64 with `problem` and the fix, whitespace as the terminal wraps it aside."""
+    said = " ".join(result.stderr.split())
+    assert result.returncode == 64, result.stderr
+    assert problem in said and FIX in said, result.stderr
+    assert "Traceback" not in result.stderr
+
+
 @pytest.mark.parametrize("verb", ["validate", "finetune"])
 def test_a_setting_whose_package_is_absent_is_refused_where_the_run_trains(
     tmp_path: Path, verb: str
@@ -153,14 +161,9 @@ def test_a_setting_whose_package_is_absent_is_refused_where_the_run_trains(
     out = tmp_path / "run"
     result = without_optional(verb, config(tmp_path), "training.optim=adamw_bnb_8bit",
                               f"output.dir={out}")  # fmt: skip
-    said = " ".join(result.stderr.split())
-    assert result.returncode == 64, result.stderr
-    assert (
-        "training.optim=adamw_bnb_8bit needs bitsandbytes, which is not installed in this "
-        "Python environment"
-    ) in said
-    assert FIX in said
-    assert "Traceback" not in result.stderr and not out.exists()
+    assert_refused(result, "training.optim=adamw_bnb_8bit needs bitsandbytes, which is not "
+                           "installed in this Python environment")  # fmt: skip
+    assert not out.exists()
 
 
 @pytest.mark.parametrize(
@@ -195,9 +198,6 @@ def test_a_bitsandbytes_that_cannot_be_imported_is_named(tmp_path: Path) -> None
         capture_output=True, text=True, cwd=REPO,
         env={**os.environ, "PYTHONPATH": f"{tmp_path / 'site'}{os.pathsep}{REPO / 'src'}"},
     )  # fmt: skip
-    said = " ".join(result.stderr.split())
-    assert result.returncode == 64, result.stderr
-    assert (
-        "training.optim=paged_adamw_8bit needs bitsandbytes, which is installed but cannot be "
-        "imported (ModuleNotFoundError: No module named 'triton.ops')"
-    ) in said
+    assert_refused(result, "training.optim=paged_adamw_8bit needs bitsandbytes, which is "
+                           "installed but cannot be imported (ModuleNotFoundError: No module "
+                           "named 'triton.ops')")  # fmt: skip
