@@ -21,10 +21,13 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bench.strategies import build_data, torchrun
 from bench.workloads import MODELS, build_model
+
+if TYPE_CHECKING:
+    from llmtrain.sizing.gpus import Gpu
 
 # name: (model, method, strategy, gpus, micro_batch, seq_len, checkpointing)
 RUNS: dict[str, tuple[str, str, str, int, int, int, bool]] = {
@@ -63,13 +66,17 @@ def run_config(name: str, model: Path, data: Path, out: Path) -> dict[str, Any]:
     }
 
 
-def predict(cfg: Any, gpus: int, attention: str) -> Any:
-    """`llmtrain estimate`'s breakdown for a run config on `gpus` GPUs of one node."""
+def predict(cfg: Any, gpus: int, attention: str, gpu: Gpu | None = None) -> Any:
+    """`llmtrain estimate`'s breakdown for a run config on `gpus` GPUs of one node, planned
+    for `gpu` (sizing.gpus.Gpu; None: a GPU of Ampere or later, as the H200s of the stored
+    results)."""
     from llmtrain.sizing.from_config import model_shape, run_shape
     from llmtrain.sizing.memory import estimate
 
     shape = model_shape(cfg)
-    return estimate(shape, run_shape(cfg, shape, gpus_per_node=gpus, attention=attention))
+    return estimate(
+        shape, run_shape(cfg, shape, gpus_per_node=gpus, attention=attention, gpu=gpu)
+    )
 
 
 def repredict(rows: list[dict[str, Any]], root: Path) -> None:
@@ -106,6 +113,7 @@ def worker(config_path: str, result_path: str) -> None:
     from llmtrain.config import load_config
     from llmtrain.model.load import load_model_config, pick_attention
     from llmtrain.plan import World
+    from llmtrain.sizing.gpus import this_gpu
     from llmtrain.train.run import train
 
     cfg = load_config(config_path)
@@ -123,7 +131,8 @@ def worker(config_path: str, result_path: str) -> None:
 
     Trainer.training_step = training_step
     attention = pick_attention(cfg.model, load_model_config(cfg.model))
-    predicted = predict(cfg, world.world_size, attention)
+    # The plan of the GPU measured on (a V100's is fp16 with SDPA), as finetune makes it there.
+    predicted = predict(cfg, world.world_size, attention, this_gpu())
     oom = False
     try:
         train(cfg, world)

@@ -188,6 +188,21 @@ def test_memory_report_predicts_measured_rows_again(tmp_path: Path, repo: Path) 
     assert "| lora-7b-ddp | lora | ddp | 1 | 4 x 1024 |" in table
 
 
+def test_memory_validation_predicts_with_the_measured_gpus_plan(repo: Path) -> None:
+    """On the GPU it measures, memory_validation plans as finetune there: a V100's plan refuses
+    bf16 parameters (finetune would), where the default, Ampere or later, plans them."""
+    from bench.memory_validation import predict
+
+    from llmtrain.config import load_config
+    from llmtrain.errors import NeedsGpuError
+    from llmtrain.sizing.gpus import get_gpu
+
+    cfg = load_config(repo / "configs" / "full.yaml", ["training.param_dtype=bfloat16"])
+    assert predict(cfg, 1, "sdpa").allocated > 0
+    with pytest.raises(NeedsGpuError, match="param_dtype=bfloat16 on a GPU without bf16"):
+        predict(cfg, 1, "sdpa", get_gpu("v100"))
+
+
 def run_row(run: str, tokens: float, effective: float, peak: float | None) -> dict[str, Any]:
     return {
         "workload": "w", "run": run, "tokens_per_s": tokens, "effective_tokens_per_s": effective,

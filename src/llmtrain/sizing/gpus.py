@@ -73,3 +73,25 @@ def get_gpu(name: str) -> Gpu:
             fix=f"use one of: {', '.join(sorted(PRESETS) + sorted(ALIASES))}",
         )
     return PRESETS[key]
+
+
+def this_gpu() -> Gpu | None:
+    """This machine's GPU as the estimator sizes one: its name, the memory the driver reports,
+    native bf16, and the dense peak of its family's preset (V100, A100, H100, H200; else the
+    default preset's, used only for time estimates). None without a CUDA GPU."""
+    import torch
+
+    from llmtrain.model.device import native_bf16
+
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    family = next(
+        (g for g in PRESETS.values() if g.name.split(" ")[0] in name), get_gpu(DEFAULT_GPU)
+    )
+    return Gpu(
+        name,
+        torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory,
+        family.peak_tflops,
+        bf16=native_bf16(),
+    )

@@ -7,7 +7,7 @@ import sys
 
 from llmtrain.config import RunConfig, load_config
 from llmtrain.plan import Hardware, RunPlan, World
-from llmtrain.sizing.gpus import DEFAULT_GPU, PRESETS, Gpu, get_gpu
+from llmtrain.sizing.gpus import DEFAULT_GPU, PRESETS, get_gpu, this_gpu
 
 EXAMPLE = "llmtrain validate configs/lora.yaml data.path=data/train.jsonl --gpu h100"
 
@@ -71,28 +71,6 @@ def _plan(cfg: RunConfig, args: argparse.Namespace, target: Hardware) -> RunPlan
     )
 
 
-def _this_gpu() -> Gpu | None:
-    """This machine's GPU as the estimator sizes one: its name, the memory the driver reports,
-    native bf16, and the dense peak of its family's preset (V100, A100, H100, H200; else the
-    default preset's, used only for time estimates). None without a CUDA GPU."""
-    import torch
-
-    from llmtrain.model.device import native_bf16
-
-    if not torch.cuda.is_available():
-        return None
-    name = torch.cuda.get_device_name()
-    family = next(
-        (g for g in PRESETS.values() if g.name.split(" ")[0] in name), get_gpu(DEFAULT_GPU)
-    )
-    return Gpu(
-        name,
-        torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory,
-        family.peak_tflops,
-        bf16=native_bf16(),
-    )
-
-
 def _memory(
     cfg: RunConfig, args: argparse.Namespace, plan: RunPlan | None, sampled: list[int]
 ) -> tuple[list[str], list[str]]:
@@ -107,7 +85,7 @@ def _memory(
     from llmtrain.sizing.memory import NotEstimable
 
     # --gpu, else this machine's GPU when the checks are for it, else the default preset.
-    named = get_gpu(args.gpu) if args.gpu else (_this_gpu() if plan is not None else None)
+    named = get_gpu(args.gpu) if args.gpu else (this_gpu() if plan is not None else None)
     gpu = named or get_gpu(DEFAULT_GPU)
     measured = tokens.from_prepared(cfg)
     if measured is None and sampled:
