@@ -83,6 +83,11 @@ def needs_skip_unusable_bitsandbytes() -> bool:
     return _below("bitsandbytes", 0, 45, 1)
 
 
+def needs_fsdp_no_shard_frozen_views() -> bool:
+    # transformers 5.x runs FSDP2 from the same settings (train/strategies.py).
+    return _below("transformers", 5)
+
+
 @dataclass(frozen=True)
 class Shim:
     """One patch: what it works around upstream, and the gate that says it is needed here."""
@@ -196,6 +201,33 @@ def drop_empty_param_groups(optimizer: Any) -> None:
         optimizer.param_groups[:] = [g for g in optimizer.param_groups if g["params"]]
 
 
+# --- torch's FSDP1 --------------------------------------------------------------------------------
+
+
+def fsdp_no_shard_frozen_views(model: Any) -> None:
+    """Make the original parameters of every NO_SHARD FSDP1 unit in `model` nn.Parameters
+    again before a state dict is taken (a checkpoint, the final save).
+
+    FSDP1 with use_orig_params runs a world of one as NO_SHARD. A unit's forward and
+    pre-backward leave its original parameters as plain Tensor views (autograd must track
+    them); the post-backward reshard that makes them Parameters again runs only for a flat
+    parameter that receives a gradient. A unit of frozen weights only (LoRA's base layers under
+    peft's wrap policy) keeps Tensors, Module.state_dict leaves them out, and FSDP's state-dict
+    hook asserts ("FSDP assumes ...base_layer.weight is in the state_dict"): every checkpoint
+    of LoRA with FSDP on one GPU failed (torch 2.11 on an H200, torch 2.13 on CPU under
+    NO_SHARD). For NO_SHARD, `_use_sharded_views` is what that reshard does; the Parameter
+    objects are the optimizer's own. No upstream fix known (torch's FSDP1 code is unchanged
+    there through 2.13); goes with transformers 5 (FSDP2 from the same settings)."""
+    if not needs_fsdp_no_shard_frozen_views():
+        return
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    for unit in FSDP.fsdp_modules(model):
+        handle = unit._handle
+        if handle is not None and not handle.uses_sharded_strategy:
+            handle._use_sharded_views()
+
+
 # --- bitsandbytes (with peft) ------------------------------------------------------------------
 
 
@@ -245,6 +277,12 @@ SHIMS = (
         "deepspeedai/DeepSpeed#827 with torch's strict zip",
         "the Trainer or DeepSpeed stops leaving an empty group (open upstream)",
         needs_drop_empty_param_groups,
+    ),
+    Shim(
+        "fsdp_no_shard_frozen_views",
+        "no upstream fix: torch FSDP1's NO_SHARD post-backward",
+        "transformers >= 5 (FSDP2)",
+        needs_fsdp_no_shard_frozen_views,
     ),
     Shim(
         "skip_unusable_bitsandbytes",

@@ -39,6 +39,7 @@ BOUNDS: dict[str, Callable[[Callable[[str], tuple[int, ...] | None]], bool]] = {
     ),
     "drop_empty_param_groups": lambda v: _ge(v("torch"), (2, 10)),
     "skip_unusable_bitsandbytes": lambda v: _lt(v("bitsandbytes"), (0, 45, 1)),
+    "fsdp_no_shard_frozen_views": lambda v: _lt(v("transformers"), (5,)),
 }
 
 

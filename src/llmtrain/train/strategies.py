@@ -214,6 +214,7 @@ def save_model(trainer: Any, out: str) -> None:
     from torch.distributed.fsdp import FullStateDictConfig, StateDictType
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
+    compat.fsdp_no_shard_frozen_views(trainer.model)
     on_gpu = torch.cuda.is_available()
     config = FullStateDictConfig(offload_to_cpu=on_gpu, rank0_only=on_gpu)
     with FSDP.state_dict_type(trainer.model, StateDictType.FULL_STATE_DICT, config):

@@ -143,6 +143,11 @@ class LlmtrainTrainer(Trainer):
             self.master_weights.attach(optimizer)
         return optimizer
 
+    def _save_checkpoint(self, *args: Any, **kwargs: Any) -> Any:
+        # FSDP on one GPU (NO_SHARD): frozen units' weights back as Parameters for the state dict.
+        compat.fsdp_no_shard_frozen_views(self.model_wrapped)
+        return super()._save_checkpoint(*args, **kwargs)
+
     def get_train_dataloader(self) -> Any:
         """The Trainer's loader, except that its batches stay on the host (pinned) for
         _prepare_input to copy: accelerate's device placement copies them with a blocking

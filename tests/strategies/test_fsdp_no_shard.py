@@ -1,0 +1,99 @@
+"""compat.fsdp_no_shard_frozen_views under real FSDP1 on CPU: two gloo processes under torchrun
+with NO_SHARD, the sharding FSDP gives a world of one on a GPU (not reachable on CPU, where
+llmtrain needs two processes for FSDP and runs FULL_SHARD), LoRA through peft and peft's wrap
+policy, as train/strategies.py sets them up."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from llmtrain import compat
+from tests.conftest import REPO
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not compat.needs_fsdp_no_shard_frozen_views(),
+        reason="the current stack runs FSDP2, which has no NO_SHARD units; the shim is off there",
+    ),
+]
+
+SCRIPT = r"""
+import json, os, sys
+import torch, torch.distributed as dist
+from peft import LoraConfig, get_peft_model
+from peft.utils.other import fsdp_auto_wrap_policy
+from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+from torch.distributed.fsdp import ShardedStateDictConfig, ShardingStrategy, StateDictType
+from transformers import LlamaConfig, LlamaForCausalLM
+from llmtrain import compat
+
+dist.init_process_group("gloo")
+torch.manual_seed(0)
+os.environ["FSDP_TRANSFORMER_CLS_TO_WRAP"] = "LlamaDecoderLayer"
+config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=4, vocab_size=128)
+model = get_peft_model(LlamaForCausalLM(config), LoraConfig(r=4, target_modules=["q_proj"]))
+model = FSDP(model, auto_wrap_policy=fsdp_auto_wrap_policy(model), use_orig_params=True,
+             sharding_strategy=ShardingStrategy.NO_SHARD, device_id=torch.device("cpu"))
+optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+trained = [id(p) for g in optimizer.param_groups for p in g["params"]]
+
+def step():
+    ids = torch.randint(0, 128, (2, 8))
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+
+def keys():
+    with FSDP.state_dict_type(model, StateDictType.SHARDED_STATE_DICT, ShardedStateDictConfig()):
+        return sorted(model.state_dict())
+
+base = next(m for name, m in model.named_modules() if name.endswith("q_proj.base_layer"))
+step()
+# Without the shim FSDP's state-dict hook would assert on this (and a rank that raises
+# inside it leaves the other waiting): the frozen weight is a plain Tensor now.
+result = {"parameter_after_step": isinstance(base.weight, torch.nn.Parameter)}
+if sys.argv[1] == "shim":
+    compat.fsdp_no_shard_frozen_views(model)
+    result["parameter_after_shim"] = isinstance(base.weight, torch.nn.Parameter)
+    result["keys"] = keys()
+    step()  # training goes on after the checkpoint, with the optimizer's own parameters
+    compat.fsdp_no_shard_frozen_views(model)
+    result["after"] = keys()
+    result["same_parameters"] = trained == [id(p) for p in model.parameters() if p.requires_grad]
+if dist.get_rank() == 0:
+    json.dump(result, open(sys.argv[2], "w"))
+"""
+
+
+def run(tmp_path: Path, mode: str) -> dict[str, object]:
+    script = tmp_path / "no_shard.py"
+    script.write_text(SCRIPT)
+    out = tmp_path / f"{mode}.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+         str(script), mode, str(out)],
+        capture_output=True, text=True, cwd=REPO, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result: dict[str, object] = json.loads(out.read_text())
+    return result
+
+
+def test_frozen_units_are_in_the_state_dict_of_a_no_shard_lora_run(tmp_path: Path) -> None:
+    """After a training step FSDP leaves a frozen unit's weights as plain tensors (its
+    state-dict hook then asserts that LoRA's base_layer.weight is missing); with the shim they
+    are parameters again, every weight is in the state dict before and after a further step,
+    and the optimizer still holds the model's own parameters."""
+    assert run(tmp_path, "plain") == {"parameter_after_step": False}
+    fixed = run(tmp_path, "shim")
+    base = "base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight"
+    assert fixed["parameter_after_shim"] is True
+    assert base in fixed["keys"] and fixed["keys"] == fixed["after"]  # type: ignore[operator]
+    assert fixed["same_parameters"] is True
