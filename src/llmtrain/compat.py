@@ -231,6 +231,16 @@ def fsdp_no_shard_frozen_views(model: Any) -> None:
 # --- bitsandbytes (with peft) ------------------------------------------------------------------
 
 
+def bitsandbytes_import_error() -> str | None:
+    """Why importing bitsandbytes fails here ("ModuleNotFoundError: No module named
+    'triton.ops'"), None where it imports. The caller has found it installed (find_spec)."""
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception as exc:  # any import-time failure of bitsandbytes or its triton
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
 def skip_unusable_bitsandbytes() -> None:
     """Keep peft away from a bitsandbytes that is installed but cannot be imported.
 
@@ -238,17 +248,16 @@ def skip_unusable_bitsandbytes() -> None:
     it while wrapping any LoRA model. bitsandbytes 0.43 imports `triton.ops`, which triton
     3.2+ (shipped with PyPI's CUDA torch wheels) no longer has, so plain LoRA on a CPU machine
     failed with `No module named 'triton.ops'`. Where the import fails, peft is told that
-    bitsandbytes is absent; QLoRA still needs a working one and says so itself.
+    bitsandbytes is absent; QLoRA still needs a working one (train/checks.py refuses it).
     bitsandbytes dropped `triton.ops` in 0.45.1 (bitsandbytes-foundation/bitsandbytes#1413);
     goes when bitsandbytes >= 0.45.1."""
     if not needs_skip_unusable_bitsandbytes():
         return
-    try:
-        import bitsandbytes  # noqa: F401
-    except Exception as exc:  # any import-time failure of bitsandbytes or its triton
+    why = bitsandbytes_import_error()
+    if why is not None:
         import peft.tuners.lora.model as lora_model
 
-        log.info("bitsandbytes cannot be imported (%s): LoRA without it", exc)
+        log.info("bitsandbytes cannot be imported (%s): LoRA without it", why)
         lora_model.is_bnb_available = lambda: False
         lora_model.is_bnb_4bit_available = lambda: False
 

@@ -192,12 +192,8 @@ def test_a_bitsandbytes_that_cannot_be_imported_is_named(tmp_path: Path) -> None
     broken.mkdir(parents=True)
     failure = "raise ModuleNotFoundError(\"No module named 'triton.ops'\")\n"
     (broken / "__init__.py").write_text(failure)
-    result = subprocess.run(
-        [sys.executable, "-m", "llmtrain.cli", "validate", config(tmp_path),
-         "training.optim=paged_adamw_8bit"],
-        capture_output=True, text=True, cwd=REPO,
-        env={**os.environ, "PYTHONPATH": f"{tmp_path / 'site'}{os.pathsep}{REPO / 'src'}"},
-    )  # fmt: skip
+    result = run_cli("validate", config(tmp_path), "training.optim=paged_adamw_8bit",
+                     env={"PYTHONPATH": f"{tmp_path / 'site'}{os.pathsep}{REPO / 'src'}"})
     assert_refused(result, "training.optim=paged_adamw_8bit needs bitsandbytes, which is "
                            "installed but cannot be imported (ModuleNotFoundError: No module "
                            "named 'triton.ops')")  # fmt: skip

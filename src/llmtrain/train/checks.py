@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llmtrain import plan, stack
+from llmtrain import compat, plan, stack
 from llmtrain.config import PREFERENCE_METHODS, RunConfig
 from llmtrain.data import mixture, preference
 from llmtrain.data.rows import check_templates, load_rows
@@ -118,13 +118,8 @@ def _unusable(package: str) -> str | None:
     up, as accelerate and transformers look them up before they import them."""
     if importlib.util.find_spec(package) is None:
         return "is not installed in this Python environment"
-    if package != "bitsandbytes":
-        return None
-    try:
-        import bitsandbytes  # noqa: F401
-    except Exception as exc:  # any import-time failure, e.g. its triton's (compat.py)
-        return f"is installed but cannot be imported ({type(exc).__name__}: {exc})"
-    return None
+    why = compat.bitsandbytes_import_error() if package == "bitsandbytes" else None
+    return None if why is None else f"is installed but cannot be imported ({why})"
 
 
 def check_packages(cfg: RunConfig, *, trains_here: bool) -> list[str]:
