@@ -26,6 +26,7 @@ import importlib.metadata
 import logging
 import os
 import re
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -204,27 +205,67 @@ def drop_empty_param_groups(optimizer: Any) -> None:
 # --- torch's FSDP1 --------------------------------------------------------------------------------
 
 
-def fsdp_no_shard_frozen_views(model: Any) -> None:
-    """Make the original parameters of every NO_SHARD FSDP1 unit in `model` nn.Parameters
-    again before a state dict is taken (a checkpoint, the final save).
+# FSDP root -> its frozen NO_SHARD handles, found once (the root's forward pre-hook holds them).
+_FROZEN_NO_SHARD: weakref.WeakKeyDictionary[Any, list[Any]] = weakref.WeakKeyDictionary()
 
-    FSDP1 with use_orig_params runs a world of one as NO_SHARD. A unit's forward and
-    pre-backward leave its original parameters as plain Tensor views (autograd must track
-    them); the post-backward reshard that makes them Parameters again runs only for a flat
-    parameter that receives a gradient. A unit of frozen weights only (LoRA's base layers under
-    peft's wrap policy) keeps Tensors, Module.state_dict leaves them out, and FSDP's state-dict
-    hook asserts ("FSDP assumes ...base_layer.weight is in the state_dict"): every checkpoint
-    of LoRA with FSDP on one GPU failed (torch 2.11 on an H200, torch 2.13 on CPU under
-    NO_SHARD). For NO_SHARD, `_use_sharded_views` is what that reshard does; the Parameter
-    objects are the optimizer's own. No upstream fix known (torch's FSDP1 code is unchanged
-    there through 2.13); goes with transformers 5 (FSDP2 from the same settings)."""
+
+def fsdp_no_shard_frozen_views(model: Any) -> None:
+    """Keep the original parameters of every frozen NO_SHARD FSDP1 unit in `model` (the FSDP
+    root) nn.Parameters: restore them now, and, registered on the first call, before every
+    forward of the root. Call it before training and before each state dict is taken (a
+    checkpoint, the final save); a no-op for any other model.
+
+    FSDP1 with use_orig_params runs a world of one as NO_SHARD. A unit's forward leaves its
+    original parameters as plain Tensor views (autograd must track them); the post-backward
+    reshard that makes them Parameters again runs only for a flat parameter that receives a
+    gradient, and the catch-all reshard takes a NO_SHARD flat parameter for resharded already.
+    A unit of frozen weights only (LoRA's base layers under peft's wrap policy) keeps Tensors:
+    `Module.state_dict` leaves them out and FSDP's state-dict hook asserts ("FSDP assumes
+    ...base_layer.weight is in the state_dict"). Worse, the next forward's writeback check
+    (`FlatParamHandle._writeback_orig_params`) sees a changed parameter and adopts the Tensor
+    for good, so a restore only at save time comes too late after the second micro-batch or
+    step (the GPU suite's one-GPU LoRA FSDP resume, torch 2.11, gradient accumulation 4). For
+    NO_SHARD, `_use_sharded_views` is exactly that missing reshard; it runs only where the flat
+    parameter holds its own full-precision storage (with mixed precision the catch-all reshard
+    does it). The Parameter objects are the optimizer's own. No upstream fix known (torch's
+    FSDP1 code is unchanged there through 2.13); goes with transformers 5 (FSDP2 from the same
+    settings)."""
     if not needs_fsdp_no_shard_frozen_views():
+        return
+    import torch
+
+    if not torch.distributed.is_available():
         return
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-    for unit in FSDP.fsdp_modules(model):
-        handle = unit._handle
-        if handle is not None and not handle.uses_sharded_strategy:
+    if not isinstance(model, FSDP):
+        return
+    handles = _FROZEN_NO_SHARD.get(model)
+    if handles is None:
+        handles = [
+            unit._handle
+            for unit in FSDP.fsdp_modules(model)
+            if unit._handle is not None
+            and not unit._handle.uses_sharded_strategy
+            and not unit._handle.flat_param.requires_grad
+        ]
+        _FROZEN_NO_SHARD[model] = handles
+        if handles:
+            model.register_forward_pre_hook(
+                lambda module, args: _frozen_views_as_parameters(handles)
+            )
+    _frozen_views_as_parameters(handles)
+
+
+def _frozen_views_as_parameters(handles: list[Any]) -> None:
+    import torch
+
+    for handle in handles:
+        flat = handle.flat_param
+        info = flat._param_infos[0]
+        if isinstance(getattr(info.module, info.param_name), torch.nn.Parameter):
+            continue  # resharded already (or never unsharded)
+        if flat.data_ptr() == flat._local_shard.data_ptr():
             handle._use_sharded_views()
 
 

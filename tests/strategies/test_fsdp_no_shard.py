@@ -1,7 +1,7 @@
-"""compat.fsdp_no_shard_frozen_views under real FSDP1 on CPU: two gloo processes under torchrun
-with NO_SHARD, the sharding FSDP gives a world of one on a GPU (not reachable on CPU, where
-llmtrain needs two processes for FSDP and runs FULL_SHARD), LoRA through peft and peft's wrap
-policy, as train/strategies.py sets them up."""
+"""compat.fsdp_no_shard_frozen_views under real FSDP1 on CPU: one gloo process under torchrun,
+a world of one, which FSDP runs as NO_SHARD (as on one GPU), LoRA through peft and peft's wrap
+policy, as train/strategies.py sets them up, with gradient accumulation (no_sync) and an
+evaluation forward between optimizer steps, as the Trainer runs them."""
 
 from __future__ import annotations
 
@@ -24,29 +24,37 @@ pytestmark = [
 ]
 
 SCRIPT = r"""
-import json, os, sys
+import json, sys
 import torch, torch.distributed as dist
 from peft import LoraConfig, get_peft_model
 from peft.utils.other import fsdp_auto_wrap_policy
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-from torch.distributed.fsdp import ShardedStateDictConfig, ShardingStrategy, StateDictType
+from torch.distributed.fsdp import ShardedStateDictConfig, StateDictType
 from transformers import LlamaConfig, LlamaForCausalLM
 from llmtrain import compat
 
+mode, out = sys.argv[1], sys.argv[2]
 dist.init_process_group("gloo")
 torch.manual_seed(0)
-os.environ["FSDP_TRANSFORMER_CLS_TO_WRAP"] = "LlamaDecoderLayer"
 config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                      num_attention_heads=4, num_key_value_heads=4, vocab_size=128)
 model = get_peft_model(LlamaForCausalLM(config), LoraConfig(r=4, target_modules=["q_proj"]))
 model = FSDP(model, auto_wrap_policy=fsdp_auto_wrap_policy(model), use_orig_params=True,
-             sharding_strategy=ShardingStrategy.NO_SHARD, device_id=torch.device("cpu"))
+             device_id=torch.device("cpu"))
 optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
 trained = [id(p) for g in optimizer.param_groups for p in g["params"]]
+base = next(m for name, m in model.named_modules() if name.endswith("q_proj.base_layer"))
+result = {"no_shard": all(not u._handle.uses_sharded_strategy
+                          for u in FSDP.fsdp_modules(model) if u._handle is not None)}
 
-def step():
+def loss():
     ids = torch.randint(0, 128, (2, 8))
-    model(input_ids=ids, labels=ids).loss.backward()
+    return model(input_ids=ids, labels=ids).loss
+
+def step():  # two micro-batches, the first without gradient sync, as accelerate accumulates
+    with model.no_sync():
+        loss().backward()
+    loss().backward()
     optimizer.step()
     optimizer.zero_grad()
 
@@ -54,21 +62,29 @@ def keys():
     with FSDP.state_dict_type(model, StateDictType.SHARDED_STATE_DICT, ShardedStateDictConfig()):
         return sorted(model.state_dict())
 
-base = next(m for name, m in model.named_modules() if name.endswith("q_proj.base_layer"))
+if mode == "shim":
+    compat.fsdp_no_shard_frozen_views(model)  # what LlmtrainTrainer.training_step does first
 step()
-# Without the shim FSDP's state-dict hook would assert on this (and a rank that raises
-# inside it leaves the other waiting): the frozen weight is a plain Tensor now.
-result = {"parameter_after_step": isinstance(base.weight, torch.nn.Parameter)}
-if sys.argv[1] == "shim":
-    compat.fsdp_no_shard_frozen_views(model)
+# FSDP's state-dict hook would assert on this: the frozen weight is a plain Tensor now.
+result["parameter_after_step"] = isinstance(base.weight, torch.nn.Parameter)
+if mode == "restore_at_save":
+    # Making the views Parameters only before the state dict comes too late: the second
+    # micro-batch's forward had adopted the Tensor views as the unit's parameters.
+    for unit in FSDP.fsdp_modules(model):
+        unit._handle._use_sharded_views()
+    result["parameter_after_restore"] = isinstance(base.weight, torch.nn.Parameter)
+if mode == "shim":
+    with torch.no_grad():
+        loss()  # an evaluation between steps
+    step()
+    compat.fsdp_no_shard_frozen_views(model)  # what _save_checkpoint and save_model do
     result["parameter_after_shim"] = isinstance(base.weight, torch.nn.Parameter)
     result["keys"] = keys()
     step()  # training goes on after the checkpoint, with the optimizer's own parameters
     compat.fsdp_no_shard_frozen_views(model)
     result["after"] = keys()
     result["same_parameters"] = trained == [id(p) for p in model.parameters() if p.requires_grad]
-if dist.get_rank() == 0:
-    json.dump(result, open(sys.argv[2], "w"))
+json.dump(result, open(out, "w"))
 """
 
 
@@ -77,7 +93,7 @@ def run(tmp_path: Path, mode: str) -> dict[str, object]:
     script.write_text(SCRIPT)
     out = tmp_path / f"{mode}.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1",
          str(script), mode, str(out)],
         capture_output=True, text=True, cwd=REPO, timeout=600,
     )  # fmt: skip
@@ -87,13 +103,15 @@ def run(tmp_path: Path, mode: str) -> dict[str, object]:
 
 
 def test_frozen_units_are_in_the_state_dict_of_a_no_shard_lora_run(tmp_path: Path) -> None:
-    """After a training step FSDP leaves a frozen unit's weights as plain tensors (its
-    state-dict hook then asserts that LoRA's base_layer.weight is missing); with the shim they
-    are parameters again, every weight is in the state dict before and after a further step,
-    and the optimizer still holds the model's own parameters."""
-    assert run(tmp_path, "plain") == {"parameter_after_step": False}
+    """After an accumulated step FSDP leaves a frozen unit's weights as plain tensors (its
+    state-dict hook then asserts that LoRA's base_layer.weight is missing), and making them
+    parameters only at save time is too late; with the shim from the start they stay the
+    optimizer's own parameters, and every weight is in the state dict after steps and an
+    evaluation, before and after a further step."""
+    assert run(tmp_path, "plain") == {"no_shard": True, "parameter_after_step": False}
+    assert run(tmp_path, "restore_at_save")["parameter_after_restore"] is False
     fixed = run(tmp_path, "shim")
     base = "base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight"
-    assert fixed["parameter_after_shim"] is True
+    assert fixed["no_shard"] is True and fixed["parameter_after_shim"] is True
     assert base in fixed["keys"] and fixed["keys"] == fixed["after"]  # type: ignore[operator]
     assert fixed["same_parameters"] is True

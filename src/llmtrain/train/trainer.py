@@ -109,6 +109,8 @@ class LlmtrainTrainer(Trainer):
         self.master_weights = master_weights
 
     def training_step(self, model: Any, inputs: dict[str, Any], *args: Any) -> torch.Tensor:
+        # FSDP on one GPU (NO_SHARD): frozen units' weights stay Parameters across forwards.
+        compat.fsdp_no_shard_frozen_views(model)
         loss = super().training_step(model, inputs, *args)  # 5.x passes num_items_in_batch
         if self.master_weights is not None:
             self.master_weights.accumulate()  # this micro-batch's bf16 grads, summed in fp32
