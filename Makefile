@@ -102,7 +102,8 @@ SHELL_FILES = $(shell { git ls-files -co --exclude-standard -- '*.sh' '*.sbatch'
 
 help: ## this list
 	@echo "usage: make TARGET [VAR=value ...]   (engine: $(or $(CONTAINER_ENGINE),none found))"
-	@grep -E '^[a-z0-9]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-9s %s\n", $$1, $$2}'
+	@$(PYTHON) -c 'import re, sys; [print(f"  {t:<9} {h}") for f in sys.argv[1:] \
+	    for t, h in re.findall(r"^([a-z0-9]+):.*?## (.*)$$", open(f).read(), re.M)]' $(MAKEFILE_LIST)
 	@echo "variables: STACK=$(STACK) IMAGE=$(IMAGE) BASE_IMAGE=$(BASE_IMAGE) OUT_DIR=$(OUT_DIR)"
 	@echo "           BUILD_FLASH_ATTN=$(BUILD_FLASH_ATTN) MAX_JOBS=$(MAX_JOBS)" \
 	    "DS_BUILD_OPS=$(DS_BUILD_OPS) CONTAINER_ENGINE=$(CONTAINER_ENGINE)"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -74,6 +75,24 @@ def test_help_says_no_engine_was_found(bin_dir: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert "(engine: none found)" in proc.stdout
     assert re.search(r"^  smoke +\S", proc.stdout, re.MULTILINE)
+
+
+def test_help_needs_no_text_tools(tmp_path: Path) -> None:
+    """`make help`, the default goal, lists the targets with only make, a shell and python3
+    (a cold newcomer's PATH had no grep or awk)."""
+    if shutil.which("make") is None:
+        pytest.skip("the Makefile tests need make")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("make", "bash", "sh"):
+        found = shutil.which(tool)
+        assert found is not None, tool
+        (bin_dir / tool).symlink_to(Path(found).resolve())
+    (bin_dir / "python3").symlink_to(Path(sys.executable).resolve())
+    proc = make(bin_dir)
+    assert proc.returncode == 0, proc.stderr
+    assert re.search(r"^  smoke +\S", proc.stdout, re.MULTILINE)
+    assert re.search(r"^  test +\S", proc.stdout, re.MULTILINE)
 
 
 @pytest.mark.parametrize("target", ["venv", "test", "lint", "lock", "bench", "embedded"])
