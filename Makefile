@@ -102,8 +102,11 @@ SHELL_FILES = $(shell { git ls-files -co --exclude-standard -- '*.sh' '*.sbatch'
 
 help: ## this list
 	@echo "usage: make TARGET [VAR=value ...]   (engine: $(or $(CONTAINER_ENGINE),none found))"
-	@$(PYTHON) -c 'import re, sys; [print(f"  {t:<9} {h}") for f in sys.argv[1:] \
-	    for t, h in re.findall(r"^([a-z0-9]+):.*?## (.*)$$", open(f).read(), re.M)]' $(MAKEFILE_LIST)
+	@# Shell builtins only: the default goal must work where make is the only tool installed.
+	@for f in $(MAKEFILE_LIST); do while IFS= read -r line; do \
+	    case $$line in *'## '*) ;; *) continue;; esac; t=$${line%%:*}; \
+	    case $$t in ''|*[!a-z0-9]*|"$$line") continue;; esac; \
+	    printf '  %-9s %s\n' "$$t" "$${line#*## }"; done < "$$f"; done
 	@echo "variables: STACK=$(STACK) IMAGE=$(IMAGE) BASE_IMAGE=$(BASE_IMAGE) OUT_DIR=$(OUT_DIR)"
 	@echo "           BUILD_FLASH_ATTN=$(BUILD_FLASH_ATTN) MAX_JOBS=$(MAX_JOBS)" \
 	    "DS_BUILD_OPS=$(DS_BUILD_OPS) CONTAINER_ENGINE=$(CONTAINER_ENGINE)"

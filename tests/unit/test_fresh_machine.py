@@ -10,7 +10,6 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -77,22 +76,24 @@ def test_help_says_no_engine_was_found(bin_dir: Path) -> None:
     assert re.search(r"^  smoke +\S", proc.stdout, re.MULTILINE)
 
 
-def test_help_needs_no_text_tools(tmp_path: Path) -> None:
-    """`make help`, the default goal, lists the targets with only make, a shell and python3
-    (a cold newcomer's PATH had no grep or awk)."""
+def test_help_needs_nothing_but_make(tmp_path: Path) -> None:
+    """`make help`, the default goal, lists every `target: ## text` line of the Makefile with
+    make alone on PATH (the recipes' shell is /bin/bash by path): no grep, awk or python3."""
     if shutil.which("make") is None:
         pytest.skip("the Makefile tests need make")
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    for tool in ("make", "bash", "sh"):
-        found = shutil.which(tool)
-        assert found is not None, tool
-        (bin_dir / tool).symlink_to(Path(found).resolve())
-    (bin_dir / "python3").symlink_to(Path(sys.executable).resolve())
+    (bin_dir / "make").symlink_to(Path(str(shutil.which("make"))).resolve())
     proc = make(bin_dir)
-    assert proc.returncode == 0, proc.stderr
-    assert re.search(r"^  smoke +\S", proc.stdout, re.MULTILINE)
-    assert re.search(r"^  test +\S", proc.stdout, re.MULTILINE)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    documented = re.findall(
+        r"^([a-z0-9]+):.*?## (.*)$", (REPO / "Makefile").read_text(), re.MULTILINE
+    )
+    assert len(documented) > 10
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("usage: make TARGET")
+    listed = lines[1 : next(i for i, line in enumerate(lines) if line.startswith("variables:"))]
+    assert listed == [f"  {target:<9} {text}" for target, text in documented]
 
 
 @pytest.mark.parametrize("target", ["venv", "test", "lint", "lock", "bench", "embedded"])
