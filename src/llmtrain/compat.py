@@ -215,21 +215,24 @@ def fsdp_no_shard_frozen_views(model: Any) -> None:
     forward of the root. Call it before training and before each state dict is taken (a
     checkpoint, the final save); a no-op for any other model.
 
-    FSDP1 with use_orig_params runs a world of one as NO_SHARD. A unit's forward leaves its
-    original parameters as plain Tensor views (autograd must track them); the post-backward
-    reshard that makes them Parameters again runs only for a flat parameter that receives a
-    gradient, and the catch-all reshard takes a NO_SHARD flat parameter for resharded already.
-    A unit of frozen weights only (LoRA's base layers under peft's wrap policy) keeps Tensors:
+    FSDP1 with use_orig_params runs a world of one as NO_SHARD. The pre-backward unshard
+    leaves a unit's original parameters as plain Tensor views (autograd must track them). The
+    post-backward reshard that makes them Parameters again runs for a flat parameter that
+    receives a gradient, and for a frozen one only through the reshard-only hook, which fires
+    when the unit's inputs require grad (pytorch/pytorch#101982); the catch-all reshard takes a
+    NO_SHARD flat parameter for resharded already (its data-pointer check,
+    pytorch/pytorch#83956, closed for FSDP2). So with LoRA under peft's wrap policy the root
+    (embeddings, lm_head) and the first decoder layer keep Tensors after every backward:
     `Module.state_dict` leaves them out and FSDP's state-dict hook asserts ("FSDP assumes
-    ...base_layer.weight is in the state_dict"). Worse, the next forward's writeback check
-    (`FlatParamHandle._writeback_orig_params`) sees a changed parameter and adopts the Tensor
-    for good, so a restore only at save time comes too late after the second micro-batch or
-    step (the GPU suite's one-GPU LoRA FSDP resume, torch 2.11, gradient accumulation 4). For
-    NO_SHARD, `_use_sharded_views` is exactly that missing reshard; it runs only where the flat
-    parameter holds its own full-precision storage (with mixed precision the catch-all reshard
-    does it). The Parameter objects are the optimizer's own. No upstream fix known (torch's
-    FSDP1 code is unchanged there through 2.13); goes with transformers 5 (FSDP2 from the same
-    settings)."""
+    ...layers.0...base_layer.weight is in the state_dict"). Worse, the next unshard's
+    writeback check (`FlatParamHandle._writeback_orig_params`) sees a changed parameter and
+    adopts the Tensor for good, so a restore only at save time comes too late after the
+    second micro-batch or step (the GPU suite's one-GPU LoRA FSDP resume, torch 2.11,
+    gradient accumulation 4); with tied embeddings the next forward's reshard crashes on the
+    shared weight instead. For NO_SHARD, `_use_sharded_views` is exactly the missing reshard.
+    The Parameter objects are the optimizer's own. The frozen units are found on the first
+    call (llmtrain sets requires_grad before wrapping). The shim goes with transformers 5
+    (FSDP2 from the same settings)."""
     if not needs_fsdp_no_shard_frozen_views():
         return
     import torch
@@ -265,6 +268,9 @@ def _frozen_views_as_parameters(handles: list[Any]) -> None:
         info = flat._param_infos[0]
         if isinstance(getattr(info.module, info.param_name), torch.nn.Parameter):
             continue  # resharded already (or never unsharded)
+        # Defensive: a flat parameter pointing at a low-precision copy (parameter mixed
+        # precision) is resharded by FSDP's catch-all, so it never arrives here; views of
+        # that copy would turn the weights' dtype.
         if flat.data_ptr() == flat._local_shard.data_ptr():
             handle._use_sharded_views()
 

@@ -33,11 +33,12 @@ from torch.distributed.fsdp import ShardedStateDictConfig, StateDictType
 from transformers import LlamaConfig, LlamaForCausalLM
 from llmtrain import compat
 
-mode, out = sys.argv[1], sys.argv[2]
+mode, out, tied = sys.argv[1], sys.argv[2], sys.argv[3] == "tied"
 dist.init_process_group("gloo")
 torch.manual_seed(0)
 config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                     num_attention_heads=4, num_key_value_heads=4, vocab_size=128)
+                     num_attention_heads=4, num_key_value_heads=4, vocab_size=128,
+                     tie_word_embeddings=tied)
 model = get_peft_model(LlamaForCausalLM(config), LoraConfig(r=4, target_modules=["q_proj"]))
 model = FSDP(model, auto_wrap_policy=fsdp_auto_wrap_policy(model), use_orig_params=True,
              device_id=torch.device("cpu"))
@@ -88,18 +89,24 @@ json.dump(result, open(out, "w"))
 """
 
 
-def run(tmp_path: Path, mode: str) -> dict[str, object]:
+def run(tmp_path: Path, mode: str, tied: bool) -> tuple[subprocess.CompletedProcess[str], Path]:
+    """The script under torchrun in one process; returns the process and its result file."""
     script = tmp_path / "no_shard.py"
     script.write_text(SCRIPT)
-    out = tmp_path / f"{mode}.json"
+    out = tmp_path / f"{mode}-{'tied' if tied else 'untied'}.json"
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1",
-         str(script), mode, str(out)],
+         str(script), mode, str(out), "tied" if tied else "untied"],
         capture_output=True, text=True, cwd=REPO, timeout=600,
     )  # fmt: skip
+    return proc, out
+
+
+def result(tmp_path: Path, mode: str, *, tied: bool = False) -> dict[str, object]:
+    proc, out = run(tmp_path, mode, tied)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    result: dict[str, object] = json.loads(out.read_text())
-    return result
+    loaded: dict[str, object] = json.loads(out.read_text())
+    return loaded
 
 
 def test_frozen_units_are_in_the_state_dict_of_a_no_shard_lora_run(tmp_path: Path) -> None:
@@ -108,10 +115,21 @@ def test_frozen_units_are_in_the_state_dict_of_a_no_shard_lora_run(tmp_path: Pat
     parameters only at save time is too late; with the shim from the start they stay the
     optimizer's own parameters, and every weight is in the state dict after steps and an
     evaluation, before and after a further step."""
-    assert run(tmp_path, "plain") == {"no_shard": True, "parameter_after_step": False}
-    assert run(tmp_path, "restore_at_save")["parameter_after_restore"] is False
-    fixed = run(tmp_path, "shim")
+    assert result(tmp_path, "plain") == {"no_shard": True, "parameter_after_step": False}
+    assert result(tmp_path, "restore_at_save")["parameter_after_restore"] is False
+    fixed = result(tmp_path, "shim")
     base = "base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight"
     assert fixed["no_shard"] is True and fixed["parameter_after_shim"] is True
     assert base in fixed["keys"] and fixed["keys"] == fixed["after"]  # type: ignore[operator]
     assert fixed["same_parameters"] is True
+
+
+def test_tied_embeddings_train_and_save(tmp_path: Path) -> None:
+    """With tied input and output embeddings (SmolLM2, Llama-3.2 1B) the Tensors left by the
+    backward crash the next step's reshard of the shared weight, before any save; with the
+    shim the run trains, and the state dict has every weight."""
+    plain, _ = run(tmp_path, "plain", tied=True)
+    assert plain.returncode != 0 and "prim_param" in plain.stderr, plain.stderr[-3000:]
+    fixed = result(tmp_path, "shim", tied=True)
+    assert "base_model.model.model.embed_tokens.weight" in fixed["keys"]  # type: ignore[operator]
+    assert fixed["keys"] == fixed["after"] and fixed["same_parameters"] is True
