@@ -336,7 +336,7 @@ SHIMS = (
     ),
     Shim(
         "fsdp_no_shard_frozen_views",
-        "no upstream fix: torch FSDP1's NO_SHARD post-backward",
+        "pytorch/pytorch#83956 (FSDP1's NO_SHARD reshard check; closed for FSDP2, no fix)",
         "transformers >= 5 (FSDP2)",
         needs_fsdp_no_shard_frozen_views,
     ),
