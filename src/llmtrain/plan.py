@@ -10,7 +10,6 @@ and what the architecture supports are passed in, so `estimate` and `validate` s
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -155,6 +154,9 @@ class Hardware:
     cuda: bool
     bf16: bool  # the GPU computes in bfloat16 natively (Ampere and later; not V100 or T4)
     flash_attn: bool  # the flash_attn package imports and the GPU runs it (Ampere and later)
+    # False only for a ROCm GPU with bf16 that flash-attn 2 does not support (MI100, RDNA): the
+    # reason given when flash_attn is False, which the planner cannot tell from the package.
+    flash_attn_arch: bool = True
 
     @classmethod
     def gpu_node(cls, *, flash_attn: bool, bf16: bool = True) -> Hardware:
@@ -423,9 +425,9 @@ def _no_flash_attn(hw: Hardware) -> str:
             "the GPU is older than compute capability 8.0 (V100, T4; on ROCm, older than MI200), "
             "which flash-attn 2 needs"
         )
-    if importlib.util.find_spec("flash_attn") is None:
-        return "flash_attn does not import in this environment"
-    return "flash-attn 2 does not run on this ROCm GPU (it needs MI200, MI300 or MI350)"
+    if not hw.flash_attn_arch:
+        return "flash-attn 2 does not run on this ROCm GPU (it needs MI200, MI300 or MI350)"
+    return "flash_attn does not import in this environment"
 
 
 def check_bf16_settings(cfg: RunConfig, hw: Hardware) -> None:

@@ -126,7 +126,9 @@ def test_rocm_gpus_by_gfx_architecture(monkeypatch: pytest.MonkeyPatch, name: st
     monkeypatch.setattr(
         torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(gcnArchName=arch)
     )
-    assert device.this_machine() == Hardware(cuda=True, bf16=bf16, flash_attn=flash)
+    assert device.this_machine() == Hardware(
+        cuda=True, bf16=bf16, flash_attn=flash, flash_attn_arch=flash
+    )
     assert device.describe() == f"{name} ({arch.split(':')[0]})"
     if not flash:  # an explicit choice is refused with the reason (the package is installed)
         why = "older than MI200" if not bf16 else "does not run on this ROCm GPU"

@@ -56,15 +56,20 @@ def native_bf16() -> bool:
     return found is not None and found >= AMPERE
 
 
+def flash_attn_arch() -> bool:
+    """The GPU's architecture runs flash-attn 2 where it has bf16: False only for a ROCm GPU
+    outside ROCM_FLASH_ATTN (NVIDIA GPUs are judged by native_bf16)."""
+    if torch.version.hip is None:
+        return True
+    arch = rocm_arch()
+    return arch is not None and arch.startswith(ROCM_FLASH_ATTN)
+
+
 def flash_attn_runs() -> bool:
     """flash_attn imports and a GPU here runs flash-attn 2: NVIDIA Ampere or later, or a ROCm
     GPU of ROCM_FLASH_ATTN."""
-    if importlib.util.find_spec("flash_attn") is None:
-        return False
-    if torch.version.hip is not None:
-        arch = rocm_arch()
-        return arch is not None and arch.startswith(ROCM_FLASH_ATTN)
-    return native_bf16()
+    installed = importlib.util.find_spec("flash_attn") is not None
+    return installed and native_bf16() and flash_attn_arch()
 
 
 def describe() -> str:
@@ -82,6 +87,9 @@ def describe() -> str:
 def this_machine() -> Hardware:
     """What this process's machine has, for its RunPlan and finetune's checks."""
     return Hardware(
-        cuda=torch.cuda.is_available(), bf16=native_bf16(), flash_attn=flash_attn_runs()
+        cuda=torch.cuda.is_available(),
+        bf16=native_bf16(),
+        flash_attn=flash_attn_runs(),
+        flash_attn_arch=flash_attn_arch(),
     )
 
